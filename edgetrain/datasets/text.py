@@ -1,0 +1,179 @@
+"""Tweet tokenizer and vocabulary: deterministic, dependency-free, fingerprinted.
+
+The tokenizer is a single regular expression applied after a small normalisation
+(see :func:`normalize`). Its behaviour is versioned by :data:`TOKENIZER_CONFIG`, which
+enters every :class:`Vocab` fingerprint: change the rules, bump the version.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import html
+import json
+import re
+import unicodedata
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from edgetrain.errors import DatasetError
+
+PAD = "<pad>"
+UNK = "<unk>"
+URL = "<url>"
+USER = "<user>"
+PAD_ID = 0
+UNK_ID = 1
+
+# Bump "version" whenever a rule below changes: it is hashed into every vocab fingerprint,
+# so nodes running different tokenizer code can never agree on a fingerprint by accident.
+TOKENIZER_CONFIG: dict[str, object] = {
+    "name": "edgetrain-tweet",
+    "version": 1,
+    "lowercase": True,
+    "html_unescape": True,
+    "url": URL,
+    "user": USER,
+    "hashtags": "kept",
+    "emoji": "one token per codepoint",
+}
+
+# Emoji and pictograph blocks. Each codepoint in them becomes its own token; zero-width
+# joiners and variation selectors are dropped during normalisation, so a ZWJ sequence
+# (family, flag, skin tone) becomes its component codepoints.
+_EMOJI = (
+    "\U0001f000-\U0001faff"  # mahjong .. symbols & pictographs extended-A (incl. emoticons, skin tones)
+    "\u2300-\u23ff"  # misc technical (watch, hourglass, alarm clock)
+    "\u2600-\u27bf"  # misc symbols and dingbats (sun, heart, check mark)
+    "\u2b00-\u2bff"  # arrows and stars (star, circle)
+)
+
+_TOKEN_RE = re.compile(
+    r"""
+      (?P<url>(?:https?://|www\.)\S+)
+    | (?P<user>@\w+)
+    | (?P<hashtag>\#[^\W_]\w*)
+    | (?P<number>\d+(?:[.,:/]\d+)+)
+    | (?P<word>[^\W_]+(?:'[^\W_]+)*)
+    | (?P<punct_run>[!?.]{2,})
+    | (?P<emoji>[EMOJI])
+    | (?P<symbol>[^\w\s])
+    """.replace("EMOJI", _EMOJI),
+    re.VERBOSE,
+)
+
+_LITERAL_ESCAPE_RE = re.compile(r"\\u([0-9a-fA-F]{4})")
+# Zero-width joiner, variation selectors 15/16, zero-width space, BOM: invisible glue, no meaning alone.
+_INVISIBLE = dict.fromkeys(map(ord, "\u200d\ufe0e\ufe0f\u200b\ufeff"))
+_TRANSLATE = {ord("\u2019"): "'", ord("\u2018"): "'", ord("\u2026"): "...", **_INVISIBLE}
+
+
+def normalize(text: str) -> str:
+    """Normalise one raw tweet before tokenising.
+
+    Steps, in order: decode literal ``\\uXXXX`` escapes (found in older SemEval tweets),
+    unescape HTML entities (``&amp;``), map curly apostrophes to ``'`` and ``…`` to ``...``,
+    drop zero-width joiners/variation selectors and control characters, lower-case.
+    """
+    text = _LITERAL_ESCAPE_RE.sub(lambda m: chr(int(m.group(1), 16)), text)
+    text = html.unescape(text)
+    text = text.translate(_TRANSLATE)
+    text = "".join(ch for ch in text if ch.isspace() or unicodedata.category(ch) != "Cc")
+    return text.lower()
+
+
+def tokenize(text: str) -> list[str]:
+    """Split one tweet into tokens.
+
+    URLs become ``<url>``, @mentions ``<user>``; hashtags (``#tag``), words (with inner
+    apostrophes: ``don't``), numbers (``3.5``, ``10:30``), runs of ``!?.`` (``!!!``), each
+    emoji codepoint and each other symbol are tokens. Deterministic and pure.
+    """
+    tokens: list[str] = []
+    for match in _TOKEN_RE.finditer(normalize(text)):
+        kind = match.lastgroup
+        if kind == "url":
+            tokens.append(URL)
+        elif kind == "user":
+            tokens.append(USER)
+        else:
+            tokens.append(match.group())
+    return tokens
+
+
+@dataclass(frozen=True, eq=False)
+class Vocab:
+    """Token <-> id table. Id 0 is ``<pad>``, id 1 is ``<unk>``; the rest by (-count, token).
+
+    Build it with :meth:`build` from the *training* texts only.
+    """
+
+    tokens: tuple[str, ...]
+    _index: dict[str, int] = field(init=False, repr=False)
+    _fingerprint: str = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.tokens[:2] != (PAD, UNK):
+            raise DatasetError(f"a vocabulary must start with {PAD!r}, {UNK!r}; got {self.tokens[:2]!r}")
+        if len(set(self.tokens)) != len(self.tokens):
+            raise DatasetError("a vocabulary must not repeat tokens")
+        object.__setattr__(self, "_index", {tok: i for i, tok in enumerate(self.tokens)})
+        h = hashlib.sha256()
+        h.update(json.dumps(TOKENIZER_CONFIG, sort_keys=True).encode())
+        for tok in self.tokens:
+            h.update(tok.encode("utf-8"))
+            h.update(b"\x00")
+        object.__setattr__(self, "_fingerprint", h.hexdigest())
+
+    @classmethod
+    def build(cls, texts: Iterable[str], *, max_size: int = 20000, min_freq: int = 2) -> Vocab:
+        """Count tokens over ``texts`` and keep those seen ``min_freq`` times or more.
+
+        ``max_size`` bounds ``len(vocab)``, the two special tokens included. Ties in count
+        are broken by the token string, so the result does not depend on text order.
+        """
+        if max_size < 3:
+            raise DatasetError(f"max_size must be at least 3 (pad, unk and one token), got {max_size}")
+        if min_freq < 1:
+            raise DatasetError(f"min_freq must be at least 1, got {min_freq}")
+        counts: Counter[str] = Counter()
+        for text in texts:
+            counts.update(tokenize(text))
+        for special in (PAD, UNK):
+            counts.pop(special, None)
+        ranked = sorted((tok for tok, n in counts.items() if n >= min_freq), key=lambda t: (-counts[t], t))
+        return cls((PAD, UNK, *ranked[: max_size - 2]))
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def __contains__(self, token: object) -> bool:
+        return token in self._index
+
+    def id_of(self, token: str) -> int:
+        """Id of ``token``, or ``UNK_ID`` when it is not in the vocabulary."""
+        return self._index.get(token, UNK_ID)
+
+    def encode_one(self, text: str, max_len: int) -> list[int]:
+        """Token ids of one text: truncated to ``max_len``, padded with 0 to ``max_len``."""
+        ids = [self._index.get(tok, UNK_ID) for tok in tokenize(text)[:max_len]]
+        return ids + [PAD_ID] * (max_len - len(ids))
+
+    def encode(self, texts: Sequence[str], max_len: int) -> torch.Tensor:
+        """Encode ``texts`` to an int64 tensor ``[len(texts), max_len]`` (0 = pad, 1 = unk)."""
+        if max_len < 1:
+            raise DatasetError(f"max_len must be at least 1, got {max_len}")
+        if not texts:
+            return torch.zeros((0, max_len), dtype=torch.int64)
+        return torch.tensor([self.encode_one(text, max_len) for text in texts], dtype=torch.int64)
+
+    def decode(self, ids: Iterable[int]) -> list[str]:
+        """Tokens of ``ids``, padding dropped (for debugging and tests)."""
+        return [self.tokens[i] for i in ids if i != PAD_ID]
+
+    @property
+    def fingerprint(self) -> str:
+        """sha256 hex over the tokenizer configuration and the ordered token list."""
+        return self._fingerprint

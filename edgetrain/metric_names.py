@@ -1,0 +1,58 @@
+"""Metric and label names shared by the agent, the coordinator, deploy/ dashboards and their tests.
+
+Conventions: one prefix, base units in the name (_seconds, _bytes), ratios in 0..1 end in _ratio,
+counters end in _total, bounded label sets (node = an agent's name; reason from REFUSAL_REASONS).
+"""
+
+from __future__ import annotations
+
+PREFIX = "edgetrain"
+
+# ---- labels
+NODE = "node"
+REASON = "reason"
+CORE = "core"
+
+# ---- coordinator
+ROUND = f"{PREFIX}_round"  # gauge: the last completed round
+ROUND_DURATION = f"{PREFIX}_round_duration_seconds"  # histogram: open -> aggregated
+GLOBAL_ACCURACY = f"{PREFIX}_global_accuracy_ratio"  # gauge: test accuracy of the global model
+GLOBAL_LOSS = f"{PREFIX}_global_loss"  # gauge: test cross-entropy of the global model
+GLOBAL_MACRO_F1 = f"{PREFIX}_global_macro_f1_ratio"  # gauge
+AGENTS_CONNECTED = f"{PREFIX}_agents_connected"  # gauge
+TRAINING_SECONDS = f"{PREFIX}_training_elapsed_seconds"  # gauge: wall time since the first round opened
+NODE_COMPUTE = f"{PREFIX}_node_compute_seconds"  # gauge{node}: last round's compute time
+NODE_COMMUNICATION = f"{PREFIX}_node_communication_seconds"  # gauge{node}
+NODE_COMPUTE_HIST = f"{PREFIX}_node_round_compute_seconds"  # histogram{node}: aggregates across nodes
+NODE_THROUGHPUT = f"{PREFIX}_node_samples_per_second"  # gauge{node}
+NODE_LOSS = f"{PREFIX}_node_loss"  # gauge{node}: local training loss
+NODE_ACCURACY = f"{PREFIX}_node_accuracy_ratio"  # gauge{node}: local training accuracy
+NODE_SAMPLES = f"{PREFIX}_node_samples_total"  # counter{node}: samples in accepted updates
+UPDATES_ACCEPTED = f"{PREFIX}_updates_accepted_total"  # counter{node}
+UPDATES_REFUSED = f"{PREFIX}_updates_refused_total"  # counter{node, reason}
+NODE_RECEIVED_BYTES = f"{PREFIX}_node_received_bytes_total"  # counter{node}: bytes from the node
+NODE_SENT_BYTES = f"{PREFIX}_node_sent_bytes_total"  # counter{node}: bytes to the node
+ROUNDS_SHORT = f"{PREFIX}_rounds_closed_short_total"  # counter: rounds closed at the deadline without everyone
+
+# ---- agent
+AGENT_INFO = f"{PREFIX}_agent"  # info{node, cores, device, workers} -> edgetrain_agent_info
+STEP_SECONDS = f"{PREFIX}_agent_step_seconds"  # histogram: one optimizer step
+AGENT_SAMPLES = f"{PREFIX}_agent_samples_total"  # counter
+CORE_CPU = f"{PREFIX}_agent_core_cpu_usage_ratio"  # gauge{core}: busy fraction of each pinned core
+AGENT_MEMORY = f"{PREFIX}_agent_memory_bytes"  # gauge: RSS of the agent and its workers
+AGENT_ROUNDS = f"{PREFIX}_agent_rounds_total"  # counter: rounds trained
+
+# Why an update is refused: the `reason` label's whole value set.
+REFUSAL_REASONS = (
+    "unauthenticated",  # no or bad token / session
+    "unknown_agent",  # agent id not registered
+    "stale_round",  # update for a round that is not open
+    "not_participant",  # agent joined after the round opened
+    "duplicate",  # second update for the same (round, agent)
+    "late",  # after the round's deadline
+    "malformed",  # stream order, missing header, bad part
+    "bad_tensor",  # wrong names, shapes, dtypes or byte counts
+    "non_finite",  # NaN or Inf
+    "bad_sample_count",  # <= 0 or more than the round asked for
+    "too_large",  # message over the size limit
+)

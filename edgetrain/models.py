@@ -1,0 +1,123 @@
+"""Model registry: name -> nn.Module factory. Each data set names its default."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F  # noqa: N812
+
+from edgetrain.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class ModelInput:
+    """What a factory needs to know about the data."""
+
+    num_classes: int
+    vocab_size: int = 0  # text models only
+
+
+class MnistCNN(nn.Module):
+    """PyTorch's MNIST example network: conv 32, conv 64 (3x3), max-pool, dropout, 9216 -> 128 -> 10."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 32, 3, 1)
+        self.conv2 = nn.Conv2d(32, 64, 3, 1)
+        self.dropout1 = nn.Dropout(0.25)
+        self.dropout2 = nn.Dropout(0.5)
+        self.fc1 = nn.Linear(9216, 128)
+        self.fc2 = nn.Linear(128, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.conv1(x))
+        x = F.relu(self.conv2(x))
+        x = F.max_pool2d(x, 2)
+        x = self.dropout1(x)
+        x = torch.flatten(x, 1)
+        x = F.relu(self.fc1(x))
+        x = self.dropout2(x)
+        return self.fc2(x)  # logits
+
+
+class TextCNN(nn.Module):
+    """Kim-style text CNN: embeddings, parallel 1-D convolutions (widths 3/4/5), max-over-time, dropout.
+
+    With a 20k vocabulary and 64-d embeddings it holds about 1.4 M parameters, mostly in the embedding
+    table: big enough that a round's compute outweighs shipping the weights, small enough for edge CPUs.
+    """
+
+    def __init__(self, vocab_size: int, num_classes: int, dim: int = 64, filters: int = 100) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(vocab_size, dim, padding_idx=0)
+        self.convs = nn.ModuleList(nn.Conv1d(dim, filters, k) for k in (3, 4, 5))
+        self.dropout = nn.Dropout(0.5)
+        self.fc = nn.Linear(3 * filters, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        e = self.embedding(x).transpose(1, 2)  # [B, dim, L]
+        pooled = [F.relu(conv(e)).amax(dim=2) for conv in self.convs]
+        return self.fc(self.dropout(torch.cat(pooled, dim=1)))
+
+
+class TextGRU(nn.Module):
+    """Bidirectional GRU over embeddings, mean+max pooled: the sequential alternative to TextCNN."""
+
+    def __init__(self, vocab_size: int, num_classes: int, dim: int = 64, hidden: int = 64) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(vocab_size, dim, padding_idx=0)
+        self.gru = nn.GRU(dim, hidden, batch_first=True, bidirectional=True)
+        self.dropout = nn.Dropout(0.3)
+        self.fc = nn.Linear(4 * hidden, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out, _ = self.gru(self.embedding(x))
+        mask = (x != 0).unsqueeze(-1).to(out.dtype)
+        mean = (out * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+        peak = out.masked_fill(mask == 0, -1e4).amax(1)
+        return self.fc(self.dropout(torch.cat([mean, peak], dim=1)))
+
+
+class MLP(nn.Module):
+    """A tiny deterministic network (no dropout): for exactness tests and protocol load tests."""
+
+    def __init__(self, in_features: int, num_classes: int, hidden: int = 32) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(in_features, hidden)
+        self.fc2 = nn.Linear(hidden, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.float().flatten(1)
+        return self.fc2(torch.tanh(self.fc1(x)))
+
+
+def _text_mlp(inp: ModelInput) -> nn.Module:
+    return nn.Sequential(nn.EmbeddingBag(inp.vocab_size, 32, mode="mean"), nn.Linear(32, inp.num_classes))
+
+
+MODELS: dict[str, Callable[[ModelInput], nn.Module]] = {
+    "mnist-cnn": lambda inp: MnistCNN(inp.num_classes),
+    "mnist-mlp": lambda inp: MLP(28 * 28, inp.num_classes),
+    "text-cnn": lambda inp: TextCNN(inp.vocab_size, inp.num_classes),
+    "text-gru": lambda inp: TextGRU(inp.vocab_size, inp.num_classes),
+    "text-bag": _text_mlp,
+}
+
+
+def build_model(name: str, inp: ModelInput, *, seed: int = 0) -> nn.Module:
+    """Build a registered model with weights drawn from `seed` (so every node starts identically)."""
+    factory = MODELS.get(name)
+    if factory is None:
+        raise ConfigError(f"unknown model {name!r}; choose from {', '.join(sorted(MODELS))}")
+    if name.startswith("text-") and inp.vocab_size < 2:
+        raise ConfigError(f"model {name!r} needs a text data set (vocabulary size {inp.vocab_size})")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return factory(inp)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

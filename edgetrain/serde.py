@@ -1,0 +1,214 @@
+"""state_dict <-> protobuf TensorPart streams: raw little-endian bytes, dtype, shape, 1 MiB parts. No pickle.
+
+Every encoder has its decoder here, and the decoder trusts nothing: names, dtypes, shapes, byte counts,
+part order and values are checked against what the receiver expects before anything is used.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from edgetrain.errors import WireError
+from edgetrain.proto import edgetrain_pb2 as pb
+
+# 1 MiB of tensor data per message keeps every message far below gRPC's 4 MB default cap,
+# whatever the model's size, without raising the cap for everyone.
+PART_BYTES = 1 << 20
+
+_TORCH_TO_WIRE: dict[torch.dtype, int] = {
+    torch.float32: pb.FLOAT32,
+    torch.float64: pb.FLOAT64,
+    torch.float16: pb.FLOAT16,
+    torch.bfloat16: pb.BFLOAT16,
+    torch.int64: pb.INT64,
+    torch.int8: pb.INT8,
+}
+_WIRE_TO_TORCH = {v: k for k, v in _TORCH_TO_WIRE.items()}
+UPDATE_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "int8": torch.int8,
+}
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """What the receiver expects of one tensor."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+
+def spec_of(state: Mapping[str, torch.Tensor]) -> dict[str, TensorSpec]:
+    """The names, shapes and dtypes a peer must send back for this state dict."""
+    return {k: TensorSpec(tuple(v.shape), v.dtype) for k, v in state.items()}
+
+
+def _raw_bytes(t: torch.Tensor) -> memoryview:
+    t = t.detach().to("cpu").contiguous()
+    if t.dtype == torch.bfloat16:  # numpy has no bfloat16: move the same 2 bytes as int16
+        t = t.view(torch.int16)
+    arr = t.numpy()
+    if arr.dtype.byteorder == ">":  # pragma: no cover - big-endian hosts only
+        arr = arr.byteswap().view(arr.dtype.newbyteorder("<"))
+    return memoryview(arr).cast("B")
+
+
+def encode(
+    state: Mapping[str, torch.Tensor],
+    *,
+    wire_dtype: str = "float32",
+    part_bytes: int = PART_BYTES,
+) -> Iterator[pb.TensorPart]:
+    """Split a state dict into TensorPart messages, optionally compressing floating tensors.
+
+    `wire_dtype` "float16"/"bfloat16" casts floating tensors; "int8" quantises each floating tensor
+    symmetrically with one scale (max|x|/127). Integer tensors always travel as they are.
+    """
+    target = UPDATE_DTYPES.get(wire_dtype)
+    if target is None:
+        raise ValueError(f"unknown wire dtype {wire_dtype!r}; choose from {sorted(UPDATE_DTYPES)}")
+    for name, tensor in state.items():
+        scale = 0.0
+        t = tensor.detach()
+        if t.is_floating_point() and target != t.dtype:
+            if target == torch.int8:
+                peak = float(t.abs().max()) if t.numel() else 0.0
+                scale = peak / 127.0 if peak > 0 else 1.0
+                t = torch.round(t.float() / scale).clamp_(-127, 127).to(torch.int8)
+            else:
+                t = t.to(target)
+        if t.dtype not in _TORCH_TO_WIRE:
+            raise ValueError(f"tensor {name!r} has dtype {t.dtype}, which the wire does not carry")
+        raw = _raw_bytes(t)
+        shape = list(t.shape)
+        dtype = _TORCH_TO_WIRE[t.dtype]
+        offset = 0
+        while True:  # at least one part, even for an empty tensor
+            chunk = raw[offset : offset + part_bytes]
+            yield pb.TensorPart(
+                name=name, dtype=dtype, shape=shape, offset=offset, data=chunk.tobytes(), scale=scale
+            )
+            offset += len(chunk)
+            if offset >= len(raw):
+                break
+
+
+class Assembler:
+    """Rebuild tensors from TensorPart messages, checking each part against the expected spec.
+
+    Feed parts with `add`; `finish` returns the tensors as float32/int64 like the expected dtypes.
+    Raises WireError on the first thing that is wrong; nothing partial is ever returned.
+    """
+
+    def __init__(self, expected: Mapping[str, TensorSpec], *, check_finite: bool = True) -> None:
+        self._expected = expected
+        self._check_finite = check_finite
+        self._buffers: dict[str, bytearray] = {}
+        self._filled: dict[str, int] = {}
+        self._meta: dict[str, tuple[int, tuple[int, ...], float]] = {}
+        self._current: str | None = None
+        self._received = 0
+
+    @property
+    def received_bytes(self) -> int:
+        return self._received
+
+    def add(self, part: pb.TensorPart) -> None:
+        name = part.name
+        spec = self._expected.get(name)
+        if spec is None:
+            raise WireError(f"unexpected tensor {name!r}")
+        wire_dtype = _WIRE_TO_TORCH.get(part.dtype)
+        if wire_dtype is None:
+            raise WireError(f"tensor {name!r}: unknown dtype {part.dtype}")
+        if not _dtype_allowed(spec.dtype, wire_dtype):
+            raise WireError(f"tensor {name!r}: dtype {wire_dtype} cannot stand for {spec.dtype}")
+        shape = tuple(int(s) for s in part.shape)
+        if shape != spec.shape:
+            raise WireError(f"tensor {name!r}: shape {list(shape)}, expected {list(spec.shape)}")
+        if wire_dtype == torch.int8 and spec.dtype.is_floating_point:
+            if not (math.isfinite(part.scale) and part.scale > 0):
+                raise WireError(f"tensor {name!r}: int8 scale {part.scale} is not a positive finite number")
+        nbytes = math.prod(shape) * wire_dtype.itemsize
+        if name != self._current:
+            if name in self._buffers:
+                raise WireError(f"tensor {name!r}: parts out of order (it was already started)")
+            self._close_current()
+            self._current = name
+            self._buffers[name] = bytearray(nbytes)  # sized by the expected spec, never by the sender
+            self._filled[name] = 0
+            self._meta[name] = (part.dtype, shape, part.scale)
+        filled = self._filled[name]
+        if (part.dtype, shape, part.scale) != self._meta[name]:
+            raise WireError(f"tensor {name!r}: dtype, shape or scale changed between parts")
+        if part.offset != filled:
+            raise WireError(f"tensor {name!r}: part at offset {part.offset}, expected {filled}")
+        end = filled + len(part.data)
+        if end > nbytes:
+            raise WireError(f"tensor {name!r}: more than the {nbytes} bytes its shape holds")
+        self._buffers[name][filled:end] = part.data
+        self._filled[name] = end
+        self._received += len(part.data)
+
+    def _close_current(self) -> None:
+        if self._current is None:
+            return
+        name = self._current
+        wire, shape, _ = self._meta[name]
+        nbytes = math.prod(shape) * _WIRE_TO_TORCH[wire].itemsize
+        if self._filled[name] != nbytes:
+            raise WireError(f"tensor {name!r}: {self._filled[name]} bytes, its shape needs {nbytes}")
+
+    def finish(self) -> dict[str, torch.Tensor]:
+        self._close_current()
+        missing = [k for k in self._expected if k not in self._buffers]
+        if missing:
+            raise WireError(f"missing tensors: {', '.join(missing[:5])}")
+        out: dict[str, torch.Tensor] = {}
+        for name, spec in self._expected.items():
+            wire, shape, scale = self._meta[name]
+            t = _from_bytes(self._buffers[name], _WIRE_TO_TORCH[wire], shape)
+            if t.dtype == torch.int8 and spec.dtype.is_floating_point:
+                t = t.to(spec.dtype) * scale
+            else:
+                t = t.to(spec.dtype)
+            if self._check_finite and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise WireError(f"tensor {name!r}: NaN or Inf values")
+            out[name] = t
+        self._buffers.clear()
+        return out
+
+
+def _dtype_allowed(expected: torch.dtype, wire: torch.dtype) -> bool:
+    if expected.is_floating_point:
+        return wire.is_floating_point or wire == torch.int8
+    return wire == expected
+
+
+def _from_bytes(buf: bytearray, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+    if not buf:
+        return torch.zeros(shape, dtype=dtype)
+    if sys.byteorder != "little":  # pragma: no cover - big-endian hosts only
+        np_dtype = np.dtype("<i2" if dtype == torch.bfloat16 else str(dtype).removeprefix("torch."))
+        arr = np.frombuffer(buf, dtype=np_dtype.newbyteorder("<")).astype(np_dtype.newbyteorder("="))
+        return torch.from_numpy(arr).view(dtype).reshape(shape)
+    # Shares the buffer (no copy); the tensor keeps the bytearray alive.
+    return torch.frombuffer(buf, dtype=dtype).reshape(shape)
+
+
+def decode(
+    parts: Iterable[pb.TensorPart], expected: Mapping[str, TensorSpec], *, check_finite: bool = True
+) -> dict[str, torch.Tensor]:
+    """Assemble a complete state dict from parts (see Assembler)."""
+    asm = Assembler(expected, check_finite=check_finite)
+    for part in parts:
+        asm.add(part)
+    return asm.finish()

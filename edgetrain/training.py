@@ -1,0 +1,194 @@
+"""Local steps and evaluation as plain functions: no gRPC, no processes, deterministic under a seed."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F  # noqa: N812
+
+from edgetrain.errors import ConfigError
+
+OPTIMIZERS = ("sgd", "adam", "adadelta")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Hyper-parameters of local training; validated on construction."""
+
+    batch_size: int = 64
+    lr: float = 0.01
+    optimizer: str = "sgd"
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ConfigError(f"batch size must be at least 1, got {self.batch_size}")
+        if not self.lr > 0:
+            raise ConfigError(f"learning rate must be positive, got {self.lr}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(f"unknown optimizer {self.optimizer!r}; choose from {', '.join(OPTIMIZERS)}")
+        if not 0 <= self.momentum < 1:
+            raise ConfigError(f"momentum must be in [0, 1), got {self.momentum}")
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    params = model.parameters()
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.Adadelta(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def _mix(*parts: int) -> int:
+    """A stable 63-bit seed from integers (Python's hash() of tuples is not stable across versions)."""
+    h = 1469598103934665603
+    for p in parts:
+        h = ((h ^ (p & 0xFFFFFFFFFFFFFFFF)) * 1099511628211) & 0x7FFFFFFFFFFFFFFF
+    return h
+
+
+def batch_plan(shard: torch.Tensor, *, seed: int, rank: int, start_sample: int, steps: int,
+               batch_size: int) -> list[torch.Tensor]:
+    """Indices of the `steps` mini-batches a worker trains on, starting `start_sample` into its stream.
+
+    The stream is the shard reshuffled each epoch by a generator seeded from (seed, rank, epoch), so any
+    machine computes the same batches for the same arguments, and consecutive rounds continue the stream.
+    """
+    n = len(shard)
+    if n == 0:
+        raise ConfigError("empty shard: more workers than training examples")
+    out: list[torch.Tensor] = []
+    pos = start_sample
+    perms: dict[int, torch.Tensor] = {}
+    for _ in range(steps):
+        idx = []
+        need = batch_size
+        while need > 0:
+            epoch, within = divmod(pos, n)
+            if epoch not in perms:
+                g = torch.Generator().manual_seed(_mix(seed, rank, epoch))
+                perms[epoch] = shard[torch.randperm(n, generator=g)]
+            take = min(need, n - within)
+            idx.append(perms[epoch][within : within + take])
+            pos += take
+            need -= take
+        out.append(torch.cat(idx))
+    return out
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """What local training did: samples seen, mean loss and accuracy on its batches, seconds spent."""
+
+    samples: int
+    loss: float
+    accuracy: float
+    seconds: float
+
+
+def train_steps(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    batches: list[torch.Tensor],
+    *,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+    after_step: Callable[[int, float], None] | None = None,
+    grad_hook: Callable[[nn.Module], None] | None = None,
+) -> StepResult:
+    """Run one optimizer step per batch; dropout draws from a generator seeded by `seed`.
+
+    `grad_hook`, when given, runs between backward and step (multi-worker agents all-reduce there).
+    `after_step(i, seconds)` reports each step's time (for the step-time histogram).
+    """
+    model.train()
+    torch.manual_seed(seed)
+    total_loss = 0.0
+    correct = 0
+    seen = 0
+    start = time.perf_counter()
+    for i, idx in enumerate(batches):
+        t0 = time.perf_counter()
+        xb = x[idx].to(device, non_blocking=True)
+        yb = y[idx].to(device, non_blocking=True)
+        optimizer.zero_grad(set_to_none=True)
+        logits = model(xb)
+        loss = F.cross_entropy(logits, yb)
+        loss.backward()
+        if grad_hook is not None:
+            grad_hook(model)
+        optimizer.step()
+        total_loss += float(loss.detach()) * len(idx)
+        correct += int((logits.detach().argmax(1) == yb).sum())
+        seen += len(idx)
+        if after_step is not None:
+            after_step(i, time.perf_counter() - t0)
+    seconds = time.perf_counter() - start
+    if seen == 0:
+        return StepResult(0, 0.0, 0.0, seconds)
+    return StepResult(seen, total_loss / seen, correct / seen, seconds)
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """Loss, accuracy, macro-F1 and macro-recall (TweetEval's sentiment metric) on a split."""
+
+    n: int
+    loss: float
+    accuracy: float
+    macro_f1: float
+    macro_recall: float
+
+
+def classification_scores(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> tuple[float, float]:
+    """Macro-F1 and macro-recall over the classes that occur in `target` or `pred`."""
+    cm = torch.bincount(target * num_classes + pred, minlength=num_classes * num_classes)
+    cm = cm.reshape(num_classes, num_classes).double()
+    tp = cm.diag()
+    support = cm.sum(1)
+    predicted = cm.sum(0)
+    present = (support + predicted) > 0
+    recall = torch.where(support > 0, tp / support.clamp(min=1), torch.zeros_like(tp))
+    precision = torch.where(predicted > 0, tp / predicted.clamp(min=1), torch.zeros_like(tp))
+    denom = precision + recall
+    f1 = torch.where(denom > 0, 2 * precision * recall / denom.clamp(min=1e-12), torch.zeros_like(tp))
+    k = int(present.sum())
+    if k == 0:
+        return 0.0, 0.0
+    return float(f1[present].sum() / k), float(recall[support > 0].mean())
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int, *,
+             batch_size: int = 1024, device: torch.device | str = "cpu") -> EvalResult:
+    """Evaluate in inference mode over the whole split."""
+    model.eval()
+    n = len(y)
+    if n == 0:
+        raise ConfigError("cannot evaluate on an empty split")
+    total = 0.0
+    preds = []
+    for s in range(0, n, batch_size):
+        xb = x[s : s + batch_size].to(device)
+        yb = y[s : s + batch_size].to(device)
+        logits = model(xb)
+        total += float(F.cross_entropy(logits, yb, reduction="sum"))
+        preds.append(logits.argmax(1).cpu())
+    pred = torch.cat(preds)
+    acc = float((pred == y).double().mean())
+    f1, recall = classification_scores(pred, y, num_classes)
+    return EvalResult(n, total / n, acc, f1, recall)
+
+
+def state_of(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's state as CPU tensors, detached (what travels and what is averaged)."""
+    return {k: v.detach().to("cpu") for k, v in model.state_dict().items()}
