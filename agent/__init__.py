@@ -1,0 +1,1 @@
+"""The edge agent: joins a coordinator, runs pinned training workers, reports metrics."""

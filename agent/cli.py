@@ -1,0 +1,65 @@
+"""`edge-agent start`: parse options only; AgentConfig validates, AgentRunner runs."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import threading
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from edgetrain.cli_util import entry, read_token, setup_logging
+from edgetrain.cores import parse_cores
+from edgetrain.spec import DataLocation
+
+
+def make_app() -> typer.Typer:
+    app = typer.Typer(add_completion=False, help="Edge agent: trains pinned to the cores it is given.")
+
+    @app.callback()
+    def _root() -> None:
+        """Edge agent for edgetrain (a callback keeps `edge-agent start` a named command)."""
+
+    @app.command()
+    def start(
+        coordinator: Annotated[str, typer.Option(help="Coordinator address HOST:PORT.")],
+        cores: Annotated[str, typer.Option(help="Cores to pin to, as for taskset: 0-3,8 or 0-10:2.")],
+        name: Annotated[str, typer.Option(help="Stable node name (default: host name).")] = "",
+        workers: Annotated[int, typer.Option(help="Training processes, each on its own core group.")] = 1,
+        device: Annotated[str, typer.Option(help="cpu or cuda:N.")] = "cpu",
+        data_dir: Annotated[Optional[Path], typer.Option(help="Folder with the data set's files.")] = None,  # noqa: UP045
+        data_path: Annotated[Optional[Path], typer.Option(help="A csv/tsv file (datasets csv, tsv).")] = None,  # noqa: UP045
+        cache_dir: Annotated[Optional[Path], typer.Option(help="Download cache.")] = None,  # noqa: UP045
+        no_download: Annotated[bool, typer.Option("--no-download", help="Never download data.")] = False,
+        metrics_port: Annotated[Optional[int], typer.Option(help="Serve /metrics on this port (0: any).")] = None,  # noqa: UP045
+        metrics_host: Annotated[str, typer.Option(help="Address for /metrics.")] = "127.0.0.1",
+        token_env: Annotated[str, typer.Option(help="Environment variable holding the operator token.")] = "EDGETRAIN_TOKEN",
+        token_file: Annotated[Optional[Path], typer.Option(help="File holding the operator token.")] = None,  # noqa: UP045
+        tls_ca: Annotated[Optional[Path], typer.Option(help="CA certificate to trust (enables TLS).")] = None,  # noqa: UP045
+        tls_cert: Annotated[Optional[Path], typer.Option(help="Client certificate (mutual TLS).")] = None,  # noqa: UP045
+        tls_key: Annotated[Optional[Path], typer.Option(help="Client key (mutual TLS).")] = None,  # noqa: UP045
+        give_up_after: Annotated[Optional[float], typer.Option(help="Stop retrying to join after N s.")] = None,  # noqa: UP045
+        log_level: Annotated[str, typer.Option(help="debug, info, warning, error.")] = "info",
+    ) -> int:
+        """Join a coordinator and train until it says the run is over (SIGINT/SIGTERM leave cleanly)."""
+        from agent.config import AgentConfig
+        from agent.runner import AgentRunner
+
+        setup_logging(log_level)
+        cfg = AgentConfig(
+            coordinator=coordinator, cores=parse_cores(cores), name=name or socket.gethostname(), workers=workers,
+            device=device, where=DataLocation(data_dir, data_path, cache_dir, not no_download),
+            metrics_host=metrics_host, metrics_port=metrics_port, token=read_token(token_env, token_file),
+            tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key, give_up_after=give_up_after,
+        )
+        runner = AgentRunner(cfg, threading.Event())
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: runner.interrupt())
+        return runner.run()
+
+    return app
+
+
+main = entry(make_app, "edge-agent")

@@ -1,0 +1,150 @@
+"""The agent's gRPC client: Join, long-poll GetRound, streamed SubmitUpdate, Leave; deadlines on every call."""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import grpc
+import torch
+
+from edgetrain import grpc_options, serde
+from edgetrain.proto import edgetrain_pb2 as pb
+from edgetrain.proto import edgetrain_pb2_grpc as pb_grpc
+
+JOIN_DEADLINE_S = 15.0
+LONG_POLL_S = 20.0  # the server holds GetRound this long before answering WAIT
+SUBMIT_DEADLINE_S = 300.0  # a 5 MB update over a slow edge link, with room
+LEAVE_DEADLINE_S = 5.0
+
+
+@dataclass(frozen=True)
+class TLSFiles:
+    ca: bytes | None = None  # root certificate(s) to trust; None = the system's
+    cert: bytes | None = None  # client certificate, for mutual TLS
+    key: bytes | None = None
+
+
+@dataclass
+class Round:
+    header: pb.RoundHeader
+    state: dict[str, torch.Tensor] | None
+    download_seconds: float
+    bytes_in: int
+
+
+def backoff_delays(initial: float = 0.5, cap: float = 30.0, rng: random.Random | None = None) -> Iterator[float]:
+    """Exponential backoff with full jitter: 0.5, 1, 2, ... capped, each scaled by U(0.5, 1)."""
+    rng = rng or random.Random()
+    delay = initial
+    while True:
+        yield delay * rng.uniform(0.5, 1.0)
+        delay = min(cap, delay * 2)
+
+
+class CoordinatorClient:
+    """One channel to the coordinator, with the session token once joined."""
+
+    def __init__(self, address: str, *, token: str | None = None, tls: TLSFiles | None = None) -> None:
+        if tls is not None:
+            creds = grpc.ssl_channel_credentials(tls.ca, tls.key, tls.cert)
+            self._channel = grpc.secure_channel(address, creds, options=grpc_options.CLIENT)
+        else:
+            self._channel = grpc.insecure_channel(address, options=grpc_options.CLIENT)
+        self._stub = pb_grpc.CoordinatorStub(self._channel)
+        self._token = token
+        self.agent_id = ""
+        self.session = ""
+        self._inflight: grpc.Call | None = None
+
+    def _metadata(self) -> list[tuple[str, str]]:
+        md = []
+        if self._token:
+            md.append((grpc_options.TOKEN_METADATA, f"Bearer {self._token}"))
+        if self.session:
+            md.append((grpc_options.SESSION_METADATA, self.session))
+        return md
+
+    def join(self, request: pb.JoinRequest, stop: threading.Event | None = None,
+             give_up_after: float | None = None) -> pb.JoinReply:
+        """Join, retrying with backoff while the coordinator is not (yet) there (UNAVAILABLE only)."""
+        start = time.monotonic()
+        for delay in backoff_delays():
+            try:
+                self.session = ""
+                reply: pb.JoinReply = self._stub.Join(request, timeout=JOIN_DEADLINE_S, metadata=self._metadata())
+                self.agent_id, self.session = reply.agent_id, reply.session_token
+                return reply
+            except grpc.RpcError as err:
+                if err.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                    raise
+                if give_up_after is not None and time.monotonic() - start + delay > give_up_after:
+                    raise
+                if stop is not None and stop.wait(delay):
+                    raise
+                if stop is None:
+                    time.sleep(delay)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def get_round(self, after_round: int, expected: dict[str, serde.TensorSpec]) -> Round:
+        """Long-poll for the next round; decodes the weights against `expected`."""
+        t0 = time.perf_counter()
+        stream = self._stub.GetRound(
+            pb.RoundRequest(agent_id=self.agent_id, after_round=after_round),
+            timeout=LONG_POLL_S + 60.0,
+            metadata=self._metadata(),
+        )
+        self._inflight = stream
+        header: pb.RoundHeader | None = None
+        asm = serde.Assembler(expected)
+        first_part_at = 0.0
+        for msg in stream:
+            if msg.HasField("header"):
+                header = msg.header
+                first_part_at = time.perf_counter()
+            else:
+                asm.add(msg.part)
+        if header is None:
+            raise serde.WireError("the coordinator's round stream had no header")
+        if header.status != pb.WORK:
+            return Round(header, None, time.perf_counter() - t0, 0)
+        state = asm.finish()
+        return Round(header, state, time.perf_counter() - first_part_at, asm.received_bytes)
+
+    def submit(self, round_: int, num_samples: int, stats: pb.NodeStats, state: dict[str, torch.Tensor],
+               wire_dtype: str = "float32") -> tuple[pb.UpdateAck, float, int]:
+        """Stream one update; returns (ack, seconds, bytes sent)."""
+        sent = 0
+
+        def messages() -> Iterator[pb.UpdateMessage]:
+            nonlocal sent
+            yield pb.UpdateMessage(header=pb.UpdateHeader(
+                agent_id=self.agent_id, round=round_, num_samples=num_samples, stats=stats))
+            for part in serde.encode(state, wire_dtype=wire_dtype):
+                sent += len(part.data)
+                yield pb.UpdateMessage(part=part)
+
+        t0 = time.perf_counter()
+        ack: pb.UpdateAck = self._stub.SubmitUpdate(messages(), timeout=SUBMIT_DEADLINE_S, metadata=self._metadata())
+        return ack, time.perf_counter() - t0, sent
+
+    def cancel(self) -> None:
+        """Cancel a long-poll in flight (from a signal handler), so the agent can leave at once."""
+        call = self._inflight
+        if call is not None:
+            call.cancel()
+
+    def leave(self) -> None:
+        if not self.agent_id:
+            return
+        try:
+            self._stub.Leave(pb.LeaveRequest(agent_id=self.agent_id), timeout=LEAVE_DEADLINE_S,
+                             metadata=self._metadata())
+        except grpc.RpcError:
+            pass  # leaving is a courtesy: the coordinator copes with agents that vanish
+
+    def close(self) -> None:
+        self._channel.close()

@@ -1,0 +1,54 @@
+"""The agent's validated configuration: the CLI parses, this checks."""
+
+from __future__ import annotations
+
+import re
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from edgetrain.cores import split_cores, validate_cores
+from edgetrain.errors import ConfigError
+from edgetrain.spec import DataLocation
+
+_ADDRESS = re.compile(r"^(\[[0-9a-fA-F:]+\]|[A-Za-z0-9_.-]+):(\d{1,5})$")
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    coordinator: str
+    cores: list[int]
+    name: str = field(default_factory=socket.gethostname)
+    workers: int = 1
+    device: str = "cpu"
+    where: DataLocation = field(default_factory=DataLocation)
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int | None = None  # None: no /metrics
+    token: str | None = None
+    tls_ca: Path | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    give_up_after: float | None = None  # stop retrying Join after this many seconds (None: forever)
+    throughput: float = 0.0
+
+    def __post_init__(self) -> None:
+        m = _ADDRESS.match(self.coordinator)
+        if not m or not 0 < int(m.group(2)) < 65536:
+            raise ConfigError(f"coordinator address {self.coordinator!r} is not HOST:PORT")
+        if not self.name or len(self.name) > 128 or not re.fullmatch(r"[A-Za-z0-9_.:-]+", self.name):
+            raise ConfigError(f"agent name {self.name!r}: use 1-128 letters, digits, '_', '.', ':' or '-'")
+        validate_cores(self.cores)
+        if self.workers < 1:
+            raise ConfigError(f"--workers must be at least 1, got {self.workers}")
+        if self.workers > len(self.cores):
+            raise ConfigError(f"--workers {self.workers} needs at least as many cores; --cores gives {len(self.cores)}")
+        if not (self.device == "cpu" or re.fullmatch(r"cuda(:\d+)?", self.device)):
+            raise ConfigError(f"device {self.device!r}: use cpu or cuda:N")
+        if self.metrics_port is not None and not 0 <= self.metrics_port < 65536:
+            raise ConfigError(f"metrics port {self.metrics_port} out of range")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ConfigError("--tls-cert and --tls-key go together (mutual TLS)")
+
+    @property
+    def core_groups(self) -> list[list[int]]:
+        return split_cores(self.cores, self.workers)

@@ -1,0 +1,163 @@
+"""The agent's life: join, start pinned workers, train round after round, leave cleanly."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+import grpc
+from prometheus_client import CollectorRegistry
+
+from agent.client import CoordinatorClient, Round, TLSFiles, backoff_delays
+from agent.config import AgentConfig
+from agent.metrics import AgentMetrics
+from agent.worker import RoundTask, WorkerPool
+from edgetrain import serde
+from edgetrain.cores import pin_current_process
+from edgetrain.errors import ConfigError
+from edgetrain.httpmetrics import MetricsServer
+from edgetrain.proto import edgetrain_pb2 as pb
+from edgetrain.spec import RunSpec
+
+log = logging.getLogger("edgetrain.agent")
+
+# Errors after which the agent joins again (the coordinator restarted, or replaced this session).
+_REJOIN = (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNAUTHENTICATED)
+# Errors worth waiting out: the coordinator is restarting or the link dropped.
+_RETRY = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+
+def _read(path: object) -> bytes | None:
+    return None if path is None else open(str(path), "rb").read()
+
+
+class AgentRunner:
+    """Runs until the coordinator says FINISHED or `stop` is set. `run()` returns a process exit code."""
+
+    def __init__(self, cfg: AgentConfig, stop: threading.Event | None = None,
+                 registry: CollectorRegistry | None = None) -> None:
+        self.cfg = cfg
+        self.stop = stop or threading.Event()
+        self.registry = registry or CollectorRegistry()
+        self.pool: WorkerPool | None = None
+        self.metrics_server: MetricsServer | None = None
+        self.rounds_trained = 0
+        self.ready = threading.Event()  # set once workers are up (tests wait on it)
+        self._client_ref: CoordinatorClient | None = None
+
+    def interrupt(self) -> None:
+        """Stop soon and leave cleanly (safe to call from a signal handler)."""
+        self.stop.set()
+        if self._client_ref is not None:
+            self._client_ref.cancel()
+
+    def _client(self) -> CoordinatorClient:
+        tls = None
+        if self.cfg.tls_ca or self.cfg.tls_cert:
+            tls = TLSFiles(_read(self.cfg.tls_ca), _read(self.cfg.tls_cert), _read(self.cfg.tls_key))
+        return CoordinatorClient(self.cfg.coordinator, token=self.cfg.token, tls=tls)
+
+    def _join_request(self) -> pb.JoinRequest:
+        addr = self.metrics_server.address if self.metrics_server else ""
+        return pb.JoinRequest(agent_name=self.cfg.name, cores=self.cfg.cores, device=self.cfg.device,
+                              throughput=self.cfg.throughput, workers=self.cfg.workers, metrics_address=addr)
+
+    def run(self) -> int:
+        cfg = self.cfg
+        pin_current_process(cfg.cores)
+        if cfg.device.startswith("cuda"):
+            import torch
+
+            if not torch.cuda.is_available():
+                raise ConfigError(f"device {cfg.device} requested, but torch sees no CUDA device here")
+        metrics = AgentMetrics(self.registry, name=cfg.name, cores=cfg.cores, device=cfg.device,
+                               workers=cfg.workers, pids=lambda: self.pool.pids if self.pool else [])
+        if cfg.metrics_port is not None:
+            self.metrics_server = MetricsServer(self.registry, cfg.metrics_host, cfg.metrics_port)
+        client = self._client()
+        self._client_ref = client
+        spec: RunSpec | None = None
+        try:
+            while not self.stop.is_set():
+                reply = client.join(self._join_request(), self.stop, cfg.give_up_after)
+                new_spec = RunSpec.from_proto(reply.spec)
+                if new_spec != spec:
+                    if self.pool is not None:
+                        self.pool.stop()
+                    spec = new_spec
+                    log.info("joined as %s; starting %d worker(s) on cores %s", reply.agent_id, cfg.workers,
+                             cfg.core_groups)
+                    self.pool = WorkerPool(cfg.core_groups, spec, cfg.where, cfg.device)
+                    self.ready.set()
+                if self._train(client, spec, metrics) == "finished":
+                    return 0
+            return 0
+        except grpc.RpcError as err:
+            if self.stop.is_set():
+                return 0
+            log.error("coordinator refused: %s %s", err.code().name, err.details())
+            return 1
+        finally:
+            client.leave()
+            client.close()
+            if self.pool is not None:
+                self.pool.stop()
+            if self.metrics_server is not None:
+                self.metrics_server.close()
+
+    def _train(self, client: CoordinatorClient, spec: RunSpec, metrics: AgentMetrics) -> str:
+        """Train rounds until FINISHED ("finished"), stop, or the session is gone ("rejoin")."""
+        assert self.pool is not None
+        expected = serde.spec_of(self.pool.shared)
+        after = -1
+        upload_seconds = 0.0
+        delays = None
+        while not self.stop.is_set():
+            try:
+                rnd: Round = client.get_round(after, expected)
+                delays = None
+            except grpc.RpcError as err:
+                if self.stop.is_set():
+                    break
+                if err.code() in _REJOIN:
+                    return "rejoin"
+                if err.code() not in _RETRY:
+                    raise
+                delays = delays or backoff_delays()
+                if self.stop.wait(next(delays)):
+                    break
+                continue
+            header = rnd.header
+            if header.status == pb.FINISHED:
+                return "finished"
+            if header.status != pb.WORK or rnd.state is None:
+                continue
+            task = RoundTask(header.round, header.rank, header.world, header.local_steps, header.batch_size,
+                             header.sample_offset)
+            result, step_times = self.pool.train(rnd.state, task)
+            stats = pb.NodeStats(
+                compute_seconds=result.seconds,
+                communication_seconds=rnd.download_seconds + upload_seconds,
+                loss=result.loss,
+                accuracy=result.accuracy,
+                samples_per_second=result.samples / result.seconds if result.seconds > 0 else 0.0,
+            )
+            try:
+                ack, upload_seconds, _ = client.submit(header.round, result.samples, stats, self.pool.shared,
+                                                       spec.update_dtype)
+            except grpc.RpcError as err:
+                if err.code() in _REJOIN:
+                    return "rejoin"
+                if err.code() in _RETRY:
+                    time.sleep(0.5)
+                    continue
+                # refused (late, stale, ...): the coordinator says why; go on with the next round
+                log.warning("update for round %d refused: %s %s", header.round, err.code().name, err.details())
+            else:
+                metrics.round_done(result.samples, step_times)
+                self.rounds_trained += 1
+                if not ack.accepted:  # pragma: no cover - the servicer refuses with a status instead
+                    log.warning("update for round %d not accepted: %s", header.round, ack.detail)
+            after = header.round
+        return "finished"

@@ -1,0 +1,216 @@
+"""Training worker processes: spawned (gRPC does not survive fork), pinned to their cores, fed over a pipe.
+
+The agent and its worker(s) share one set of model tensors in shared memory: per round the agent writes
+the global weights there and sends a small "train" message; the worker trains and writes its weights back.
+With several workers (one agent, several core groups) they all-reduce gradients every step through
+torch.distributed (gloo) and worker 0 writes the result.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+import traceback
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.multiprocessing as tmp
+
+from edgetrain.cores import pin_current_process
+from edgetrain.errors import EdgetrainError
+from edgetrain.spec import DataLocation, RunSpec
+from edgetrain.training import batch_plan, make_optimizer, train_steps
+
+
+class WorkerError(EdgetrainError):
+    """A training worker failed to start or to train; the message is the worker's own."""
+
+
+@dataclass(frozen=True)
+class WorkerSetup:
+    index: int
+    count: int
+    cores: tuple[int, ...]
+    spec: RunSpec
+    where: DataLocation
+    device: str = "cpu"
+    dist_port: int = 0  # gloo rendezvous on 127.0.0.1 when count > 1
+
+
+@dataclass(frozen=True)
+class RoundTask:
+    round: int
+    rank: int
+    world: int
+    local_steps: int
+    batch_size: int
+    sample_offset: int
+
+
+def _main(setup: WorkerSetup, conn: Any) -> None:
+    """Entry point of a spawned worker."""
+    try:
+        pin_current_process(list(setup.cores))
+        torch.set_num_threads(len(setup.cores))
+        torch.set_num_interop_threads(1)
+        from edgetrain.workload import load_workload
+
+        workload = load_workload(setup.spec, setup.where)
+        device = torch.device(setup.device)
+        model = workload.new_model().to(device)
+        optimizer = make_optimizer(model, setup.spec.train_config())
+        shared: dict[str, torch.Tensor] | None = None
+        if setup.index == 0:
+            shared = {k: v.detach().to("cpu").clone().share_memory_() for k, v in model.state_dict().items()}
+        grad_hook = None
+        if setup.count > 1:
+            import torch.distributed as dist
+
+            dist.init_process_group(
+                "gloo", init_method=f"tcp://127.0.0.1:{setup.dist_port}", rank=setup.index,
+                world_size=setup.count,
+            )
+
+            def grad_hook(m: torch.nn.Module) -> None:
+                for p in m.parameters():
+                    if p.grad is not None:
+                        dist.all_reduce(p.grad)
+                        p.grad.div_(setup.count)
+
+        conn.send(("ready", workload.data.fingerprint, shared, os.getpid()))
+        if shared is None:
+            shared = conn.recv()  # worker 0's shared tensors, passed on by the agent
+        shards: dict[tuple[int, int], torch.Tensor] = {}
+        x, y = workload.data.train.x, workload.data.train.y
+        while True:
+            msg = conn.recv()
+            if msg[0] == "stop":
+                break
+            task: RoundTask = msg[1]
+            key = (task.rank, task.world)
+            if key not in shards:
+                shards = {key: workload.shard(task.rank, task.world)[setup.index :: setup.count]}
+            with torch.no_grad():
+                for k, v in model.state_dict().items():
+                    v.copy_(shared[k])
+            plan = batch_plan(
+                shards[key], seed=setup.spec.seed, rank=task.rank * setup.count + setup.index,
+                start_sample=task.sample_offset // setup.count, steps=task.local_steps,
+                batch_size=task.batch_size,
+            )
+            step_times: list[float] = []
+            result = train_steps(
+                model, optimizer, x, y, plan, seed=setup.spec.seed * 1_000_003 + task.round * 101 + setup.index,
+                device=device, after_step=lambda _i, s: step_times.append(s), grad_hook=grad_hook,
+            )
+            if setup.index == 0:
+                with torch.no_grad():
+                    for k, v in model.state_dict().items():
+                        shared[k].copy_(v)
+            conn.send(("done", result, step_times))
+    except Exception as exc:  # report, then exit: the agent turns it into a WorkerError
+        detail = str(exc) if isinstance(exc, EdgetrainError) else f"{type(exc).__name__}: {exc}"
+        try:
+            conn.send(("error", detail, traceback.format_exc()))
+        except (BrokenPipeError, OSError):
+            pass
+    finally:
+        if setup.count > 1:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class WorkerPool:
+    """The agent's side of its workers: start them pinned, feed rounds, collect results, stop them."""
+
+    def __init__(self, core_groups: list[list[int]], spec: RunSpec, where: DataLocation, device: str = "cpu",
+                 start_timeout: float = 600.0) -> None:
+        self._ctx = tmp.get_context("spawn")
+        self._conns: list[Any] = []
+        self.processes: list[Any] = []
+        self.shared: dict[str, torch.Tensor] = {}
+        self.fingerprint = ""
+        count = len(core_groups)
+        port = _free_port() if count > 1 else 0
+        for i, cores in enumerate(core_groups):
+            parent, child = self._ctx.Pipe()
+            setup = WorkerSetup(i, count, tuple(cores), spec, where, device, port)
+            proc = self._ctx.Process(target=_main, args=(setup, child), name=f"edgetrain-worker-{i}", daemon=True)
+            proc.start()
+            child.close()
+            self._conns.append(parent)
+            self.processes.append(proc)
+        try:
+            for i, conn in enumerate(self._conns):
+                msg = self._recv(conn, start_timeout)
+                if i == 0:
+                    _, self.fingerprint, self.shared, _ = msg
+            for conn in self._conns[1:]:
+                conn.send(self.shared)
+        except BaseException:
+            self.stop()
+            raise
+
+    @property
+    def pids(self) -> list[int]:
+        return [p.pid for p in self.processes]
+
+    def _recv(self, conn: Any, timeout: float) -> Any:
+        end = time.monotonic() + timeout
+        while not conn.poll(0.2):
+            if any(not p.is_alive() for p in self.processes) and not conn.poll(0.5):
+                raise WorkerError("a training worker exited unexpectedly")
+            if time.monotonic() > end:
+                raise WorkerError(f"no answer from a training worker in {timeout:.0f} s")
+        try:
+            msg = conn.recv()
+        except EOFError as exc:
+            raise WorkerError("a training worker exited unexpectedly") from exc
+        if msg[0] == "error":
+            raise WorkerError(msg[1])
+        return msg
+
+    def train(self, weights: dict[str, torch.Tensor], task: RoundTask, timeout: float = 3600.0) -> tuple[Any, list[float]]:
+        """Train one round from `weights`; returns (StepResult of all workers combined, step times)."""
+        with torch.no_grad():
+            for k, v in weights.items():
+                self.shared[k].copy_(v)
+        for conn in self._conns:
+            conn.send(("train", task))
+        results = [self._recv(conn, timeout) for conn in self._conns]
+        from edgetrain.training import StepResult
+
+        parts = [r[1] for r in results]
+        samples = sum(p.samples for p in parts)
+        combined = StepResult(
+            samples=samples,
+            loss=sum(p.loss * p.samples for p in parts) / max(1, samples),
+            accuracy=sum(p.accuracy * p.samples for p in parts) / max(1, samples),
+            seconds=max(p.seconds for p in parts),
+        )
+        return combined, results[0][2]
+
+    def stop(self, timeout: float = 10.0) -> None:
+        for conn in self._conns:
+            try:
+                conn.send(("stop",))
+            except (BrokenPipeError, OSError):
+                pass
+        for proc in self.processes:
+            proc.join(timeout)
+            if proc.is_alive():
+                proc.kill()
+                proc.join(timeout)
+        for conn in self._conns:
+            conn.close()
+        self._conns = []

@@ -1,0 +1,1 @@
+"""The coordinator: membership, synchronous rounds, aggregation, evaluation, checkpoints, metrics."""

@@ -1,0 +1,79 @@
+"""Checkpoints written atomically (temp file, fsync, rename) and loaded without arbitrary unpickling."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from edgetrain.errors import EdgetrainError
+
+LATEST = "checkpoint.pt"
+MODEL = "model.pt"
+
+
+class CheckpointError(EdgetrainError):
+    """A checkpoint is missing, unreadable, or from another run."""
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    completed_rounds: int
+    state: dict[str, torch.Tensor]
+    cursors: dict[str, int]
+    meta: dict[str, Any]
+
+
+def atomic_save(obj: Any, path: Path) -> None:
+    """torch.save to a temp file beside `path`, fsync it, rename over `path`, fsync the folder."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            torch.save(obj, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def save(run_dir: Path, ckpt: Checkpoint) -> Path:
+    path = run_dir / LATEST
+    atomic_save(
+        {
+            "completed_rounds": ckpt.completed_rounds,
+            "state": ckpt.state,
+            "cursors": json.dumps(ckpt.cursors),
+            "meta": json.dumps(ckpt.meta),
+        },
+        path,
+    )
+    return path
+
+
+def load(run_dir: Path) -> Checkpoint:
+    path = run_dir / LATEST
+    if not path.exists():
+        raise CheckpointError(f"no checkpoint at {path}")
+    try:
+        raw = torch.load(path, map_location="cpu", weights_only=True)  # no arbitrary unpickling
+        return Checkpoint(
+            completed_rounds=int(raw["completed_rounds"]),
+            state=dict(raw["state"]),
+            cursors={str(k): int(v) for k, v in json.loads(raw["cursors"]).items()},
+            meta=json.loads(raw["meta"]),
+        )
+    except (KeyError, ValueError, RuntimeError, OSError, TypeError) as exc:
+        raise CheckpointError(f"cannot read checkpoint {path}: {exc}") from exc

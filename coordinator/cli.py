@@ -1,0 +1,140 @@
+"""`coordinator run` and `coordinator report`: parse options only; CoordinatorConfig validates."""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from edgetrain.cli_util import entry, read_token, setup_logging
+from edgetrain.errors import ConfigError
+from edgetrain.spec import DataLocation, RunSpec
+
+DEFAULT_EPOCHS = 3.0  # when no stopping rule is given
+
+
+def parse_gpus(text: str) -> tuple[str, ...]:
+    """`--local-gpus 0,1` or `all` -> ("cuda:0", "cuda:1")."""
+    if not text:
+        return ()
+    if text == "all":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError("--local-gpus all: torch sees no CUDA device here")
+        return tuple(f"cuda:{i}" for i in range(torch.cuda.device_count()))
+    try:
+        ids = [int(t) for t in text.split(",")]
+    except ValueError as exc:
+        raise ConfigError(f"--local-gpus takes ids like 0,1 or 'all', not {text!r}") from exc
+    return tuple(f"cuda:{i}" for i in ids)
+
+
+def make_app() -> typer.Typer:
+    app = typer.Typer(add_completion=False, help="edgetrain coordinator: synchronous data-parallel rounds over gRPC.")
+
+    @app.command()
+    def run(
+        dataset: Annotated[str, typer.Option(help="tweets, tweeteval-sentiment, mnist, mnist-5k, csv, tsv.")] = "tweets",
+        model: Annotated[str, typer.Option(help="Model name (default: the data set's).")] = "",
+        data_dir: Annotated[Optional[Path], typer.Option(help="Folder with the data set's files.")] = None,  # noqa: UP045
+        data_path: Annotated[Optional[Path], typer.Option(help="A csv/tsv file (datasets csv, tsv).")] = None,  # noqa: UP045
+        cache_dir: Annotated[Optional[Path], typer.Option(help="Download cache.")] = None,  # noqa: UP045
+        no_download: Annotated[bool, typer.Option("--no-download", help="Never download data.")] = False,
+        limit: Annotated[int, typer.Option(help="Use only the first N train and test examples (0: all).")] = 0,
+        max_len: Annotated[int, typer.Option(help="Text: tokens per example.")] = 64,
+        seed: Annotated[int, typer.Option(help="Seed of split, shards, initial weights and batches.")] = 0,
+        batch_size: Annotated[int, typer.Option(help="Batch per worker per step.")] = 64,
+        lr: Annotated[float, typer.Option(help="Learning rate.")] = 1e-3,
+        optimizer: Annotated[str, typer.Option(help="sgd, adam or adadelta.")] = "adam",
+        momentum: Annotated[float, typer.Option(help="SGD momentum.")] = 0.0,
+        weight_decay: Annotated[float, typer.Option(help="L2 weight decay.")] = 0.0,
+        local_steps: Annotated[int, typer.Option(help="K: local steps per round (1 = synchronous SGD).")] = 8,
+        rounds: Annotated[Optional[int], typer.Option(help="Stop after this many rounds.")] = None,  # noqa: UP045
+        epochs: Annotated[Optional[float], typer.Option(help="Stop after this many passes over the data.")] = None,  # noqa: UP045
+        target_accuracy: Annotated[Optional[float], typer.Option(help="Stop at this test accuracy (0-1).")] = None,  # noqa: UP045
+        min_agents: Annotated[int, typer.Option(help="Agents to wait for (default: the local ones, or 1).")] = 0,
+        local_agents: Annotated[int, typer.Option(help="Start N agents here, pinned to disjoint cores.")] = 0,
+        local_workers: Annotated[int, typer.Option(help="Workers per local agent.")] = 1,
+        local_gpus: Annotated[str, typer.Option(help="GPUs as local workers: 0,1 or all.")] = "",
+        host: Annotated[str, typer.Option(help="Address to serve gRPC on.")] = "127.0.0.1",
+        port: Annotated[int, typer.Option(help="gRPC port (0: any free port).")] = 50051,
+        metrics_port: Annotated[Optional[int], typer.Option(help="Serve /metrics and /sd here.")] = None,  # noqa: UP045
+        metrics_host: Annotated[str, typer.Option(help="Address for /metrics.")] = "127.0.0.1",
+        round_timeout: Annotated[float, typer.Option(help="A round's deadline in seconds.")] = 600.0,
+        join_timeout: Annotated[float, typer.Option(help="Wait this long for --min-agents.")] = 600.0,
+        eval_every: Annotated[int, typer.Option(help="Evaluate every N rounds.")] = 1,
+        aggregator: Annotated[str, typer.Option(help="mean, median or trimmed-mean.")] = "mean",
+        trim: Annotated[float, typer.Option(help="Trimmed mean: fraction cut at each end.")] = 0.2,
+        balance: Annotated[bool, typer.Option(help="Size each node's work by its speed.")] = False,
+        shard_scheme: Annotated[str, typer.Option(help="iid or dirichlet.")] = "iid",
+        alpha: Annotated[float, typer.Option(help="Dirichlet concentration (smaller: more skew).")] = 0.5,
+        update_dtype: Annotated[str, typer.Option(help="float32, float16, bfloat16 or int8.")] = "float32",
+        run_dir: Annotated[Optional[Path], typer.Option(help="Checkpoints, log and final model.")] = None,  # noqa: UP045
+        resume: Annotated[bool, typer.Option(help="Resume from --run-dir's checkpoint.")] = False,
+        token_env: Annotated[str, typer.Option(help="Env variable with the operator token.")] = "EDGETRAIN_TOKEN",
+        token_file: Annotated[Optional[Path], typer.Option(help="File with the operator token.")] = None,  # noqa: UP045
+        tls_cert: Annotated[Optional[Path], typer.Option(help="Server certificate (PEM).")] = None,  # noqa: UP045
+        tls_key: Annotated[Optional[Path], typer.Option(help="Server key (PEM).")] = None,  # noqa: UP045
+        tls_client_ca: Annotated[Optional[Path], typer.Option(help="Require client certs from this CA.")] = None,  # noqa: UP045
+        insecure: Annotated[bool, typer.Option(help="Allow plaintext on a non-loopback address.")] = False,
+        progress: Annotated[bool, typer.Option(help="Show a live progress bar.")] = True,
+        log_level: Annotated[str, typer.Option(help="debug, info, warning, error.")] = "warning",
+    ) -> int:
+        """Run a training: wait for agents, run synchronous rounds, evaluate, checkpoint, print a summary."""
+        from rich.console import Console
+
+        from coordinator.config import CoordinatorConfig
+        from coordinator.run import Coordinator, summary_table
+
+        setup_logging(log_level)
+        if rounds is None and epochs is None and target_accuracy is None:
+            epochs = DEFAULT_EPOCHS
+        gpus = parse_gpus(local_gpus)
+        spec = RunSpec(
+            dataset=dataset, model=model, seed=seed, batch_size=batch_size, lr=lr, optimizer=optimizer,
+            momentum=momentum, weight_decay=weight_decay, shard_scheme=shard_scheme, dirichlet_alpha=alpha,
+            max_len=max_len, limit=limit, update_dtype=update_dtype,
+        )
+        cfg = CoordinatorConfig(
+            spec=spec, where=DataLocation(data_dir, data_path, cache_dir, not no_download), host=host, port=port,
+            metrics_host=metrics_host, metrics_port=metrics_port, local_steps=local_steps, rounds=rounds,
+            epochs=epochs, target_accuracy=target_accuracy,
+            min_agents=min_agents or max(1, local_agents + len(gpus)), join_timeout=join_timeout,
+            round_timeout=round_timeout, eval_every=eval_every, aggregator=aggregator, trim=trim, balance=balance,
+            local_agents=local_agents, local_workers=local_workers, local_devices=gpus,
+            run_dir=run_dir or Path("runs") / f"{dataset}-{time.strftime('%Y%m%d-%H%M%S')}", resume=resume,
+            token=read_token(token_env, token_file), tls_cert=tls_cert, tls_key=tls_key,
+            tls_client_ca=tls_client_ca, insecure=insecure, progress=progress,
+        )
+        console = Console()
+        stop = threading.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
+        coord = Coordinator(cfg, stop=stop)
+        coord.start()
+        console.print(f"coordinator listening on {cfg.host}:{coord.port}; run dir {cfg.run_dir}")
+        result = coord.run()
+        console.print(summary_table(result))
+        return 0
+
+    @app.command()
+    def report(
+        run_dir: Annotated[Path, typer.Argument(help="A finished (or running) run's folder.")],
+        out: Annotated[Optional[Path], typer.Option(help="Where to write the PNGs (default: RUN_DIR).")] = None,  # noqa: UP045
+    ) -> int:
+        """Turn a run's rounds.jsonl into PNG plots: accuracy vs time per node, round-time breakdown."""
+        from coordinator.report import write_report
+
+        for path in write_report(run_dir, out or run_dir):
+            typer.echo(str(path))
+        return 0
+
+    return app
+
+
+main = entry(make_app, "coordinator")

@@ -1,0 +1,90 @@
+"""The coordinator's validated configuration: the CLI parses, this checks (one line per problem)."""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from edgetrain.aggregation import AGGREGATORS
+from edgetrain.errors import ConfigError
+from edgetrain.spec import DataLocation, RunSpec
+
+
+def is_loopback(host: str) -> bool:
+    if host in ("localhost", ""):
+        return host == "localhost"
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+@dataclass(frozen=True)
+class CoordinatorConfig:
+    spec: RunSpec = field(default_factory=RunSpec)
+    where: DataLocation = field(default_factory=DataLocation)
+    host: str = "127.0.0.1"
+    port: int = 50051  # 0 = any free port
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int | None = None
+    local_steps: int = 8  # K
+    rounds: int | None = None
+    epochs: float | None = None
+    target_accuracy: float | None = None
+    min_agents: int = 1
+    join_timeout: float = 600.0  # wait this long for --min-agents before giving up
+    round_timeout: float = 600.0  # a round's deadline: updates after it are refused
+    eval_every: int = 1
+    aggregator: str = "mean"
+    trim: float = 0.2
+    balance: bool = False
+    local_agents: int = 0
+    local_workers: int = 1  # workers per local agent
+    local_devices: tuple[str, ...] = ()  # GPUs as local workers: "cuda:0", ...
+    run_dir: Path | None = None
+    checkpoint_every: int = 1
+    resume: bool = False
+    token: str | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None  # mutual TLS: agents must present a certificate signed by this CA
+    insecure: bool = False
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.local_steps < 1:
+            raise ConfigError(f"--local-steps must be at least 1, got {self.local_steps}")
+        if self.rounds is not None and self.rounds < 1:
+            raise ConfigError(f"--rounds must be at least 1, got {self.rounds}")
+        if self.epochs is not None and not self.epochs > 0:
+            raise ConfigError(f"--epochs must be positive, got {self.epochs}")
+        if self.target_accuracy is not None and not 0 < self.target_accuracy <= 1:
+            raise ConfigError(f"--target-accuracy is a fraction in (0, 1], got {self.target_accuracy}")
+        if self.rounds is None and self.epochs is None and self.target_accuracy is None:
+            raise ConfigError("give a stopping rule: --rounds, --epochs or --target-accuracy")
+        if self.min_agents < 1:
+            raise ConfigError(f"--min-agents must be at least 1, got {self.min_agents}")
+        if self.local_agents < 0:
+            raise ConfigError(f"--local-agents cannot be negative, got {self.local_agents}")
+        if self.eval_every < 1:
+            raise ConfigError(f"--eval-every must be at least 1, got {self.eval_every}")
+        if self.aggregator not in AGGREGATORS:
+            raise ConfigError(f"unknown aggregator {self.aggregator!r}; choose from {', '.join(AGGREGATORS)}")
+        if not 0 <= self.port < 65536:
+            raise ConfigError(f"port {self.port} out of range")
+        if not self.round_timeout > 0 or not self.join_timeout > 0:
+            raise ConfigError("timeouts must be positive")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ConfigError("--tls-cert and --tls-key go together")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ConfigError("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
+        if not is_loopback(self.host) and self.tls_cert is None and not self.insecure:
+            raise ConfigError(
+                f"refusing to serve on {self.host} without TLS: pass --tls-cert/--tls-key, or --insecure "
+                "if the network is trusted"
+            )
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert is not None

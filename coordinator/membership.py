@@ -1,0 +1,82 @@
+"""Who takes part: agents admitted by name, each with an id and a session token."""
+
+from __future__ import annotations
+
+import secrets
+import threading
+import time
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Agent:
+    """One admitted agent. A restart under the same name replaces the old record (new id and token)."""
+
+    agent_id: str
+    name: str
+    session_token: str
+    cores: tuple[int, ...] = ()
+    device: str = "cpu"
+    workers: int = 1
+    throughput: float = 0.0  # samples/s: what it declared, then what it measured in rounds
+    metrics_address: str = ""
+    joined_at: float = field(default_factory=time.monotonic)
+    last_seen: float = field(default_factory=time.monotonic)
+    order: int = 0  # admission order: ranks follow it
+
+
+class Membership:
+    """Thread-safe registry of live agents."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._by_id: dict[str, Agent] = {}
+        self._by_name: dict[str, str] = {}
+        self._counter = 0
+
+    def admit(self, name: str, **info: object) -> tuple[Agent, Agent | None]:
+        """Admit `name`; returns (new record, replaced record or None)."""
+        with self._lock:
+            old_id = self._by_name.pop(name, None)
+            old = self._by_id.pop(old_id, None) if old_id else None
+            self._counter += 1
+            agent = Agent(
+                agent_id=secrets.token_hex(8),
+                name=name,
+                session_token=secrets.token_urlsafe(24),
+                order=self._counter,
+            )
+            for key, value in info.items():
+                setattr(agent, key, value)
+            self._by_id[agent.agent_id] = agent
+            self._by_name[name] = agent.agent_id
+            return agent, old
+
+    def get(self, agent_id: str) -> Agent | None:
+        with self._lock:
+            return self._by_id.get(agent_id)
+
+    def check_session(self, agent_id: str, token: str) -> Agent | None:
+        """The agent if `token` is its current session token (constant-time compare), else None."""
+        with self._lock:
+            agent = self._by_id.get(agent_id)
+        if agent is None or not secrets.compare_digest(agent.session_token, token):
+            return None
+        agent.last_seen = time.monotonic()
+        return agent
+
+    def remove(self, agent_id: str) -> Agent | None:
+        with self._lock:
+            agent = self._by_id.pop(agent_id, None)
+            if agent is not None and self._by_name.get(agent.name) == agent_id:
+                del self._by_name[agent.name]
+            return agent
+
+    def live(self) -> list[Agent]:
+        """Live agents in admission order."""
+        with self._lock:
+            return sorted(self._by_id.values(), key=lambda a: a.order)
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._by_id)

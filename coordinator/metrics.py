@@ -1,0 +1,61 @@
+"""The coordinator's metrics (registered into an injected registry), including what agents report per node."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from edgetrain import metric_names as m
+
+# Rounds last from tens of milliseconds (tiny models, K=1) to minutes (big models on slow boards).
+ROUND_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+
+
+def _counter(name: str, doc: str, labels: list[str], registry: CollectorRegistry) -> Counter:
+    # prometheus_client appends _total itself
+    return Counter(name.removesuffix("_total"), doc, labels, registry=registry)
+
+
+class CoordinatorMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        node = [m.NODE]
+        self.round = Gauge(m.ROUND, "Rounds completed.", registry=registry)
+        self.round_duration = Histogram(m.ROUND_DURATION, "Wall time of a round, open to aggregated.",
+                                        buckets=ROUND_BUCKETS, registry=registry)
+        self.accuracy = Gauge(m.GLOBAL_ACCURACY, "Test accuracy of the global model.", registry=registry)
+        self.loss = Gauge(m.GLOBAL_LOSS, "Test cross-entropy of the global model.", registry=registry)
+        self.macro_f1 = Gauge(m.GLOBAL_MACRO_F1, "Test macro-F1 of the global model.", registry=registry)
+        self.agents = Gauge(m.AGENTS_CONNECTED, "Agents admitted and not gone.", registry=registry)
+        self.elapsed = Gauge(m.TRAINING_SECONDS, "Seconds since the first round opened.", registry=registry)
+        self.compute = Gauge(m.NODE_COMPUTE, "Node's compute time in its last round.", node, registry=registry)
+        self.communication = Gauge(m.NODE_COMMUNICATION, "Node's download+upload time, as it measured it.", node,
+                                   registry=registry)
+        self.compute_hist = Histogram(m.NODE_COMPUTE_HIST, "Node compute time per round.", node,
+                                      buckets=ROUND_BUCKETS, registry=registry)
+        self.throughput = Gauge(m.NODE_THROUGHPUT, "Node's training samples per second.", node, registry=registry)
+        self.node_loss = Gauge(m.NODE_LOSS, "Node's local training loss.", node, registry=registry)
+        self.node_accuracy = Gauge(m.NODE_ACCURACY, "Node's local training accuracy.", node, registry=registry)
+        self.node_samples = _counter(m.NODE_SAMPLES, "Samples in a node's accepted updates.", node, registry)
+        self.accepted = _counter(m.UPDATES_ACCEPTED, "Updates accepted.", node, registry)
+        self.refused = _counter(m.UPDATES_REFUSED, "Updates and requests refused, by reason.", [m.NODE, m.REASON],
+                                registry)
+        self.bytes_in = _counter(m.NODE_RECEIVED_BYTES, "Tensor bytes received from a node.", node, registry)
+        self.bytes_out = _counter(m.NODE_SENT_BYTES, "Tensor bytes sent to a node.", node, registry)
+        self.rounds_short = _counter(m.ROUNDS_SHORT, "Rounds closed at the deadline without every update.", [],
+                                     registry)
+
+    def accepted_update(self, node: str, samples: int, stats: dict[str, float], nbytes: int) -> None:
+        self.accepted.labels(node).inc()
+        self.node_samples.labels(node).inc(samples)
+        self.bytes_in.labels(node).inc(nbytes)
+        self.compute.labels(node).set(stats.get("compute_seconds", 0.0))
+        self.compute_hist.labels(node).observe(stats.get("compute_seconds", 0.0))
+        self.communication.labels(node).set(stats.get("communication_seconds", 0.0))
+        self.throughput.labels(node).set(stats.get("samples_per_second", 0.0))
+        self.node_loss.labels(node).set(stats.get("loss", 0.0))
+        self.node_accuracy.labels(node).set(stats.get("accuracy", 0.0))
+
+    def refused_update(self, node: str, reason: str) -> None:
+        if reason not in m.REFUSAL_REASONS:  # keep the label set bounded
+            reason = "malformed"
+        self.refused.labels(node, reason).inc()

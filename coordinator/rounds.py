@@ -1,0 +1,353 @@
+"""The synchronous round state machine: open a round, take updates, close it into a new global model.
+
+Plain threaded Python with no gRPC: the servicer calls `get_work`, `precheck` and `submit`; the driver
+calls `open_round`, `wait_for_updates` and `close_round`. The global model is replaced, never mutated,
+so a snapshot handed to a sender stays valid while the next round is formed, and no refused update can
+ever touch it.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from edgetrain import aggregation
+from edgetrain.errors import EdgetrainError
+
+State = dict[str, torch.Tensor]
+
+
+class RefusedError(EdgetrainError):
+    """An update or request the coordinator will not take. `reason` labels the metric, `status` names the gRPC code."""
+
+    reason = "malformed"
+    status = "INVALID_ARGUMENT"
+
+
+class StaleRoundError(RefusedError):
+    reason, status = "stale_round", "FAILED_PRECONDITION"
+
+
+class NotParticipantError(RefusedError):
+    reason, status = "not_participant", "FAILED_PRECONDITION"
+
+
+class DuplicateUpdateError(RefusedError):
+    reason, status = "duplicate", "ALREADY_EXISTS"
+
+
+class LateUpdateError(RefusedError):
+    reason, status = "late", "DEADLINE_EXCEEDED"
+
+
+class BadSampleCountError(RefusedError):
+    reason, status = "bad_sample_count", "INVALID_ARGUMENT"
+
+
+class MalformedError(RefusedError):
+    reason, status = "malformed", "INVALID_ARGUMENT"
+
+
+class BadTensorError(RefusedError):
+    reason, status = "bad_tensor", "INVALID_ARGUMENT"
+
+
+class NonFiniteError(RefusedError):
+    reason, status = "non_finite", "INVALID_ARGUMENT"
+
+
+class UnknownAgentError(RefusedError):
+    reason, status = "unknown_agent", "NOT_FOUND"
+
+
+class UnauthenticatedError(RefusedError):
+    reason, status = "unauthenticated", "UNAUTHENTICATED"
+
+
+class TooLargeError(RefusedError):
+    reason, status = "too_large", "RESOURCE_EXHAUSTED"
+
+
+@dataclass(frozen=True)
+class Assignment:
+    """One agent's work in one round."""
+
+    rank: int
+    world: int
+    local_steps: int
+    batch_size: int
+    sample_offset: int
+    max_samples: int  # local_steps * batch_size * workers: more than this is a lie
+
+
+@dataclass(frozen=True)
+class Work:
+    """What get_work hands an agent: status WORK with weights, WAIT, or FINISHED."""
+
+    status: str
+    round: int = -1
+    assignment: Assignment | None = None
+    state: Mapping[str, torch.Tensor] | None = None
+    deadline: float = 0.0
+
+
+@dataclass
+class Contribution:
+    """An accepted update's bookkeeping (its tensors are already in the accumulator)."""
+
+    agent_id: str
+    samples: int
+    stats: dict[str, float]
+    received_at: float
+
+
+@dataclass
+class Outcome:
+    """A closed round."""
+
+    round: int
+    applied: bool  # False: too few updates, the global model is unchanged and the round is run again
+    contributions: dict[str, Contribution]
+    missing: list[str]  # participants that sent nothing in time
+    opened_at: float
+    closed_at: float
+    assignments: dict[str, Assignment] = field(default_factory=dict)
+
+    @property
+    def samples(self) -> int:
+        return sum(c.samples for c in self.contributions.values())
+
+
+def balanced_steps(throughputs: list[float], local_steps: int) -> list[int]:
+    """Split `local_steps * len(throughputs)` steps in proportion to each node's samples/s (at least 1 each).
+
+    Unknown throughputs (0) count as the mean of the known ones; all unknown gives equal work.
+    """
+    known = [t for t in throughputs if t > 0]
+    if not known:
+        return [local_steps] * len(throughputs)
+    mean = sum(known) / len(known)
+    speeds = [t if t > 0 else mean for t in throughputs]
+    total = local_steps * len(speeds)
+    return [max(1, round(total * s / sum(speeds))) for s in speeds]
+
+
+class RoundEngine:
+    """Thread-safe synchronous rounds over a replaceable global model."""
+
+    def __init__(
+        self,
+        global_state: State,
+        *,
+        batch_size: int,
+        local_steps: int,
+        round_timeout: float,
+        aggregator: str = "mean",
+        trim: float = 0.2,
+        balance: bool = False,
+        completed_rounds: int = 0,
+        cursors: dict[str, int] | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if aggregator not in aggregation.AGGREGATORS:
+            raise ValueError(f"unknown aggregator {aggregator!r}")
+        self._cv = threading.Condition()
+        self._global: State = dict(global_state)
+        self.batch_size = batch_size
+        self.local_steps = local_steps
+        self.round_timeout = round_timeout
+        self.aggregator = aggregator
+        self.trim = trim
+        self.balance = balance
+        self.completed_rounds = completed_rounds  # also the number of the next round to run
+        self.cursors: dict[str, int] = dict(cursors or {})  # "world/rank" -> samples consumed
+        self._clock = clock
+        self._open = False
+        self._finished = False
+        self._assignments: dict[str, Assignment] = {}
+        self._expected: set[str] = set()
+        self._received: dict[str, Contribution] = {}
+        self._acc = aggregation.RunningWeightedMean()
+        self._kept: list[tuple[Mapping[str, torch.Tensor], int]] = []  # robust aggregators only
+        self._deadline = 0.0
+        self._opened_at = 0.0
+
+    # ---- read side
+    @property
+    def global_state(self) -> State:
+        with self._cv:
+            return self._global
+
+    @property
+    def current_round(self) -> int:
+        return self.completed_rounds
+
+    @property
+    def finished(self) -> bool:
+        return self._finished
+
+    # ---- driver side
+    def open_round(self, agents: list[tuple[str, float, int]]) -> dict[str, Assignment]:
+        """Open round `completed_rounds` for (agent_id, throughput, workers) in rank order."""
+        if not agents:
+            raise ValueError("cannot open a round without agents")
+        world = len(agents)
+        if self.balance:
+            steps = balanced_steps([tp for _, tp, _ in agents], self.local_steps)
+        else:
+            steps = [self.local_steps] * world
+        with self._cv:
+            self._assignments = {}
+            for rank, ((agent_id, _, workers), k) in enumerate(zip(agents, steps, strict=True)):
+                self._assignments[agent_id] = Assignment(
+                    rank=rank,
+                    world=world,
+                    local_steps=k,
+                    batch_size=self.batch_size,
+                    sample_offset=self.cursors.get(f"{world}/{rank}", 0),
+                    max_samples=k * self.batch_size * max(1, workers),
+                )
+            self._expected = set(self._assignments)
+            self._received = {}
+            self._acc = aggregation.RunningWeightedMean()
+            self._kept = []
+            self._opened_at = self._clock()
+            self._deadline = self._opened_at + self.round_timeout
+            self._open = True
+            self._cv.notify_all()
+            return dict(self._assignments)
+
+    def forget(self, agent_id: str) -> None:
+        """Stop waiting for an agent that left or was replaced (its sent update, if any, stays)."""
+        with self._cv:
+            self._expected.discard(agent_id)
+            self._cv.notify_all()
+
+    def wait_for_updates(self, stop: threading.Event | None = None) -> bool:
+        """Block until every expected participant has sent, or the deadline passes. True if all sent."""
+        with self._cv:
+            while True:
+                pending = self._expected - set(self._received)
+                if not pending:
+                    return True
+                remaining = self._deadline - self._clock()
+                if remaining <= 0 or (stop is not None and stop.is_set()):
+                    return False
+                self._cv.wait(timeout=min(remaining, 0.5))
+
+    def close_round(self, min_updates: int = 1) -> Outcome:
+        """Close the open round: aggregate if at least `min_updates` arrived, else keep the model."""
+        with self._cv:
+            if not self._open:
+                raise RuntimeError("no round is open")
+            self._open = False
+            contributions = dict(self._received)
+            missing = sorted(set(self._assignments) - set(contributions))
+            applied = len(contributions) >= max(1, min_updates)
+            if applied:
+                if self.aggregator == "mean":
+                    new_state = self._acc.result(self._global)
+                else:
+                    new_state = aggregation.aggregate(
+                        self.aggregator, [s for s, _ in self._kept], [w for _, w in self._kept], self.trim
+                    )
+                self._global = new_state
+                for agent_id, c in contributions.items():
+                    a = self._assignments[agent_id]
+                    key = f"{a.world}/{a.rank}"
+                    self.cursors[key] = self.cursors.get(key, a.sample_offset) + c.samples
+                self.completed_rounds += 1
+            outcome = Outcome(
+                round=self.completed_rounds - 1 if applied else self.completed_rounds,
+                applied=applied,
+                contributions=contributions,
+                missing=missing,
+                opened_at=self._opened_at,
+                closed_at=self._clock(),
+                assignments=dict(self._assignments),
+            )
+            self._acc = aggregation.RunningWeightedMean()  # drop the accumulator's memory now
+            self._kept = []
+            self._cv.notify_all()
+            return outcome
+
+    def finish(self) -> None:
+        """Tell every waiting agent that training is over."""
+        with self._cv:
+            self._finished = True
+            self._open = False
+            self._cv.notify_all()
+
+    # ---- agent side
+    def get_work(self, agent_id: str, after_round: int, timeout: float) -> Work:
+        """Long-poll: WORK once a round after `after_round` is open for this agent; WAIT on timeout."""
+        end = time.monotonic() + max(0.0, timeout)
+        with self._cv:
+            while True:
+                if self._finished:
+                    return Work("FINISHED")
+                if (
+                    self._open
+                    and self.completed_rounds > after_round
+                    and agent_id in self._assignments
+                    and agent_id not in self._received
+                ):
+                    return Work(
+                        "WORK",
+                        round=self.completed_rounds,
+                        assignment=self._assignments[agent_id],
+                        state=self._global,
+                        deadline=self._deadline,
+                    )
+                remaining = end - time.monotonic()
+                if remaining <= 0:
+                    return Work("WAIT", round=self.completed_rounds)
+                self._cv.wait(timeout=remaining)
+
+    def precheck(self, agent_id: str, round_: int, num_samples: int) -> Assignment:
+        """Refuse early (before any tensor is read) what `submit` would refuse anyway."""
+        with self._cv:
+            return self._check(agent_id, round_, num_samples)
+
+    def _check(self, agent_id: str, round_: int, num_samples: int) -> Assignment:
+        if not self._open or round_ != self.completed_rounds:
+            raise StaleRoundError(f"round {round_} is not open (open: {self._open_round_text()})")
+        assignment = self._assignments.get(agent_id)
+        if assignment is None:
+            raise NotParticipantError(f"agent takes part from the next round, not round {round_}")
+        if agent_id in self._received:
+            raise DuplicateUpdateError(f"an update for round {round_} from this agent was already taken")
+        if self._clock() > self._deadline:
+            raise LateUpdateError(f"round {round_} closed for updates at its deadline")
+        if not 0 < num_samples <= assignment.max_samples:
+            raise BadSampleCountError(
+                f"sample count {num_samples} outside 1..{assignment.max_samples} for this round"
+            )
+        return assignment
+
+    def _open_round_text(self) -> str:
+        return str(self.completed_rounds) if self._open else "none"
+
+    def submit(
+        self, agent_id: str, round_: int, num_samples: int, tensors: Mapping[str, torch.Tensor],
+        stats: dict[str, float] | None = None,
+    ) -> None:
+        """Take a decoded, validated update into the round's aggregate (all checks repeated under the lock)."""
+        with self._cv:
+            self._check(agent_id, round_, num_samples)
+            if self.aggregator == "mean":
+                self._acc.add(tensors, num_samples)
+            else:
+                self._kept.append((tensors, num_samples))
+            self._received[agent_id] = Contribution(agent_id, num_samples, dict(stats or {}), self._clock())
+            self._cv.notify_all()
+
+    def snapshot(self) -> dict[str, Any]:
+        """What a checkpoint needs besides the weights."""
+        with self._cv:
+            return {"completed_rounds": self.completed_rounds, "cursors": dict(self.cursors)}

@@ -1,0 +1,361 @@
+"""The coordinator's driver: load the workload, serve, wait for agents, run rounds, evaluate, checkpoint, report."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from prometheus_client import CollectorRegistry
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from coordinator import checkpoint
+from coordinator.config import CoordinatorConfig
+from coordinator.membership import Agent, Membership
+from coordinator.metrics import CoordinatorMetrics
+from coordinator.rounds import Outcome, RoundEngine
+from coordinator.server import start_server
+from coordinator.servicer import ServiceState
+from edgetrain.cores import allowed_cores, format_cores
+from edgetrain.errors import ConfigError, EdgetrainError
+from edgetrain.httpmetrics import MetricsServer
+from edgetrain.training import EvalResult, evaluate, state_of
+from edgetrain.workload import Workload, load_workload
+
+log = logging.getLogger("edgetrain.coordinator")
+
+
+class TrainingError(EdgetrainError):
+    """Training could not go on: too few agents, local agents died, a round got no updates."""
+
+
+@dataclass
+class NodeSummary:
+    name: str
+    rounds: int = 0
+    samples: int = 0
+    compute_seconds: float = 0.0
+    communication_seconds: float = 0.0
+    last_accuracy: float = 0.0
+    last_loss: float = 0.0
+
+    @property
+    def samples_per_second(self) -> float:
+        return self.samples / self.compute_seconds if self.compute_seconds > 0 else 0.0
+
+
+@dataclass
+class RunResult:
+    completed_rounds: int
+    wall_seconds: float
+    final: EvalResult | None
+    history: list[dict[str, Any]]
+    nodes: dict[str, NodeSummary]
+    run_dir: Path | None
+    samples: int
+    stopped_by: str
+    time_to_target: float | None = None
+    sync_overheads: list[float] = field(default_factory=list)  # round wall time minus slowest compute
+
+
+def local_core_groups(n: int, cores: list[int] | None = None) -> list[list[int]]:
+    """Disjoint core groups for n local agents; with more agents than cores, agents share cores round-robin."""
+    cores = cores or allowed_cores()
+    if n <= len(cores):
+        base, extra = divmod(len(cores), n)
+        out, start = [], 0
+        for i in range(n):
+            size = base + (1 if i < extra else 0)
+            out.append(cores[start : start + size])
+            start += size
+        return out
+    return [[cores[i % len(cores)]] for i in range(n)]
+
+
+class Coordinator:
+    """One training run. `run()` blocks until a stopping rule holds; `stop` ends it early but cleanly."""
+
+    def __init__(self, cfg: CoordinatorConfig, *, registry: CollectorRegistry | None = None,
+                 stop: threading.Event | None = None, console: Console | None = None) -> None:
+        self.cfg = cfg
+        self.registry = registry or CollectorRegistry()
+        self.metrics = CoordinatorMetrics(self.registry)
+        self.stop = stop or threading.Event()
+        self.console = console or Console(stderr=True)
+        self.membership = Membership()
+        self.workload: Workload | None = None
+        self.engine: RoundEngine | None = None
+        self.port = 0
+        self.metrics_server: MetricsServer | None = None
+        self.local_agents: list[subprocess.Popen[bytes]] = []
+        self._server: Any = None
+        self._model: torch.nn.Module | None = None
+
+    # ---- set-up
+    def start(self) -> None:
+        cfg = self.cfg
+        self.workload = load_workload(cfg.spec, cfg.where, progress=cfg.progress)
+        spec = self.workload.spec
+        self._model = self.workload.new_model()
+        state = state_of(self._model)
+        completed, cursors = 0, {}
+        if cfg.run_dir is not None:
+            cfg.run_dir.mkdir(parents=True, exist_ok=True)
+            if cfg.resume and (cfg.run_dir / checkpoint.LATEST).exists():
+                ck = checkpoint.load(cfg.run_dir)
+                if ck.meta.get("fingerprint") != spec.data_fingerprint or ck.meta.get("model") != self.workload.model_name:
+                    raise ConfigError(f"checkpoint in {cfg.run_dir} is from another data set or model")
+                state, completed, cursors = ck.state, ck.completed_rounds, ck.cursors
+                self.console.print(f"resuming from round {completed} ({cfg.run_dir / checkpoint.LATEST})")
+        self.engine = RoundEngine(
+            state, batch_size=spec.batch_size, local_steps=cfg.local_steps, round_timeout=cfg.round_timeout,
+            aggregator=cfg.aggregator, trim=cfg.trim, balance=cfg.balance, completed_rounds=completed,
+            cursors=cursors,
+        )
+        svc = ServiceState(self.engine, self.membership, spec, self.metrics, on_join=self._joined)
+        self._server, self.port, _ = start_server(
+            svc, cfg.host, cfg.port, token=cfg.token, tls_cert=cfg.tls_cert, tls_key=cfg.tls_key,
+            tls_client_ca=cfg.tls_client_ca,
+        )
+        if cfg.metrics_port is not None:
+            self.metrics_server = MetricsServer(self.registry, cfg.metrics_host, cfg.metrics_port,
+                                                json_routes={"/sd": self.service_discovery})
+        self._spawn_local_agents()
+
+    def _joined(self, agent: Agent, replaced: Agent | None) -> None:
+        self.metrics.agents.set(len(self.membership))
+
+    def service_discovery(self) -> list[dict[str, Any]]:
+        """Prometheus http_sd: one target group per agent that serves /metrics."""
+        return [
+            {"targets": [a.metrics_address], "labels": {"node": a.name}}
+            for a in self.membership.live()
+            if a.metrics_address
+        ]
+
+    def _spawn_local_agents(self) -> None:
+        cfg = self.cfg
+        devices = list(cfg.local_devices)
+        n = cfg.local_agents + len(devices)
+        if n == 0:
+            return
+        groups = local_core_groups(n)
+        host = "127.0.0.1" if cfg.host in ("0.0.0.0", "::", "") else cfg.host
+        for i, cores in enumerate(groups):
+            device = devices[i - cfg.local_agents] if i >= cfg.local_agents else "cpu"
+            name = f"local-{i}" if device == "cpu" else f"gpu-{device.split(':')[-1]}"
+            cmd = [sys.executable, "-m", "agent", "start", "--coordinator", f"{host}:{self.port}",
+                   "--cores", format_cores(cores), "--name", name, "--device", device,
+                   "--workers", str(min(cfg.local_workers, len(cores))), "--give-up-after", "60"]
+            w = cfg.where
+            if w.data_dir is not None:
+                cmd += ["--data-dir", str(w.data_dir)]
+            if w.data_path is not None:
+                cmd += ["--data-path", str(w.data_path)]
+            if w.cache_dir is not None:
+                cmd += ["--cache-dir", str(w.cache_dir)]
+            if cfg.token:
+                cmd += ["--token-env", "EDGETRAIN_TOKEN"]
+            if cfg.tls_cert is not None:
+                cmd += ["--tls-ca", str(cfg.tls_cert)]
+            env = dict(os.environ, EDGETRAIN_TOKEN=cfg.token or "")
+            self.local_agents.append(subprocess.Popen(cmd, env=env))
+
+    # ---- the loop
+    def _wait_for_agents(self) -> None:
+        end = time.monotonic() + self.cfg.join_timeout
+        while len(self.membership) < self.cfg.min_agents:
+            if self.stop.is_set():
+                return
+            dead = [p for p in self.local_agents if p.poll() not in (None, 0)]
+            if dead:
+                raise TrainingError(f"{len(dead)} local agent(s) exited with code {dead[0].returncode} before joining")
+            if time.monotonic() > end:
+                raise TrainingError(
+                    f"only {len(self.membership)} of --min-agents {self.cfg.min_agents} joined in "
+                    f"{self.cfg.join_timeout:.0f} s"
+                )
+            time.sleep(0.05)
+
+    def _evaluate(self, state: dict[str, torch.Tensor]) -> EvalResult:
+        assert self._model is not None and self.workload is not None
+        self._model.load_state_dict(state)
+        test = self.workload.data.test
+        return evaluate(self._model, test.x, test.y, self.workload.data.num_classes)
+
+    def run(self) -> RunResult:
+        if self.engine is None:
+            self.start()
+        assert self.engine is not None and self.workload is not None
+        cfg, engine, spec = self.cfg, self.engine, self.workload.spec
+        n_train = len(self.workload.data.train)
+        history: list[dict[str, Any]] = []
+        nodes: dict[str, NodeSummary] = {}
+        overheads: list[float] = []
+        log_file = open(cfg.run_dir / "rounds.jsonl", "a") if cfg.run_dir is not None else None  # noqa: SIM115
+        final: EvalResult | None = None
+        samples_total = 0
+        stopped_by = "stop"
+        time_to_target: float | None = None
+        t_start = time.perf_counter()
+        try:
+            self._wait_for_agents()
+            t_start = time.perf_counter()
+            with self._progress() as progress:
+                task = progress.add_task("training", total=cfg.rounds, acc="-", tput="-", slow="-")
+                while not self.stop.is_set():
+                    if cfg.rounds is not None and engine.completed_rounds >= cfg.rounds:
+                        stopped_by = "rounds"
+                        break
+                    if cfg.epochs is not None and samples_total >= cfg.epochs * n_train:
+                        stopped_by = "epochs"
+                        break
+                    self._wait_for_agents()
+                    live = self.membership.live()
+                    engine.open_round([(a.agent_id, a.throughput, a.workers) for a in live])
+                    names = {a.agent_id: a.name for a in live}
+                    engine.wait_for_updates(self.stop)
+                    outcome = engine.close_round(min_updates=min(cfg.min_agents, len(live)))
+                    for agent_id in outcome.missing:  # vanished or too slow: rejoin reassigns shards
+                        if self.membership.remove(agent_id) is not None:
+                            log.warning("agent %s sent nothing in round %d; dropped", names.get(agent_id), outcome.round)
+                    self.metrics.agents.set(len(self.membership))
+                    if outcome.missing:
+                        self.metrics.rounds_short.inc()
+                    if not outcome.applied:
+                        log.warning("round %d closed with too few updates; running it again", outcome.round)
+                        continue
+                    samples_total += outcome.samples
+                    record = self._record(outcome, names, nodes, t_start)
+                    overheads.append(record["sync_overhead_seconds"])
+                    last = cfg.rounds is not None and engine.completed_rounds >= cfg.rounds
+                    if last or cfg.target_accuracy is not None or engine.completed_rounds % cfg.eval_every == 0:
+                        final = self._evaluate(engine.global_state)
+                        record.update(accuracy=final.accuracy, loss=final.loss, macro_f1=final.macro_f1,
+                                      macro_recall=final.macro_recall)
+                        self.metrics.accuracy.set(final.accuracy)
+                        self.metrics.loss.set(final.loss)
+                        self.metrics.macro_f1.set(final.macro_f1)
+                    record["elapsed_seconds"] = time.perf_counter() - t_start
+                    self.metrics.elapsed.set(record["elapsed_seconds"])
+                    history.append(record)
+                    if log_file is not None:
+                        log_file.write(json.dumps(record) + "\n")
+                        log_file.flush()
+                    if cfg.run_dir is not None and engine.completed_rounds % cfg.checkpoint_every == 0:
+                        self._checkpoint()
+                    slow = max(record["nodes"].items(), key=lambda kv: kv[1]["compute_seconds"], default=("-", {}))[0]
+                    progress.update(task, advance=1, acc=f"{final.accuracy:.4f}" if final else "-",
+                                    tput=f"{record['samples_per_second']:.0f}", slow=slow)
+                    if cfg.target_accuracy is not None and final is not None and final.accuracy >= cfg.target_accuracy:
+                        time_to_target = record["elapsed_seconds"]
+                        stopped_by = "target"
+                        break
+            if final is None or (history and "accuracy" not in history[-1]):
+                final = self._evaluate(engine.global_state)
+            wall = time.perf_counter() - t_start
+            if cfg.run_dir is not None:
+                self._checkpoint()
+                checkpoint.atomic_save(engine.global_state, cfg.run_dir / checkpoint.MODEL)
+            return RunResult(engine.completed_rounds, wall, final, history, nodes, cfg.run_dir, samples_total,
+                             stopped_by, time_to_target, overheads)
+        finally:
+            if log_file is not None:
+                log_file.close()
+            self.close()
+
+    def _record(self, outcome: Outcome, names: dict[str, str], nodes: dict[str, NodeSummary],
+                t_start: float) -> dict[str, Any]:
+        duration = outcome.closed_at - outcome.opened_at
+        self.metrics.round.set(outcome.round + 1)
+        self.metrics.round_duration.observe(duration)
+        per_node: dict[str, dict[str, float]] = {}
+        for agent_id, c in outcome.contributions.items():
+            name = names.get(agent_id, agent_id)
+            s = nodes.setdefault(name, NodeSummary(name))
+            s.rounds += 1
+            s.samples += c.samples
+            s.compute_seconds += c.stats.get("compute_seconds", 0.0)
+            s.communication_seconds += c.stats.get("communication_seconds", 0.0)
+            s.last_accuracy = c.stats.get("accuracy", 0.0)
+            s.last_loss = c.stats.get("loss", 0.0)
+            per_node[name] = {"samples": c.samples, **c.stats}
+        slowest = max((n["compute_seconds"] for n in per_node.values()), default=0.0)
+        return {
+            "round": outcome.round,
+            "duration_seconds": duration,
+            "sync_overhead_seconds": max(0.0, duration - slowest),
+            "samples": outcome.samples,
+            "samples_per_second": outcome.samples / duration if duration > 0 else 0.0,
+            "missing": [names.get(a, a) for a in outcome.missing],
+            "nodes": per_node,
+        }
+
+    def _checkpoint(self) -> None:
+        assert self.engine is not None and self.workload is not None and self.cfg.run_dir is not None
+        snap = self.engine.snapshot()
+        checkpoint.save(self.cfg.run_dir, checkpoint.Checkpoint(
+            completed_rounds=snap["completed_rounds"], state=self.engine.global_state, cursors=snap["cursors"],
+            meta={"fingerprint": self.workload.spec.data_fingerprint, "model": self.workload.model_name,
+                  "spec": asdict(self.workload.spec)},
+        ))
+
+    def _progress(self) -> Progress:
+        return Progress(
+            TextColumn("[bold]round {task.completed:.0f}" + (f"/{self.cfg.rounds}" if self.cfg.rounds else "")),
+            BarColumn(),
+            TextColumn("acc {task.fields[acc]}"),
+            TextColumn("{task.fields[tput]} samples/s"),
+            TextColumn("slowest {task.fields[slow]}"),
+            TimeElapsedColumn(),
+            console=self.console,
+            disable=not self.cfg.progress,
+        )
+
+    def close(self) -> None:
+        if self.engine is not None:
+            self.engine.finish()
+        deadline = time.monotonic() + 15
+        for proc in self.local_agents:  # they see FINISHED and exit; stragglers are stopped
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.terminate()
+                try:
+                    proc.wait(timeout=5)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+        self.local_agents = []
+        if self._server is not None:
+            self._server.stop(grace=1.0).wait()
+            self._server = None
+        if self.metrics_server is not None:
+            self.metrics_server.close()
+            self.metrics_server = None
+
+
+def summary_table(result: RunResult) -> Table:
+    """Per-node figures at the end of a run."""
+    table = Table(title=f"{result.completed_rounds} rounds in {result.wall_seconds:.1f} s ({result.stopped_by})")
+    for col in ("node", "rounds", "samples", "compute s", "comm s", "samples/s", "local acc"):
+        table.add_column(col, justify="left" if col == "node" else "right")
+    for s in sorted(result.nodes.values(), key=lambda s: s.name):
+        table.add_row(s.name, str(s.rounds), str(s.samples), f"{s.compute_seconds:.2f}",
+                      f"{s.communication_seconds:.2f}", f"{s.samples_per_second:.0f}", f"{s.last_accuracy:.3f}")
+    if result.final is not None:
+        f = result.final
+        table.caption = (f"global test: accuracy {f.accuracy:.4f}, loss {f.loss:.4f}, macro-F1 {f.macro_f1:.4f}, "
+                         f"macro-recall {f.macro_recall:.4f} on {f.n} examples")
+    return table
+

@@ -1,0 +1,93 @@
+"""The gRPC server: servicer, operator-token interceptor, health service, TLS or loopback-only insecure."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Callable
+from concurrent import futures
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from coordinator.metrics import CoordinatorMetrics
+from coordinator.servicer import UNKNOWN_NODE, CoordinatorServicer, ServiceState
+from edgetrain import grpc_options
+from edgetrain.proto import edgetrain_pb2_grpc as pb_grpc
+
+SERVICE_NAME = "edgetrain.v1.Coordinator"
+# Each agent holds one thread in its long-poll and one while uploading; 64 serves ~30 agents at once,
+# and more agents only wait a little longer for a thread.
+MAX_WORKERS = 64
+
+
+class TokenInterceptor(grpc.ServerInterceptor):
+    """Refuse every call to our service that lacks `authorization: Bearer <token>` (health checks pass)."""
+
+    def __init__(self, token: str, metrics: CoordinatorMetrics) -> None:
+        self._expected = f"Bearer {token}"
+        self._metrics = metrics
+
+        def deny(_request: Any, context: grpc.ServicerContext) -> None:
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong operator token")
+
+        self._deny_unary = grpc.unary_unary_rpc_method_handler(deny)
+        self._deny_stream_in = grpc.stream_unary_rpc_method_handler(deny)
+        self._deny_stream_out = grpc.unary_stream_rpc_method_handler(deny)
+
+    def intercept_service(self, continuation: Callable[[Any], Any], handler_call_details: Any) -> Any:
+        method: str = handler_call_details.method
+        if not method.startswith(f"/{SERVICE_NAME}/"):
+            return continuation(handler_call_details)
+        md = dict(handler_call_details.invocation_metadata or ())
+        given = str(md.get(grpc_options.TOKEN_METADATA, ""))
+        if secrets.compare_digest(given.encode(), self._expected.encode()):
+            return continuation(handler_call_details)
+        self._metrics.refused_update(UNKNOWN_NODE, "unauthenticated")
+        if method.endswith("/SubmitUpdate"):
+            return self._deny_stream_in
+        if method.endswith("/GetRound"):
+            return self._deny_stream_out
+        return self._deny_unary
+
+
+def _read(path: Path | None) -> bytes | None:
+    return None if path is None else path.read_bytes()
+
+
+def start_server(
+    state: ServiceState,
+    host: str,
+    port: int,
+    *,
+    token: str | None = None,
+    tls_cert: Path | None = None,
+    tls_key: Path | None = None,
+    tls_client_ca: Path | None = None,
+) -> tuple[grpc.Server, int, health.HealthServicer]:
+    """Start serving; returns (server, bound port, health servicer). Port 0 picks a free port."""
+    interceptors = [TokenInterceptor(token, state.metrics)] if token else []
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=MAX_WORKERS, thread_name_prefix="grpc"),
+        options=grpc_options.SERVER,
+        interceptors=interceptors,
+    )
+    pb_grpc.add_CoordinatorServicer_to_server(CoordinatorServicer(state), server)
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    address = f"{host}:{port}"
+    if tls_cert is not None and tls_key is not None:
+        key, cert = tls_key.read_bytes(), tls_cert.read_bytes()
+        creds = grpc.ssl_server_credentials(
+            [(key, cert)], root_certificates=_read(tls_client_ca), require_client_auth=tls_client_ca is not None
+        )
+        bound = server.add_secure_port(address, creds)
+    else:
+        bound = server.add_insecure_port(address)
+    if bound == 0:
+        raise OSError(f"cannot listen on {address}")
+    server.start()
+    for service in ("", SERVICE_NAME):
+        health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
+    return server, bound, health_servicer

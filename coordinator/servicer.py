@@ -1,0 +1,167 @@
+"""Thin gRPC servicer: decode, call the round engine, encode; refusals mapped to status codes in one place."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+
+from coordinator import rounds
+from coordinator.membership import Agent, Membership
+from coordinator.metrics import CoordinatorMetrics
+from edgetrain import grpc_options, serde
+from edgetrain.errors import WireError
+from edgetrain.proto import edgetrain_pb2 as pb
+from edgetrain.proto import edgetrain_pb2_grpc as pb_grpc
+from edgetrain.spec import RunSpec
+
+log = logging.getLogger("edgetrain.coordinator")
+
+_STATUS = {code.name: code for code in grpc.StatusCode}
+UNKNOWN_NODE = "unknown"  # `node` label for refusals before we know who is calling (bounded label set)
+
+
+@dataclass
+class ServiceState:
+    """What the servicer needs: the engine, who is in, the spec, the metrics and a lock for uploads."""
+
+    engine: rounds.RoundEngine
+    membership: Membership
+    spec: RunSpec
+    metrics: CoordinatorMetrics
+    long_poll: float = 20.0
+    # Decoding an update holds one model-sized buffer; at most this many at once keeps coordinator memory
+    # O(model) however many agents upload together (the others wait in gRPC's flow control).
+    upload_slots: int = 2
+    on_join: Any = None  # callback(agent, replaced) for the driver
+
+    def __post_init__(self) -> None:
+        self.uploads = threading.BoundedSemaphore(self.upload_slots)
+
+
+def _wire_reason(err: WireError) -> rounds.RefusedError:
+    if "NaN or Inf" in str(err):
+        return rounds.NonFiniteError(str(err))
+    return rounds.BadTensorError(str(err))
+
+
+class CoordinatorServicer(pb_grpc.CoordinatorServicer):
+    def __init__(self, state: ServiceState) -> None:
+        self.s = state
+
+    @contextmanager
+    def _refusals(self, context: grpc.ServicerContext, node: list[str]) -> Iterator[None]:
+        """Turn a refusal into its status code and count it under the caller's node name."""
+        try:
+            yield
+        except WireError as err:
+            refusal = _wire_reason(err)
+            self.s.metrics.refused_update(node[0], refusal.reason)
+            context.abort(_STATUS[refusal.status], str(refusal))
+        except rounds.RefusedError as err:
+            self.s.metrics.refused_update(node[0], err.reason)
+            context.abort(_STATUS[err.status], str(err))
+
+    def _agent(self, agent_id: str, context: grpc.ServicerContext) -> Agent:
+        md = dict(context.invocation_metadata())
+        token = md.get(grpc_options.SESSION_METADATA, "")
+        agent = self.s.membership.get(agent_id)
+        if agent is None:
+            raise rounds.UnknownAgentError(f"agent id {agent_id!r} is not registered: join first")
+        if self.s.membership.check_session(agent_id, str(token)) is None:
+            raise rounds.UnauthenticatedError("missing or wrong session token for this agent")
+        return agent
+
+    def Join(self, request: pb.JoinRequest, context: grpc.ServicerContext) -> pb.JoinReply:  # noqa: N802
+        node = [UNKNOWN_NODE]
+        with self._refusals(context, node):
+            name = request.agent_name
+            if not name or len(name) > 128:
+                raise rounds.MalformedError("agent_name must be 1-128 characters")
+            if request.throughput < 0 or request.workers < 0:
+                raise rounds.MalformedError("throughput and workers cannot be negative")
+            agent, replaced = self.s.membership.admit(
+                name,
+                cores=tuple(request.cores),
+                device=request.device or "cpu",
+                workers=max(1, request.workers),
+                throughput=request.throughput,
+                metrics_address=request.metrics_address,
+            )
+            if replaced is not None:
+                self.s.engine.forget(replaced.agent_id)
+            if self.s.on_join is not None:
+                self.s.on_join(agent, replaced)
+            log.info("agent %s joined (%s, cores %s)", name, agent.device, list(agent.cores))
+            return pb.JoinReply(agent_id=agent.agent_id, session_token=agent.session_token,
+                                spec=self.s.spec.to_proto())
+        raise AssertionError("unreachable")  # pragma: no cover - abort raised
+
+    def GetRound(self, request: pb.RoundRequest, context: grpc.ServicerContext) -> Iterator[pb.RoundMessage]:  # noqa: N802
+        node = [UNKNOWN_NODE]
+        with self._refusals(context, node):
+            agent = self._agent(request.agent_id, context)
+            node[0] = agent.name
+        remaining = context.time_remaining()
+        hold = self.s.long_poll if remaining is None else max(0.0, min(self.s.long_poll, remaining - 5.0))
+        work = self.s.engine.get_work(agent.agent_id, request.after_round, hold)
+        if work.status != "WORK":
+            status = pb.FINISHED if work.status == "FINISHED" else pb.WAIT
+            yield pb.RoundMessage(header=pb.RoundHeader(status=status, round=work.round))
+            return
+        a = work.assignment
+        assert a is not None and work.state is not None
+        yield pb.RoundMessage(header=pb.RoundHeader(
+            status=pb.WORK, round=work.round, rank=a.rank, world=a.world, local_steps=a.local_steps,
+            sample_offset=a.sample_offset, deadline_unix=work.deadline, batch_size=a.batch_size))
+        sent = 0
+        for part in serde.encode(work.state):
+            sent += len(part.data)
+            yield pb.RoundMessage(part=part)
+        self.s.metrics.bytes_out.labels(agent.name).inc(sent)
+
+    def SubmitUpdate(self, request_iterator: Iterator[pb.UpdateMessage],  # noqa: N802
+                     context: grpc.ServicerContext) -> pb.UpdateAck:
+        node = [UNKNOWN_NODE]
+        with self._refusals(context, node):
+            first = next(request_iterator, None)
+            if first is None or not first.HasField("header"):
+                raise rounds.MalformedError("an update stream starts with its header")
+            h = first.header
+            agent = self._agent(h.agent_id, context)
+            node[0] = agent.name
+            self.s.engine.precheck(agent.agent_id, h.round, h.num_samples)
+            with self.s.uploads:
+                asm = serde.Assembler(serde.spec_of(self.s.engine.global_state))
+                for msg in request_iterator:
+                    if not msg.HasField("part"):
+                        raise rounds.MalformedError("a second header in one update stream")
+                    asm.add(msg.part)
+                tensors = asm.finish()
+                stats = {
+                    "compute_seconds": h.stats.compute_seconds,
+                    "communication_seconds": h.stats.communication_seconds,
+                    "loss": h.stats.loss,
+                    "accuracy": h.stats.accuracy,
+                    "samples_per_second": h.stats.samples_per_second,
+                }
+                self.s.engine.submit(agent.agent_id, h.round, h.num_samples, tensors, stats)
+            if h.stats.samples_per_second > 0:
+                agent.throughput = h.stats.samples_per_second
+            self.s.metrics.accepted_update(agent.name, h.num_samples, stats, asm.received_bytes)
+            return pb.UpdateAck(accepted=True, detail=f"round {h.round}")
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def Leave(self, request: pb.LeaveRequest, context: grpc.ServicerContext) -> pb.LeaveReply:  # noqa: N802
+        node = [UNKNOWN_NODE]
+        with self._refusals(context, node):
+            agent = self._agent(request.agent_id, context)
+            self.s.membership.remove(agent.agent_id)
+            self.s.engine.forget(agent.agent_id)
+            log.info("agent %s left", agent.name)
+        return pb.LeaveReply()

@@ -1,0 +1,63 @@
+"""What both CLIs share: one-line errors and a non-zero exit for bad options and known failures."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import click
+import typer
+
+from edgetrain.errors import EdgetrainError
+
+EXIT_USAGE = 2
+EXIT_FAILURE = 1
+
+
+def run_app(app: typer.Typer, prog: str, argv: list[str] | None = None) -> int:
+    """Run a typer app; usage errors and EdgetrainErrors become one line on stderr and an exit code."""
+    try:
+        result = app(args=argv, prog_name=prog, standalone_mode=False)
+    except click.exceptions.UsageError as err:
+        print(f"{prog}: error: {err.format_message()}", file=sys.stderr)
+        return EXIT_USAGE
+    except click.exceptions.Abort:
+        print(f"{prog}: aborted", file=sys.stderr)
+        return 130
+    except EdgetrainError as err:
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        return EXIT_FAILURE
+    except click.exceptions.Exit as ex:
+        return int(ex.exit_code)
+    return int(result) if isinstance(result, int) else 0
+
+
+def entry(app_factory: Callable[[], typer.Typer], prog: str) -> Callable[[], None]:
+    def main() -> None:
+        sys.exit(run_app(app_factory(), prog))
+
+    return main
+
+
+def read_token(env_name: str | None, file: Path | None) -> str | None:
+    """The operator token from an environment variable or a file (never from argv, which `ps` shows)."""
+    if file is not None:
+        try:
+            token = file.read_text().strip()
+        except OSError as exc:
+            raise EdgetrainError(f"cannot read token file {file}: {exc.strerror}") from exc
+        if not token:
+            raise EdgetrainError(f"token file {file} is empty")
+        return token
+    if env_name:
+        token = os.environ.get(env_name, "").strip()
+        return token or None
+    return None
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)

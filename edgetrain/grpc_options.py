@@ -1,0 +1,36 @@
+"""gRPC channel and server options both sides use, each with its reason."""
+
+from __future__ import annotations
+
+# Tensors travel in 1 MiB parts (edgetrain.serde.PART_BYTES), so 8 MiB leaves room for a part plus its header
+# and still refuses a message far larger than any honest one.
+MAX_MESSAGE_BYTES = 8 * 1024 * 1024
+
+# Clients ping every 60 s while a long-poll is idle so NATs and proxies on edge links keep the connection;
+# the server accepts pings that often (its default minimum, 5 min, would answer GOAWAY "too_many_pings").
+KEEPALIVE_TIME_MS = 60_000
+KEEPALIVE_TIMEOUT_MS = 20_000
+MIN_PING_INTERVAL_MS = 30_000
+
+SESSION_METADATA = "x-edgetrain-session"  # per-agent session token handed out by Join
+TOKEN_METADATA = "authorization"  # "Bearer <operator token>", checked by the server interceptor
+
+COMMON = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+]
+CLIENT = [
+    *COMMON,
+    ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
+    ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+]
+SERVER = [
+    *COMMON,
+    ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
+    ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_ping_interval_without_data_ms", MIN_PING_INTERVAL_MS),
+    ("grpc.http2.max_pings_without_data", 0),
+]

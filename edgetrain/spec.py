@@ -1,0 +1,79 @@
+"""The run spec: everything both sides need to build the same data and model, and its wire form."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+from edgetrain.errors import ConfigError
+from edgetrain.proto import edgetrain_pb2 as pb
+from edgetrain.serde import UPDATE_DTYPES
+from edgetrain.training import OPTIMIZERS, TrainConfig
+
+SHARD_SCHEMES = ("iid", "dirichlet")
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """Data set, model and hyper-parameters of one training run; validated on construction."""
+
+    dataset: str = "tweets"
+    model: str = ""  # "" = the data set's default
+    data_fingerprint: str = ""
+    seed: int = 0
+    batch_size: int = 64
+    lr: float = 1e-3
+    optimizer: str = "adam"
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    shard_scheme: str = "iid"
+    dirichlet_alpha: float = 0.5
+    max_len: int = 64
+    limit: int = 0  # 0 = the whole data set
+    update_dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        self.train_config()  # validates batch size, lr, optimizer, momentum
+        if self.optimizer not in OPTIMIZERS:  # pragma: no cover - train_config raised already
+            raise ConfigError(f"unknown optimizer {self.optimizer!r}")
+        if self.shard_scheme not in SHARD_SCHEMES:
+            raise ConfigError(f"unknown shard scheme {self.shard_scheme!r}; choose from {', '.join(SHARD_SCHEMES)}")
+        if not self.dirichlet_alpha > 0:
+            raise ConfigError(f"Dirichlet alpha must be positive, got {self.dirichlet_alpha}")
+        if self.max_len < 1:
+            raise ConfigError(f"max length must be at least 1, got {self.max_len}")
+        if self.limit < 0:
+            raise ConfigError(f"limit must be 0 (everything) or positive, got {self.limit}")
+        if self.update_dtype not in UPDATE_DTYPES:
+            raise ConfigError(f"unknown update dtype {self.update_dtype!r}; choose from {', '.join(UPDATE_DTYPES)}")
+
+    def train_config(self) -> TrainConfig:
+        return TrainConfig(
+            batch_size=self.batch_size,
+            lr=self.lr,
+            optimizer=self.optimizer,
+            momentum=self.momentum,
+            weight_decay=self.weight_decay,
+            seed=self.seed,
+        )
+
+    def with_(self, **changes: Any) -> RunSpec:
+        return replace(self, **changes)
+
+    def to_proto(self) -> pb.RunSpec:
+        return pb.RunSpec(**asdict(self))
+
+    @classmethod
+    def from_proto(cls, msg: pb.RunSpec) -> RunSpec:
+        return cls(**{f.name: getattr(msg, f.name) for f in fields(cls)})
+
+
+@dataclass(frozen=True)
+class DataLocation:
+    """Where this node finds its data (never sent: each node has its own paths)."""
+
+    data_dir: Path | None = None
+    data_path: Path | None = None
+    cache_dir: Path | None = None
+    download: bool = True
