@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import http.client
 import os
 import re
 import tempfile
@@ -161,7 +162,7 @@ def _transfer(url: str, part: Path, offset: int, *, progress: bool, timeout: flo
             raise _RestartError from None
         exc.close()
         raise DownloadError(f"{url}: HTTP {exc.code} {exc.reason}") from None
-    except (urllib.error.URLError, OSError) as exc:
+    except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
         reason = getattr(exc, "reason", exc)
         raise DownloadError(f"{url}: cannot connect: {reason}") from None
     with response:
@@ -207,7 +208,7 @@ def _copy(
         while True:
             try:
                 block = response.read(_CHUNK)
-            except OSError as exc:  # timeouts and resets mid-stream
+            except (OSError, http.client.HTTPException) as exc:  # timeouts, resets, short reads mid-stream
                 raise DownloadError(
                     f"{url}: transfer interrupted after {written} bytes ({exc}); run again to resume"
                 ) from None

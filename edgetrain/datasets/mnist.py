@@ -76,7 +76,7 @@ def _fetch(name: str, cache_dir: Path, *, download: bool, progress: bool) -> Pat
             f"mnist: {target} is not in the cache and download is off; pass data_dir (--data-dir) "
             "holding the four IDX files (.gz or raw)"
         )
-    errors: list[str] = []
+    errors: list[DatasetError] = []
     with locked(target.parent):
         if target.is_file():  # another process finished it while we waited
             return target
@@ -86,9 +86,11 @@ def _fetch(name: str, cache_dir: Path, *, download: bool, progress: bool) -> Pat
                 download_file(url, target, verify=_verify_raw_md5(name), progress=progress)
                 return target
             except (DownloadError, ChecksumError, DatasetFormatError) as exc:
-                errors.append(str(exc))
-    raise DownloadError(
-        f"mnist: could not download {name}.gz ({'; '.join(errors)}); "
+                errors.append(exc)
+    # A checksum failure on every mirror is worth its own type: the data, not the network, is wrong.
+    kind = ChecksumError if errors and all(isinstance(e, ChecksumError) for e in errors) else DownloadError
+    raise kind(
+        f"mnist: could not download {name}.gz ({'; '.join(map(str, errors))}); "
         "pass data_dir (--data-dir) holding the four IDX files to work offline"
     )
 
