@@ -66,7 +66,7 @@ def sha256_verifier(expected: str) -> Verifier:
     def verify(path: Path) -> None:
         got = file_digest(path)
         if got != expected:
-            raise ChecksumError(f"{path.name}: sha256 is {got}, expected {expected}")
+            raise ChecksumError(f"sha256 is {got}, expected {expected}")
 
     return verify
 
@@ -116,7 +116,8 @@ def download_file(
     """Download ``url`` to ``dest``, resuming ``dest.part`` when a previous attempt left one.
 
     ``verify`` (raising :class:`DatasetError`) runs on the complete ``.part`` before the
-    atomic rename; if it raises, the ``.part`` is deleted and the error propagates. Network
+    atomic rename; if it raises, the ``.part`` is deleted and the error is re-raised with
+    the URL in front (so a verifier's message need not name the file). Network
     failures raise :class:`DownloadError` and keep the ``.part`` for the next attempt.
     """
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -133,9 +134,9 @@ def download_file(
     try:
         if verify is not None:
             verify(part)
-    except DatasetError:
+    except DatasetError as exc:
         part.unlink(missing_ok=True)
-        raise
+        raise type(exc)(f"{url}: {exc}") from None
     os.replace(part, dest)
     _fsync_dir(dest.parent)
 

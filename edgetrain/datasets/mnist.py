@@ -52,9 +52,7 @@ def _verify_raw_md5(name: str) -> Verifier:
     def verify(path: Path) -> None:
         got = hashlib.md5(read_maybe_gzip(path), usedforsecurity=False).hexdigest()
         if got != MNIST_RAW_MD5[name]:
-            raise ChecksumError(
-                f"{path.name}: md5 of the decompressed content is {got}, expected {MNIST_RAW_MD5[name]}"
-            )
+            raise ChecksumError(f"md5 of the decompressed content is {got}, expected {MNIST_RAW_MD5[name]}")
 
     return verify
 
