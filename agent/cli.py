@@ -35,7 +35,7 @@ def make_app() -> typer.Typer:
         no_download: Annotated[bool, typer.Option("--no-download", help="Never download data.")] = False,
         metrics_port: Annotated[Optional[int], typer.Option(help="Serve /metrics on this port (0: any).")] = None,  # noqa: UP045
         metrics_host: Annotated[str, typer.Option(help="Address for /metrics.")] = "127.0.0.1",
-        token_env: Annotated[str, typer.Option(help="Environment variable holding the operator token.")] = "EDGETRAIN_TOKEN",
+        token_env: Annotated[str, typer.Option(help="Env variable holding the operator token.")] = "EDGETRAIN_TOKEN",
         token_file: Annotated[Optional[Path], typer.Option(help="File holding the operator token.")] = None,  # noqa: UP045
         tls_ca: Annotated[Optional[Path], typer.Option(help="CA certificate to trust (enables TLS).")] = None,  # noqa: UP045
         tls_cert: Annotated[Optional[Path], typer.Option(help="Client certificate (mutual TLS).")] = None,  # noqa: UP045

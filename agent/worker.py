@@ -103,7 +103,7 @@ def _main(setup: WorkerSetup, conn: Any) -> None:
             step_times: list[float] = []
             result = train_steps(
                 model, optimizer, x, y, plan, seed=setup.spec.seed * 1_000_003 + task.round * 101 + setup.index,
-                device=device, after_step=lambda _i, s: step_times.append(s), grad_hook=grad_hook,
+                device=device, after_step=lambda _i, s, times=step_times: times.append(s), grad_hook=grad_hook,
             )
             if setup.index == 0:
                 with torch.no_grad():
@@ -180,7 +180,8 @@ class WorkerPool:
             raise WorkerError(msg[1])
         return msg
 
-    def train(self, weights: dict[str, torch.Tensor], task: RoundTask, timeout: float = 3600.0) -> tuple[Any, list[float]]:
+    def train(self, weights: dict[str, torch.Tensor], task: RoundTask,
+              timeout: float = 3600.0) -> tuple[Any, list[float]]:
         """Train one round from `weights`; returns (StepResult of all workers combined, step times)."""
         with torch.no_grad():
             for k, v in weights.items():

@@ -35,7 +35,8 @@ def parse_gpus(text: str) -> tuple[str, ...]:
 
 
 def make_app() -> typer.Typer:
-    app = typer.Typer(add_completion=False, help="edgetrain coordinator: synchronous data-parallel rounds over gRPC.")
+    app = typer.Typer(add_completion=False,
+                      help="edgetrain coordinator: synchronous data-parallel rounds over gRPC.")
 
     @app.command()
     def run(

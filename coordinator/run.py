@@ -113,7 +113,8 @@ class Coordinator:
             cfg.run_dir.mkdir(parents=True, exist_ok=True)
             if cfg.resume and (cfg.run_dir / checkpoint.LATEST).exists():
                 ck = checkpoint.load(cfg.run_dir)
-                if ck.meta.get("fingerprint") != spec.data_fingerprint or ck.meta.get("model") != self.workload.model_name:
+                same_data = ck.meta.get("fingerprint") == spec.data_fingerprint
+                if not same_data or ck.meta.get("model") != self.workload.model_name:
                     raise ConfigError(f"checkpoint in {cfg.run_dir} is from another data set or model")
                 state, completed, cursors = ck.state, ck.completed_rounds, ck.cursors
                 self.console.print(f"resuming from round {completed} ({cfg.run_dir / checkpoint.LATEST})")
@@ -197,7 +198,7 @@ class Coordinator:
         if self.engine is None:
             self.start()
         assert self.engine is not None and self.workload is not None
-        cfg, engine, spec = self.cfg, self.engine, self.workload.spec
+        cfg, engine = self.cfg, self.engine
         n_train = len(self.workload.data.train)
         history: list[dict[str, Any]] = []
         nodes: dict[str, NodeSummary] = {}
@@ -228,7 +229,8 @@ class Coordinator:
                     outcome = engine.close_round(min_updates=min(cfg.min_agents, len(live)))
                     for agent_id in outcome.missing:  # vanished or too slow: rejoin reassigns shards
                         if self.membership.remove(agent_id) is not None:
-                            log.warning("agent %s sent nothing in round %d; dropped", names.get(agent_id), outcome.round)
+                            log.warning("agent %s sent nothing in round %d; dropped", names.get(agent_id),
+                                        outcome.round)
                     self.metrics.agents.set(len(self.membership))
                     if outcome.missing:
                         self.metrics.rounds_short.inc()

@@ -8,10 +8,16 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-import click
 import typer
 
 from edgetrain.errors import EdgetrainError
+
+try:  # recent typer vendors click as typer._click, with exception classes of its own
+    from typer._click.exceptions import UsageError
+except ImportError:  # pragma: no cover - older typer raises click's
+    from click.exceptions import UsageError
+
+
 
 EXIT_USAGE = 2
 EXIT_FAILURE = 1
@@ -21,16 +27,16 @@ def run_app(app: typer.Typer, prog: str, argv: list[str] | None = None) -> int:
     """Run a typer app; usage errors and EdgetrainErrors become one line on stderr and an exit code."""
     try:
         result = app(args=argv, prog_name=prog, standalone_mode=False)
-    except click.exceptions.UsageError as err:
+    except UsageError as err:
         print(f"{prog}: error: {err.format_message()}", file=sys.stderr)
         return EXIT_USAGE
-    except click.exceptions.Abort:
+    except typer.Abort:
         print(f"{prog}: aborted", file=sys.stderr)
         return 130
     except EdgetrainError as err:
         print(f"{prog}: error: {err}", file=sys.stderr)
         return EXIT_FAILURE
-    except click.exceptions.Exit as ex:
+    except typer.Exit as ex:
         return int(ex.exit_code)
     return int(result) if isinstance(result, int) else 0
 

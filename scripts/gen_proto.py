@@ -16,8 +16,8 @@ PROTO_ROOT = ROOT / "proto"
 
 def generate(out: Path) -> list[Path]:
     """Run protoc (grpcio-tools) on every .proto under proto/ and return the files written."""
-    from grpc_tools import protoc  # dev dependency
     import grpc_tools
+    from grpc_tools import protoc  # dev dependency
 
     protos = sorted(PROTO_ROOT.rglob("*.proto"))
     include = Path(grpc_tools.__file__).parent / "_proto"

@@ -1,0 +1,124 @@
+import threading
+
+import pytest
+import torch
+
+from coordinator import rounds
+from coordinator.rounds import RoundEngine, balanced_steps
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def _engine(clock: Clock | None = None, **kw: object) -> RoundEngine:
+    state = {"w": torch.zeros(3), "n": torch.tensor(0)}
+    return RoundEngine(state, batch_size=4, local_steps=2, round_timeout=10.0, clock=clock or Clock(), **kw)  # type: ignore[arg-type]
+
+
+def _update(v: float) -> dict[str, torch.Tensor]:
+    return {"w": torch.full((3,), v), "n": torch.tensor(1)}
+
+
+def test_a_round_averages_by_samples_and_replaces_the_model() -> None:
+    eng = _engine()
+    before = eng.global_state
+    assign = eng.open_round([("a", 0.0, 1), ("b", 0.0, 1)])
+    assert [assign["a"].rank, assign["b"].rank] == [0, 1]
+    assert assign["a"].max_samples == 8
+    eng.submit("a", 0, 2, _update(1.0))
+    eng.submit("b", 0, 6, _update(5.0))
+    assert eng.wait_for_updates()
+    out = eng.close_round()
+    assert out.applied and out.samples == 8
+    assert torch.allclose(eng.global_state["w"], torch.full((3,), (2 * 1 + 6 * 5) / 8))
+    assert torch.equal(before["w"], torch.zeros(3))  # the old snapshot was never mutated
+    assert eng.completed_rounds == 1
+    assert eng.cursors == {"2/0": 2, "2/1": 6}
+
+
+@pytest.mark.parametrize(
+    ("round_", "samples", "agent", "error"),
+    [
+        (1, 4, "a", rounds.StaleRoundError),
+        (0, 0, "a", rounds.BadSampleCountError),
+        (0, -3, "a", rounds.BadSampleCountError),
+        (0, 9, "a", rounds.BadSampleCountError),
+        (0, 4, "z", rounds.NotParticipantError),
+    ],
+)
+def test_bad_updates_are_refused_and_change_nothing(round_: int, samples: int, agent: str,
+                                                    error: type[Exception]) -> None:
+    eng = _engine()
+    eng.open_round([("a", 0.0, 1)])
+    with pytest.raises(error):
+        eng.submit(agent, round_, samples, _update(100.0))
+    eng.submit("a", 0, 4, _update(1.0))
+    eng.close_round()
+    assert torch.allclose(eng.global_state["w"], torch.ones(3))
+
+
+def test_duplicate_and_late_updates_are_refused() -> None:
+    clock = Clock()
+    eng = _engine(clock)
+    eng.open_round([("a", 0.0, 1), ("b", 0.0, 1)])
+    eng.submit("a", 0, 4, _update(1.0))
+    with pytest.raises(rounds.DuplicateUpdateError):
+        eng.submit("a", 0, 4, _update(7.0))
+    clock.t += 11
+    with pytest.raises(rounds.LateUpdateError):
+        eng.submit("b", 0, 4, _update(9.0))
+    assert not eng.wait_for_updates()  # deadline passed without b
+    out = eng.close_round(min_updates=1)
+    assert out.missing == ["b"] and out.applied
+    assert torch.allclose(eng.global_state["w"], torch.ones(3))
+
+
+def test_too_few_updates_keep_the_model_and_rerun_the_round() -> None:
+    clock = Clock()
+    eng = _engine(clock)
+    eng.open_round([("a", 0.0, 1), ("b", 0.0, 1)])
+    eng.submit("a", 0, 4, _update(1.0))
+    clock.t += 11
+    out = eng.close_round(min_updates=2)
+    assert not out.applied and eng.completed_rounds == 0
+    assert torch.equal(eng.global_state["w"], torch.zeros(3))
+
+
+def test_get_work_long_polls_until_a_round_opens_and_then_finishes() -> None:
+    eng = _engine()
+    assert eng.get_work("a", -1, timeout=0.05).status == "WAIT"
+    got: list[rounds.Work] = []
+    t = threading.Thread(target=lambda: got.append(eng.get_work("a", -1, timeout=5)))
+    t.start()
+    eng.open_round([("a", 0.0, 1)])
+    t.join(5)
+    assert got[0].status == "WORK" and got[0].round == 0 and got[0].assignment is not None
+    eng.submit("a", 0, 4, _update(1.0))
+    assert eng.get_work("a", 0, timeout=0.05).status == "WAIT"  # already sent for round 0
+    eng.close_round()
+    eng.finish()
+    assert eng.get_work("a", 0, timeout=1).status == "FINISHED"
+
+
+def test_agent_joining_mid_round_waits_for_the_next_and_forget_unblocks() -> None:
+    eng = _engine()
+    eng.open_round([("a", 0.0, 1), ("b", 0.0, 1)])
+    assert eng.get_work("late", -1, timeout=0.05).status == "WAIT"
+    eng.submit("a", 0, 4, _update(1.0))
+    eng.forget("b")
+    assert eng.wait_for_updates()
+
+
+def test_balanced_steps_follow_throughput() -> None:
+    assert balanced_steps([100.0, 300.0], 8) == [4, 12]
+    assert balanced_steps([0.0, 0.0], 8) == [8, 8]
+    assert balanced_steps([100.0, 0.0], 8) == [8, 8]  # unknown counts as the known mean
+    assert min(balanced_steps([1.0, 1000.0], 1)) == 1
+    eng = _engine(balance=True)
+    a = eng.open_round([("slow", 100.0, 1), ("fast", 300.0, 1)])
+    assert (a["slow"].local_steps, a["fast"].local_steps) == (1, 3)

@@ -1,0 +1,59 @@
+import torch
+
+from edgetrain.models import ModelInput, build_model, count_parameters
+from edgetrain.training import (
+    TrainConfig,
+    batch_plan,
+    classification_scores,
+    evaluate,
+    make_optimizer,
+    train_steps,
+)
+
+
+def test_batch_plan_is_deterministic_and_continues_across_rounds() -> None:
+    shard = torch.arange(10, 20)
+    whole = batch_plan(shard, seed=3, rank=1, start_sample=0, steps=6, batch_size=4)
+    again = batch_plan(shard, seed=3, rank=1, start_sample=0, steps=6, batch_size=4)
+    assert all(torch.equal(a, b) for a, b in zip(whole, again, strict=True))
+    first = batch_plan(shard, seed=3, rank=1, start_sample=0, steps=2, batch_size=4)
+    rest = batch_plan(shard, seed=3, rank=1, start_sample=8, steps=4, batch_size=4)
+    assert torch.equal(torch.cat(first + rest), torch.cat(whole))
+    epoch0 = torch.cat(whole)[:10]
+    assert sorted(epoch0.tolist()) == list(range(10, 20))  # each epoch visits the shard once
+    other = batch_plan(shard, seed=3, rank=2, start_sample=0, steps=1, batch_size=10)
+    assert not torch.equal(other[0], epoch0)
+
+
+def test_macro_scores_by_hand() -> None:
+    target = torch.tensor([0, 0, 1, 1, 2, 2])
+    pred = torch.tensor([0, 1, 1, 1, 2, 0])
+    f1, recall = classification_scores(pred, target, 3)
+    # recalls 1/2, 1, 1/2 ; precisions 1/2, 2/3, 1 ; f1 1/2, 4/5, 2/3
+    assert abs(recall - (0.5 + 1 + 0.5) / 3) < 1e-9
+    assert abs(f1 - (0.5 + 0.8 + 2 / 3) / 3) < 1e-9
+
+
+def test_training_reduces_loss_and_is_deterministic() -> None:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 1, 28, 28, generator=g)
+    y = (x.flatten(1).sum(1) > 0).long()
+
+    def run() -> tuple[float, torch.Tensor]:
+        model = build_model("mnist-mlp", ModelInput(2), seed=1)
+        opt = make_optimizer(model, TrainConfig(lr=0.05, optimizer="sgd"))
+        plan = batch_plan(torch.arange(256), seed=0, rank=0, start_sample=0, steps=40, batch_size=32)
+        train_steps(model, opt, x, y, plan, seed=5)
+        return evaluate(model, x, y, 2).loss, model.fc1.weight.detach().clone()
+
+    loss_a, w_a = run()
+    loss_b, w_b = run()
+    assert torch.equal(w_a, w_b)
+    untrained = build_model("mnist-mlp", ModelInput(2), seed=1)
+    assert loss_a < evaluate(untrained, x, y, 2).loss * 0.8
+
+
+def test_registered_models_have_the_documented_sizes() -> None:
+    assert count_parameters(build_model("mnist-cnn", ModelInput(10))) == 1_199_882
+    n = count_parameters(build_model("text-cnn", ModelInput(3, 20_000)))
+    assert 1_000_000 < n < 2_000_000
