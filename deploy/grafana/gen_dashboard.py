@@ -101,9 +101,7 @@ def row(title: str) -> Panel:
     return p
 
 
-def stat(
-    title: str, expr: str, unit: str, description: str, decimals: int | None = None, w: int = 3
-) -> Panel:
+def stat(title: str, expr: str, unit: str, description: str, decimals: int | None = None, w: int = 3) -> Panel:
     defaults: dict[str, Any] = {
         "unit": unit,
         "color": {"mode": "thresholds"},
