@@ -355,8 +355,8 @@ def panels() -> list[Panel]:
                 (f"{m.NODE_COMMUNICATION}{{{NODE}}}", "communication"),
             ),
             "s",
-            "Last round's time on this node, stacked: local compute, then communication (the rest of "
-            "the round as the node saw it: download, upload, waiting). One panel per selected node.",
+            "Last round's time on this node as the node measured it, stacked: local compute, then "
+            "communication (download + upload). One panel per selected node.",
             w=8,
             stack=True,
             repeat="node",
