@@ -55,9 +55,7 @@ def parse_idx(
     ndim = data[3]
     header_len = 4 + 4 * ndim
     if len(data) < header_len:
-        raise DatasetFormatError(
-            f"{source}: truncated header: {len(data)} bytes, {ndim} dimensions need {header_len}"
-        )
+        raise DatasetFormatError(f"{source}: truncated header: {len(data)} bytes, {ndim} dimensions need {header_len}")
     shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
     if dims is not None:
         if len(dims) != ndim:
@@ -70,8 +68,7 @@ def parse_idx(
     payload = len(data) - header_len
     if payload < expected:
         raise DatasetFormatError(
-            f"{source}: truncated: header promises {shape} items ({expected} bytes) but only "
-            f"{payload} bytes follow"
+            f"{source}: truncated: header promises {shape} items ({expected} bytes) but only {payload} bytes follow"
         )
     if payload > expected:
         raise DatasetFormatError(f"{source}: {payload - expected} unexpected trailing bytes after the data")

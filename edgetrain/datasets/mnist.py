@@ -127,9 +127,7 @@ def load_mnist_raw(
         if data_dir is not None:
             found = _find_local(data_dir, name)
             if found is None:
-                raise DatasetError(
-                    f"mnist: {data_dir} has no {name} or {name}.gz (needs: {', '.join(MNIST_RAW_MD5)})"
-                )
+                raise DatasetError(f"mnist: {data_dir} has no {name} or {name}.gz (needs: {', '.join(MNIST_RAW_MD5)})")
             paths[name] = found
         else:
             paths[name] = _fetch(name, cache_dir, download=download, progress=progress)
@@ -151,9 +149,7 @@ def locate_mnist5k() -> Path:
     return path
 
 
-def parse_pixel_rows(
-    rows: list[list[str]], line_numbers: list[int], source: str, first_pixel: int
-) -> np.ndarray:
+def parse_pixel_rows(rows: list[list[str]], line_numbers: list[int], source: str, first_pixel: int) -> np.ndarray:
     """Convert rows of pixel strings (columns ``first_pixel .. first_pixel+783``) to uint8 ``[N, 784]``.
 
     Raises :class:`DatasetFormatError` naming the file, line and column of the first value
@@ -192,8 +188,7 @@ def load_mnist5k_raw(path: Path | None = None) -> RawImages:
         fields = line.split(",")
         if len(fields) != _PIXELS + 1:
             raise DatasetFormatError(
-                f"{path}: line {number}: {len(fields)} columns, expected {_PIXELS + 1} "
-                "(784 pixels, then the label)"
+                f"{path}: line {number}: {len(fields)} columns, expected {_PIXELS + 1} (784 pixels, then the label)"
             )
         rows.append(fields)
         lines.append(number)

@@ -88,9 +88,7 @@ def load_dataset(
             name, corpus.texts, corpus.labels, SENTIMENT_CLASSES, seed=seed, max_len=max_len, limit=limit
         )
     if name == "tweeteval-sentiment":
-        folder = (
-            data_dir if data_dir is not None else fetch_tweeteval(cache, download=download, progress=progress)
-        )
+        folder = data_dir if data_dir is not None else fetch_tweeteval(cache, download=download, progress=progress)
         classes, splits = read_tweeteval_dir(folder)
         return _official_text_dataset(name, classes, splits, max_len=max_len, limit=limit)
     if name == "mnist":
@@ -130,6 +128,18 @@ def load_dataset(
     )
 
 
+def _split(
+    name: str, labels: Sequence[int], keys: Sequence[bytes], test_fraction: float, seed: int
+) -> tuple[list[int], list[int]]:
+    train, test = stratified_split(labels, keys, test_fraction=test_fraction, seed=seed)
+    if not train or not test:
+        raise DatasetError(
+            f"{name}: {len(labels)} examples are too few for a {test_fraction:.0%} test split per class "
+            f"(train {len(train)}, test {len(test)})"
+        )
+    return train, test
+
+
 # --------------------------------------------------------------------------- images
 
 
@@ -149,11 +159,8 @@ def _split_images(
     seed: int,
     limit: int | None,
 ) -> Dataset:
-    keys = [
-        int(label).to_bytes(8, "little") + image.tobytes()
-        for image, label in zip(images, labels, strict=True)
-    ]
-    train_idx, test_idx = stratified_split(labels.tolist(), keys, test_fraction=test_fraction, seed=seed)
+    keys = [int(label).to_bytes(8, "little") + image.tobytes() for image, label in zip(images, labels, strict=True)]
+    train_idx, test_idx = _split(name, labels.tolist(), keys, test_fraction, seed)
     train = _image_split(images[train_idx], labels[train_idx])
     test = _image_split(images[test_idx], labels[test_idx])
     params = {"seed": seed, "limit": limit, "test_fraction": test_fraction}
@@ -219,14 +226,10 @@ def _text_dataset(
     tokens = [token_lists[i] for i in keep]
     kept_labels = [labels[i] for i in keep]
     keys = ["\x1f".join(t).encode("utf-8") for t in tokens]
-    train_idx, test_idx = stratified_split(kept_labels, keys, test_fraction=test_fraction, seed=seed)
-    vocab = Vocab.from_token_lists(
-        (tokens[i] for i in train_idx), max_size=VOCAB_MAX_SIZE, min_freq=VOCAB_MIN_FREQ
-    )
+    train_idx, test_idx = _split(name, kept_labels, keys, test_fraction, seed)
+    vocab = Vocab.from_token_lists((tokens[i] for i in train_idx), max_size=VOCAB_MAX_SIZE, min_freq=VOCAB_MIN_FREQ)
     train_idx, test_idx = train_idx[:limit], test_idx[:limit]
-    train = Split(
-        vocab.encode_tokens([tokens[i] for i in train_idx], max_len), _labels(kept_labels, train_idx)
-    )
+    train = Split(vocab.encode_tokens([tokens[i] for i in train_idx], max_len), _labels(kept_labels, train_idx))
     test = Split(vocab.encode_tokens([tokens[i] for i in test_idx], max_len), _labels(kept_labels, test_idx))
     params = {
         "seed": seed,

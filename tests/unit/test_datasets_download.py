@@ -195,9 +195,7 @@ def test_default_cache_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> N
 
 
 def _idx(array: np.ndarray) -> bytes:
-    return (
-        bytes([0, 0, 8, array.ndim]) + b"".join(d.to_bytes(4, "big") for d in array.shape) + array.tobytes()
-    )
+    return bytes([0, 0, 8, array.ndim]) + b"".join(d.to_bytes(4, "big") for d in array.shape) + array.tobytes()
 
 
 @pytest.fixture
@@ -209,9 +207,7 @@ def tiny_mnist(monkeypatch: pytest.MonkeyPatch) -> dict[str, bytes]:
         "t10k-images-idx3-ubyte": _idx(rng.integers(0, 256, (3, 28, 28), dtype=np.uint8)),
         "t10k-labels-idx1-ubyte": _idx(np.array([7, 2, 1], dtype=np.uint8)),
     }
-    monkeypatch.setattr(
-        mnist_module, "MNIST_RAW_MD5", {n: hashlib.md5(b).hexdigest() for n, b in raw.items()}
-    )
+    monkeypatch.setattr(mnist_module, "MNIST_RAW_MD5", {n: hashlib.md5(b).hexdigest() for n, b in raw.items()})
     monkeypatch.setattr(mnist_module, "MNIST_COUNTS", {"train": 6, "test": 3})
     return raw
 
@@ -293,8 +289,7 @@ def test_tweeteval_download_manifest_and_reuse(tweeteval_server: FileServer, tmp
     assert listing(folder) == sorted([*TWEETEVAL_FILES, MANIFEST])
     manifest = json.loads((folder / MANIFEST).read_text())
     assert (
-        manifest["files"]["train_text.txt"]["sha256"]
-        == hashlib.sha256(tweeteval_files()["train_text.txt"]).hexdigest()
+        manifest["files"]["train_text.txt"]["sha256"] == hashlib.sha256(tweeteval_files()["train_text.txt"]).hexdigest()
     )
     before = len(tweeteval_server.requests)
     again = load_dataset("tweeteval-sentiment", cache_dir=tmp_path, download=False)

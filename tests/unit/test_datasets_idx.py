@@ -94,9 +94,7 @@ def fake_mnist(folder: Path, monkeypatch: pytest.MonkeyPatch, *, gz: bool = True
             (folder / f"{name}.gz").write_bytes(gzip.compress(raw, mtime=0))
         else:
             (folder / name).write_bytes(raw)
-    monkeypatch.setattr(
-        mnist_module, "MNIST_RAW_MD5", {n: hashlib.md5(r).hexdigest() for n, r in contents.items()}
-    )
+    monkeypatch.setattr(mnist_module, "MNIST_RAW_MD5", {n: hashlib.md5(r).hexdigest() for n, r in contents.items()})
     monkeypatch.setattr(mnist_module, "MNIST_COUNTS", {"train": TRAIN_N, "test": TEST_N})
     return contents
 
@@ -145,9 +143,7 @@ def test_mnist_md5_of_decompressed_content_checked(tmp_path: Path, monkeypatch: 
 
 def test_mnist_truncated_file_says_truncated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     contents = fake_mnist(tmp_path, monkeypatch)
-    (tmp_path / "t10k-images-idx3-ubyte.gz").write_bytes(
-        gzip.compress(contents["t10k-images-idx3-ubyte"][:-100])
-    )
+    (tmp_path / "t10k-images-idx3-ubyte.gz").write_bytes(gzip.compress(contents["t10k-images-idx3-ubyte"][:-100]))
     with pytest.raises(DatasetFormatError, match=r"t10k-images-idx3-ubyte.gz: truncated"):
         load_dataset("mnist", data_dir=tmp_path)
 
@@ -159,9 +155,7 @@ def test_mnist_wrong_count_and_label_range(tmp_path: Path, monkeypatch: pytest.M
         load_dataset("mnist", data_dir=tmp_path)
     bad = np.array([7, 2, 1, 0, 12], dtype=np.uint8)
     (tmp_path / "t10k-labels-idx1-ubyte.gz").write_bytes(gzip.compress(idx_bytes(bad)))
-    monkeypatch.setitem(
-        mnist_module.MNIST_RAW_MD5, "t10k-labels-idx1-ubyte", hashlib.md5(idx_bytes(bad)).hexdigest()
-    )
+    monkeypatch.setitem(mnist_module.MNIST_RAW_MD5, "t10k-labels-idx1-ubyte", hashlib.md5(idx_bytes(bad)).hexdigest())
     with pytest.raises(DatasetFormatError, match="label 12 outside 0..9"):
         load_dataset("mnist", data_dir=tmp_path)
 

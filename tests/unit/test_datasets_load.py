@@ -115,8 +115,7 @@ def small_corpus() -> list[tuple[str, str]]:
     words = "good bad fine great awful plane late early seat crew".split()
     # 300 distinct texts over a small vocabulary (every word frequent: no <unk> hides a difference)
     rows = [
-        (labels[i % 3], f"{words[i % 10]} {words[i // 10 % 10]} #{words[i // 100]} http://t.co/{i}")
-        for i in range(300)
+        (labels[i % 3], f"{words[i % 10]} {words[i // 10 % 10]} #{words[i // 100]} http://t.co/{i}") for i in range(300)
     ]
     # identical once tokenised (case, spacing, which URL): one input for the model, kept once
     rows += [

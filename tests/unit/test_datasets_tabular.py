@@ -111,9 +111,7 @@ def test_not_utf8_names_line(tmp_path: Path) -> None:
 def test_load_text_csv_end_to_end(tmp_path: Path) -> None:
     path = write(tmp_path / "d.csv", text_rows(90) + text_rows(9))  # 9 exact duplicates
     data = load_dataset("csv", data_path=path, max_len=8)
-    assert (
-        data.kind == "text" and data.default_model == "text-cnn" and data.classes == ("eggs", "ham", "spam")
-    )
+    assert data.kind == "text" and data.default_model == "text-cnn" and data.classes == ("eggs", "ham", "spam")
     assert len(data.train) + len(data.test) == 90  # duplicates removed
     assert len(data.test) == 9  # 10% of each class (30 each -> 3 each)
     assert data.test.y.bincount().tolist() == [3, 3, 3]
@@ -132,3 +130,8 @@ def test_csv_needs_a_file(tmp_path: Path) -> None:
         load_dataset("csv")
     with pytest.raises(DatasetError, match="does not exist"):
         load_dataset("tsv", data_path=tmp_path / "nope.tsv")
+
+
+def test_too_small_to_split(tmp_path: Path) -> None:
+    with pytest.raises(DatasetError, match=r"csv: 3 examples are too few for a 10% test split"):
+        load_dataset("csv", data_path=write(tmp_path / "d.csv", "a,x\nb,y\na,z\n"))

@@ -9,9 +9,7 @@ from edgetrain.datasets import ShardingError, shard_indices
 from edgetrain.errors import DatasetError
 
 
-def all_shards(
-    labels: torch.Tensor, world: int, seed: int, scheme: str, alpha: float = 0.5
-) -> list[torch.Tensor]:
+def all_shards(labels: torch.Tensor, world: int, seed: int, scheme: str, alpha: float = 0.5) -> list[torch.Tensor]:
     return [shard_indices(labels, rank, world, seed, scheme, alpha) for rank in range(world)]
 
 
@@ -24,9 +22,7 @@ def assert_partition(shards: list[torch.Tensor], n: int) -> None:
     assert torch.equal(joined.sort().values, torch.arange(n)), "union is not every index"
 
 
-labels_st = st.lists(st.integers(0, 4), min_size=0, max_size=300).map(
-    lambda v: torch.tensor(v, dtype=torch.int64)
-)
+labels_st = st.lists(st.integers(0, 4), min_size=0, max_size=300).map(lambda v: torch.tensor(v, dtype=torch.int64))
 
 
 @settings(max_examples=60, deadline=None)

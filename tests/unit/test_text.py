@@ -100,10 +100,7 @@ def test_vocab_fingerprint_stable_and_sensitive() -> None:
     assert Vocab.build(texts, min_freq=2).fingerprint != a.fingerprint  # other tokens
     assert Vocab((PAD, UNK, "two", "three", "one")).fingerprint != a.fingerprint  # other order
     # Pinned: if this changes, nodes on old and new code no longer agree; bump the tokenizer version.
-    assert (
-        Vocab((PAD, UNK, "a")).fingerprint
-        == "81167d44464dc22c949a66451262e3274d2e88865edcee67d3fef51566eb16ab"
-    )
+    assert Vocab((PAD, UNK, "a")).fingerprint == "81167d44464dc22c949a66451262e3274d2e88865edcee67d3fef51566eb16ab"
 
 
 def test_vocab_fingerprint_covers_tokenizer_config(monkeypatch: pytest.MonkeyPatch) -> None:
