@@ -1,9 +1,8 @@
 """A real Prometheus on loopback for integration tests, and the dashboard's queries to run through it.
 
-Usage from a test module in tests/integration/ (pytest puts this directory on sys.path, so
-``import prom`` works while tests/integration has no ``__init__.py``)::
+Usage from a test module (tests/ is a package)::
 
-    from prom import Prometheus, dashboard_queries
+    from tests.integration.prom import Prometheus, dashboard_queries
 
     def test_metrics_reach_prometheus(coordinator):          # your fixture: a real run on loopback
         # The exact deploy/prometheus/prometheus.yml, pointed at the coordinator's metrics port:
@@ -352,7 +351,7 @@ class Prometheus:
 def prometheus_factory() -> Iterator[Callable[..., Prometheus]]:
     """Start Prometheus servers inside a test; all are stopped at teardown.
 
-    ``from prom import prometheus_factory  # noqa: F401`` in a test module makes it available;
+    ``from tests.integration.prom import prometheus_factory  # noqa: F401`` in a test module makes it available;
     call it as ``prometheus_factory(static_targets=[...], http_sd_url=...)`` or
     ``prometheus_factory(coordinator="127.0.0.1:9100")`` for the deploy config.
     """

@@ -17,11 +17,19 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
-from prom import AGENTS_JOB, COORDINATOR_JOB, Prometheus, PromQLError, dashboard_queries, promtool
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest, start_http_server
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from edgetrain import metric_names as m
+from tests.integration.prom import (
+    AGENTS_JOB,
+    COORDINATOR_JOB,
+    Prometheus,
+    PromQLError,
+    dashboard_queries,
+    prometheus_factory,  # noqa: F401 (a fixture: importing it is how a module gets it)
+    promtool,
+)
 
 NODE = "agent-x"
 STATIC_JOB = "static"
@@ -193,6 +201,13 @@ def test_stop_terminates_the_process() -> None:
         assert prom.value("vector(3)") == 3.0
     assert proc.poll() is not None
     assert prom.process is None
+
+
+def test_factory_fixture_starts_servers(prometheus_factory: Any) -> None:  # noqa: F811
+    plain = prometheus_factory(static_targets=["127.0.0.1:9"])
+    deploy = prometheus_factory(coordinator="127.0.0.1:9")
+    assert plain.port != deploy.port
+    assert plain.value("vector(1)") == deploy.value("vector(1)") == 1.0
 
 
 # ---- the deploy config and the dashboard
