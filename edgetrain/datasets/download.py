@@ -77,11 +77,18 @@ def locked(directory: Path) -> Iterator[None]:
 
     Serialises downloads into one cache directory between processes on one machine.
     """
-    directory.mkdir(parents=True, exist_ok=True)
-    if fcntl is None:  # pragma: no cover - Windows
-        yield
-        return
-    with (directory / ".lock").open("a") as handle:
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        handle = (directory / ".lock").open("a")
+    except OSError as exc:
+        raise DatasetError(
+            f"{directory}: cannot write to the cache ({exc.strerror or exc}); "
+            "set EDGETRAIN_CACHE or pass cache_dir (--cache-dir) to a writable folder"
+        ) from None
+    with handle:
+        if fcntl is None:  # pragma: no cover - Windows
+            yield
+            return
         fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
         try:
             yield
@@ -183,10 +190,13 @@ def _transfer(url: str, part: Path, offset: int, *, progress: bool, timeout: flo
             raise DownloadError(f"{url}: unexpected HTTP status {status}")
         if total is None and length is not None:
             total = offset + length
-        with part.open(mode) as out:
-            written = _copy(response, out, offset, total, progress=progress, label=label, url=url)
-            out.flush()
-            os.fsync(out.fileno())
+        try:
+            with part.open(mode) as out:
+                written = _copy(response, out, offset, total, progress=progress, label=label, url=url)
+                out.flush()
+                os.fsync(out.fileno())
+        except OSError as exc:  # disk full, permissions: the network is not to blame
+            raise DatasetError(f"{part}: cannot write ({exc.strerror or exc})") from None
     if total is not None and written != total:
         raise DownloadError(
             f"{url}: connection closed after {written} of {total} bytes; run again to resume from {part.name}"

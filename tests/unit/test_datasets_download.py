@@ -326,3 +326,10 @@ def test_tweeteval_offline_or_unreachable_says_pass_data_dir(
     with pytest.raises(DownloadError, match=r"HTTP 404.*pass data_dir \(--data-dir\)"):
         load_dataset("tweeteval-sentiment", cache_dir=tmp_path)
     assert listing(tmp_path / "tweeteval-sentiment") == []
+
+
+def test_unwritable_cache_is_one_clear_line(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with pytest.raises(DatasetError, match="cannot write to the cache .* set EDGETRAIN_CACHE"):
+        load_dataset("mnist", cache_dir=blocker)
