@@ -135,7 +135,89 @@ def make_app() -> typer.Typer:
             typer.echo(str(path))
         return 0
 
+    app.add_typer(make_bench_app(), name="bench")
     return app
+
+
+def make_bench_app() -> typer.Typer:
+    """`coordinator bench parallel|affinity`: the paper's experiments and the peers, measured here."""
+    bench = typer.Typer(add_completion=False, help="Reproduce the paper's experiments and compare with PyTorch peers.")
+
+    @bench.command()
+    def parallel(
+        dataset: Annotated[str, typer.Option(help="tweets (embedded) or mnist (with --data-dir), ...")] = "tweets",
+        model: Annotated[str, typer.Option(help="Model name (default: the data set's).")] = "",
+        data_dir: Annotated[Optional[Path], typer.Option(help="Folder with the data set's files.")] = None,  # noqa: UP045
+        limit: Annotated[int, typer.Option(help="Use only the first N train and test examples (0: all).")] = 0,
+        epochs: Annotated[float, typer.Option(help="Passes over the training split, for every method.")] = 1.0,
+        agents: Annotated[int, typer.Option(help="Local agents / DDP processes (0: one per allowed core).")] = 0,
+        batch_size: Annotated[int, typer.Option(help="Batch per worker per step.")] = 64,
+        local_steps: Annotated[int, typer.Option(help="edgetrain: K local steps per round.")] = 8,
+        lr: Annotated[float, typer.Option(help="Learning rate.")] = 1e-3,
+        optimizer: Annotated[str, typer.Option(help="sgd, adam or adadelta.")] = "adam",
+        seed: Annotated[int, typer.Option(help="Seed of data split, weights and batches.")] = 0,
+        repeats: Annotated[int, typer.Option(help="Runs of each method (medians are reported).")] = 1,
+        target_accuracy: Annotated[Optional[float], typer.Option(help="Also time reaching this accuracy.")] = None,  # noqa: UP045
+        out: Annotated[Optional[Path], typer.Option(help="Folder for parallel.md/.csv/.png.")] = None,  # noqa: UP045
+        progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+    ) -> int:
+        """Serial vs data-parallel (edgetrain) vs plain PyTorch and DDP vs GPU: time, accuracy, speed-up."""
+        import sys
+
+        from coordinator import experiments as ex
+
+        settings = ex.BenchSettings(dataset=dataset, model=model, data_dir=data_dir, limit=limit, epochs=epochs,
+                                    batch_size=batch_size, lr=lr, optimizer=optimizer, seed=seed, repeats=repeats)
+        report = ex.run_parallel(settings, agents=agents or None, local_steps=local_steps,
+                                 target_accuracy=target_accuracy, progress=progress)
+        folder = out or Path("runs") / f"bench-parallel-{dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
+        paths = ex.write_parallel(report, folder, command=" ".join(["coordinator", *sys.argv[1:]]))
+        console = ex.console()
+        console.print(ex.rich_table(f"bench parallel: {dataset}, {report.facts.model}",
+                                    ex.parallel_headers(repeats), ex.parallel_cells(report),
+                                    caption=report.machine.describe()))
+        for line in ex.parallel_ratios(report):
+            console.print(f"  {line}")
+        console.print("wrote " + ", ".join(str(p) for p in paths))
+        return 0
+
+    @bench.command()
+    def affinity(
+        dataset: Annotated[str, typer.Option(help="tweets (embedded) or mnist (with --data-dir), ...")] = "tweets",
+        model: Annotated[str, typer.Option(help="Model name, e.g. text-cnn, text-gru, mnist-cnn.")] = "",
+        data_dir: Annotated[Optional[Path], typer.Option(help="Folder with the data set's files.")] = None,  # noqa: UP045
+        limit: Annotated[int, typer.Option(help="Use only the first N train and test examples (0: all).")] = 0,
+        epochs: Annotated[float, typer.Option(help="Passes over the training split per configuration.")] = 1.0,
+        batch_size: Annotated[int, typer.Option(help="Batch per step (per process for layouts).")] = 64,
+        lr: Annotated[float, typer.Option(help="Learning rate.")] = 1e-3,
+        optimizer: Annotated[str, typer.Option(help="sgd, adam or adadelta.")] = "adam",
+        seed: Annotated[int, typer.Option(help="Seed of data split, weights and batches.")] = 0,
+        repeats: Annotated[int, typer.Option(help="Runs of each configuration.")] = 3,
+        affinity: Annotated[str, typer.Option(help="Core counts 1,2,4,8 or sets 0;0,1;0-3.")] = "",
+        layout: Annotated[str, typer.Option(help="Processes x threads, e.g. 1x2,2x1 (DDP over gloo).")] = "",
+        out: Annotated[Optional[Path], typer.Option(help="Folder for affinity.md/.csv/.png.")] = None,  # noqa: UP045
+        progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+    ) -> int:
+        """The CPU-affinity sweep of the paper's Table 1: processing time per core set, % gain vs slowest."""
+        import sys
+
+        from coordinator import experiments as ex
+
+        settings = ex.BenchSettings(dataset=dataset, model=model, data_dir=data_dir, limit=limit, epochs=epochs,
+                                    batch_size=batch_size, lr=lr, optimizer=optimizer, seed=seed, repeats=repeats)
+        sets = ex.parse_affinity(affinity) if affinity else None
+        layouts = ex.parse_layouts(layout) if layout else None
+        report = ex.run_affinity(settings, sets=sets, layouts=layouts, progress=progress)
+        folder = out or Path("runs") / f"bench-affinity-{dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
+        paths = ex.write_affinity(report, folder, command=" ".join(["coordinator", *sys.argv[1:]]))
+        console = ex.console()
+        console.print(ex.rich_table(f"bench affinity: {dataset}, {report.facts.model}",
+                                    ex.affinity_headers(repeats), ex.affinity_cells(report),
+                                    caption=report.machine.describe()))
+        console.print("wrote " + ", ".join(str(p) for p in paths))
+        return 0
+
+    return bench
 
 
 main = entry(make_app, "coordinator")
