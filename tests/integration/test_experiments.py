@@ -1,0 +1,112 @@
+"""`coordinator bench parallel|affinity` for real on a tiny budget: the tables' shape and arithmetic.
+
+The numbers themselves are whatever this machine gives; what is checked is that every configuration has
+its row, that the derived columns follow from the measured ones in the CSV, and that impossible core
+sets are refused in one line naming how many cores there are.
+"""
+
+import csv
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from coordinator.cli import make_app
+from edgetrain.cli_util import run_app
+from edgetrain.cores import allowed_cores
+
+N_CORES = len(allowed_cores())
+TINY = ["--limit", "600", "--epochs", "1", "--repeats", "2", "--no-progress"]
+
+
+def _csv(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def _md_rows(path: Path) -> list[str]:
+    lines = path.read_text().splitlines()
+    return [ln for ln in lines if ln.startswith("| ") and not ln.startswith("| ---")][1:]
+
+
+def test_bench_parallel_rows_and_ratios(tmp_path: Path) -> None:
+    out = tmp_path / "parallel"
+    code = run_app(make_app(), "coordinator", ["bench", "parallel", *TINY, "--target-accuracy", "0.3",
+                                               "--out", str(out)])
+    assert code == 0
+    rows = _csv(out / "parallel.csv")
+    methods = [r["method"] for r in rows]
+    assert methods == ["serial", "edgetrain", "torch-single", "torch-ddp", "gpu"]
+    for column in ("time_s_r1", "time_s_r2", "time_s", "time_to_target_s", "test_accuracy", "samples",
+                   "samples_per_s", "speedup_vs_serial", "speedup_vs_ddp", "processes", "threads_per_process"):
+        assert column in rows[0]
+    by = {r["method"]: r for r in rows}
+    serial_time = float(by["serial"]["time_s"])
+    ddp_time = float(by["torch-ddp"]["time_s"])
+    measured = [r for r in rows if r["time_s"]]
+    assert {r["method"] for r in measured} >= {"serial", "edgetrain", "torch-single", "torch-ddp"}
+    samples = {int(r["samples"]) for r in measured}
+    assert len(samples) == 1  # every method trained on the same number of examples
+    for r in measured:
+        times = [float(r["time_s_r1"]), float(r["time_s_r2"])]
+        t = float(r["time_s"])
+        assert all(x > 0 for x in times)
+        assert t == pytest.approx(statistics.median(times))
+        assert 0.0 <= float(r["test_accuracy"]) <= 1.0
+        assert float(r["speedup_vs_serial"]) == pytest.approx(serial_time / t)
+        assert float(r["speedup_vs_ddp"]) == pytest.approx(ddp_time / t)
+        assert float(r["samples_per_s"]) == pytest.approx(int(r["samples"]) / t)
+        if r["time_to_target_s"]:
+            assert 0 < float(r["time_to_target_s"]) <= t + 1e-6
+    assert by["torch-ddp"]["processes"] == by["edgetrain"]["processes"] == str(N_CORES)
+    if not by["gpu"]["time_s"]:
+        assert by["gpu"]["note"] == "skipped: no CUDA device"
+    assert len(_md_rows(out / "parallel.md")) == len(rows)
+    assert (out / "parallel.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_bench_affinity_rows_and_gain(tmp_path: Path) -> None:
+    out = tmp_path / "affinity"
+    counts = "1,2" if N_CORES >= 2 else "1"
+    layout = "2x1" if N_CORES >= 2 else "1x1"
+    code = run_app(make_app(), "coordinator", ["bench", "affinity", *TINY, "--affinity", counts, "--layout", layout,
+                                               "--out", str(out)])
+    assert code == 0
+    rows = _csv(out / "affinity.csv")
+    assert [(r["sweep"], r["affinity"]) for r in rows] == [
+        *(("affinity", c) for c in counts.split(",")), ("layout", layout)]
+    for column in ("time_ms_r1", "time_ms_r2", "mean_ms", "median_ms", "gain_vs_slowest_pct", "test_accuracy",
+                   "samples_per_s"):
+        assert column in rows[0]
+    for sweep in ("affinity", "layout"):
+        group = [r for r in rows if r["sweep"] == sweep]
+        means = [statistics.fmean([float(r["time_ms_r1"]), float(r["time_ms_r2"])]) for r in group]
+        slowest = max(means)
+        for r, mean in zip(group, means, strict=True):
+            assert float(r["mean_ms"]) == pytest.approx(mean)
+            assert float(r["gain_vs_slowest_pct"]) == pytest.approx((slowest - mean) / slowest * 100)
+            assert 0.0 <= float(r["test_accuracy"]) <= 1.0
+            median = statistics.median([float(r["time_ms_r1"]), float(r["time_ms_r2"])])
+            assert float(r["samples_per_s"]) == pytest.approx(int(r["samples"]) / (median / 1000))
+        assert min(float(r["gain_vs_slowest_pct"]) for r in group) == 0.0
+    assert rows[0]["cores"] == str(allowed_cores()[0])
+    assert len(_md_rows(out / "affinity.md")) == len(rows)
+    assert (out / "affinity.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("args", [
+    ["--affinity", str(N_CORES + 1)],
+    ["--affinity", f"0;0-{max(allowed_cores()) + 1}"],
+    ["--layout", f"{N_CORES + 1}x1"],
+])
+def test_oversize_sets_are_refused_in_one_line(args: list[str], tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, "-m", "coordinator", "bench", "affinity", *args, "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("coordinator: error:")
+    assert f"{N_CORES} cores" in lines[0] or f"only {N_CORES}" in lines[0]
+    assert not any(tmp_path.iterdir())  # refused before anything ran
