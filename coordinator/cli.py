@@ -158,6 +158,7 @@ def make_bench_app() -> typer.Typer:
         seed: Annotated[int, typer.Option(help="Seed of data split, weights and batches.")] = 0,
         repeats: Annotated[int, typer.Option(help="Runs of each method (medians are reported).")] = 1,
         target_accuracy: Annotated[Optional[float], typer.Option(help="Also time reaching this accuracy.")] = None,  # noqa: UP045
+        quiet_wait: Annotated[float, typer.Option(help="Before each run, wait up to N s for a quiet machine.")] = 0.0,
         out: Annotated[Optional[Path], typer.Option(help="Folder for parallel.md/.csv/.png.")] = None,  # noqa: UP045
         progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
     ) -> int:
@@ -167,7 +168,8 @@ def make_bench_app() -> typer.Typer:
         from coordinator import experiments as ex
 
         settings = ex.BenchSettings(dataset=dataset, model=model, data_dir=data_dir, limit=limit, epochs=epochs,
-                                    batch_size=batch_size, lr=lr, optimizer=optimizer, seed=seed, repeats=repeats)
+                                    batch_size=batch_size, lr=lr, optimizer=optimizer, seed=seed, repeats=repeats,
+                                    quiet_wait=quiet_wait)
         report = ex.run_parallel(settings, agents=agents or None, local_steps=local_steps,
                                  target_accuracy=target_accuracy, progress=progress)
         folder = out or Path("runs") / f"bench-parallel-{dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -195,6 +197,7 @@ def make_bench_app() -> typer.Typer:
         repeats: Annotated[int, typer.Option(help="Runs of each configuration.")] = 3,
         affinity: Annotated[str, typer.Option(help="Core counts 1,2,4,8 or sets 0;0,1;0-3.")] = "",
         layout: Annotated[str, typer.Option(help="Processes x threads, e.g. 1x2,2x1 (DDP over gloo).")] = "",
+        quiet_wait: Annotated[float, typer.Option(help="Before each run, wait up to N s for a quiet machine.")] = 0.0,
         out: Annotated[Optional[Path], typer.Option(help="Folder for affinity.md/.csv/.png.")] = None,  # noqa: UP045
         progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
     ) -> int:
@@ -204,7 +207,8 @@ def make_bench_app() -> typer.Typer:
         from coordinator import experiments as ex
 
         settings = ex.BenchSettings(dataset=dataset, model=model, data_dir=data_dir, limit=limit, epochs=epochs,
-                                    batch_size=batch_size, lr=lr, optimizer=optimizer, seed=seed, repeats=repeats)
+                                    batch_size=batch_size, lr=lr, optimizer=optimizer, seed=seed, repeats=repeats,
+                                    quiet_wait=quiet_wait)
         sets = ex.parse_affinity(affinity) if affinity else None
         layouts = ex.parse_layouts(layout) if layout else None
         report = ex.run_affinity(settings, sets=sets, layouts=layouts, progress=progress)

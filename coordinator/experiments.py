@@ -68,6 +68,7 @@ class BenchSettings:
     seed: int = 0
     max_len: int = 64
     repeats: int = 1
+    quiet_wait: float = 0.0  # before each run, wait up to this many seconds for other processes to go quiet
 
     def __post_init__(self) -> None:
         if not self.epochs > 0:
@@ -134,6 +135,80 @@ def console() -> Console:
     """Standard output for the tables: the terminal's width, or wide enough for them when piped."""
     out = Console()
     return out if out.is_terminal else Console(width=200)
+
+
+# ---------------------------------------------------------------------------- other load on the machine
+
+_CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+QUIET_BUSY = 0.15  # at most this share of all CPUs busy counts as a quiet machine
+
+
+def machine_busy_seconds() -> float | None:
+    """CPU-seconds all CPUs have spent busy since boot, from /proc/stat (None where there is none).
+
+    Steal time counts as busy: on a virtual machine it is the neighbours' load.
+    """
+    try:
+        with open("/proc/stat", encoding="ascii") as fh:
+            parts = [int(v) for v in fh.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (parts + [0] * 8)[:8]
+    return (user + nice + system + irq + softirq + steal) / _CLK_TCK
+
+
+def own_cpu_seconds() -> float:
+    """CPU-seconds of this process and of every descendant already waited for (benchmark children are)."""
+    import resource
+
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+class LoadProbe:
+    """The share of the machine's CPU time that processes other than the benchmark's used during a run."""
+
+    def __init__(self) -> None:
+        self.busy0 = machine_busy_seconds()
+        self.own0 = own_cpu_seconds()
+        self.t0 = time.perf_counter()
+
+    def other_share(self) -> float | None:
+        busy1 = machine_busy_seconds()
+        if busy1 is None or self.busy0 is None:
+            return None
+        wall = time.perf_counter() - self.t0
+        foreign = (busy1 - self.busy0) - (own_cpu_seconds() - self.own0)
+        return max(0.0, min(1.0, foreign / max(1e-9, wall * (os.cpu_count() or 1))))
+
+
+def wait_until_quiet(max_wait: float, window: float = 2.0) -> float | None:
+    """Wait (up to `max_wait` s) until at most QUIET_BUSY of all CPUs is busy; return the last busy share."""
+    if max_wait <= 0:
+        return None
+    end = time.monotonic() + max_wait
+    while True:
+        b0 = machine_busy_seconds()
+        time.sleep(window)
+        b1 = machine_busy_seconds()
+        if b0 is None or b1 is None:
+            return None
+        share = (b1 - b0) / (window * (os.cpu_count() or 1))
+        if share <= QUIET_BUSY or time.monotonic() > end:
+            return share
+
+
+def _measured(settings: BenchSettings, runner: Callable[[], TrainOutcome]) -> tuple[TrainOutcome, float | None]:
+    """Run one configuration after waiting for quiet; return its outcome and the others' CPU share meanwhile."""
+    wait_until_quiet(settings.quiet_wait)
+    probe = LoadProbe()
+    out = runner()
+    return out, probe.other_share()
+
+
+def _max_pct(shares: Sequence[float | None]) -> float | None:
+    known = [s for s in shares if s is not None]
+    return max(known) * 100.0 if known else None
 
 
 @dataclass(frozen=True)
@@ -228,6 +303,11 @@ class ParallelRow:
     note: str = ""
     speedup_vs_serial: float | None = None
     speedup_vs_ddp: float | None = None
+    other_load: list[float | None] = field(default_factory=list)  # others' share of the CPUs, per repeat
+
+    @property
+    def other_load_max_pct(self) -> float | None:
+        return _max_pct(self.other_load)
 
     @property
     def skipped(self) -> bool:
@@ -402,7 +482,8 @@ def run_parallel(settings: BenchSettings, *, agents: int | None = None, local_st
         for rep in range(settings.repeats):
             for row in active:
                 step(f"{row.method} (repeat {rep + 1}/{settings.repeats})")
-                out = runners[row.method]()
+                out, other = _measured(settings, runners[row.method])
+                row.other_load.append(other)
                 row.times_s.append(out.seconds)
                 row.targets_s.append(out.time_to_target)
                 row.accuracies.append(out.accuracy)
@@ -441,6 +522,11 @@ class AffinityRow:
     accuracies: list[float] = field(default_factory=list)
     samples: int = 0
     gain_vs_slowest_pct: float = 0.0
+    other_load: list[float | None] = field(default_factory=list)  # others' share of the CPUs, per repeat
+
+    @property
+    def other_load_max_pct(self) -> float | None:
+        return _max_pct(self.other_load)
 
     @property
     def mean_ms(self) -> float:
@@ -567,7 +653,8 @@ def run_affinity(settings: BenchSettings, *, sets: list[list[int]] | None = None
         for rep in range(settings.repeats):
             for row, runner in plans:
                 step(f"{row.sweep} {row.label} (repeat {rep + 1}/{settings.repeats})")
-                out = runner()
+                out, other = _measured(settings, runner)
+                row.other_load.append(other)
                 row.times_ms.append(out.train_seconds * 1000.0)
                 row.accuracies.append(out.accuracy)
                 row.samples = out.samples
@@ -604,7 +691,7 @@ def _ratio(value: float | None) -> str:
 def parallel_headers(repeats: int) -> list[str]:
     return ["method", "processes x threads", "cores", *(f"time s r{i + 1}" for i in range(repeats)),
             "time s (median)", "time to target s", "test accuracy %", "samples/s", "speed-up vs serial",
-            "speed-up vs DDP", "note"]
+            "speed-up vs DDP", "other load % (max)", "note"]
 
 
 def parallel_cells(report: ParallelReport) -> list[list[str]]:
@@ -615,7 +702,7 @@ def parallel_cells(report: ParallelReport) -> list[list[str]]:
         acc = None if r.accuracy is None else r.accuracy * 100
         out.append([r.method, f"{r.processes}x{r.threads}", r.cores, *times, _num(r.time_s, ".2f"),
                     _num(r.time_to_target_s, ".2f"), _num(acc, ".2f"), _num(r.samples_per_s, ".0f"),
-                    _ratio(r.speedup_vs_serial), _ratio(r.speedup_vs_ddp), r.note])
+                    _ratio(r.speedup_vs_serial), _ratio(r.speedup_vs_ddp), _num(r.other_load_max_pct, ".0f"), r.note])
     return out
 
 
@@ -639,13 +726,13 @@ def parallel_ratios(report: ParallelReport) -> list[str]:
 
 def affinity_headers(repeats: int) -> list[str]:
     return ["sweep", "affinity", "processes x threads", "cores", *(f"time ms r{i + 1}" for i in range(repeats)),
-            "mean ms", "median ms", "% gain vs slowest", "test accuracy %", "samples/s"]
+            "mean ms", "median ms", "% gain vs slowest", "test accuracy %", "samples/s", "other load % (max)"]
 
 
 def affinity_cells(report: AffinityReport) -> list[list[str]]:
     return [[r.sweep, r.label, f"{r.processes}x{r.threads}", r.cores, *(f"{t:.0f}" for t in r.times_ms),
              f"{r.mean_ms:.0f}", f"{r.median_ms:.0f}", f"{r.gain_vs_slowest_pct:.2f}", f"{r.accuracy * 100:.2f}",
-             f"{r.samples_per_s:.0f}"] for r in report.rows]
+             f"{r.samples_per_s:.0f}", _num(r.other_load_max_pct, ".0f")] for r in report.rows]
 
 
 def markdown_table(headers: Sequence[str], cells: Sequence[Sequence[str]]) -> str:
@@ -659,7 +746,7 @@ def markdown_table(headers: Sequence[str], cells: Sequence[Sequence[str]]) -> st
 _SHORT = {  # the terminal table's headers (the Markdown and CSV keep the long ones)
     "processes x threads": "PxT", "time s (median)": "median s", "time to target s": "to target s",
     "test accuracy %": "acc %", "speed-up vs serial": "vs serial", "speed-up vs DDP": "vs DDP",
-    "% gain vs slowest": "gain %", "mean ms": "mean", "median ms": "median",
+    "% gain vs slowest": "gain %", "mean ms": "mean", "median ms": "median", "other load % (max)": "other %",
 }
 
 
@@ -696,7 +783,9 @@ def parallel_markdown(report: ParallelReport, command: str = "") -> str:
     parts += [f"- {line}" for line in parallel_ratios(report)]
     parts += ["", "Times are wall clock from the moment the processes were ready (data loaded, model built) to the "
               "end of training and the final test evaluation; edgetrain's excludes its agents' start-up "
-              "(round 0's excess over a typical round). Medians over repeats.", ""]
+              "(round 0's excess over a typical round). Medians over repeats. Other load: the share of all CPUs that "
+              "processes outside the benchmark used while a run went on (max over repeats; /proc/stat minus the "
+              "benchmark's own CPU time); more than a few % means that figure was disturbed.", ""]
     return "\n".join(parts)
 
 
@@ -715,7 +804,8 @@ def affinity_markdown(report: AffinityReport, command: str = "") -> str:
     parts += ["", markdown_table(affinity_headers(s.repeats), affinity_cells(report)), "",
               "Processing time: training only, from data and model ready to the last step (the test evaluation "
               "afterwards is not timed). % gain vs slowest = (slowest mean - mean) / slowest mean x 100 within "
-              "each sweep, as in the paper's Table 1. samples/s uses the median.", ""]
+              "each sweep, as in the paper's Table 1. samples/s uses the median. Other load: the share of all CPUs "
+              "that processes outside the benchmark used during a run (max over repeats).", ""]
     return "\n".join(parts)
 
 
@@ -728,12 +818,12 @@ def parallel_csv(report: ParallelReport, path: Path) -> Path:
         w = csv.writer(fh)
         w.writerow(["method", "description", "processes", "threads_per_process", "cores",
                     *(f"time_s_r{i + 1}" for i in range(reps)), "time_s", "time_to_target_s", "test_accuracy",
-                    "samples", "samples_per_s", "speedup_vs_serial", "speedup_vs_ddp", "note"])
+                    "samples", "samples_per_s", "speedup_vs_serial", "speedup_vs_ddp", "other_load_max_pct", "note"])
         for r in report.rows:
             times = [repr(t) for t in r.times_s] + [""] * (reps - len(r.times_s))
             w.writerow([r.method, r.description, r.processes, r.threads, r.cores, *times, _raw(r.time_s),
                         _raw(r.time_to_target_s), _raw(r.accuracy), r.samples, _raw(r.samples_per_s),
-                        _raw(r.speedup_vs_serial), _raw(r.speedup_vs_ddp), r.note])
+                        _raw(r.speedup_vs_serial), _raw(r.speedup_vs_ddp), _raw(r.other_load_max_pct), r.note])
     return path
 
 
@@ -743,11 +833,11 @@ def affinity_csv(report: AffinityReport, path: Path) -> Path:
         w = csv.writer(fh)
         w.writerow(["sweep", "affinity", "processes", "threads_per_process", "cores",
                     *(f"time_ms_r{i + 1}" for i in range(reps)), "mean_ms", "median_ms", "gain_vs_slowest_pct",
-                    "test_accuracy", "samples", "samples_per_s"])
+                    "test_accuracy", "samples", "samples_per_s", "other_load_max_pct"])
         for r in report.rows:
             w.writerow([r.sweep, r.label, r.processes, r.threads, r.cores, *(repr(t) for t in r.times_ms),
                         repr(r.mean_ms), repr(r.median_ms), repr(r.gain_vs_slowest_pct), repr(r.accuracy),
-                        r.samples, repr(r.samples_per_s)])
+                        r.samples, repr(r.samples_per_s), _raw(r.other_load_max_pct)])
     return path
 
 

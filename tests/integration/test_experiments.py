@@ -40,7 +40,8 @@ def test_bench_parallel_rows_and_ratios(tmp_path: Path) -> None:
     methods = [r["method"] for r in rows]
     assert methods == ["serial", "edgetrain", "torch-single", "torch-ddp", "gpu"]
     for column in ("time_s_r1", "time_s_r2", "time_s", "time_to_target_s", "test_accuracy", "samples",
-                   "samples_per_s", "speedup_vs_serial", "speedup_vs_ddp", "processes", "threads_per_process"):
+                   "samples_per_s", "speedup_vs_serial", "speedup_vs_ddp", "processes", "threads_per_process",
+                   "other_load_max_pct"):
         assert column in rows[0]
     by = {r["method"]: r for r in rows}
     serial_time = float(by["serial"]["time_s"])
@@ -58,6 +59,8 @@ def test_bench_parallel_rows_and_ratios(tmp_path: Path) -> None:
         assert float(r["speedup_vs_serial"]) == pytest.approx(serial_time / t)
         assert float(r["speedup_vs_ddp"]) == pytest.approx(ddp_time / t)
         assert float(r["samples_per_s"]) == pytest.approx(int(r["samples"]) / t)
+        if r["other_load_max_pct"]:
+            assert 0.0 <= float(r["other_load_max_pct"]) <= 100.0
         if r["time_to_target_s"]:
             assert 0 < float(r["time_to_target_s"]) <= t + 1e-6
     assert by["torch-ddp"]["processes"] == by["edgetrain"]["processes"] == str(N_CORES)
@@ -78,7 +81,7 @@ def test_bench_affinity_rows_and_gain(tmp_path: Path) -> None:
     assert [(r["sweep"], r["affinity"]) for r in rows] == [
         *(("affinity", c) for c in counts.split(",")), ("layout", layout)]
     for column in ("time_ms_r1", "time_ms_r2", "mean_ms", "median_ms", "gain_vs_slowest_pct", "test_accuracy",
-                   "samples_per_s"):
+                   "samples_per_s", "other_load_max_pct"):
         assert column in rows[0]
     for sweep in ("affinity", "layout"):
         group = [r for r in rows if r["sweep"] == sweep]

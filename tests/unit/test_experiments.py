@@ -162,3 +162,13 @@ def test_markdown_table_shape() -> None:
     lines = text.splitlines()
     assert lines[0] == "| method | time |" and lines[1] == "| --- | ---: |"
     assert lines[3] == "| b\\|c | 2 |"
+
+
+def test_load_probe_reports_a_share_of_the_machine() -> None:
+    probe = ex.LoadProbe()
+    sum(i * i for i in range(200_000))  # our own work is not "other load"
+    share = probe.other_share()
+    assert share is None or 0.0 <= share <= 1.0
+    assert ex.wait_until_quiet(0) is None  # 0: do not wait
+    busy = ex.wait_until_quiet(0.1, window=0.1)
+    assert busy is None or 0.0 <= busy <= 1.0
