@@ -40,7 +40,7 @@ def make_app() -> typer.Typer:
 
     @app.command()
     def run(
-        dataset: Annotated[str, typer.Option(help="tweets, tweeteval-sentiment, mnist, mnist-5k, csv, tsv.")] = "tweets",
+        dataset: Annotated[str, typer.Option(help="tweets, tweeteval-sentiment, mnist, mnist-5k, csv.")] = "tweets",
         model: Annotated[str, typer.Option(help="Model name (default: the data set's).")] = "",
         data_dir: Annotated[Optional[Path], typer.Option(help="Folder with the data set's files.")] = None,  # noqa: UP045
         data_path: Annotated[Optional[Path], typer.Option(help="A csv/tsv file (datasets csv, tsv).")] = None,  # noqa: UP045
@@ -105,7 +105,7 @@ def make_app() -> typer.Typer:
             spec=spec, where=DataLocation(data_dir, data_path, cache_dir, not no_download), host=host, port=port,
             metrics_host=metrics_host, metrics_port=metrics_port, local_steps=local_steps, rounds=rounds,
             epochs=epochs, target_accuracy=target_accuracy,
-            min_agents=min_agents or max(1, local_agents + len(gpus)), join_timeout=join_timeout,
+            min_agents=min_agents, join_timeout=join_timeout,
             round_timeout=round_timeout, eval_every=eval_every, aggregator=aggregator, trim=trim, balance=balance,
             local_agents=local_agents, local_workers=local_workers, local_devices=gpus,
             run_dir=run_dir or Path("runs") / f"{dataset}-{time.strftime('%Y%m%d-%H%M%S')}", resume=resume,

@@ -32,7 +32,7 @@ class CoordinatorConfig:
     rounds: int | None = None
     epochs: float | None = None
     target_accuracy: float | None = None
-    min_agents: int = 1
+    min_agents: int = 0  # 0: the local agents and GPUs started here, or 1 when there are none
     join_timeout: float = 600.0  # wait this long for --min-agents before giving up
     round_timeout: float = 600.0  # a round's deadline: updates after it are refused
     eval_every: int = 1
@@ -63,8 +63,10 @@ class CoordinatorConfig:
             raise ConfigError(f"--target-accuracy is a fraction in (0, 1], got {self.target_accuracy}")
         if self.rounds is None and self.epochs is None and self.target_accuracy is None:
             raise ConfigError("give a stopping rule: --rounds, --epochs or --target-accuracy")
-        if self.min_agents < 1:
-            raise ConfigError(f"--min-agents must be at least 1, got {self.min_agents}")
+        if self.min_agents < 0:
+            raise ConfigError(f"--min-agents cannot be negative, got {self.min_agents}")
+        if self.min_agents == 0:
+            object.__setattr__(self, "min_agents", max(1, self.local_agents + len(self.local_devices)))
         if self.local_agents < 0:
             raise ConfigError(f"--local-agents cannot be negative, got {self.local_agents}")
         if self.eval_every < 1:

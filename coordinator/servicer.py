@@ -141,6 +141,8 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
                 for msg in request_iterator:
                     if not msg.HasField("part"):
                         raise rounds.MalformedError("a second header in one update stream")
+                    if len(msg.part.data) > serde.PART_BYTES:
+                        raise rounds.TooLargeError(f"a part of {len(msg.part.data)} bytes; at most {serde.PART_BYTES}")
                     asm.add(msg.part)
                 tensors = asm.finish()
                 stats = {

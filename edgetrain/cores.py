@@ -96,6 +96,17 @@ def pin_current_process(cores: list[int]) -> bool:
     if not hasattr(os, "sched_setaffinity"):  # pragma: no cover - macOS
         return False
     os.sched_setaffinity(0, cores)
+    # sched_setaffinity(0) moves only the calling thread: move the threads that already exist too
+    # (gRPC's, the interpreter's helpers), so the whole process stays on its cores.
+    try:
+        tids = [int(t) for t in os.listdir("/proc/self/task")]
+    except OSError:  # pragma: no cover - no /proc
+        tids = []
+    for tid in tids:
+        try:
+            os.sched_setaffinity(tid, cores)
+        except OSError:  # the thread ended meanwhile
+            continue
     return True
 
 

@@ -1,0 +1,68 @@
+"""Real gRPC servers on loopback (port 0), started by fixtures and always stopped."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import grpc
+import pytest
+import torch
+from prometheus_client import CollectorRegistry
+
+from coordinator.membership import Membership
+from coordinator.metrics import CoordinatorMetrics
+from coordinator.rounds import RoundEngine
+from coordinator.server import start_server
+from coordinator.servicer import ServiceState
+from edgetrain import grpc_options
+from edgetrain.proto import edgetrain_pb2 as pb
+from edgetrain.proto import edgetrain_pb2_grpc as pb_grpc
+from edgetrain.spec import RunSpec
+
+
+@dataclass
+class Service:
+    stub: pb_grpc.CoordinatorStub
+    channel: grpc.Channel
+    engine: RoundEngine
+    membership: Membership
+    registry: CollectorRegistry
+    port: int
+
+    def join(self, name: str = "a") -> tuple[pb.JoinReply, list[tuple[str, str]]]:
+        reply = self.stub.Join(pb.JoinRequest(agent_name=name), timeout=5)
+        return reply, [(grpc_options.SESSION_METADATA, reply.session_token)]
+
+    def refused(self, reason: str, node: str = "a") -> float:
+        value = self.registry.get_sample_value(
+            "edgetrain_updates_refused_total", {"node": node, "reason": reason})
+        return value or 0.0
+
+
+def small_state() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return {"fc.weight": torch.randn(4, 3, generator=g), "fc.bias": torch.randn(4, generator=g),
+            "bn.num_batches_tracked": torch.tensor(3)}
+
+
+def make_service(state: dict[str, torch.Tensor], token: str | None = None, **engine_kw: object) -> Iterator[Service]:
+    registry = CollectorRegistry()
+    metrics = CoordinatorMetrics(registry)
+    kw: dict[str, object] = {"batch_size": 4, "local_steps": 2, "round_timeout": 30.0, **engine_kw}
+    engine = RoundEngine(state, **kw)  # type: ignore[arg-type]
+    membership = Membership()
+    svc = ServiceState(engine, membership, RunSpec(dataset="tweets"), metrics, long_poll=1.0)
+    server, port, _ = start_server(svc, "127.0.0.1", 0, token=token)
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=grpc_options.CLIENT)
+    try:
+        yield Service(pb_grpc.CoordinatorStub(channel), channel, engine, membership, registry, port)
+    finally:
+        channel.close()
+        engine.finish()
+        server.stop(grace=None).wait()
+
+
+@pytest.fixture
+def service() -> Iterator[Service]:
+    yield from make_service(small_state())

@@ -1,0 +1,226 @@
+"""The servicer over real gRPC on loopback: the happy path, every refusal, big models, the operator token."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import grpc
+import pytest
+import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from edgetrain import grpc_options, serde
+from edgetrain.proto import edgetrain_pb2 as pb
+from tests.integration.conftest import Service, make_service, small_state
+
+Messages = list[pb.UpdateMessage]
+
+
+def update(agent_id: str, round_: int, samples: int, state: dict[str, torch.Tensor], wire: str = "float32",
+           part_bytes: int = serde.PART_BYTES) -> Messages:
+    msgs = [pb.UpdateMessage(header=pb.UpdateHeader(agent_id=agent_id, round=round_, num_samples=samples,
+                                                    stats=pb.NodeStats(compute_seconds=0.5, loss=1.0)))]
+    msgs += [pb.UpdateMessage(part=p) for p in serde.encode(state, wire_dtype=wire, part_bytes=part_bytes)]
+    return msgs
+
+
+def open_round(svc: Service, *names: str) -> dict[str, tuple[str, list[tuple[str, str]]]]:
+    joined = {}
+    for name in names:
+        reply, md = svc.join(name)
+        joined[name] = (reply.agent_id, md)
+    svc.engine.open_round([(a.agent_id, 0.0, 1) for a in svc.membership.live()])
+    return joined
+
+
+def snapshot(svc: Service) -> dict[str, bytes]:
+    return {k: v.numpy().tobytes() for k, v in svc.engine.global_state.items()}
+
+
+def test_join_get_round_submit_and_close(service: Service) -> None:
+    joined = open_round(service, "a")
+    agent_id, md = joined["a"]
+    msgs = list(service.stub.GetRound(pb.RoundRequest(agent_id=agent_id, after_round=-1), metadata=md, timeout=5))
+    header = msgs[0].header
+    assert header.status == pb.WORK and header.round == 0 and header.local_steps == 2 and header.world == 1
+    got = serde.decode([m.part for m in msgs[1:]], serde.spec_of(small_state()))
+    assert all(torch.equal(got[k], v) for k, v in small_state().items())
+    trained = {k: (v + 1 if v.is_floating_point() else v) for k, v in got.items()}
+    ack = service.stub.SubmitUpdate(iter(update(agent_id, 0, 8, trained)), metadata=md, timeout=5)
+    assert ack.accepted
+    out = service.engine.close_round()
+    assert out.applied
+    assert torch.allclose(service.engine.global_state["fc.weight"], trained["fc.weight"])
+    assert service.registry.get_sample_value("edgetrain_updates_accepted_total", {"node": "a"}) == 1.0
+    assert service.registry.get_sample_value("edgetrain_node_compute_seconds", {"node": "a"}) == 0.5
+
+
+def _rename(msgs: Messages) -> Messages:
+    msgs[1].part.name = "evil"
+    return msgs
+
+
+def _reshape(msgs: Messages) -> Messages:
+    del msgs[1].part.shape[:]
+    msgs[1].part.shape.extend([3, 4])
+    return msgs
+
+
+def _retype(msgs: Messages) -> Messages:
+    msgs[1].part.dtype = pb.INT64
+    return msgs
+
+
+def _short(msgs: Messages) -> Messages:
+    msgs[1].part.data = msgs[1].part.data[:-4]
+    return msgs
+
+
+def _values(value: float) -> Callable[[Messages], Messages]:
+    def mutate(msgs: Messages) -> Messages:
+        n = len(msgs[1].part.data) // 4
+        msgs[1].part.data = torch.full((n,), value).numpy().tobytes()
+        return msgs
+
+    return mutate
+
+
+def _truncate(msgs: Messages) -> Messages:
+    return msgs[:-1]
+
+
+def _reorder(msgs: Messages) -> Messages:
+    assert msgs[1].part.name == msgs[2].part.name  # two parts of one tensor, swapped
+    return [msgs[0], msgs[2], msgs[1], *msgs[3:]]
+
+
+def _headerless(msgs: Messages) -> Messages:
+    return msgs[1:]
+
+
+def _two_headers(msgs: Messages) -> Messages:
+    return [msgs[0], msgs[1], msgs[0], *msgs[2:]]
+
+
+def _oversized(msgs: Messages) -> Messages:
+    msgs[1].part.data = b"\x00" * (serde.PART_BYTES + 4)
+    return msgs
+
+
+CASES = [
+    ("rename", _rename, grpc.StatusCode.INVALID_ARGUMENT, "bad_tensor"),
+    ("reshape", _reshape, grpc.StatusCode.INVALID_ARGUMENT, "bad_tensor"),
+    ("retype", _retype, grpc.StatusCode.INVALID_ARGUMENT, "bad_tensor"),
+    ("short-bytes", _short, grpc.StatusCode.INVALID_ARGUMENT, "bad_tensor"),
+    ("nan", _values(float("nan")), grpc.StatusCode.INVALID_ARGUMENT, "non_finite"),
+    ("inf", _values(float("-inf")), grpc.StatusCode.INVALID_ARGUMENT, "non_finite"),
+    ("truncated-stream", _truncate, grpc.StatusCode.INVALID_ARGUMENT, "bad_tensor"),
+    ("out-of-order", _reorder, grpc.StatusCode.INVALID_ARGUMENT, "bad_tensor"),
+    ("no-header", _headerless, grpc.StatusCode.INVALID_ARGUMENT, "malformed"),
+    ("two-headers", _two_headers, grpc.StatusCode.INVALID_ARGUMENT, "malformed"),
+    ("oversized-part", _oversized, grpc.StatusCode.RESOURCE_EXHAUSTED, "too_large"),
+]
+
+
+@pytest.mark.parametrize(("case", "mutate", "code", "reason"), CASES, ids=[c[0] for c in CASES])
+def test_bad_updates_are_refused_counted_and_change_nothing(
+    service: Service, case: str, mutate: Callable[[Messages], Messages], code: grpc.StatusCode, reason: str
+) -> None:
+    agent_id, md = open_round(service, "a")["a"]
+    before = snapshot(service)
+    trained = {k: (v * 2 if v.is_floating_point() else v) for k, v in small_state().items()}
+    msgs = update(agent_id, 0, 8, trained, part_bytes=16)  # several parts per tensor
+    with pytest.raises(grpc.RpcError) as err:
+        service.stub.SubmitUpdate(iter(mutate(msgs)), metadata=md, timeout=5)
+    assert err.value.code() == code, err.value.details()
+    node = "unknown" if case == "no-header" else "a"
+    assert service.refused(reason, node) == 1.0
+    assert snapshot(service) == before
+    # the same agent can still send a good update for this round, and only that one counts
+    service.stub.SubmitUpdate(iter(update(agent_id, 0, 8, trained)), metadata=md, timeout=5)
+    service.engine.close_round()
+    assert torch.allclose(service.engine.global_state["fc.weight"], trained["fc.weight"])
+
+
+@pytest.mark.parametrize(
+    ("round_", "samples", "code", "reason"),
+    [
+        (1, 8, grpc.StatusCode.FAILED_PRECONDITION, "stale_round"),
+        (-1, 8, grpc.StatusCode.FAILED_PRECONDITION, "stale_round"),
+        (0, -5, grpc.StatusCode.INVALID_ARGUMENT, "bad_sample_count"),
+        (0, 0, grpc.StatusCode.INVALID_ARGUMENT, "bad_sample_count"),
+        (0, 9, grpc.StatusCode.INVALID_ARGUMENT, "bad_sample_count"),
+        (0, 2**62, grpc.StatusCode.INVALID_ARGUMENT, "bad_sample_count"),
+    ],
+)
+def test_wrong_round_and_sample_counts_are_refused(service: Service, round_: int, samples: int,
+                                                   code: grpc.StatusCode, reason: str) -> None:
+    agent_id, md = open_round(service, "a")["a"]
+    before = snapshot(service)
+    with pytest.raises(grpc.RpcError) as err:
+        service.stub.SubmitUpdate(iter(update(agent_id, round_, samples, small_state())), metadata=md, timeout=5)
+    assert err.value.code() == code
+    assert service.refused(reason) == 1.0
+    assert snapshot(service) == before
+
+
+def test_duplicate_update_counts_once(service: Service) -> None:
+    joined = open_round(service, "a", "b")
+    (a_id, a_md), (b_id, b_md) = joined["a"], joined["b"]
+    ones = {k: (torch.ones_like(v) if v.is_floating_point() else v) for k, v in small_state().items()}
+    service.stub.SubmitUpdate(iter(update(a_id, 0, 8, ones)), metadata=a_md, timeout=5)
+    with pytest.raises(grpc.RpcError) as err:
+        service.stub.SubmitUpdate(iter(update(a_id, 0, 8, ones)), metadata=a_md, timeout=5)
+    assert err.value.code() == grpc.StatusCode.ALREADY_EXISTS
+    assert service.refused("duplicate") == 1.0
+    zeros = {k: (torch.zeros_like(v) if v.is_floating_point() else v) for k, v in small_state().items()}
+    service.stub.SubmitUpdate(iter(update(b_id, 0, 8, zeros)), metadata=b_md, timeout=5)
+    service.engine.close_round()
+    assert torch.allclose(service.engine.global_state["fc.bias"], torch.full((4,), 0.5))
+
+
+def test_unknown_agent_and_bad_session_are_refused(service: Service) -> None:
+    agent_id, md = open_round(service, "a")["a"]
+    with pytest.raises(grpc.RpcError) as err:
+        list(service.stub.GetRound(pb.RoundRequest(agent_id="nobody"), metadata=md, timeout=5))
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    bad = [(grpc_options.SESSION_METADATA, "forged")]
+    with pytest.raises(grpc.RpcError) as err:
+        service.stub.SubmitUpdate(iter(update(agent_id, 0, 8, small_state())), metadata=bad, timeout=5)
+    assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert service.refused("unauthenticated", "unknown") == 1.0
+    # a restart under the same name replaces the session: the old token stops working
+    service.join("a")
+    with pytest.raises(grpc.RpcError) as err:
+        service.stub.SubmitUpdate(iter(update(agent_id, 0, 8, small_state())), metadata=md, timeout=5)
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_a_model_over_20_mb_goes_both_ways() -> None:
+    big = {"w": torch.randn(6_000_000), "b": torch.randn(10)}  # 24 MB, 6x gRPC's default cap
+    for svc in make_service(big):
+        agent_id, md = open_round(svc, "a")["a"]
+        msgs = list(svc.stub.GetRound(pb.RoundRequest(agent_id=agent_id, after_round=-1), metadata=md, timeout=30))
+        got = serde.decode([m.part for m in msgs[1:]], serde.spec_of(big))
+        assert torch.equal(got["w"], big["w"])
+        doubled = {k: v * 2 for k, v in got.items()}
+        assert svc.stub.SubmitUpdate(iter(update(agent_id, 0, 8, doubled)), metadata=md, timeout=30).accepted
+        svc.engine.close_round()
+        assert torch.equal(svc.engine.global_state["w"], big["w"] * 2)
+
+
+def test_operator_token_is_required_but_health_checks_pass() -> None:
+    for svc in make_service(small_state(), token="s3cret"):
+        with pytest.raises(grpc.RpcError) as err:
+            svc.stub.Join(pb.JoinRequest(agent_name="a"), timeout=5)
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        with pytest.raises(grpc.RpcError) as err:
+            svc.stub.Join(pb.JoinRequest(agent_name="a"), metadata=[("authorization", "Bearer wrong")], timeout=5)
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert svc.refused("unauthenticated", "unknown") == 2.0
+        reply = svc.stub.Join(pb.JoinRequest(agent_name="a"), metadata=[("authorization", "Bearer s3cret")],
+                              timeout=5)
+        assert reply.agent_id
+        health = health_pb2_grpc.HealthStub(svc.channel)
+        status = health.Check(health_pb2.HealthCheckRequest(service="edgetrain.v1.Coordinator"), timeout=5).status
+        assert status == health_pb2.HealthCheckResponse.SERVING

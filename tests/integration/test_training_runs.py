@@ -1,0 +1,139 @@
+"""Whole trainings: real coordinator, real agent processes pinned to real cores, real gRPC on loopback."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+from torch.nn import functional as F  # noqa: N812
+
+from coordinator.config import CoordinatorConfig
+from coordinator.run import Coordinator, RunResult
+from edgetrain.cores import read_affinity
+from edgetrain.spec import RunSpec
+from edgetrain.training import batch_plan
+from edgetrain.workload import load_workload
+
+CORES = sorted(os.sched_getaffinity(0))
+
+
+def _threads_of(pid: int) -> set[int]:
+    return {int(t) for t in os.listdir(f"/proc/{pid}/task")}
+
+
+def test_two_agents_k1_sgd_equal_serial_sgd_on_the_union_of_their_batches(tmp_path: Path) -> None:
+    spec = RunSpec(dataset="tweets", model="text-bag", optimizer="sgd", lr=0.5, batch_size=16, limit=2000, seed=7)
+    rounds = 4
+    cfg = CoordinatorConfig(spec=spec, port=0, local_steps=1, rounds=rounds, local_agents=2, eval_every=100,
+                            run_dir=tmp_path, progress=False, round_timeout=120)
+    result = Coordinator(cfg).run()
+    assert result.completed_rounds == rounds
+    parallel = torch.load(tmp_path / "model.pt", weights_only=True)
+
+    wl = load_workload(spec)
+    model = wl.new_model()
+    opt = torch.optim.SGD(model.parameters(), lr=spec.lr)
+    x, y = wl.data.train.x, wl.data.train.y
+    for r in range(rounds):
+        idx = torch.cat([
+            batch_plan(wl.shard(rank, 2), seed=spec.seed, rank=rank, start_sample=r * spec.batch_size, steps=1,
+                       batch_size=spec.batch_size)[0]
+            for rank in (0, 1)
+        ])
+        opt.zero_grad()
+        F.cross_entropy(model(x[idx]), y[idx]).backward()
+        opt.step()
+    serial = model.state_dict()
+    assert serial.keys() == parallel.keys()
+    moved = max(float((serial[k] - wl.new_model().state_dict()[k]).abs().max()) for k in serial)
+    assert moved > 1e-3  # training really changed the weights
+    for k in serial:
+        assert torch.allclose(parallel[k], serial[k], atol=1e-5, rtol=0), k
+
+
+def test_local_run_pins_workers_reaches_accuracy_and_cleans_up(tmp_path: Path) -> None:
+    spec = RunSpec(dataset="tweets", limit=6000, seed=1)
+    cfg = CoordinatorConfig(spec=spec, port=0, local_steps=8, rounds=12, local_agents=2, eval_every=4,
+                            run_dir=tmp_path, progress=False, round_timeout=120)
+    coord = Coordinator(cfg)
+    threads_before = threading.active_count()
+    out: list[RunResult] = []
+    errors: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            out.append(coord.run())
+        except BaseException as exc:  # surfaced below
+            errors.append(exc)
+
+    runner = threading.Thread(target=target)
+    coord.start()
+    agents = [psutil.Process(p.pid) for p in coord.local_agents]
+    runner.start()
+    seen: dict[int, list[int]] = {}
+    workers: set[int] = set()
+    family: dict[int, set[int]] = {}
+    escaped: list[tuple[int, int, list[int]]] = []
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and len(workers) < 2 and runner.is_alive():
+            for agent in agents:  # wait until both workers are up (the agents pinned themselves before that)
+                try:
+                    workers |= {c.pid for c in agent.children() if "spawn_main" in " ".join(c.cmdline())}
+                except psutil.NoSuchProcess:
+                    continue
+            time.sleep(0.2)
+        time.sleep(0.5)
+        for agent in agents:  # then read every process's and every thread's affinity from /proc
+            for proc in [agent, *agent.children(recursive=True)]:
+                seen[proc.pid] = read_affinity(proc.pid)
+                if proc.pid != agent.pid:
+                    family.setdefault(agent.pid, set()).add(proc.pid)
+                escaped += [(proc.pid, tid, read_affinity(tid)) for tid in _threads_of(proc.pid)
+                            if read_affinity(tid) != seen[proc.pid]]
+    except BaseException:
+        coord.stop.set()  # never leave a run behind a failed check
+        raise
+    runner.join(300)
+    assert not errors, errors
+    assert not escaped, f"threads escaped their process's cores: {escaped}"
+    result = out[0]
+    expected = [[c] for c in CORES] if len(CORES) >= 2 else [CORES, CORES]
+    agent_cores = sorted(seen[a.pid] for a in agents)
+    assert agent_cores == sorted(expected[:2])
+    assert len(workers) == 2, seen
+    assert sorted(seen[w] for w in workers) == agent_cores  # each worker on its agent's cores only
+    for agent_pid, kids in family.items():  # every child (workers, multiprocessing's helpers) on the agent's cores
+        assert all(seen[k] == seen[agent_pid] for k in kids), (agent_pid, kids, seen)
+    assert result.completed_rounds == 12
+    assert result.final is not None
+    majority = float(torch.bincount(coord.workload.data.test.y).max()) / len(coord.workload.data.test.y)  # type: ignore[union-attr]
+    assert result.final.accuracy > majority + 0.05, (result.final.accuracy, majority)
+    assert set(result.nodes) == {"local-0", "local-1"}
+    assert all(n.samples == 12 * 8 * 64 for n in result.nodes.values())
+    assert (tmp_path / "checkpoint.pt").exists() and (tmp_path / "rounds.jsonl").exists()
+    # every process gone, no thread left behind
+    for proc in agents:
+        assert not proc.is_running() or proc.status() == psutil.STATUS_ZOMBIE
+    for pid in workers:
+        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    deadline = time.monotonic() + 10
+    while threading.active_count() > threads_before and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert threading.active_count() <= threads_before, [t.name for t in threading.enumerate()]
+
+
+@pytest.mark.skipif(len(CORES) < 2, reason="needs 2 cores for 2 workers")
+def test_one_agent_with_two_workers_trains_through_gloo(tmp_path: Path) -> None:
+    spec = RunSpec(dataset="tweets", limit=3000, seed=2)
+    cfg = CoordinatorConfig(spec=spec, port=0, local_steps=4, rounds=3, local_agents=1, local_workers=2,
+                            eval_every=3, run_dir=tmp_path, progress=False, round_timeout=120)
+    result = Coordinator(cfg).run()
+    assert result.completed_rounds == 3
+    (node,) = result.nodes.values()
+    assert node.samples == 3 * 4 * 64 * 2  # both workers' batches count
