@@ -55,6 +55,12 @@ class CoordinatorMetrics:
         self.node_loss.labels(node).set(stats.get("loss", 0.0))
         self.node_accuracy.labels(node).set(stats.get("accuracy", 0.0))
 
+    def node_admitted(self, node: str) -> None:
+        """Create the node's counters at zero, so rates and "refused by reason" panels have data from the start."""
+        self.accepted.labels(node)
+        for reason in m.REFUSAL_REASONS:
+            self.refused.labels(node, reason)
+
     def refused_update(self, node: str, reason: str) -> None:
         if reason not in m.REFUSAL_REASONS:  # keep the label set bounded
             reason = "malformed"

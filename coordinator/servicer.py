@@ -44,6 +44,27 @@ class ServiceState:
         self.uploads = threading.BoundedSemaphore(self.upload_slots)
 
 
+_WILDCARDS = ("0.0.0.0", "::", "[::]", "")
+
+
+def advertised_address(metrics_address: str, peer: str) -> str:
+    """An agent bound to a wildcard address is scraped at the address its gRPC calls come from.
+
+    `peer` is gRPC's form: "ipv4:10.0.0.7:51234" or "ipv6:[fd00::7]:51234".
+    """
+    if not metrics_address or ":" not in metrics_address:
+        return metrics_address
+    host, _, port = metrics_address.rpartition(":")
+    if host not in _WILDCARDS:
+        return metrics_address
+    kind, _, rest = peer.partition(":")
+    if kind == "ipv4":
+        return f"{rest.rpartition(':')[0]}:{port}"
+    if kind == "ipv6":
+        return f"{rest.rpartition(':')[0]}:{port}"
+    return metrics_address
+
+
 def _wire_reason(err: WireError) -> rounds.RefusedError:
     if "NaN or Inf" in str(err):
         return rounds.NonFiniteError(str(err))
@@ -91,8 +112,9 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
                 device=request.device or "cpu",
                 workers=max(1, request.workers),
                 throughput=request.throughput,
-                metrics_address=request.metrics_address,
+                metrics_address=advertised_address(request.metrics_address, context.peer()),
             )
+            self.s.metrics.node_admitted(name)
             if replaced is not None:
                 self.s.engine.forget(replaced.agent_id)
             if self.s.on_join is not None:

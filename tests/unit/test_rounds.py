@@ -122,3 +122,12 @@ def test_balanced_steps_follow_throughput() -> None:
     eng = _engine(balance=True)
     a = eng.open_round([("slow", 100.0, 1), ("fast", 300.0, 1)])
     assert (a["slow"].local_steps, a["fast"].local_steps) == (1, 3)
+
+
+def test_wildcard_metrics_addresses_are_advertised_as_the_peer() -> None:
+    from coordinator.servicer import advertised_address
+
+    assert advertised_address("0.0.0.0:9101", "ipv4:10.1.2.3:5555") == "10.1.2.3:9101"
+    assert advertised_address("[::]:9101", "ipv6:[fd00::7]:5555") == "[fd00::7]:9101"
+    assert advertised_address("agent-a:9101", "ipv4:10.1.2.3:5555") == "agent-a:9101"
+    assert advertised_address("", "ipv4:10.1.2.3:5555") == ""
