@@ -23,6 +23,7 @@ class Agent:
     joined_at: float = field(default_factory=time.monotonic)
     last_seen: float = field(default_factory=time.monotonic)
     order: int = 0  # admission order: ranks follow it
+    ready: bool = False  # set at its first GetRound: data loaded, workers up; only ready agents get rounds
 
 
 class Membership:
@@ -72,10 +73,14 @@ class Membership:
                 del self._by_name[agent.name]
             return agent
 
-    def live(self) -> list[Agent]:
-        """Live agents in admission order."""
+    def live(self, ready_only: bool = False) -> list[Agent]:
+        """Live agents in admission order (only those ready to train, if asked)."""
         with self._lock:
-            return sorted(self._by_id.values(), key=lambda a: a.order)
+            agents = sorted(self._by_id.values(), key=lambda a: a.order)
+        return [a for a in agents if a.ready] if ready_only else agents
+
+    def ready_count(self) -> int:
+        return len(self.live(ready_only=True))
 
     def __len__(self) -> int:
         with self._lock:

@@ -175,7 +175,7 @@ class Coordinator:
     # ---- the loop
     def _wait_for_agents(self) -> None:
         end = time.monotonic() + self.cfg.join_timeout
-        while len(self.membership) < self.cfg.min_agents:
+        while self.membership.ready_count() < self.cfg.min_agents:
             if self.stop.is_set():
                 return
             dead = [p for p in self.local_agents if p.poll() not in (None, 0)]
@@ -183,7 +183,7 @@ class Coordinator:
                 raise TrainingError(f"{len(dead)} local agent(s) exited with code {dead[0].returncode} before joining")
             if time.monotonic() > end:
                 raise TrainingError(
-                    f"only {len(self.membership)} of --min-agents {self.cfg.min_agents} joined in "
+                    f"only {self.membership.ready_count()} of --min-agents {self.cfg.min_agents} ready in "
                     f"{self.cfg.join_timeout:.0f} s"
                 )
             time.sleep(0.05)
@@ -222,7 +222,7 @@ class Coordinator:
                         stopped_by = "epochs"
                         break
                     self._wait_for_agents()
-                    live = self.membership.live()
+                    live = self.membership.live(ready_only=True)
                     engine.open_round([(a.agent_id, a.throughput, a.workers) for a in live])
                     names = {a.agent_id: a.name for a in live}
                     engine.wait_for_updates(self.stop)

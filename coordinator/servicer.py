@@ -129,6 +129,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         with self._refusals(context, node):
             agent = self._agent(request.agent_id, context)
             node[0] = agent.name
+        agent.ready = True
         remaining = context.time_remaining()
         hold = self.s.long_poll if remaining is None else max(0.0, min(self.s.long_poll, remaining - 5.0))
         work = self.s.engine.get_work(agent.agent_id, request.after_round, hold)

@@ -1,0 +1,81 @@
+"""`coordinator report RUN_DIR`: a finished run's rounds.jsonl as PNG plots, for users without Grafana."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from edgetrain.errors import EdgetrainError
+
+
+class ReportError(EdgetrainError):
+    """The run folder has no readable log."""
+
+
+def read_log(run_dir: Path) -> list[dict[str, Any]]:
+    path = run_dir / "rounds.jsonl"
+    if not path.exists():
+        raise ReportError(f"no rounds.jsonl in {run_dir}: is it a run folder?")
+    records = []
+    for i, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            raise ReportError(f"{path}:{i}: not JSON ({exc.msg})") from exc
+    if not records:
+        raise ReportError(f"{path} is empty: no round has completed yet")
+    return records
+
+
+def write_report(run_dir: Path, out: Path) -> list[Path]:
+    """Write accuracy.png (global test and per-node local accuracy against time) and round_time.png."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = read_log(run_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    nodes = sorted({n for r in records for n in r["nodes"]})
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    evaluated = [r for r in records if "accuracy" in r]
+    ax.plot([r["elapsed_seconds"] for r in evaluated], [r["accuracy"] for r in evaluated], "k-o", ms=3,
+            label="global model (test)")
+    for node in nodes:
+        pts = [(r["elapsed_seconds"], r["nodes"][node]["accuracy"]) for r in records if node in r["nodes"]]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], alpha=0.7, label=f"{node} (local batches)")
+    ax.set_xlabel("training time (s)")
+    ax.set_ylabel("accuracy")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(f"Accuracy against time — {run_dir.name}")
+    acc_png = out / "accuracy.png"
+    fig.tight_layout()
+    fig.savefig(acc_png, dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    width = 0.8 / max(1, len(nodes))
+    rounds = [r["round"] for r in records]
+    for i, node in enumerate(nodes):
+        xs = [r["round"] + (i - (len(nodes) - 1) / 2) * width for r in records if node in r["nodes"]]
+        comp = [r["nodes"][node]["compute_seconds"] for r in records if node in r["nodes"]]
+        comm = [r["nodes"][node]["communication_seconds"] for r in records if node in r["nodes"]]
+        ax.bar(xs, comp, width, label=f"{node} compute")
+        ax.bar(xs, comm, width, bottom=comp, label=f"{node} communication", alpha=0.6)
+    ax.plot(rounds, [r["duration_seconds"] for r in records], "k.-", label="round wall time")
+    ax.set_xlabel("round")
+    ax.set_ylabel("seconds")
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=8)
+    ax.set_title("Round time per node: compute and communication")
+    time_png = out / "round_time.png"
+    fig.tight_layout()
+    fig.savefig(time_png, dpi=120)
+    plt.close(fig)
+    return [acc_png, time_png]
