@@ -29,6 +29,7 @@ from coordinator.servicer import ServiceState
 from edgetrain.cores import allowed_cores, format_cores
 from edgetrain.errors import ConfigError, EdgetrainError
 from edgetrain.httpmetrics import MetricsServer
+from edgetrain.memory import tune_malloc
 from edgetrain.training import EvalResult, evaluate, state_of
 from edgetrain.workload import Workload, load_workload
 
@@ -87,6 +88,7 @@ class Coordinator:
 
     def __init__(self, cfg: CoordinatorConfig, *, registry: CollectorRegistry | None = None,
                  stop: threading.Event | None = None, console: Console | None = None) -> None:
+        tune_malloc()
         self.cfg = cfg
         self.registry = registry or CollectorRegistry()
         self.metrics = CoordinatorMetrics(self.registry)

