@@ -183,10 +183,11 @@ def main() -> None:
                 ddp = peer_rate(torch_ddp, [cores[:1], cores[1:2]], spec, where, steps)
                 one = edgetrain_rate(spec, where, 1, k, rounds)
                 two = edgetrain_rate(spec, where, 2, k, rounds)
+                rate2, rate1 = two["samples_per_s"], one["samples_per_s"]
                 print(f"K={k} rep {rep}: torch 1x1 {single:.0f}/s | DDP 2x1 {ddp:.0f}/s ({ddp / single:.2f}x) | "
-                      f"edgetrain 1 agent {one['samples_per_s']:.0f}/s | 2 agents {two['samples_per_s']:.0f}/s "
-                      f"({two['samples_per_s'] / single:.2f}x torch 1x1, {two['samples_per_s'] / one['samples_per_s']:.2f}x "
-                      f"1 agent) | sync overhead median {two['sync_ms']:.1f} ms (p90 {two['sync_ms_p90']:.1f}), "
+                      f"edgetrain 1 agent {rate1:.0f}/s | 2 agents {rate2:.0f}/s "
+                      f"({rate2 / single:.2f}x torch 1x1, {rate2 / rate1:.2f}x 1 agent) | "
+                      f"sync overhead median {two['sync_ms']:.1f} ms (p90 {two['sync_ms_p90']:.1f}), "
                       f"round {two['round_ms']:.0f} ms", flush=True)
     if "memory" not in args.skip:
         m = memory_with_agents(args.memory_agents, rounds=5)
