@@ -129,30 +129,44 @@ def download_file(
     """
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
+    resumed = _download_to_part(url, part, progress=progress, timeout=timeout, label=dest.name)
+    if verify is not None:
+        try:
+            verify(part)
+        except DatasetError as exc:
+            part.unlink(missing_ok=True)
+            if not resumed:
+                raise type(exc)(f"{url}: {exc}") from None
+            # The kept prefix may be stale (another mirror, an older file): one clean retry from byte 0.
+            _download_to_part(url, part, progress=progress, timeout=timeout, label=dest.name)
+            try:
+                verify(part)
+            except DatasetError as again:
+                part.unlink(missing_ok=True)
+                raise type(again)(f"{url}: {again}") from None
+    os.replace(part, dest)
+    _fsync_dir(dest.parent)
+
+
+def _download_to_part(url: str, part: Path, *, progress: bool, timeout: float, label: str) -> bool:
+    """Complete ``part`` from ``url``; True when it kept bytes from an earlier attempt."""
     for attempt in range(2):  # the second attempt only after discarding an unusable .part
         offset = part.stat().st_size if part.exists() else 0
         try:
-            _transfer(url, part, offset, progress=progress, timeout=timeout, label=dest.name)
-            break
+            return _transfer(url, part, offset, progress=progress, timeout=timeout, label=label)
         except _RestartError:
             part.unlink(missing_ok=True)
             if attempt:
-                raise DownloadError(f"{url}: the server's byte ranges make no sense; giving up") from None
-    try:
-        if verify is not None:
-            verify(part)
-    except DatasetError as exc:
-        part.unlink(missing_ok=True)
-        raise type(exc)(f"{url}: {exc}") from None
-    os.replace(part, dest)
-    _fsync_dir(dest.parent)
+                break
+    raise DownloadError(f"{url}: the server's byte ranges make no sense; giving up")
 
 
 class _RestartError(Exception):
     """The partial file cannot be resumed: delete it and start over."""
 
 
-def _transfer(url: str, part: Path, offset: int, *, progress: bool, timeout: float, label: str) -> None:
+def _transfer(url: str, part: Path, offset: int, *, progress: bool, timeout: float, label: str) -> bool:
+    """Fetch ``url`` into ``part`` from byte ``offset``; True when the existing bytes were kept."""
     headers = {"User-Agent": _USER_AGENT, "Accept-Encoding": "identity"}
     if offset:
         headers["Range"] = f"bytes={offset}-"
@@ -166,7 +180,7 @@ def _transfer(url: str, part: Path, offset: int, *, progress: bool, timeout: flo
             match = _CONTENT_RANGE_RE.fullmatch((exc.headers.get("Content-Range") or "").strip())
             exc.close()
             if match and match.group(3) != "*" and int(match.group(3)) == offset:
-                return
+                return True
             raise _RestartError from None
         exc.close()
         raise DownloadError(f"{url}: HTTP {exc.code} {exc.reason}") from None
@@ -201,6 +215,7 @@ def _transfer(url: str, part: Path, offset: int, *, progress: bool, timeout: flo
         raise DownloadError(
             f"{url}: connection closed after {written} of {total} bytes; run again to resume from {part.name}"
         )
+    return mode == "ab"
 
 
 def _copy(

@@ -333,3 +333,12 @@ def test_unwritable_cache_is_one_clear_line(tmp_path: Path) -> None:
     blocker.write_text("not a folder")
     with pytest.raises(DatasetError, match="cannot write to the cache .* set EDGETRAIN_CACHE"):
         load_dataset("mnist", cache_dir=blocker)
+
+
+def test_stale_part_failing_the_checksum_is_fetched_again_whole(server: FileServer, tmp_path: Path) -> None:
+    server.files["/blob"] = BLOB
+    (tmp_path / "blob.part").write_bytes(b"\xff" * 1000)  # left by another mirror or an older file
+    download_file(f"{server.base_url}/blob", tmp_path / "blob", verify=sha256_verifier(BLOB_SHA))
+    assert (tmp_path / "blob").read_bytes() == BLOB
+    assert [r for _, r in server.requests] == ["bytes=1000-", None]
+    assert listing(tmp_path) == ["blob"]
