@@ -115,14 +115,14 @@ class CoordinatorClient:
         return Round(header, state, time.perf_counter() - first_part_at, asm.received_bytes)
 
     def submit(self, round_: int, num_samples: int, stats: pb.NodeStats, state: dict[str, torch.Tensor],
-               wire_dtype: str = "float32") -> tuple[pb.UpdateAck, float, int]:
-        """Stream one update; returns (ack, seconds, bytes sent)."""
+               wire_dtype: str = "float32", delta: bool = False) -> tuple[pb.UpdateAck, float, int]:
+        """Stream one update (weights, or a delta against the round's weights); returns (ack, seconds, bytes)."""
         sent = 0
 
         def messages() -> Iterator[pb.UpdateMessage]:
             nonlocal sent
             yield pb.UpdateMessage(header=pb.UpdateHeader(
-                agent_id=self.agent_id, round=round_, num_samples=num_samples, stats=stats))
+                agent_id=self.agent_id, round=round_, num_samples=num_samples, stats=stats, delta=delta))
             for part in serde.encode(state, wire_dtype=wire_dtype):
                 sent += len(part.data)
                 yield pb.UpdateMessage(part=part)

@@ -14,6 +14,7 @@ from agent.config import AgentConfig
 from agent.metrics import AgentMetrics
 from agent.worker import RoundTask, WorkerPool
 from edgetrain import serde
+from edgetrain.compression import ErrorFeedback
 from edgetrain.cores import pin_current_process
 from edgetrain.errors import ConfigError
 from edgetrain.httpmetrics import MetricsServer
@@ -25,7 +26,11 @@ log = logging.getLogger("edgetrain.agent")
 
 # Errors after which the agent joins again (the coordinator restarted, or replaced this session).
 _REJOIN = (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNAUTHENTICATED)
-# Errors worth waiting out: the coordinator is restarting or the link dropped.
+# Errors worth waiting out: the coordinator is restarting or the link dropped. DEADLINE_EXCEEDED is here on
+# purpose: GetRound is an idempotent long-poll read (the server answers WAIT well inside its deadline, so a
+# timeout means a stalled link or a slow weights download), and asking again is safe. An update is never sent
+# twice as such: after a failed SubmitUpdate the agent asks for work again, and trains the round again only
+# if the coordinator did not take the first copy (a second copy that lands is refused ALREADY_EXISTS).
 _RETRY = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 
 
@@ -112,13 +117,15 @@ class AgentRunner:
         """Train rounds until FINISHED ("finished"), stop, or the session is gone ("rejoin")."""
         assert self.pool is not None
         expected = serde.spec_of(self.pool.shared)
+        feedback = ErrorFeedback(spec.update_dtype)  # compressed updates travel as deltas with error feedback
         after = -1
         upload_seconds = 0.0
         delays = None
+        failing_since = 0.0
         while not self.stop.is_set():
             try:
                 rnd: Round = client.get_round(after, expected)
-                delays = None
+                delays, failing_since = None, 0.0
             except grpc.RpcError as err:
                 if self.stop.is_set():
                     break
@@ -126,6 +133,9 @@ class AgentRunner:
                     return "rejoin"
                 if err.code() not in _RETRY:
                     raise
+                failing_since = failing_since or time.monotonic()
+                if self.cfg.give_up_after is not None and time.monotonic() - failing_since > self.cfg.give_up_after:
+                    raise  # the coordinator has been gone longer than we agreed to wait
                 delays = delays or backoff_delays()
                 if self.stop.wait(next(delays)):
                     break
@@ -145,14 +155,15 @@ class AgentRunner:
                 accuracy=result.accuracy,
                 samples_per_second=result.samples / result.seconds if result.seconds > 0 else 0.0,
             )
+            update = feedback.delta(self.pool.shared, rnd.state) if feedback.active else self.pool.shared
             try:
-                ack, upload_seconds, _ = client.submit(header.round, result.samples, stats, self.pool.shared,
-                                                       spec.update_dtype)
+                ack, upload_seconds, _ = client.submit(header.round, result.samples, stats, update,
+                                                       spec.update_dtype, delta=feedback.active)
             except grpc.RpcError as err:
                 if err.code() in _REJOIN:
                     return "rejoin"
                 if err.code() in _RETRY:
-                    time.sleep(0.5)
+                    self.stop.wait(0.5)
                     continue
                 # refused (late, stale, ...): the coordinator says why; go on with the next round
                 log.warning("update for round %d refused: %s %s", header.round, err.code().name, err.details())

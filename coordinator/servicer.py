@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import math
+import re
 import threading
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -16,6 +18,7 @@ from coordinator import rounds
 from coordinator.membership import Agent, Membership
 from coordinator.metrics import CoordinatorMetrics
 from edgetrain import grpc_options, serde
+from edgetrain.compression import apply_delta
 from edgetrain.errors import WireError
 from edgetrain.proto import edgetrain_pb2 as pb
 from edgetrain.proto import edgetrain_pb2_grpc as pb_grpc
@@ -25,6 +28,7 @@ log = logging.getLogger("edgetrain.coordinator")
 
 _STATUS = {code.name: code for code in grpc.StatusCode}
 UNKNOWN_NODE = "unknown"  # `node` label for refusals before we know who is calling (bounded label set)
+AGENT_NAME = re.compile(r"[A-Za-z0-9_.:-]{1,128}")  # what agent/config.py allows
 
 
 @dataclass
@@ -113,10 +117,10 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         node = [UNKNOWN_NODE]
         with self._refusals(context, node):
             name = request.agent_name
-            if not name or len(name) > 128:
-                raise rounds.MalformedError("agent_name must be 1-128 characters")
-            if request.throughput < 0 or request.workers < 0:
-                raise rounds.MalformedError("throughput and workers cannot be negative")
+            if not AGENT_NAME.fullmatch(name):  # it becomes a metric label and goes into logs
+                raise rounds.MalformedError("agent_name must be 1-128 letters, digits, '_', '.', ':' or '-'")
+            if not (math.isfinite(request.throughput) and request.throughput >= 0) or request.workers < 0:
+                raise rounds.MalformedError("throughput must be finite and workers and throughput not negative")
             agent, replaced = self.s.membership.admit(
                 name,
                 cores=tuple(request.cores),
@@ -179,15 +183,18 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
                         raise rounds.TooLargeError(f"a part of {len(msg.part.data)} bytes; at most {serde.PART_BYTES}")
                     asm.add(msg.part)
                 tensors = asm.finish()
+                if h.delta:
+                    tensors = apply_delta(self.s.engine.global_state, tensors)
                 stats = {
                     "compute_seconds": h.stats.compute_seconds,
                     "communication_seconds": h.stats.communication_seconds,
                     "loss": h.stats.loss,
                     "accuracy": h.stats.accuracy,
                     "samples_per_second": h.stats.samples_per_second,
+                    "bytes": float(asm.received_bytes),
                 }
                 self.s.engine.submit(agent.agent_id, h.round, h.num_samples, tensors, stats)
-            if h.stats.samples_per_second > 0:
+            if math.isfinite(h.stats.samples_per_second) and h.stats.samples_per_second > 0:  # sizes rounds
                 agent.throughput = h.stats.samples_per_second
             self.s.metrics.accepted_update(agent.name, h.num_samples, stats, asm.received_bytes)
             return pb.UpdateAck(accepted=True, detail=f"round {h.round}")

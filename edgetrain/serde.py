@@ -72,19 +72,9 @@ def encode(
     `wire_dtype` "float16"/"bfloat16" casts floating tensors; "int8" quantises each floating tensor
     symmetrically with one scale (max|x|/127). Integer tensors always travel as they are.
     """
-    target = UPDATE_DTYPES.get(wire_dtype)
-    if target is None:
-        raise ValueError(f"unknown wire dtype {wire_dtype!r}; choose from {sorted(UPDATE_DTYPES)}")
+    target = _wire_target(wire_dtype)
     for name, tensor in state.items():
-        scale = 0.0
-        t = tensor.detach()
-        if t.is_floating_point() and target != t.dtype:
-            if target == torch.int8:
-                peak = float(t.abs().max()) if t.numel() else 0.0
-                scale = peak / 127.0 if peak > 0 else 1.0
-                t = torch.round(t.float() / scale).clamp_(-127, 127).to(torch.int8)
-            else:
-                t = t.to(target)
+        t, scale = _to_wire(tensor.detach(), target)
         if t.dtype not in _TORCH_TO_WIRE:
             raise ValueError(f"tensor {name!r} has dtype {t.dtype}, which the wire does not carry")
         raw = _raw_bytes(t)
@@ -99,6 +89,36 @@ def encode(
             offset += len(chunk)
             if offset >= len(raw):
                 break
+
+
+def _wire_target(wire_dtype: str) -> torch.dtype:
+    target = UPDATE_DTYPES.get(wire_dtype)
+    if target is None:
+        raise ValueError(f"unknown wire dtype {wire_dtype!r}; choose from {sorted(UPDATE_DTYPES)}")
+    return target
+
+
+def _to_wire(t: torch.Tensor, target: torch.dtype) -> tuple[torch.Tensor, float]:
+    """Cast a floating tensor to the wire dtype; int8 is symmetric with one scale, max|x|/127."""
+    if not t.is_floating_point() or target == t.dtype:
+        return t, 0.0
+    if target == torch.int8:
+        peak = float(t.abs().max()) if t.numel() else 0.0
+        scale = peak / 127.0 if peak > 0 else 1.0
+        return torch.round(t.float() / scale).clamp_(-127, 127).to(torch.int8), scale
+    return t.to(target), 0.0
+
+
+def _from_wire(t: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
+    if t.dtype == torch.int8 and dtype.is_floating_point:
+        return t.to(dtype) * scale
+    return t.to(dtype)
+
+
+def roundtrip(t: torch.Tensor, wire_dtype: str) -> torch.Tensor:
+    """What the receiver decodes when `t` is sent as `wire_dtype` (for error feedback)."""
+    wire, scale = _to_wire(t.detach(), _wire_target(wire_dtype))
+    return _from_wire(wire, scale, t.dtype)
 
 
 class Assembler:
@@ -175,11 +195,7 @@ class Assembler:
         out: dict[str, torch.Tensor] = {}
         for name, spec in self._expected.items():
             wire, shape, scale = self._meta[name]
-            t = _from_bytes(self._buffers[name], _WIRE_TO_TORCH[wire], shape)
-            if t.dtype == torch.int8 and spec.dtype.is_floating_point:
-                t = t.to(spec.dtype) * scale
-            else:
-                t = t.to(spec.dtype)
+            t = _from_wire(_from_bytes(self._buffers[name], _WIRE_TO_TORCH[wire], shape), scale, spec.dtype)
             if self._check_finite and t.is_floating_point() and not bool(torch.isfinite(t).all()):
                 raise WireError(f"tensor {name!r}: NaN or Inf values")
             out[name] = t

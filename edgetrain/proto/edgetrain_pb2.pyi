@@ -162,16 +162,18 @@ class NodeStats(_message.Message):
     def __init__(self, compute_seconds: _Optional[float] = ..., communication_seconds: _Optional[float] = ..., loss: _Optional[float] = ..., accuracy: _Optional[float] = ..., samples_per_second: _Optional[float] = ...) -> None: ...
 
 class UpdateHeader(_message.Message):
-    __slots__ = ("agent_id", "round", "num_samples", "stats")
+    __slots__ = ("agent_id", "round", "num_samples", "stats", "delta")
     AGENT_ID_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     NUM_SAMPLES_FIELD_NUMBER: _ClassVar[int]
     STATS_FIELD_NUMBER: _ClassVar[int]
+    DELTA_FIELD_NUMBER: _ClassVar[int]
     agent_id: str
     round: int
     num_samples: int
     stats: NodeStats
-    def __init__(self, agent_id: _Optional[str] = ..., round: _Optional[int] = ..., num_samples: _Optional[int] = ..., stats: _Optional[_Union[NodeStats, _Mapping]] = ...) -> None: ...
+    delta: bool
+    def __init__(self, agent_id: _Optional[str] = ..., round: _Optional[int] = ..., num_samples: _Optional[int] = ..., stats: _Optional[_Union[NodeStats, _Mapping]] = ..., delta: _Optional[bool] = ...) -> None: ...
 
 class UpdateMessage(_message.Message):
     __slots__ = ("header", "part")

@@ -137,3 +137,17 @@ def test_one_agent_with_two_workers_trains_through_gloo(tmp_path: Path) -> None:
     assert result.completed_rounds == 3
     (node,) = result.nodes.values()
     assert node.samples == 3 * 4 * 64 * 2  # both workers' batches count
+
+
+def test_int8_updates_with_error_feedback_train_and_send_a_quarter_of_the_bytes(tmp_path: Path) -> None:
+    spec = RunSpec(dataset="tweets", limit=6000, seed=1, update_dtype="int8")
+    cfg = CoordinatorConfig(spec=spec, port=0, local_steps=8, rounds=8, local_agents=2, eval_every=8,
+                            run_dir=tmp_path, progress=False, round_timeout=120)
+    coord = Coordinator(cfg)
+    result = coord.run()
+    assert result.completed_rounds == 8 and result.final is not None
+    model_bytes = sum(v.numel() * v.element_size() for v in coord.engine.global_state.values())  # type: ignore[union-attr]
+    per_update = [n["bytes"] for r in result.history for n in r["nodes"].values()]
+    assert all(b < 0.3 * model_bytes for b in per_update), (per_update[:2], model_bytes)
+    majority = float(torch.bincount(coord.workload.data.test.y).max()) / len(coord.workload.data.test.y)  # type: ignore[union-attr]
+    assert result.final.accuracy > majority + 0.05
