@@ -176,6 +176,14 @@ class RoundEngine:
         self._kept: list[tuple[Mapping[str, torch.Tensor], int]] = []  # robust aggregators only
         self._deadline = 0.0
         self._opened_at = 0.0
+        # A round closed short is run again under the same number: each opening gets a serial, and an agent
+        # that was handed an earlier opening of that number is handed the re-run (its after_round equals it).
+        self._opening = 0
+        self._handed: dict[str, int] = {}  # agent_id -> opening it was last handed work in
+        # Participants that sent nothing before a round closed: their update for it, if it comes, is "late"
+        # (until they are handed new work), not just "stale".
+        self._missed: dict[str, int] = {}  # agent_id -> round it missed
+        self.told_finished: set[str] = set()  # agents that heard FINISHED (the driver waits a little for the rest)
 
     # ---- read side
     @property
@@ -218,6 +226,7 @@ class RoundEngine:
             self._kept = []
             self._opened_at = self._clock()
             self._deadline = self._opened_at + self.round_timeout
+            self._opening += 1
             self._open = True
             self._cv.notify_all()
             return dict(self._assignments)
@@ -226,6 +235,8 @@ class RoundEngine:
         """Stop waiting for an agent that left or was replaced (its sent update, if any, stays)."""
         with self._cv:
             self._expected.discard(agent_id)
+            self._handed.pop(agent_id, None)
+            self._missed.pop(agent_id, None)
             self._cv.notify_all()
 
     def wait_for_updates(self, stop: threading.Event | None = None) -> bool:
@@ -248,6 +259,7 @@ class RoundEngine:
             self._open = False
             contributions = dict(self._received)
             missing = sorted(set(self._assignments) - set(contributions))
+            self._missed.update(dict.fromkeys(missing, self.completed_rounds))
             applied = len(contributions) >= max(1, min_updates)
             if applied:
                 if self.aggregator == "mean":
@@ -290,13 +302,16 @@ class RoundEngine:
         with self._cv:
             while True:
                 if self._finished:
+                    self.told_finished.add(agent_id)
                     return Work("FINISHED")
                 if (
                     self._open
-                    and self.completed_rounds > after_round
+                    and (after_round < self.completed_rounds or self._rerun_for(agent_id))
                     and agent_id in self._assignments
                     and agent_id not in self._received
                 ):
+                    self._handed[agent_id] = self._opening
+                    self._missed.pop(agent_id, None)
                     return Work(
                         "WORK",
                         round=self.completed_rounds,
@@ -309,6 +324,10 @@ class RoundEngine:
                     return Work("WAIT", round=self.completed_rounds)
                 self._cv.wait(timeout=remaining)
 
+    def _rerun_for(self, agent_id: str) -> bool:
+        """The open round re-runs one this agent was handed before (it closed short and was not applied)."""
+        return self._handed.get(agent_id, self._opening) < self._opening
+
     def precheck(self, agent_id: str, round_: int, num_samples: int) -> Assignment:
         """Refuse early (before any tensor is read) what `submit` would refuse anyway."""
         with self._cv:
@@ -316,8 +335,12 @@ class RoundEngine:
 
     def _check(self, agent_id: str, round_: int, num_samples: int) -> Assignment:
         if not self._open or round_ != self.completed_rounds:
+            if self._missed.get(agent_id) == round_:
+                raise LateUpdateError(f"round {round_} closed at its deadline before this update arrived")
             raise StaleRoundError(f"round {round_} is not open (open: {self._open_round_text()})")
         assignment = self._assignments.get(agent_id)
+        if assignment is None and self._missed.get(agent_id) == round_:
+            raise LateUpdateError(f"round {round_} closed at its deadline before this update arrived (re-run now)")
         if assignment is None:
             raise NotParticipantError(f"agent takes part from the next round, not round {round_}")
         if agent_id in self._received:
