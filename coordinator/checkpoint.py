@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 
@@ -31,11 +32,20 @@ class Checkpoint:
 
 def atomic_save(obj: Any, path: Path) -> None:
     """torch.save to a temp file beside `path`, fsync it, rename over `path`, fsync the folder."""
+    _atomic(path, lambda fh: torch.save(obj, fh))
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Replace a text file as atomic_save does: readers see the old or the new content, never a part."""
+    _atomic(path, lambda fh: fh.write(text.encode()))
+
+
+def _atomic(path: Path, write: Callable[[BinaryIO], object]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
-            torch.save(obj, fh)
+            write(fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)

@@ -69,6 +69,28 @@ class RunResult:
     sync_overheads: list[float] = field(default_factory=list)  # round wall time minus slowest compute
 
 
+LOG = "rounds.jsonl"
+
+
+def trim_log(path: Path, completed: int) -> None:
+    """Keep the log's records of rounds before `completed` (the checkpoint's), atomically.
+
+    A coordinator killed after logging round r but before checkpointing it runs round r again on resume;
+    without this the log would hold r twice (or a torn last line).
+    """
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("round"), int) and record["round"] < completed:
+            kept.append(line + "\n")
+    checkpoint.atomic_write_text(path, "".join(kept))
+
+
 def local_core_groups(n: int, cores: list[int] | None = None) -> list[list[int]]:
     """Disjoint core groups for n local agents; with more agents than cores, agents share cores round-robin."""
     cores = cores or allowed_cores()
@@ -102,6 +124,8 @@ class Coordinator:
         self.local_agents: list[subprocess.Popen[bytes]] = []
         self._server: Any = None
         self._model: torch.nn.Module | None = None
+        self._benched: dict[str, float] = {}  # agent_id -> when it missed a round (it is not ready since)
+        self.health: Any = None  # grpc_health HealthServicer: SERVING while the run goes, NOT_SERVING after
 
     # ---- set-up
     def start(self) -> None:
@@ -120,13 +144,15 @@ class Coordinator:
                     raise ConfigError(f"checkpoint in {cfg.run_dir} is from another data set or model")
                 state, completed, cursors = ck.state, ck.completed_rounds, ck.cursors
                 self.console.print(f"resuming from round {completed} ({cfg.run_dir / checkpoint.LATEST})")
+            if cfg.resume:
+                trim_log(cfg.run_dir / LOG, completed)
         self.engine = RoundEngine(
             state, batch_size=spec.batch_size, local_steps=cfg.local_steps, round_timeout=cfg.round_timeout,
             aggregator=cfg.aggregator, trim=cfg.trim, balance=cfg.balance, completed_rounds=completed,
             cursors=cursors,
         )
         svc = ServiceState(self.engine, self.membership, spec, self.metrics, on_join=self._joined)
-        self._server, self.port, _ = start_server(
+        self._server, self.port, self.health = start_server(
             svc, cfg.host, cfg.port, token=cfg.token, tls_cert=cfg.tls_cert, tls_key=cfg.tls_key,
             tls_client_ca=cfg.tls_client_ca,
         )
@@ -205,7 +231,7 @@ class Coordinator:
         history: list[dict[str, Any]] = []
         nodes: dict[str, NodeSummary] = {}
         overheads: list[float] = []
-        log_file = open(cfg.run_dir / "rounds.jsonl", "a") if cfg.run_dir is not None else None  # noqa: SIM115
+        log_file = open(cfg.run_dir / LOG, "a") if cfg.run_dir is not None else None  # noqa: SIM115
         final: EvalResult | None = None
         samples_total = 0
         stopped_by = "stop"
@@ -229,10 +255,7 @@ class Coordinator:
                     names = {a.agent_id: a.name for a in live}
                     engine.wait_for_updates(self.stop)
                     outcome = engine.close_round(min_updates=min(cfg.min_agents, len(live)))
-                    for agent_id in outcome.missing:  # vanished or too slow: rejoin reassigns shards
-                        if self.membership.remove(agent_id) is not None:
-                            log.warning("agent %s sent nothing in round %d; dropped", names.get(agent_id),
-                                        outcome.round)
+                    self._bench(outcome, names)
                     self.metrics.agents.set(len(self.membership))
                     if outcome.missing:
                         self.metrics.rounds_short.inc()
@@ -277,6 +300,34 @@ class Coordinator:
             if log_file is not None:
                 log_file.close()
             self.close()
+
+    def _bench(self, outcome: Outcome, names: dict[str, str]) -> None:
+        """Take agents that sent nothing out of the next rounds (the world shrinks; shards are reassigned).
+
+        A straggler stays admitted: its late update is refused as "late" and its next GetRound makes it ready
+        again. A dead agent never asks again and is forgotten once unseen for `_gone_after()` seconds; a
+        restart under the same name replaces it at once.
+        """
+        now = time.monotonic()
+        for agent_id in outcome.missing:
+            agent = self.membership.get(agent_id)
+            if agent is not None:
+                agent.ready = False
+                self._benched[agent_id] = now
+            log.warning("round %d closed without an update from %s (%s)", outcome.round, names.get(agent_id, agent_id),
+                        "left or replaced" if agent is None else "out of the rounds until it asks for work again")
+        for agent_id, since in list(self._benched.items()):
+            agent = self.membership.get(agent_id)
+            if agent is None or agent.ready:  # left, replaced by a restart, or back
+                del self._benched[agent_id]
+            elif now - max(since, agent.last_seen) > self._gone_after():
+                del self._benched[agent_id]
+                self.membership.remove(agent_id)
+                log.warning("agent %s unseen for %.0f s; forgotten", agent.name, self._gone_after())
+
+    def _gone_after(self) -> float:
+        # A live agent calls at least once per long-poll (20 s) when idle, and once per round when busy.
+        return max(2 * self.cfg.round_timeout, 60.0)
 
     def _record(self, outcome: Outcome, names: dict[str, str], nodes: dict[str, NodeSummary],
                 t_start: float) -> dict[str, Any]:
@@ -327,8 +378,11 @@ class Coordinator:
         )
 
     def close(self) -> None:
+        if self.health is not None:  # before FINISHED goes out: probes see the run is over, not a new one
+            self.health.enter_graceful_shutdown()
         if self.engine is not None:
             self.engine.finish()
+            self._let_agents_hear_finished()
         deadline = time.monotonic() + 15
         for proc in self.local_agents:  # they see FINISHED and exit; stragglers are stopped
             try:
@@ -347,6 +401,18 @@ class Coordinator:
         if self.metrics_server is not None:
             self.metrics_server.close()
             self.metrics_server = None
+
+
+    def _let_agents_hear_finished(self, grace: float = 10.0) -> None:
+        """Serve a little longer while ready agents are still training (the run stopped mid-round).
+
+        They hear FINISHED when they next ask, rather than finding the coordinator gone and retrying.
+        """
+        assert self.engine is not None
+        end = time.monotonic() + min(grace, self.cfg.round_timeout)
+        while time.monotonic() < end and any(
+                a.agent_id not in self.engine.told_finished for a in self.membership.live(ready_only=True)):
+            time.sleep(0.05)
 
 
 def summary_table(result: RunResult) -> Table:
