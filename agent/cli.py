@@ -40,7 +40,7 @@ def make_app() -> typer.Typer:
         tls_ca: Annotated[Optional[Path], typer.Option(help="CA certificate to trust (enables TLS).")] = None,  # noqa: UP045
         tls_cert: Annotated[Optional[Path], typer.Option(help="Client certificate (mutual TLS).")] = None,  # noqa: UP045
         tls_key: Annotated[Optional[Path], typer.Option(help="Client key (mutual TLS).")] = None,  # noqa: UP045
-        give_up_after: Annotated[Optional[float], typer.Option(help="Stop retrying to join after N s.")] = None,  # noqa: UP045
+        give_up_after: Annotated[Optional[float], typer.Option(help="Give up if unreachable for N s.")] = None,  # noqa: UP045
         log_level: Annotated[str, typer.Option(help="debug, info, warning, error.")] = "info",
     ) -> int:
         """Join a coordinator and train until it says the run is over (SIGINT/SIGTERM leave cleanly)."""

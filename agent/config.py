@@ -28,7 +28,7 @@ class AgentConfig:
     tls_ca: Path | None = None
     tls_cert: Path | None = None
     tls_key: Path | None = None
-    give_up_after: float | None = None  # stop retrying Join after this many seconds (None: forever)
+    give_up_after: float | None = None  # give up on an unreachable coordinator after N s (None: never)
     throughput: float = 0.0
 
     def __post_init__(self) -> None:
