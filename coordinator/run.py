@@ -255,10 +255,11 @@ class Coordinator:
                     names = {a.agent_id: a.name for a in live}
                     engine.wait_for_updates(self.stop)
                     outcome = engine.close_round(min_updates=min(cfg.min_agents, len(live)))
-                    self._bench(outcome, names)
+                    if not self.stop.is_set():  # a round cut short by a stop is nobody's fault
+                        self._bench(outcome, names)
+                        if outcome.missing:
+                            self.metrics.rounds_short.inc()
                     self.metrics.agents.set(len(self.membership))
-                    if outcome.missing:
-                        self.metrics.rounds_short.inc()
                     if not outcome.applied:
                         log.warning("round %d closed with too few updates; running it again", outcome.round)
                         continue
