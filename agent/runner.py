@@ -97,13 +97,16 @@ class AgentRunner:
                              cfg.core_groups)
                     self.pool = WorkerPool(cfg.core_groups, spec, cfg.where, cfg.device)
                     self.ready.set()
+                else:
+                    log.info("joined again as %s (same run: workers kept)", reply.agent_id)
                 if self._train(client, spec, metrics) == "finished":
                     return 0
             return 0
         except grpc.RpcError as err:
             if self.stop.is_set():
                 return 0
-            log.error("coordinator refused: %s %s", err.code().name, err.details())
+            what = "unreachable" if err.code() in _RETRY else "refused"  # gave up retrying, or a real refusal
+            log.error("coordinator %s: %s %s", what, err.code().name, err.details())
             return 1
         finally:
             client.leave()
