@@ -84,6 +84,9 @@ def _main(setup: WorkerSetup, conn: Any) -> None:
             shared = conn.recv()  # worker 0's shared tensors, passed on by the agent
         shards: dict[tuple[int, int], torch.Tensor] = {}
         x, y = workload.data.train.x, workload.data.train.y
+        weights = workload.class_weights()
+        if weights is not None:
+            weights = weights.to(device)
         while True:
             msg = conn.recv()
             if msg[0] == "stop":
@@ -104,6 +107,7 @@ def _main(setup: WorkerSetup, conn: Any) -> None:
             result = train_steps(
                 model, optimizer, x, y, plan, seed=setup.spec.seed * 1_000_003 + task.round * 101 + setup.index,
                 device=device, after_step=lambda _i, s, times=step_times: times.append(s), grad_hook=grad_hook,
+                class_weights=weights,
             )
             if setup.index == 0:
                 with torch.no_grad():

@@ -75,6 +75,7 @@ def make_app() -> typer.Typer:
         shard_scheme: Annotated[str, typer.Option(help="iid or dirichlet.")] = "iid",
         alpha: Annotated[float, typer.Option(help="Dirichlet concentration (smaller: more skew).")] = 0.5,
         update_dtype: Annotated[str, typer.Option(help="float32, float16, bfloat16 or int8.")] = "float32",
+        class_weighting: Annotated[str, typer.Option(help="none, or balanced (for macro-recall).")] = "none",
         run_dir: Annotated[Optional[Path], typer.Option(help="Checkpoints, log and final model.")] = None,  # noqa: UP045
         resume: Annotated[bool, typer.Option(help="Resume from --run-dir's checkpoint.")] = False,
         token_env: Annotated[str, typer.Option(help="Env variable with the operator token.")] = "EDGETRAIN_TOKEN",
@@ -99,7 +100,7 @@ def make_app() -> typer.Typer:
         spec = RunSpec(
             dataset=dataset, model=model, seed=seed, batch_size=batch_size, lr=lr, optimizer=optimizer,
             momentum=momentum, weight_decay=weight_decay, shard_scheme=shard_scheme, dirichlet_alpha=alpha,
-            max_len=max_len, limit=limit, update_dtype=update_dtype,
+            max_len=max_len, limit=limit, update_dtype=update_dtype, class_weighting=class_weighting,
         )
         cfg = CoordinatorConfig(
             spec=spec, where=DataLocation(data_dir, data_path, cache_dir, not no_download), host=host, port=port,
@@ -159,6 +160,8 @@ def make_bench_app() -> typer.Typer:
         repeats: Annotated[int, typer.Option(help="Runs of each method (medians are reported).")] = 1,
         target_accuracy: Annotated[Optional[float], typer.Option(help="Also time reaching this accuracy.")] = None,  # noqa: UP045
         quiet_wait: Annotated[float, typer.Option(help="Before each run, wait up to N s for a quiet machine.")] = 0.0,
+        max_other_load: Annotated[float, typer.Option(help="Rerun runs others disturbed more (% CPU).")] = 100.0,
+        retries: Annotated[int, typer.Option(help="At most this many reruns of a disturbed run.")] = 3,
         out: Annotated[Optional[Path], typer.Option(help="Folder for parallel.md/.csv/.png.")] = None,  # noqa: UP045
         progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
     ) -> int:
@@ -169,7 +172,7 @@ def make_bench_app() -> typer.Typer:
 
         settings = ex.BenchSettings(dataset=dataset, model=model, data_dir=data_dir, limit=limit, epochs=epochs,
                                     batch_size=batch_size, lr=lr, optimizer=optimizer, seed=seed, repeats=repeats,
-                                    quiet_wait=quiet_wait)
+                                    quiet_wait=quiet_wait, max_other_load=max_other_load, retries=retries)
         report = ex.run_parallel(settings, agents=agents or None, local_steps=local_steps,
                                  target_accuracy=target_accuracy, progress=progress)
         folder = out or Path("runs") / f"bench-parallel-{dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -198,6 +201,8 @@ def make_bench_app() -> typer.Typer:
         affinity: Annotated[str, typer.Option(help="Core counts 1,2,4,8 or sets 0;0,1;0-3.")] = "",
         layout: Annotated[str, typer.Option(help="Processes x threads, e.g. 1x2,2x1 (DDP over gloo).")] = "",
         quiet_wait: Annotated[float, typer.Option(help="Before each run, wait up to N s for a quiet machine.")] = 0.0,
+        max_other_load: Annotated[float, typer.Option(help="Rerun runs others disturbed more (% CPU).")] = 100.0,
+        retries: Annotated[int, typer.Option(help="At most this many reruns of a disturbed run.")] = 3,
         out: Annotated[Optional[Path], typer.Option(help="Folder for affinity.md/.csv/.png.")] = None,  # noqa: UP045
         progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
     ) -> int:
@@ -208,7 +213,7 @@ def make_bench_app() -> typer.Typer:
 
         settings = ex.BenchSettings(dataset=dataset, model=model, data_dir=data_dir, limit=limit, epochs=epochs,
                                     batch_size=batch_size, lr=lr, optimizer=optimizer, seed=seed, repeats=repeats,
-                                    quiet_wait=quiet_wait)
+                                    quiet_wait=quiet_wait, max_other_load=max_other_load, retries=retries)
         sets = ex.parse_affinity(affinity) if affinity else None
         layouts = ex.parse_layouts(layout) if layout else None
         report = ex.run_affinity(settings, sets=sets, layouts=layouts, progress=progress)

@@ -12,6 +12,7 @@ from edgetrain.serde import UPDATE_DTYPES
 from edgetrain.training import OPTIMIZERS, TrainConfig
 
 SHARD_SCHEMES = ("iid", "dirichlet")
+CLASS_WEIGHTINGS = ("none", "balanced")
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,7 @@ class RunSpec:
     max_len: int = 64
     limit: int = 0  # 0 = the whole data set
     update_dtype: str = "float32"
+    class_weighting: str = "none"  # "balanced": weigh the loss by inverse class frequency (for macro-recall)
 
     def __post_init__(self) -> None:
         self.train_config()  # validates batch size, lr, optimizer, momentum
@@ -45,6 +47,9 @@ class RunSpec:
             raise ConfigError(f"max length must be at least 1, got {self.max_len}")
         if self.limit < 0:
             raise ConfigError(f"limit must be 0 (everything) or positive, got {self.limit}")
+        if self.class_weighting not in CLASS_WEIGHTINGS:
+            raise ConfigError(
+                f"unknown class weighting {self.class_weighting!r}; choose from {', '.join(CLASS_WEIGHTINGS)}")
         if self.update_dtype not in UPDATE_DTYPES:
             raise ConfigError(f"unknown update dtype {self.update_dtype!r}; choose from {', '.join(UPDATE_DTYPES)}")
 

@@ -83,6 +83,15 @@ def batch_plan(shard: torch.Tensor, *, seed: int, rank: int, start_sample: int, 
     return out
 
 
+def balanced_class_weights(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """n / (k * count_c) per class, as scikit-learn's "balanced": rare classes weigh more, mean weight ~1.
+
+    Macro-recall (TweetEval's sentiment metric) rewards every class equally, so the loss should too.
+    """
+    counts = torch.bincount(labels, minlength=num_classes).double().clamp(min=1)
+    return (len(labels) / (num_classes * counts)).float()
+
+
 @dataclass(frozen=True)
 class StepResult:
     """What local training did: samples seen, mean loss and accuracy on its batches, seconds spent."""
@@ -104,11 +113,13 @@ def train_steps(
     device: torch.device | str = "cpu",
     after_step: Callable[[int, float], None] | None = None,
     grad_hook: Callable[[nn.Module], None] | None = None,
+    class_weights: torch.Tensor | None = None,
 ) -> StepResult:
     """Run one optimizer step per batch; dropout draws from a generator seeded by `seed`.
 
     `grad_hook`, when given, runs between backward and step (multi-worker agents all-reduce there).
     `after_step(i, seconds)` reports each step's time (for the step-time histogram).
+    `class_weights` weighs the loss per class (see `balanced_class_weights`).
     """
     model.train()
     torch.manual_seed(seed)
@@ -122,7 +133,7 @@ def train_steps(
         yb = y[idx].to(device, non_blocking=True)
         optimizer.zero_grad(set_to_none=True)
         logits = model(xb)
-        loss = F.cross_entropy(logits, yb)
+        loss = F.cross_entropy(logits, yb, weight=class_weights)
         loss.backward()
         if grad_hook is not None:
             grad_hook(model)

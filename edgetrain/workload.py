@@ -11,6 +11,7 @@ from edgetrain.datasets import Dataset, load_dataset, shard_indices
 from edgetrain.errors import ConfigError
 from edgetrain.models import ModelInput, build_model
 from edgetrain.spec import DataLocation, RunSpec
+from edgetrain.training import balanced_class_weights
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,12 @@ class Workload:
     def new_model(self) -> nn.Module:
         """The run's initial model: the same weights on every node (seeded by the spec)."""
         return build_model(self.model_name, self.model_input(), seed=self.spec.seed)
+
+    def class_weights(self) -> torch.Tensor | None:
+        """Loss weights per class when the spec asks for them, from the whole train split (same on every node)."""
+        if self.spec.class_weighting == "balanced":
+            return balanced_class_weights(self.data.train.y, self.data.num_classes)
+        return None
 
     def shard(self, rank: int, world: int) -> torch.Tensor:
         return shard_indices(

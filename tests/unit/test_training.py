@@ -57,3 +57,11 @@ def test_registered_models_have_the_documented_sizes() -> None:
     assert count_parameters(build_model("mnist-cnn", ModelInput(10))) == 1_199_882
     n = count_parameters(build_model("text-cnn", ModelInput(3, 20_000)))
     assert 1_000_000 < n < 2_000_000
+
+
+def test_balanced_class_weights_by_hand() -> None:
+    from edgetrain.training import balanced_class_weights
+
+    w = balanced_class_weights(torch.tensor([0, 0, 0, 1]), 2)
+    # n / (k * count): 4 / (2*3) and 4 / (2*1)
+    assert torch.allclose(w, torch.tensor([4 / 6, 2.0]))
