@@ -117,10 +117,16 @@ class Outcome:
     opened_at: float
     closed_at: float
     assignments: dict[str, Assignment] = field(default_factory=dict)
+    overflow: bool = False  # not applied because the aggregate overflowed (finite updates, infinite sum)
 
     @property
     def samples(self) -> int:
         return sum(c.samples for c in self.contributions.values())
+
+
+def finite(state: Mapping[str, torch.Tensor]) -> bool:
+    """Every floating tensor free of NaN and Inf."""
+    return all(bool(torch.isfinite(t).all()) for t in state.values() if t.is_floating_point())
 
 
 def balanced_steps(throughputs: list[float], local_steps: int) -> list[int]:
@@ -261,6 +267,7 @@ class RoundEngine:
             missing = sorted(set(self._assignments) - set(contributions))
             self._missed.update(dict.fromkeys(missing, self.completed_rounds))
             applied = len(contributions) >= max(1, min_updates)
+            overflow = False
             if applied:
                 if self.aggregator == "mean":
                     new_state = self._acc.result(self._global)
@@ -268,6 +275,11 @@ class RoundEngine:
                     new_state = aggregation.aggregate(
                         self.aggregator, [s for s, _ in self._kept], [w for _, w in self._kept], self.trim
                     )
+                # Finite updates can still sum past float32's range (huge values times sample counts):
+                # such a round is not applied, so the global model is finite whatever agents send.
+                overflow = not finite(new_state)
+                applied = not overflow
+            if applied:
                 self._global = new_state
                 for agent_id, c in contributions.items():
                     a = self._assignments[agent_id]
@@ -282,6 +294,7 @@ class RoundEngine:
                 opened_at=self._opened_at,
                 closed_at=self._clock(),
                 assignments=dict(self._assignments),
+                overflow=overflow,
             )
             self._acc = aggregation.RunningWeightedMean()  # drop the accumulator's memory now
             self._kept = []
@@ -361,6 +374,8 @@ class RoundEngine:
         stats: dict[str, float] | None = None,
     ) -> None:
         """Take a decoded, validated update into the round's aggregate (all checks repeated under the lock)."""
+        if not finite(tensors):  # e.g. a delta that overflows once added to the round's weights
+            raise NonFiniteError("the update has NaN or Inf values (or overflows float32 as weights)")
         with self._cv:
             self._check(agent_id, round_, num_samples)
             if self.aggregator == "mean":

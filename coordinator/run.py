@@ -261,7 +261,9 @@ class Coordinator:
                             self.metrics.rounds_short.inc()
                     self.metrics.agents.set(len(self.membership))
                     if not outcome.applied:
-                        log.warning("round %d closed with too few updates; running it again", outcome.round)
+                        log.warning("round %d closed with %s; running it again", outcome.round,
+                                    "an average that overflows float32 (model kept)" if outcome.overflow
+                                    else "too few updates")
                         continue
                     samples_total += outcome.samples
                     record = self._record(outcome, names, nodes, t_start)
