@@ -69,12 +69,18 @@ class BenchSettings:
     max_len: int = 64
     repeats: int = 1
     quiet_wait: float = 0.0  # before each run, wait up to this many seconds for other processes to go quiet
+    max_other_load: float = 100.0  # % of all CPUs; a run disturbed by more other load is run again...
+    retries: int = 3  # ...at most this many times (then the last try is kept, and counted as disturbed)
 
     def __post_init__(self) -> None:
         if not self.epochs > 0:
             raise ConfigError(f"--epochs must be positive, got {self.epochs}")
         if self.repeats < 1:
             raise ConfigError(f"--repeats must be at least 1, got {self.repeats}")
+        if not 0 < self.max_other_load <= 100:
+            raise ConfigError(f"--max-other-load is a percentage in (0, 100], got {self.max_other_load}")
+        if self.retries < 0:
+            raise ConfigError(f"--retries cannot be negative, got {self.retries}")
         self.spec()  # validates batch size, optimizer, lr, limit
 
     def spec(self) -> RunSpec:
@@ -193,17 +199,29 @@ def wait_until_quiet(max_wait: float, window: float = 2.0) -> float | None:
         b1 = machine_busy_seconds()
         if b0 is None or b1 is None:
             return None
-        share = (b1 - b0) / (window * (os.cpu_count() or 1))
+        share = min(1.0, max(0.0, (b1 - b0) / (window * (os.cpu_count() or 1))))  # jiffies vs wall rounding
         if share <= QUIET_BUSY or time.monotonic() > end:
             return share
 
 
-def _measured(settings: BenchSettings, runner: Callable[[], TrainOutcome]) -> tuple[TrainOutcome, float | None]:
-    """Run one configuration after waiting for quiet; return its outcome and the others' CPU share meanwhile."""
-    wait_until_quiet(settings.quiet_wait)
-    probe = LoadProbe()
-    out = runner()
-    return out, probe.other_share()
+@dataclass(frozen=True)
+class Measured:
+    outcome: TrainOutcome
+    other_load: float | None  # share of all CPUs other processes used during the kept run
+    reruns: int  # runs thrown away because other load exceeded --max-other-load
+
+
+def _measured(settings: BenchSettings, runner: Callable[[], TrainOutcome]) -> Measured:
+    """Run one configuration after waiting for quiet; run it again while others disturbed it too much."""
+    reruns = 0
+    while True:
+        wait_until_quiet(settings.quiet_wait if reruns == 0 else max(settings.quiet_wait, 60.0))
+        probe = LoadProbe()
+        out = runner()
+        other = probe.other_share()
+        if other is None or other * 100 <= settings.max_other_load or reruns >= settings.retries:
+            return Measured(out, other, reruns)
+        reruns += 1
 
 
 def _max_pct(shares: Sequence[float | None]) -> float | None:
@@ -304,6 +322,7 @@ class ParallelRow:
     speedup_vs_serial: float | None = None
     speedup_vs_ddp: float | None = None
     other_load: list[float | None] = field(default_factory=list)  # others' share of the CPUs, per repeat
+    reruns: int = 0  # disturbed runs thrown away and run again
 
     @property
     def other_load_max_pct(self) -> float | None:
@@ -482,8 +501,10 @@ def run_parallel(settings: BenchSettings, *, agents: int | None = None, local_st
         for rep in range(settings.repeats):
             for row in active:
                 step(f"{row.method} (repeat {rep + 1}/{settings.repeats})")
-                out, other = _measured(settings, runners[row.method])
-                row.other_load.append(other)
+                m = _measured(settings, runners[row.method])
+                out = m.outcome
+                row.other_load.append(m.other_load)
+                row.reruns += m.reruns
                 row.times_s.append(out.seconds)
                 row.targets_s.append(out.time_to_target)
                 row.accuracies.append(out.accuracy)
@@ -523,6 +544,7 @@ class AffinityRow:
     samples: int = 0
     gain_vs_slowest_pct: float = 0.0
     other_load: list[float | None] = field(default_factory=list)  # others' share of the CPUs, per repeat
+    reruns: int = 0  # disturbed runs thrown away and run again
 
     @property
     def other_load_max_pct(self) -> float | None:
@@ -653,8 +675,10 @@ def run_affinity(settings: BenchSettings, *, sets: list[list[int]] | None = None
         for rep in range(settings.repeats):
             for row, runner in plans:
                 step(f"{row.sweep} {row.label} (repeat {rep + 1}/{settings.repeats})")
-                out, other = _measured(settings, runner)
-                row.other_load.append(other)
+                m = _measured(settings, runner)
+                out = m.outcome
+                row.other_load.append(m.other_load)
+                row.reruns += m.reruns
                 row.times_ms.append(out.train_seconds * 1000.0)
                 row.accuracies.append(out.accuracy)
                 row.samples = out.samples
@@ -691,7 +715,7 @@ def _ratio(value: float | None) -> str:
 def parallel_headers(repeats: int) -> list[str]:
     return ["method", "processes x threads", "cores", *(f"time s r{i + 1}" for i in range(repeats)),
             "time s (median)", "time to target s", "test accuracy %", "samples/s", "speed-up vs serial",
-            "speed-up vs DDP", "other load % (max)", "note"]
+            "speed-up vs DDP", "other load % (max)", "reruns", "note"]
 
 
 def parallel_cells(report: ParallelReport) -> list[list[str]]:
@@ -702,7 +726,8 @@ def parallel_cells(report: ParallelReport) -> list[list[str]]:
         acc = None if r.accuracy is None else r.accuracy * 100
         out.append([r.method, f"{r.processes}x{r.threads}", r.cores, *times, _num(r.time_s, ".2f"),
                     _num(r.time_to_target_s, ".2f"), _num(acc, ".2f"), _num(r.samples_per_s, ".0f"),
-                    _ratio(r.speedup_vs_serial), _ratio(r.speedup_vs_ddp), _num(r.other_load_max_pct, ".0f"), r.note])
+                    _ratio(r.speedup_vs_serial), _ratio(r.speedup_vs_ddp), _num(r.other_load_max_pct, ".0f"),
+                    str(r.reruns), r.note])
     return out
 
 
@@ -726,13 +751,13 @@ def parallel_ratios(report: ParallelReport) -> list[str]:
 
 def affinity_headers(repeats: int) -> list[str]:
     return ["sweep", "affinity", "processes x threads", "cores", *(f"time ms r{i + 1}" for i in range(repeats)),
-            "mean ms", "median ms", "% gain vs slowest", "test accuracy %", "samples/s", "other load % (max)"]
+            "mean ms", "median ms", "% gain vs slowest", "test accuracy %", "samples/s", "other load % (max)", "reruns"]
 
 
 def affinity_cells(report: AffinityReport) -> list[list[str]]:
     return [[r.sweep, r.label, f"{r.processes}x{r.threads}", r.cores, *(f"{t:.0f}" for t in r.times_ms),
              f"{r.mean_ms:.0f}", f"{r.median_ms:.0f}", f"{r.gain_vs_slowest_pct:.2f}", f"{r.accuracy * 100:.2f}",
-             f"{r.samples_per_s:.0f}", _num(r.other_load_max_pct, ".0f")] for r in report.rows]
+             f"{r.samples_per_s:.0f}", _num(r.other_load_max_pct, ".0f"), str(r.reruns)] for r in report.rows]
 
 
 def markdown_table(headers: Sequence[str], cells: Sequence[Sequence[str]]) -> str:
@@ -785,7 +810,8 @@ def parallel_markdown(report: ParallelReport, command: str = "") -> str:
               "end of training and the final test evaluation; edgetrain's excludes its agents' start-up "
               "(round 0's excess over a typical round). Medians over repeats. Other load: the share of all CPUs that "
               "processes outside the benchmark used while a run went on (max over repeats; /proc/stat minus the "
-              "benchmark's own CPU time); more than a few % means that figure was disturbed.", ""]
+              "benchmark's own CPU time); more than a few % means that figure was disturbed. Reruns: runs thrown away "
+              f"because other load exceeded {report.settings.max_other_load:g} % (--max-other-load).", ""]
     return "\n".join(parts)
 
 
@@ -805,7 +831,8 @@ def affinity_markdown(report: AffinityReport, command: str = "") -> str:
               "Processing time: training only, from data and model ready to the last step (the test evaluation "
               "afterwards is not timed). % gain vs slowest = (slowest mean - mean) / slowest mean x 100 within "
               "each sweep, as in the paper's Table 1. samples/s uses the median. Other load: the share of all CPUs "
-              "that processes outside the benchmark used during a run (max over repeats).", ""]
+              "that processes outside the benchmark used during a run (max over repeats); reruns: runs thrown away "
+              f"because it exceeded {report.settings.max_other_load:g} % (--max-other-load).", ""]
     return "\n".join(parts)
 
 
@@ -818,12 +845,14 @@ def parallel_csv(report: ParallelReport, path: Path) -> Path:
         w = csv.writer(fh)
         w.writerow(["method", "description", "processes", "threads_per_process", "cores",
                     *(f"time_s_r{i + 1}" for i in range(reps)), "time_s", "time_to_target_s", "test_accuracy",
-                    "samples", "samples_per_s", "speedup_vs_serial", "speedup_vs_ddp", "other_load_max_pct", "note"])
+                    "samples", "samples_per_s", "speedup_vs_serial", "speedup_vs_ddp", "other_load_max_pct", "reruns",
+                    "note"])
         for r in report.rows:
             times = [repr(t) for t in r.times_s] + [""] * (reps - len(r.times_s))
             w.writerow([r.method, r.description, r.processes, r.threads, r.cores, *times, _raw(r.time_s),
                         _raw(r.time_to_target_s), _raw(r.accuracy), r.samples, _raw(r.samples_per_s),
-                        _raw(r.speedup_vs_serial), _raw(r.speedup_vs_ddp), _raw(r.other_load_max_pct), r.note])
+                        _raw(r.speedup_vs_serial), _raw(r.speedup_vs_ddp), _raw(r.other_load_max_pct), r.reruns,
+                        r.note])
     return path
 
 
@@ -833,11 +862,11 @@ def affinity_csv(report: AffinityReport, path: Path) -> Path:
         w = csv.writer(fh)
         w.writerow(["sweep", "affinity", "processes", "threads_per_process", "cores",
                     *(f"time_ms_r{i + 1}" for i in range(reps)), "mean_ms", "median_ms", "gain_vs_slowest_pct",
-                    "test_accuracy", "samples", "samples_per_s", "other_load_max_pct"])
+                    "test_accuracy", "samples", "samples_per_s", "other_load_max_pct", "reruns"])
         for r in report.rows:
             w.writerow([r.sweep, r.label, r.processes, r.threads, r.cores, *(repr(t) for t in r.times_ms),
                         repr(r.mean_ms), repr(r.median_ms), repr(r.gain_vs_slowest_pct), repr(r.accuracy),
-                        r.samples, repr(r.samples_per_s), _raw(r.other_load_max_pct)])
+                        r.samples, repr(r.samples_per_s), _raw(r.other_load_max_pct), r.reruns])
     return path
 
 

@@ -172,3 +172,22 @@ def test_load_probe_reports_a_share_of_the_machine() -> None:
     assert ex.wait_until_quiet(0) is None  # 0: do not wait
     busy = ex.wait_until_quiet(0.1, window=0.1)
     assert busy is None or 0.0 <= busy <= 1.0
+
+
+def test_disturbed_runs_are_run_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    shares = iter([0.5, 0.4, 0.02])
+    monkeypatch.setattr(ex.LoadProbe, "other_share", lambda self: next(shares))
+    monkeypatch.setattr(ex, "wait_until_quiet", lambda max_wait, window=2.0: None)
+    runs: list[int] = []
+
+    def runner() -> object:
+        runs.append(1)
+        return len(runs)
+
+    m = ex._measured(ex.BenchSettings(max_other_load=10), runner)  # type: ignore[arg-type]
+    assert (m.outcome, m.reruns, m.other_load) == (3, 2, 0.02)
+    shares = iter([0.5, 0.5])
+    m = ex._measured(ex.BenchSettings(max_other_load=10, retries=1), runner)  # type: ignore[arg-type]
+    assert m.reruns == 1 and m.other_load == 0.5  # out of retries: the last try is kept, its load shown
+    with pytest.raises(ConfigError, match="--max-other-load"):
+        ex.BenchSettings(max_other_load=0)
