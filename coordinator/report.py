@@ -17,17 +17,67 @@ def read_log(run_dir: Path) -> list[dict[str, Any]]:
     path = run_dir / "rounds.jsonl"
     if not path.exists():
         raise ReportError(f"no rounds.jsonl in {run_dir}: is it a run folder?")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ReportError(f"cannot read {path}: {exc}") from exc
     records = []
-    for i, line in enumerate(path.read_text().splitlines(), 1):
+    for i, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
         except json.JSONDecodeError as exc:
             raise ReportError(f"{path}:{i}: not JSON ({exc.msg})") from exc
+        problem = _record_problem(record)
+        if problem:  # valid JSON that is not a round record would otherwise end in a KeyError/TypeError
+            raise ReportError(f"{path}:{i}: not a round record ({problem})")
+        records.append(record)
     if not records:
         raise ReportError(f"{path} is empty: no round has completed yet")
     return records
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _record_problem(record: object) -> str:
+    """What keeps `record` from being plotted ("" if nothing): the fields write_report reads."""
+    if not isinstance(record, dict):
+        return f"a JSON {type(record).__name__}, not an object"
+    for key in ("round", "duration_seconds", "elapsed_seconds"):
+        if not _is_number(record.get(key)):
+            return f"{key} missing or not a number"
+    if "accuracy" in record and not _is_number(record["accuracy"]):
+        return "accuracy is not a number"
+    nodes = record.get("nodes")
+    if not isinstance(nodes, dict):
+        return "nodes missing or not an object"
+    for name, stats in nodes.items():
+        if not isinstance(stats, dict):
+            return f"nodes.{name} is not an object"
+        for key in ("accuracy", "compute_seconds", "communication_seconds"):
+            if not _is_number(stats.get(key)):
+                return f"nodes.{name}.{key} missing or not a number"
+    return ""
+
+
+def training_times(records: list[dict[str, Any]]) -> list[float]:
+    """Each record's training time, continuing across restarts.
+
+    `elapsed_seconds` starts again from 0 when a run is resumed (`--resume` appends to the same log), so
+    where it goes backwards the time of the earlier part is added, keeping the time axis monotonic.
+    """
+    times: list[float] = []
+    offset = previous = 0.0
+    for record in records:
+        elapsed = float(record["elapsed_seconds"])
+        if elapsed < previous:
+            offset += previous
+        previous = elapsed
+        times.append(offset + elapsed)
+    return times
 
 
 def write_report(run_dir: Path, out: Path) -> list[Path]:
@@ -42,11 +92,12 @@ def write_report(run_dir: Path, out: Path) -> list[Path]:
     nodes = sorted({n for r in records for n in r["nodes"]})
 
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    evaluated = [r for r in records if "accuracy" in r]
-    ax.plot([r["elapsed_seconds"] for r in evaluated], [r["accuracy"] for r in evaluated], "k-o", ms=3,
+    times = training_times(records)
+    evaluated = [(t, r) for t, r in zip(times, records, strict=True) if "accuracy" in r]
+    ax.plot([t for t, _ in evaluated], [r["accuracy"] for _, r in evaluated], "k-o", ms=3,
             label="global model (test)")
     for node in nodes:
-        pts = [(r["elapsed_seconds"], r["nodes"][node]["accuracy"]) for r in records if node in r["nodes"]]
+        pts = [(t, r["nodes"][node]["accuracy"]) for t, r in zip(times, records, strict=True) if node in r["nodes"]]
         ax.plot([p[0] for p in pts], [p[1] for p in pts], alpha=0.7, label=f"{node} (local batches)")
     ax.set_xlabel("training time (s)")
     ax.set_ylabel("accuracy")

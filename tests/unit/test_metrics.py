@@ -1,0 +1,205 @@
+"""The coordinator's and the agent's metrics, registered into an injected registry and read back as samples."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+from prometheus_client import REGISTRY, CollectorRegistry
+
+from agent.metrics import STEP_BUCKETS, AgentMetrics
+from coordinator.metrics import ROUND_BUCKETS, CoordinatorMetrics
+from edgetrain import metric_names as m
+
+CORES = sorted(os.sched_getaffinity(0))
+STATS = {"compute_seconds": 1.5, "communication_seconds": 0.25, "samples_per_second": 400.0, "loss": 0.7,
+         "accuracy": 0.6}
+
+
+def sample(registry: CollectorRegistry, name: str, **labels: str) -> float | None:
+    return registry.get_sample_value(name, labels)
+
+
+def samples_of(registry: CollectorRegistry, name: str) -> dict[tuple[tuple[str, str], ...], float]:
+    return {tuple(sorted(s.labels.items())): s.value
+            for family in registry.collect() for s in family.samples if s.name == name}
+
+
+@pytest.fixture
+def coord() -> CoordinatorMetrics:
+    return CoordinatorMetrics(CollectorRegistry())
+
+
+# ---- coordinator
+
+
+def test_coordinator_metrics_go_to_the_injected_registry_only() -> None:
+    a, b = CoordinatorMetrics(CollectorRegistry()), CoordinatorMetrics(CollectorRegistry())  # no clash
+    a.accepted_update("n", 10, STATS, 100)
+    assert sample(a.registry, m.UPDATES_ACCEPTED, node="n") == 1
+    assert sample(b.registry, m.UPDATES_ACCEPTED, node="n") is None
+    assert REGISTRY.get_sample_value(m.UPDATES_ACCEPTED, {"node": "n"}) is None
+    names = {f.name for f in a.registry.collect()}
+    assert all(n.startswith(m.PREFIX + "_") for n in names)
+
+
+def test_unlabelled_coordinator_series_exist_from_the_start(coord: CoordinatorMetrics) -> None:
+    reg = coord.registry
+    for gauge in (m.ROUND, m.GLOBAL_ACCURACY, m.GLOBAL_LOSS, m.GLOBAL_MACRO_F1, m.AGENTS_CONNECTED,
+                  m.TRAINING_SECONDS):
+        assert sample(reg, gauge) == 0.0, gauge
+    assert sample(reg, m.ROUNDS_SHORT) == 0.0  # "Rounds closed short" shows 0, not "no data"
+    assert sample(reg, f"{m.ROUND_DURATION}_count") == 0.0
+    coord.round_duration.observe(0.3)
+    assert sample(reg, f"{m.ROUND_DURATION}_bucket", le="0.25") == 0.0
+    assert sample(reg, f"{m.ROUND_DURATION}_bucket", le="0.5") == 1.0
+    assert sample(reg, f"{m.ROUND_DURATION}_bucket", le="+Inf") == 1.0
+    assert list(ROUND_BUCKETS) == sorted(ROUND_BUCKETS)
+
+
+def test_accepted_update_sets_the_node_figures(coord: CoordinatorMetrics) -> None:
+    reg = coord.registry
+    coord.accepted_update("agent-a", 256, STATS, 4096)
+    coord.accepted_update("agent-a", 128, dict(STATS, compute_seconds=0.5, accuracy=0.8), 4000)
+    coord.accepted_update("agent-b", 64, {}, 10)  # stats missing: zeros, not an error
+    assert sample(reg, m.UPDATES_ACCEPTED, node="agent-a") == 2
+    assert sample(reg, m.NODE_SAMPLES, node="agent-a") == 384
+    assert sample(reg, m.NODE_RECEIVED_BYTES, node="agent-a") == 8096
+    # gauges hold the last round's figures
+    assert sample(reg, m.NODE_COMPUTE, node="agent-a") == 0.5
+    assert sample(reg, m.NODE_COMMUNICATION, node="agent-a") == 0.25
+    assert sample(reg, m.NODE_THROUGHPUT, node="agent-a") == 400.0
+    assert sample(reg, m.NODE_LOSS, node="agent-a") == 0.7
+    assert sample(reg, m.NODE_ACCURACY, node="agent-a") == 0.8
+    # the histogram keeps every round
+    assert sample(reg, f"{m.NODE_COMPUTE_HIST}_count", node="agent-a") == 2
+    assert sample(reg, f"{m.NODE_COMPUTE_HIST}_sum", node="agent-a") == 2.0
+    assert sample(reg, f"{m.NODE_COMPUTE_HIST}_bucket", node="agent-a", le="0.5") == 1
+    assert sample(reg, f"{m.NODE_COMPUTE_HIST}_bucket", node="agent-a", le="2.5") == 2
+    # nodes are kept apart
+    assert sample(reg, m.UPDATES_ACCEPTED, node="agent-b") == 1
+    assert sample(reg, m.NODE_SAMPLES, node="agent-b") == 64
+    assert sample(reg, m.NODE_ACCURACY, node="agent-b") == 0.0
+    assert sample(reg, f"{m.NODE_COMPUTE_HIST}_count", node="agent-b") == 1
+
+
+def test_node_admitted_creates_every_refusal_counter_at_zero(coord: CoordinatorMetrics) -> None:
+    reg = coord.registry
+    assert samples_of(reg, m.UPDATES_REFUSED) == {}
+    coord.node_admitted("agent-a")
+    refused = samples_of(reg, m.UPDATES_REFUSED)
+    assert refused == {((m.NODE, "agent-a"), (m.REASON, r)): 0.0 for r in m.REFUSAL_REASONS}
+    assert sample(reg, m.UPDATES_ACCEPTED, node="agent-a") == 0.0
+    # admitting the same name again (a restarted agent) keeps what was counted
+    coord.refused_update("agent-a", "late")
+    coord.accepted_update("agent-a", 8, STATS, 1)
+    coord.node_admitted("agent-a")
+    assert sample(reg, m.UPDATES_REFUSED, node="agent-a", reason="late") == 1
+    assert sample(reg, m.UPDATES_ACCEPTED, node="agent-a") == 1
+    coord.node_admitted("agent-b")
+    assert len(samples_of(reg, m.UPDATES_REFUSED)) == 2 * len(m.REFUSAL_REASONS)
+
+
+@pytest.mark.parametrize("reason", m.REFUSAL_REASONS)
+def test_refused_update_counts_each_known_reason(coord: CoordinatorMetrics, reason: str) -> None:
+    coord.refused_update("agent-a", reason)
+    coord.refused_update("agent-a", reason)
+    assert sample(coord.registry, m.UPDATES_REFUSED, node="agent-a", reason=reason) == 2
+    others = {k: v for k, v in samples_of(coord.registry, m.UPDATES_REFUSED).items() if dict(k)[m.REASON] != reason}
+    assert not any(others.values())
+
+
+def test_an_unknown_refusal_reason_counts_as_malformed_and_the_label_set_stays_bounded(
+    coord: CoordinatorMetrics,
+) -> None:
+    for reason in ("boom", "", "STALE_ROUND", "stale round", "x" * 500, "malformed"):
+        coord.refused_update("agent-a", reason)
+    assert sample(coord.registry, m.UPDATES_REFUSED, node="agent-a", reason="malformed") == 6
+    reasons = {dict(k)[m.REASON] for k in samples_of(coord.registry, m.UPDATES_REFUSED)}
+    assert reasons == {"malformed"}
+    assert reasons <= set(m.REFUSAL_REASONS)
+
+
+# ---- agent
+
+
+def make_agent(cores: list[int] | None = None, **kw: object) -> AgentMetrics:
+    return AgentMetrics(CollectorRegistry(), name="board-7", cores=cores if cores is not None else CORES,
+                        device="cpu", workers=2, **kw)  # type: ignore[arg-type]
+
+
+def test_agent_info_names_the_node_its_cores_device_and_workers() -> None:
+    agent = AgentMetrics(CollectorRegistry(), name="board-7", cores=[0, 1, 2, 3, 8], device="cpu", workers=2)
+    info = samples_of(agent.registry, f"{m.AGENT_INFO}_info")
+    assert info == {(("cores", "0-3,8"), ("device", "cpu"), (m.NODE, "board-7"), ("workers", "2")): 1.0}
+
+
+def test_round_done_fills_the_step_histogram_and_counters() -> None:
+    agent = make_agent()
+    reg = agent.registry
+    assert sample(reg, f"{m.STEP_SECONDS}_count") == 0.0
+    assert sample(reg, m.AGENT_SAMPLES) == 0.0 and sample(reg, m.AGENT_ROUNDS) == 0.0
+    agent.round_done(256, [0.004, 0.02, 0.02, 3.0])
+    agent.round_done(100, [0.004])
+    assert sample(reg, f"{m.STEP_SECONDS}_count") == 5
+    assert sample(reg, f"{m.STEP_SECONDS}_sum") == pytest.approx(3.048)
+    assert sample(reg, f"{m.STEP_SECONDS}_bucket", le="0.0025") == 0
+    assert sample(reg, f"{m.STEP_SECONDS}_bucket", le="0.005") == 2
+    assert sample(reg, f"{m.STEP_SECONDS}_bucket", le="0.025") == 4
+    assert sample(reg, f"{m.STEP_SECONDS}_bucket", le="2.5") == 4
+    assert sample(reg, f"{m.STEP_SECONDS}_bucket", le="5.0") == 5
+    assert sample(reg, m.AGENT_SAMPLES) == 356
+    assert sample(reg, m.AGENT_ROUNDS) == 2
+    assert list(STEP_BUCKETS) == sorted(STEP_BUCKETS)
+
+
+def _burn(core: int, seconds: float) -> None:
+    """Keep `core` busy from this thread (sched_setaffinity(0) pins the calling thread only)."""
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {core})
+    try:
+        end = time.perf_counter() + seconds
+        while time.perf_counter() < end:
+            pass
+    finally:
+        os.sched_setaffinity(0, before)
+
+
+def test_host_collector_reports_each_pinned_core_and_memory() -> None:
+    core = CORES[-1]
+    agent = make_agent(cores=[core])
+    _burn(core, 0.4)  # the constructor primed psutil; this interval has the core busy
+    cpu = samples_of(agent.registry, m.CORE_CPU)
+    assert list(cpu) == [((m.CORE, str(core)),)]  # one series, for the pinned core only
+    assert 0.5 <= cpu[((m.CORE, str(core)),)] <= 1.0  # a ratio, not a percentage
+    memory = sample(agent.registry, m.AGENT_MEMORY)
+    assert memory is not None and memory >= psutil.Process().memory_info().rss * 0.5
+
+
+def test_host_collector_covers_every_core_given() -> None:
+    agent = make_agent(cores=CORES)
+    cpu = samples_of(agent.registry, m.CORE_CPU)
+    assert sorted(int(dict(k)[m.CORE]) for k in cpu) == CORES
+    assert all(0.0 <= v <= 1.0 for v in cpu.values())
+
+
+def test_memory_adds_the_workers_and_skips_those_gone() -> None:
+    child = subprocess.Popen([sys.executable, "-c", "import time; b = bytearray(64 << 20); time.sleep(60)"])
+    try:
+        deadline = time.monotonic() + 20
+        while psutil.Process(child.pid).memory_info().rss < 64 << 20:
+            assert time.monotonic() < deadline, "child never allocated its buffer"
+            time.sleep(0.05)
+        gone = 2**22 + 12345  # above the default pid_max: no such process
+        pids = [child.pid, gone]
+        alone = sample(make_agent(pids=list).registry, m.AGENT_MEMORY)
+        with_child = sample(make_agent(pids=lambda: pids).registry, m.AGENT_MEMORY)
+        assert alone is not None and with_child is not None
+        assert with_child - alone >= 60 << 20  # the child's 64 MiB, give or take our own RSS drift
+    finally:
+        child.kill()
+        child.wait()
