@@ -14,15 +14,27 @@ from coordinator.run import Coordinator
 from edgetrain.spec import RunSpec
 
 HAS_CUDA = torch.cuda.is_available()
-needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device on this machine (torch.cuda.is_available() is False)")
+needs_cuda = pytest.mark.skipif(
+    not HAS_CUDA, reason="no CUDA device on this machine (torch.cuda.is_available() is False)"
+)
 
 
 @needs_cuda
 @pytest.mark.gpu
 def test_a_local_gpu_worker_joins_the_same_rounds_as_a_cpu_agent(tmp_path: Path) -> None:
     spec = RunSpec(dataset="tweets", limit=3000, seed=4)
-    cfg = CoordinatorConfig(spec=spec, port=0, local_steps=4, rounds=4, local_agents=1, local_devices=("cuda:0",),
-                            eval_every=4, run_dir=tmp_path, progress=False, round_timeout=300)
+    cfg = CoordinatorConfig(
+        spec=spec,
+        port=0,
+        local_steps=4,
+        rounds=4,
+        local_agents=1,
+        local_devices=("cuda:0",),
+        eval_every=4,
+        run_dir=tmp_path,
+        progress=False,
+        round_timeout=300,
+    )
     result = Coordinator(cfg).run()
     assert result.completed_rounds == 4
     assert set(result.nodes) == {"local-0", "gpu-0"}
@@ -34,11 +46,19 @@ def test_a_local_gpu_worker_joins_the_same_rounds_as_a_cpu_agent(tmp_path: Path)
 def test_asking_for_cuda_without_it_is_one_clear_line() -> None:
     agent = subprocess.run(
         [sys.executable, "-m", "agent", "start", "--coordinator", "127.0.0.1:9", "--cores", "0", "--device", "cuda:0"],
-        capture_output=True, text=True, timeout=120)
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert agent.returncode == 1
     assert agent.stderr.strip().splitlines() == [
-        "edge-agent: error: device cuda:0 requested, but torch sees no CUDA device here"]
-    coord = subprocess.run([sys.executable, "-m", "coordinator", "run", "--rounds", "1", "--local-gpus", "all"],
-                           capture_output=True, text=True, timeout=120)
+        "edge-agent: error: device cuda:0 requested, but torch sees no CUDA device here"
+    ]
+    coord = subprocess.run(
+        [sys.executable, "-m", "coordinator", "run", "--rounds", "1", "--local-gpus", "all"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert coord.returncode == 1
     assert coord.stderr.strip().splitlines() == ["coordinator: error: --local-gpus all: torch sees no CUDA device here"]
