@@ -231,7 +231,8 @@ class Coordinator:
         history: list[dict[str, Any]] = []
         nodes: dict[str, NodeSummary] = {}
         overheads: list[float] = []
-        log_file = open(cfg.run_dir / LOG, "a") if cfg.run_dir is not None else None  # noqa: SIM115
+        mode = "a" if cfg.resume else "w"  # a fresh run in an old folder starts a fresh log
+        log_file = open(cfg.run_dir / LOG, mode) if cfg.run_dir is not None else None  # noqa: SIM115
         final: EvalResult | None = None
         samples_total = 0
         stopped_by = "stop"
@@ -251,6 +252,10 @@ class Coordinator:
                         break
                     self._wait_for_agents()
                     live = self.membership.live(ready_only=True)
+                    if self.stop.is_set():
+                        break
+                    if not live:  # the last agent left between the wait and now
+                        continue
                     engine.open_round([(a.agent_id, a.throughput, a.workers) for a in live])
                     names = {a.agent_id: a.name for a in live}
                     engine.wait_for_updates(self.stop)

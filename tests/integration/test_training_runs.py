@@ -151,3 +151,39 @@ def test_int8_updates_with_error_feedback_train_and_send_a_quarter_of_the_bytes(
     assert all(b < 0.3 * model_bytes for b in per_update), (per_update[:2], model_bytes)
     majority = float(torch.bincount(coord.workload.data.test.y).max()) / len(coord.workload.data.test.y)  # type: ignore[union-attr]
     assert result.final.accuracy > majority + 0.05
+
+
+def test_agent_leaves_cleanly_on_sigterm(tmp_path: Path) -> None:
+    import signal
+    import subprocess
+    import sys
+
+    spec = RunSpec(dataset="tweets", limit=2000, seed=5)
+    cfg = CoordinatorConfig(spec=spec, port=0, local_steps=2, rounds=10_000, min_agents=1, eval_every=10_000,
+                            progress=False, round_timeout=60)
+    coord = Coordinator(cfg)
+    coord.start()
+    runner = threading.Thread(target=coord.run)
+    runner.start()
+    agent = subprocess.Popen([sys.executable, "-m", "agent", "start", "--coordinator", f"127.0.0.1:{coord.port}",
+                              "--cores", str(CORES[0]), "--name", "leaver", "--give-up-after", "30"])
+    try:
+        assert coord.engine is not None
+        deadline = time.monotonic() + 90
+        while coord.engine.completed_rounds < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert coord.engine.completed_rounds >= 2
+        children = psutil.Process(agent.pid).children(recursive=True)
+        agent.send_signal(signal.SIGTERM)
+        assert agent.wait(timeout=30) == 0
+        deadline = time.monotonic() + 10
+        while len(coord.membership) and time.monotonic() < deadline:  # it said Leave
+            time.sleep(0.1)
+        assert len(coord.membership) == 0
+        gone, alive = psutil.wait_procs(children, timeout=10)
+        assert not alive, alive  # its workers went with it
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+        coord.stop.set()
+        runner.join(60)
