@@ -9,7 +9,6 @@ torch.distributed (gloo) and worker 0 writes the result.
 from __future__ import annotations
 
 import os
-import socket
 import time
 import traceback
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ import torch.multiprocessing as tmp
 
 from edgetrain.cores import pin_current_process
 from edgetrain.errors import EdgetrainError
+from edgetrain.peers import free_port
 from edgetrain.spec import DataLocation, RunSpec
 from edgetrain.training import batch_plan, make_optimizer, train_steps
 
@@ -128,12 +128,6 @@ def _main(setup: WorkerSetup, conn: Any) -> None:
                 dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 class WorkerPool:
     """The agent's side of its workers: start them pinned, feed rounds, collect results, stop them."""
 
@@ -145,7 +139,7 @@ class WorkerPool:
         self.shared: dict[str, torch.Tensor] = {}
         self.fingerprint = ""
         count = len(core_groups)
-        port = _free_port() if count > 1 else 0
+        port = free_port() if count > 1 else 0
         for i, cores in enumerate(core_groups):
             parent, child = self._ctx.Pipe()
             setup = WorkerSetup(i, count, tuple(cores), spec, where, device, port)

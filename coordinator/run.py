@@ -26,7 +26,7 @@ from coordinator.metrics import CoordinatorMetrics
 from coordinator.rounds import Outcome, RoundEngine
 from coordinator.server import start_server
 from coordinator.servicer import ServiceState
-from edgetrain.cores import allowed_cores, format_cores
+from edgetrain.cores import allowed_cores, format_cores, split_cores
 from edgetrain.errors import ConfigError, EdgetrainError
 from edgetrain.httpmetrics import MetricsServer
 from edgetrain.memory import tune_malloc
@@ -95,13 +95,7 @@ def local_core_groups(n: int, cores: list[int] | None = None) -> list[list[int]]
     """Disjoint core groups for n local agents; with more agents than cores, agents share cores round-robin."""
     cores = cores or allowed_cores()
     if n <= len(cores):
-        base, extra = divmod(len(cores), n)
-        out, start = [], 0
-        for i in range(n):
-            size = base + (1 if i < extra else 0)
-            out.append(cores[start : start + size])
-            start += size
-        return out
+        return split_cores(cores, n)
     return [[cores[i % len(cores)]] for i in range(n)]
 
 
