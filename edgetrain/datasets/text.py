@@ -31,13 +31,15 @@ UNK_ID = 1
 # so nodes running different tokenizer code can never agree on a fingerprint by accident.
 TOKENIZER_CONFIG: dict[str, object] = {
     "name": "edgetrain-tweet",
-    "version": 1,
+    "version": 2,
     "lowercase": True,
     "html_unescape": True,
     "url": URL,
     "user": USER,
     "hashtags": "kept",
     "emoji": "one token per codepoint",
+    "emoticons": "one token each (:) :-( ;p <3 ...)",
+    "elongation": "letters repeated 3+ times cut to 2 (sooooo -> soo)",
 }
 
 # Emoji and pictograph blocks. Each codepoint in them becomes its own token; zero-width
@@ -50,17 +52,28 @@ _EMOJI = (
     "\u2b00-\u2bff"  # arrows and stars (star, circle)
 )
 
+# Western emoticons, after lower-casing: eyes, optional nose, mouth (":)", ";-p", ":'(", "=d"), the same
+# mirrored ("(:"), and hearts. In tweets they carry much of the sentiment, so they must not fall apart into
+# punctuation. Mouths must not be followed by a letter, so "this:dog" stays words.
+_EMOTICON = (
+    r"(?:[:;=][\-o*']?[)\](\[dp/\\|3@*]+(?![a-z])"
+    r"|(?<![a-z])[)\](\[]+[\-o*']?[:;=]"
+    r"|<3+|</3)"
+)
+_ELONGATED = re.compile(r"([a-z])\1{2,}")
+
 _TOKEN_RE = re.compile(
     r"""
       (?P<url>(?:https?://|www\.)\S+)
     | (?P<user>@\w+)
     | (?P<hashtag>\#[^\W_]\w*)
     | (?P<number>\d+(?:[.,:/]\d+)+)
+    | (?P<emoticon>EMOTICON)
     | (?P<word>[^\W_]+(?:'[^\W_]+)*)
     | (?P<punct_run>[!?.]{2,})
     | (?P<emoji>[EMOJI])
     | (?P<symbol>[^\w\s])
-    """.replace("EMOJI", _EMOJI),
+    """.replace("EMOJI", _EMOJI).replace("EMOTICON", _EMOTICON),
     re.VERBOSE,
 )
 
@@ -90,7 +103,8 @@ def tokenize(text: str) -> list[str]:
     """Split one tweet into tokens.
 
     URLs become ``<url>``, @mentions ``<user>``; hashtags (``#tag``), words (with inner
-    apostrophes: ``don't``), numbers (``3.5``, ``10:30``), runs of ``!?.`` (``!!!``), each
+    apostrophes: ``don't``; letters repeated three or more times cut to two, ``sooooo`` -> ``soo``),
+    emoticons (``:)``, ``;-p``, ``<3``), numbers (``3.5``, ``10:30``), runs of ``!?.`` (``!!!``), each
     emoji codepoint and each other symbol are tokens. Deterministic and pure.
     """
     tokens: list[str] = []
@@ -100,6 +114,8 @@ def tokenize(text: str) -> list[str]:
             tokens.append(URL)
         elif kind == "user":
             tokens.append(USER)
+        elif kind == "word":  # letters repeated 3+ times cut to 2: sooooo -> soo
+            tokens.append(_ELONGATED.sub(r"\1\1", match.group()))
         else:
             tokens.append(match.group())
     return tokens

@@ -203,7 +203,7 @@ def test_tweets_embedded_corpus() -> None:
     assert len(data.train) + len(data.test) == distinct_tokens == 36083
     assert (len(data.train), len(data.test)) == (32475, 3608)
     assert data.test.y.bincount().tolist() == [1557, 1382, 669]
-    assert data.vocab is not None and len(data.vocab) == 13183
+    assert data.vocab is not None and len(data.vocab) == 13191
     assert data.train.x.shape == (32475, 64) and data.train.x.dtype == torch.int64
     assert int(data.train.x.max()) < len(data.vocab)
     assert data.num_classes == 3 and data.default_model == "text-cnn"
