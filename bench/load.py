@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import socket
 import statistics
 import subprocess
@@ -94,6 +95,7 @@ def main() -> int:
     p.add_argument("--model", default="text-cnn")
     p.add_argument("--limit", type=int, default=2000, help="tweets used (sets the vocabulary, so the model size)")
     p.add_argument("--timeout", type=float, default=900.0, help="call it a deadlock after this many seconds")
+    p.add_argument("--keep", action="store_true", help="keep the coordinator's run dir (log, checkpoint)")
     args = p.parse_args()
 
     spec = RunSpec(dataset="tweets", model=args.model, limit=args.limit, seed=0)
@@ -177,13 +179,17 @@ def main() -> int:
     in_rounds = max((by_round[r] for r in rounds_seen), default=base) - base
     after = by_round.get(args.rounds, base) - base
     print(f"  coordinator RSS: {base / 1e6:.0f} MB listening; peak growth while rounds ran {in_rounds / 1e6:.0f} MB "
-          f"= {in_rounds / model_bytes:.1f}x the model (all {args.agents} updates held at once would be "
-          f"{args.agents}x); after the last round (final evaluation, checkpoint) {after / 1e6:.0f} MB")
+          f"= {in_rounds / model_bytes:.1f}x the model; after the last round (final evaluation, checkpoint) "
+          f"{after / 1e6:.0f} MB")
     print("  peak RSS growth by round (MB): " + ", ".join(f"{(by_round[r] - base) / 1e6:.0f}" for r in rounds_seen))
     for e in errors[:5]:
         print(f"  {e}")
     ok = code == 0 and len(records) == args.rounds and finished == args.agents and not errors
-    print("  OK" if ok else "  FAILED", f"(run dir {run_dir})")
+    if ok and not args.keep:
+        shutil.rmtree(run_dir)
+        print("  OK")
+    else:
+        print("  OK" if ok else "  FAILED", f"(run dir {run_dir})")
     return 0 if ok else 1
 
 
