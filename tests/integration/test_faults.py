@@ -170,7 +170,7 @@ def kill(proc: subprocess.Popen[bytes]) -> None:
 
 
 def test_agent_killed_mid_round_round_closes_short_world_shrinks_and_restart_rejoins(
-        tmp_path: Path, procs: Procs) -> None:
+        tmp_path: Path, procs: Procs, caplog: pytest.LogCaptureFixture) -> None:
     cfg = CoordinatorConfig(spec=SPEC, port=0, local_steps=60, rounds=10_000, min_agents=1, round_timeout=3.0,
                             eval_every=10_000, run_dir=tmp_path / "run", progress=False, join_timeout=120)
     with drive(cfg) as d:
@@ -217,7 +217,8 @@ def test_agent_killed_mid_round_round_closes_short_world_shrinks_and_restart_rej
     assert short[0]["round"] == killed_in
     assert set(short[0]["nodes"]) == {"a"}
     assert short[0]["duration_seconds"] >= cfg.round_timeout - 0.1
-    later = [r for r in result.history if r["round"] > killed_in]
+    assert f"round {killed_in} closed without an update from b" in caplog.text  # the loss is logged
+    later = [r for r in result.history[:-1] if r["round"] > killed_in]  # the last one was cut by the stop
     alone = [r for r in later if set(r["nodes"]) == {"a"}]
     assert len(alone) >= 3  # the lost shard went to a: world 1
     together = [r for r in later if set(r["nodes"]) == {"a", "b"}]
@@ -363,13 +364,11 @@ def test_with_min_agents_2_a_short_round_is_rerun_with_the_restarted_agent_and_t
             assert engine.current_round == 1  # too few updates: not applied
             time.sleep(0.3)
             assert engine.current_round == 1  # and not run again without a second agent
-            t_back = time.monotonic()
             b.close()
             b2 = RawAgent(d.coord.port, "b")
             b2.join()
             b2_thread = _thread(lambda: b2.train_until_finished(expected, done))
             result = d.join(30)
-            elapsed = time.monotonic() - t_back
             a_thread.join(10)
             b2_thread.join(10)
         finally:
@@ -378,7 +377,6 @@ def test_with_min_agents_2_a_short_round_is_rerun_with_the_restarted_agent_and_t
     assert result.completed_rounds == 4
     assert [r["round"] for r in result.history] == [0, 1, 2, 3]
     assert d.value("edgetrain_rounds_closed_short_total") == 1  # the re-run did not wait for a deadline
-    assert elapsed < timeout
     assert a.accepted == [0, 1, 1, 2, 3]  # round 1 twice: the first copy was dropped with the short round
     assert b2.accepted == [1, 2, 3]
     assert all(set(r["nodes"]) == {"a", "b"} for r in result.history)
