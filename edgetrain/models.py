@@ -74,7 +74,12 @@ class TextGRU(nn.Module):
         self.fc = nn.Linear(4 * hidden, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out, _ = self.gru(self.embedding(x))
+        # Packed, so the backward direction starts at each tweet's last real token instead of running
+        # through the padding first (which washes out what it read).
+        lengths = (x != 0).sum(1).clamp(min=1).cpu()
+        packed = nn.utils.rnn.pack_padded_sequence(self.embedding(x), lengths, batch_first=True, enforce_sorted=False)
+        out, _ = self.gru(packed)
+        out, _ = nn.utils.rnn.pad_packed_sequence(out, batch_first=True, total_length=x.shape[1])
         mask = (x != 0).unsqueeze(-1).to(out.dtype)
         mean = (out * mask).sum(1) / mask.sum(1).clamp(min=1.0)
         peak = out.masked_fill(mask == 0, -1e4).amax(1)
