@@ -12,6 +12,7 @@ import grpc
 import torch
 
 from edgetrain import grpc_options, serde
+from edgetrain.errors import WireError
 from edgetrain.proto import edgetrain_pb2 as pb
 from edgetrain.proto import edgetrain_pb2_grpc as pb_grpc
 
@@ -54,7 +55,7 @@ class CoordinatorClient:
             self._channel = grpc.secure_channel(address, creds, options=grpc_options.CLIENT)
         else:
             self._channel = grpc.insecure_channel(address, options=grpc_options.CLIENT)
-        self._stub = pb_grpc.CoordinatorStub(self._channel)
+        self._stub = pb_grpc.CoordinatorStub(self._channel)  # type: ignore[no-untyped-call]
         self._token = token
         self.agent_id = ""
         self.session = ""
@@ -108,7 +109,7 @@ class CoordinatorClient:
             else:
                 asm.add(msg.part)
         if header is None:
-            raise serde.WireError("the coordinator's round stream had no header")
+            raise WireError("the coordinator's round stream had no header")
         if header.status != pb.WORK:
             return Round(header, None, time.perf_counter() - t0, 0)
         state = asm.finish()

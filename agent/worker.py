@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,6 +48,11 @@ class RoundTask:
     local_steps: int
     batch_size: int
     sample_offset: int
+
+
+def _appender(times: list[float]) -> Callable[[int, float], None]:
+    """A step callback that records each step's seconds."""
+    return lambda _i, seconds: times.append(seconds)
 
 
 def _main(setup: WorkerSetup, conn: Any) -> None:
@@ -106,7 +112,7 @@ def _main(setup: WorkerSetup, conn: Any) -> None:
             step_times: list[float] = []
             result = train_steps(
                 model, optimizer, x, y, plan, seed=setup.spec.seed * 1_000_003 + task.round * 101 + setup.index,
-                device=device, after_step=lambda _i, s, times=step_times: times.append(s), grad_hook=grad_hook,
+                device=device, after_step=_appender(step_times), grad_hook=grad_hook,
                 class_weights=weights,
             )
             if setup.index == 0:

@@ -22,7 +22,7 @@ SERVICE_NAME = "edgetrain.v1.Coordinator"
 MAX_WORKERS = 64
 
 
-class TokenInterceptor(grpc.ServerInterceptor):
+class TokenInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
     """Refuse every call to our service that lacks `authorization: Bearer <token>` (health checks pass)."""
 
     def __init__(self, token: str, metrics: CoordinatorMetrics) -> None:
@@ -73,7 +73,7 @@ def start_server(
         options=grpc_options.SERVER,
         interceptors=interceptors,
     )
-    pb_grpc.add_CoordinatorServicer_to_server(CoordinatorServicer(state), server)
+    pb_grpc.add_CoordinatorServicer_to_server(CoordinatorServicer(state), server)  # type: ignore[no-untyped-call]
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     address = f"{host}:{port}"

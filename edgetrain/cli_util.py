@@ -15,7 +15,7 @@ from edgetrain.errors import EdgetrainError
 try:  # recent typer vendors click as typer._click, with exception classes of its own
     from typer._click.exceptions import UsageError
 except ImportError:  # pragma: no cover - older typer raises click's
-    from click.exceptions import UsageError
+    from click.exceptions import UsageError  # type: ignore[assignment]
 
 
 

@@ -40,7 +40,8 @@ class MnistCNN(nn.Module):
         x = torch.flatten(x, 1)
         x = F.relu(self.fc1(x))
         x = self.dropout2(x)
-        return self.fc2(x)  # logits
+        logits: torch.Tensor = self.fc2(x)
+        return logits
 
 
 class TextCNN(nn.Module):
@@ -60,7 +61,8 @@ class TextCNN(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         e = self.embedding(x).transpose(1, 2)  # [B, dim, L]
         pooled = [F.relu(conv(e)).amax(dim=2) for conv in self.convs]
-        return self.fc(self.dropout(torch.cat(pooled, dim=1)))
+        logits: torch.Tensor = self.fc(self.dropout(torch.cat(pooled, dim=1)))
+        return logits
 
 
 class TextGRU(nn.Module):
@@ -83,7 +85,8 @@ class TextGRU(nn.Module):
         mask = (x != 0).unsqueeze(-1).to(out.dtype)
         mean = (out * mask).sum(1) / mask.sum(1).clamp(min=1.0)
         peak = out.masked_fill(mask == 0, -1e4).amax(1)
-        return self.fc(self.dropout(torch.cat([mean, peak], dim=1)))
+        logits: torch.Tensor = self.fc(self.dropout(torch.cat([mean, peak], dim=1)))
+        return logits
 
 
 class MLP(nn.Module):
@@ -96,7 +99,8 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.float().flatten(1)
-        return self.fc2(torch.tanh(self.fc1(x)))
+        logits: torch.Tensor = self.fc2(torch.tanh(self.fc1(x)))
+        return logits
 
 
 def _text_mlp(inp: ModelInput) -> nn.Module:

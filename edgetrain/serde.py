@@ -10,6 +10,7 @@ import math
 import sys
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -21,7 +22,7 @@ from edgetrain.proto import edgetrain_pb2 as pb
 # whatever the model's size, without raising the cap for everyone.
 PART_BYTES = 1 << 20
 
-_TORCH_TO_WIRE: dict[torch.dtype, int] = {
+_TORCH_TO_WIRE: dict[torch.dtype, Any] = {  # values are pb.DType numbers
     torch.float32: pb.FLOAT32,
     torch.float64: pb.FLOAT64,
     torch.float16: pb.FLOAT16,
@@ -58,7 +59,7 @@ def _raw_bytes(t: torch.Tensor) -> memoryview:
     arr = t.numpy()
     if arr.dtype.byteorder == ">":  # pragma: no cover - big-endian hosts only
         arr = arr.byteswap().view(arr.dtype.newbyteorder("<"))
-    return memoryview(arr).cast("B")
+    return arr.data.cast("B")
 
 
 def encode(

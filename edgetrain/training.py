@@ -84,7 +84,7 @@ def batch_plan(shard: torch.Tensor, *, seed: int, rank: int, start_sample: int, 
 
 
 def balanced_class_weights(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """n / (k * count_c) per class, as scikit-learn's "balanced": rare classes weigh more, mean weight ~1.
+    """N / (k * count_c) per class, as scikit-learn's "balanced": rare classes weigh more, mean weight ~1.
 
     Macro-recall (TweetEval's sentiment metric) rewards every class equally, so the loss should too.
     """
@@ -134,7 +134,7 @@ def train_steps(
         optimizer.zero_grad(set_to_none=True)
         logits = model(xb)
         loss = F.cross_entropy(logits, yb, weight=class_weights)
-        loss.backward()
+        loss.backward()  # type: ignore[no-untyped-call]
         if grad_hook is not None:
             grad_hook(model)
         optimizer.step()
