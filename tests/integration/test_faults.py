@@ -203,7 +203,7 @@ def test_agent_killed_mid_round_round_closes_short_world_shrinks_and_restart_rej
         # b restarts under the same name and rejoins
         accepted_b = d.value("edgetrain_updates_accepted_total", node="b")
         b2 = procs.agent("b", d.coord.port, CORES[-1])
-        wait_for(lambda: d.value("edgetrain_updates_accepted_total", node="b") >= accepted_b + 3, 60,
+        wait_for(lambda: d.value("edgetrain_updates_accepted_total", node="b") >= accepted_b + 4, 60,
                  "the restarted b's updates to be accepted")
         d.coord.stop.set()
         result = d.join(60)
