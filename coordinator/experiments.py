@@ -432,21 +432,36 @@ def _edgetrain_run(settings: BenchSettings, plan: ParallelPlan, target: float | 
 
 @contextmanager
 def _progress(progress: bool, total: int, what: str) -> Iterator[Callable[[str], None]]:
-    """A rich progress bar over the configurations; yields `step(description)` to call before each."""
+    """A rich progress bar over the configurations; yields `step(text)` to call before each and after it.
+
+    Where stderr is no terminal (a log file) the bar cannot redraw: each step is printed as a line.
+    """
+    err = Console(stderr=True)
     bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                   TimeElapsedColumn(), console=Console(stderr=True), disable=not progress, transient=False)
+                   TimeElapsedColumn(), console=err, disable=not progress, transient=False)
     with bar:
         task: TaskID = bar.add_task(what, total=total)
         started = [False]
 
         def step(description: str) -> None:
+            if description.startswith("  "):  # a result line
+                if progress and not err.is_terminal:
+                    err.print(f"{what}:{description}", highlight=False)
+                return
             if started[0]:
                 bar.advance(task)
             started[0] = True
             bar.update(task, description=f"{what}: {description}")
+            if progress and not err.is_terminal:
+                err.print(f"{what}: {description} [{time.strftime('%H:%M:%S')}]", highlight=False)
 
         yield step
         bar.update(task, completed=total, description=f"{what}: done")
+
+
+def _result_line(m: Measured, seconds: float) -> str:
+    other = "?" if m.other_load is None else f"{m.other_load * 100:.0f} %"
+    return f"  -> {seconds:.2f} s, other load {other}, reruns {m.reruns}"
 
 
 def run_parallel(settings: BenchSettings, *, agents: int | None = None, local_steps: int = 8,
@@ -505,6 +520,7 @@ def run_parallel(settings: BenchSettings, *, agents: int | None = None, local_st
                 out = m.outcome
                 row.other_load.append(m.other_load)
                 row.reruns += m.reruns
+                step(_result_line(m, out.seconds))
                 row.times_s.append(out.seconds)
                 row.targets_s.append(out.time_to_target)
                 row.accuracies.append(out.accuracy)
@@ -679,6 +695,7 @@ def run_affinity(settings: BenchSettings, *, sets: list[list[int]] | None = None
                 out = m.outcome
                 row.other_load.append(m.other_load)
                 row.reruns += m.reruns
+                step(_result_line(m, out.train_seconds))
                 row.times_ms.append(out.train_seconds * 1000.0)
                 row.accuracies.append(out.accuracy)
                 row.samples = out.samples
