@@ -22,7 +22,7 @@ from edgetrain.cores import pin_current_process
 from edgetrain.errors import EdgetrainError
 from edgetrain.peers import free_port
 from edgetrain.spec import DataLocation, RunSpec
-from edgetrain.training import batch_plan, make_optimizer, train_steps
+from edgetrain.training import batch_plan, make_optimizer, set_lr, train_steps
 
 
 class WorkerError(EdgetrainError):
@@ -109,6 +109,8 @@ def _main(setup: WorkerSetup, conn: Any) -> None:
                 start_sample=task.sample_offset // setup.count, steps=task.local_steps,
                 batch_size=task.batch_size,
             )
+            epoch = (task.sample_offset // setup.count) // max(1, len(shards[key]))
+            set_lr(optimizer, setup.spec.lr * setup.spec.lr_decay**epoch)
             step_times: list[float] = []
             result = train_steps(
                 model, optimizer, x, y, plan, seed=setup.spec.seed * 1_000_003 + task.round * 101 + setup.index,

@@ -76,6 +76,7 @@ def make_app() -> typer.Typer:
         alpha: Annotated[float, typer.Option(help="Dirichlet concentration (smaller: more skew).")] = 0.5,
         update_dtype: Annotated[str, typer.Option(help="float32, float16, bfloat16 or int8.")] = "float32",
         class_weighting: Annotated[str, typer.Option(help="none, or balanced (for macro-recall).")] = "none",
+        lr_decay: Annotated[float, typer.Option(help="Multiply the learning rate by this each epoch.")] = 0.7,
         run_dir: Annotated[Optional[Path], typer.Option(help="Checkpoints, log and final model.")] = None,  # noqa: UP045
         resume: Annotated[bool, typer.Option(help="Resume from --run-dir's checkpoint.")] = False,
         token_env: Annotated[str, typer.Option(help="Env variable with the operator token.")] = "EDGETRAIN_TOKEN",
@@ -101,6 +102,7 @@ def make_app() -> typer.Typer:
             dataset=dataset, model=model, seed=seed, batch_size=batch_size, lr=lr, optimizer=optimizer,
             momentum=momentum, weight_decay=weight_decay, shard_scheme=shard_scheme, dirichlet_alpha=alpha,
             max_len=max_len, limit=limit, update_dtype=update_dtype, class_weighting=class_weighting,
+            lr_decay=lr_decay,
         )
         cfg = CoordinatorConfig(
             spec=spec, where=DataLocation(data_dir, data_path, cache_dir, not no_download), host=host, port=port,

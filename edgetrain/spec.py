@@ -33,6 +33,7 @@ class RunSpec:
     max_len: int = 64
     limit: int = 0  # 0 = the whole data set
     update_dtype: str = "float32"
+    lr_decay: float = 0.7  # learning rate x this per epoch, as in PyTorch's MNIST example (StepLR, gamma 0.7)
     class_weighting: str = "none"  # "balanced": weigh the loss by inverse class frequency (for macro-recall)
 
     def __post_init__(self) -> None:
@@ -41,6 +42,8 @@ class RunSpec:
             raise ConfigError(f"unknown optimizer {self.optimizer!r}")
         if self.shard_scheme not in SHARD_SCHEMES:
             raise ConfigError(f"unknown shard scheme {self.shard_scheme!r}; choose from {', '.join(SHARD_SCHEMES)}")
+        if not 0 < self.lr_decay <= 1:
+            raise ConfigError(f"lr decay per epoch must be in (0, 1], got {self.lr_decay}")
         if not self.dirichlet_alpha > 0:
             raise ConfigError(f"Dirichlet alpha must be positive, got {self.dirichlet_alpha}")
         if self.max_len < 1:

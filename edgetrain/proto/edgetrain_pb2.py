@@ -24,43 +24,43 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x65\x64getrain/proto/edgetrain.proto\x12\x0c\x65\x64getrain.v1\"z\n\nTensorPart\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\"\n\x05\x64type\x18\x02 \x01(\x0e\x32\x13.edgetrain.v1.DType\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x0e\n\x06offset\x18\x04 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x05 \x01(\x0c\x12\r\n\x05scale\x18\x06 \x01(\x02\"\x98\x01\n\x0bJoinRequest\x12\x12\n\nagent_name\x18\x01 \x01(\t\x12\r\n\x05\x63ores\x18\x02 \x03(\x05\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\x12\x12\n\nthroughput\x18\x04 \x01(\x01\x12\x0f\n\x07workers\x18\x05 \x01(\x05\x12\x17\n\x0fmetrics_address\x18\x06 \x01(\t\x12\x18\n\x10\x64\x61ta_fingerprint\x18\x07 \x01(\t\"\xaa\x02\n\x07RunSpec\x12\x0f\n\x07\x64\x61taset\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x18\n\x10\x64\x61ta_fingerprint\x18\x03 \x01(\t\x12\x0c\n\x04seed\x18\x04 \x01(\x05\x12\x12\n\nbatch_size\x18\x05 \x01(\x05\x12\n\n\x02lr\x18\x06 \x01(\x01\x12\x11\n\toptimizer\x18\x07 \x01(\t\x12\x10\n\x08momentum\x18\x08 \x01(\x01\x12\x14\n\x0cshard_scheme\x18\t \x01(\t\x12\x17\n\x0f\x64irichlet_alpha\x18\n \x01(\x01\x12\x0f\n\x07max_len\x18\x0b \x01(\x05\x12\r\n\x05limit\x18\x0c \x01(\x03\x12\x14\n\x0cupdate_dtype\x18\r \x01(\t\x12\x14\n\x0cweight_decay\x18\x0e \x01(\x01\x12\x17\n\x0f\x63lass_weighting\x18\x0f \x01(\t\"Y\n\tJoinReply\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x15\n\rsession_token\x18\x02 \x01(\t\x12#\n\x04spec\x18\x03 \x01(\x0b\x32\x15.edgetrain.v1.RunSpec\"5\n\x0cRoundRequest\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x13\n\x0b\x61\x66ter_round\x18\x02 \x01(\x03\"\xbb\x01\n\x0bRoundHeader\x12)\n\x06status\x18\x01 \x01(\x0e\x32\x19.edgetrain.v1.RoundStatus\x12\r\n\x05round\x18\x02 \x01(\x03\x12\x0c\n\x04rank\x18\x03 \x01(\x05\x12\r\n\x05world\x18\x04 \x01(\x05\x12\x13\n\x0blocal_steps\x18\x05 \x01(\x05\x12\x15\n\rsample_offset\x18\x06 \x01(\x03\x12\x15\n\rdeadline_unix\x18\x07 \x01(\x01\x12\x12\n\nbatch_size\x18\x08 \x01(\x05\"m\n\x0cRoundMessage\x12+\n\x06header\x18\x01 \x01(\x0b\x32\x19.edgetrain.v1.RoundHeaderH\x00\x12(\n\x04part\x18\x02 \x01(\x0b\x32\x18.edgetrain.v1.TensorPartH\x00\x42\x06\n\x04kind\"\x7f\n\tNodeStats\x12\x17\n\x0f\x63ompute_seconds\x18\x01 \x01(\x01\x12\x1d\n\x15\x63ommunication_seconds\x18\x02 \x01(\x01\x12\x0c\n\x04loss\x18\x03 \x01(\x01\x12\x10\n\x08\x61\x63\x63uracy\x18\x04 \x01(\x01\x12\x1a\n\x12samples_per_second\x18\x05 \x01(\x01\"{\n\x0cUpdateHeader\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x03\x12\x13\n\x0bnum_samples\x18\x03 \x01(\x03\x12&\n\x05stats\x18\x04 \x01(\x0b\x32\x17.edgetrain.v1.NodeStats\x12\r\n\x05\x64\x65lta\x18\x05 \x01(\x08\"o\n\rUpdateMessage\x12,\n\x06header\x18\x01 \x01(\x0b\x32\x1a.edgetrain.v1.UpdateHeaderH\x00\x12(\n\x04part\x18\x02 \x01(\x0b\x32\x18.edgetrain.v1.TensorPartH\x00\x42\x06\n\x04kind\"-\n\tUpdateAck\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0e\n\x06\x64\x65tail\x18\x02 \x01(\t\" \n\x0cLeaveRequest\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\"\x0c\n\nLeaveReply*h\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46LOAT32\x10\x01\x12\x0b\n\x07\x46LOAT64\x10\x02\x12\x0b\n\x07\x46LOAT16\x10\x03\x12\x0c\n\x08\x42\x46LOAT16\x10\x04\x12\t\n\x05INT64\x10\x05\x12\x08\n\x04INT8\x10\x06*M\n\x0bRoundStatus\x12\x1c\n\x18ROUND_STATUS_UNSPECIFIED\x10\x00\x12\x08\n\x04WORK\x10\x01\x12\x08\n\x04WAIT\x10\x02\x12\x0c\n\x08\x46INISHED\x10\x03\x32\x96\x02\n\x0b\x43oordinator\x12:\n\x04Join\x12\x19.edgetrain.v1.JoinRequest\x1a\x17.edgetrain.v1.JoinReply\x12\x44\n\x08GetRound\x12\x1a.edgetrain.v1.RoundRequest\x1a\x1a.edgetrain.v1.RoundMessage0\x01\x12\x46\n\x0cSubmitUpdate\x12\x1b.edgetrain.v1.UpdateMessage\x1a\x17.edgetrain.v1.UpdateAck(\x01\x12=\n\x05Leave\x12\x1a.edgetrain.v1.LeaveRequest\x1a\x18.edgetrain.v1.LeaveReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x65\x64getrain/proto/edgetrain.proto\x12\x0c\x65\x64getrain.v1\"z\n\nTensorPart\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\"\n\x05\x64type\x18\x02 \x01(\x0e\x32\x13.edgetrain.v1.DType\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x0e\n\x06offset\x18\x04 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x05 \x01(\x0c\x12\r\n\x05scale\x18\x06 \x01(\x02\"\x98\x01\n\x0bJoinRequest\x12\x12\n\nagent_name\x18\x01 \x01(\t\x12\r\n\x05\x63ores\x18\x02 \x03(\x05\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\x12\x12\n\nthroughput\x18\x04 \x01(\x01\x12\x0f\n\x07workers\x18\x05 \x01(\x05\x12\x17\n\x0fmetrics_address\x18\x06 \x01(\t\x12\x18\n\x10\x64\x61ta_fingerprint\x18\x07 \x01(\t\"\xbc\x02\n\x07RunSpec\x12\x0f\n\x07\x64\x61taset\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x18\n\x10\x64\x61ta_fingerprint\x18\x03 \x01(\t\x12\x0c\n\x04seed\x18\x04 \x01(\x05\x12\x12\n\nbatch_size\x18\x05 \x01(\x05\x12\n\n\x02lr\x18\x06 \x01(\x01\x12\x11\n\toptimizer\x18\x07 \x01(\t\x12\x10\n\x08momentum\x18\x08 \x01(\x01\x12\x14\n\x0cshard_scheme\x18\t \x01(\t\x12\x17\n\x0f\x64irichlet_alpha\x18\n \x01(\x01\x12\x0f\n\x07max_len\x18\x0b \x01(\x05\x12\r\n\x05limit\x18\x0c \x01(\x03\x12\x14\n\x0cupdate_dtype\x18\r \x01(\t\x12\x14\n\x0cweight_decay\x18\x0e \x01(\x01\x12\x17\n\x0f\x63lass_weighting\x18\x0f \x01(\t\x12\x10\n\x08lr_decay\x18\x10 \x01(\x01\"Y\n\tJoinReply\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x15\n\rsession_token\x18\x02 \x01(\t\x12#\n\x04spec\x18\x03 \x01(\x0b\x32\x15.edgetrain.v1.RunSpec\"5\n\x0cRoundRequest\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x13\n\x0b\x61\x66ter_round\x18\x02 \x01(\x03\"\xbb\x01\n\x0bRoundHeader\x12)\n\x06status\x18\x01 \x01(\x0e\x32\x19.edgetrain.v1.RoundStatus\x12\r\n\x05round\x18\x02 \x01(\x03\x12\x0c\n\x04rank\x18\x03 \x01(\x05\x12\r\n\x05world\x18\x04 \x01(\x05\x12\x13\n\x0blocal_steps\x18\x05 \x01(\x05\x12\x15\n\rsample_offset\x18\x06 \x01(\x03\x12\x15\n\rdeadline_unix\x18\x07 \x01(\x01\x12\x12\n\nbatch_size\x18\x08 \x01(\x05\"m\n\x0cRoundMessage\x12+\n\x06header\x18\x01 \x01(\x0b\x32\x19.edgetrain.v1.RoundHeaderH\x00\x12(\n\x04part\x18\x02 \x01(\x0b\x32\x18.edgetrain.v1.TensorPartH\x00\x42\x06\n\x04kind\"\x7f\n\tNodeStats\x12\x17\n\x0f\x63ompute_seconds\x18\x01 \x01(\x01\x12\x1d\n\x15\x63ommunication_seconds\x18\x02 \x01(\x01\x12\x0c\n\x04loss\x18\x03 \x01(\x01\x12\x10\n\x08\x61\x63\x63uracy\x18\x04 \x01(\x01\x12\x1a\n\x12samples_per_second\x18\x05 \x01(\x01\"{\n\x0cUpdateHeader\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x03\x12\x13\n\x0bnum_samples\x18\x03 \x01(\x03\x12&\n\x05stats\x18\x04 \x01(\x0b\x32\x17.edgetrain.v1.NodeStats\x12\r\n\x05\x64\x65lta\x18\x05 \x01(\x08\"o\n\rUpdateMessage\x12,\n\x06header\x18\x01 \x01(\x0b\x32\x1a.edgetrain.v1.UpdateHeaderH\x00\x12(\n\x04part\x18\x02 \x01(\x0b\x32\x18.edgetrain.v1.TensorPartH\x00\x42\x06\n\x04kind\"-\n\tUpdateAck\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0e\n\x06\x64\x65tail\x18\x02 \x01(\t\" \n\x0cLeaveRequest\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\"\x0c\n\nLeaveReply*h\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46LOAT32\x10\x01\x12\x0b\n\x07\x46LOAT64\x10\x02\x12\x0b\n\x07\x46LOAT16\x10\x03\x12\x0c\n\x08\x42\x46LOAT16\x10\x04\x12\t\n\x05INT64\x10\x05\x12\x08\n\x04INT8\x10\x06*M\n\x0bRoundStatus\x12\x1c\n\x18ROUND_STATUS_UNSPECIFIED\x10\x00\x12\x08\n\x04WORK\x10\x01\x12\x08\n\x04WAIT\x10\x02\x12\x0c\n\x08\x46INISHED\x10\x03\x32\x96\x02\n\x0b\x43oordinator\x12:\n\x04Join\x12\x19.edgetrain.v1.JoinRequest\x1a\x17.edgetrain.v1.JoinReply\x12\x44\n\x08GetRound\x12\x1a.edgetrain.v1.RoundRequest\x1a\x1a.edgetrain.v1.RoundMessage0\x01\x12\x46\n\x0cSubmitUpdate\x12\x1b.edgetrain.v1.UpdateMessage\x1a\x17.edgetrain.v1.UpdateAck(\x01\x12=\n\x05Leave\x12\x1a.edgetrain.v1.LeaveRequest\x1a\x18.edgetrain.v1.LeaveReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'edgetrain.proto.edgetrain_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DTYPE']._serialized_start=1538
-  _globals['_DTYPE']._serialized_end=1642
-  _globals['_ROUNDSTATUS']._serialized_start=1644
-  _globals['_ROUNDSTATUS']._serialized_end=1721
+  _globals['_DTYPE']._serialized_start=1556
+  _globals['_DTYPE']._serialized_end=1660
+  _globals['_ROUNDSTATUS']._serialized_start=1662
+  _globals['_ROUNDSTATUS']._serialized_end=1739
   _globals['_TENSORPART']._serialized_start=49
   _globals['_TENSORPART']._serialized_end=171
   _globals['_JOINREQUEST']._serialized_start=174
   _globals['_JOINREQUEST']._serialized_end=326
   _globals['_RUNSPEC']._serialized_start=329
-  _globals['_RUNSPEC']._serialized_end=627
-  _globals['_JOINREPLY']._serialized_start=629
-  _globals['_JOINREPLY']._serialized_end=718
-  _globals['_ROUNDREQUEST']._serialized_start=720
-  _globals['_ROUNDREQUEST']._serialized_end=773
-  _globals['_ROUNDHEADER']._serialized_start=776
-  _globals['_ROUNDHEADER']._serialized_end=963
-  _globals['_ROUNDMESSAGE']._serialized_start=965
-  _globals['_ROUNDMESSAGE']._serialized_end=1074
-  _globals['_NODESTATS']._serialized_start=1076
-  _globals['_NODESTATS']._serialized_end=1203
-  _globals['_UPDATEHEADER']._serialized_start=1205
-  _globals['_UPDATEHEADER']._serialized_end=1328
-  _globals['_UPDATEMESSAGE']._serialized_start=1330
-  _globals['_UPDATEMESSAGE']._serialized_end=1441
-  _globals['_UPDATEACK']._serialized_start=1443
-  _globals['_UPDATEACK']._serialized_end=1488
-  _globals['_LEAVEREQUEST']._serialized_start=1490
-  _globals['_LEAVEREQUEST']._serialized_end=1522
-  _globals['_LEAVEREPLY']._serialized_start=1524
-  _globals['_LEAVEREPLY']._serialized_end=1536
-  _globals['_COORDINATOR']._serialized_start=1724
-  _globals['_COORDINATOR']._serialized_end=2002
+  _globals['_RUNSPEC']._serialized_end=645
+  _globals['_JOINREPLY']._serialized_start=647
+  _globals['_JOINREPLY']._serialized_end=736
+  _globals['_ROUNDREQUEST']._serialized_start=738
+  _globals['_ROUNDREQUEST']._serialized_end=791
+  _globals['_ROUNDHEADER']._serialized_start=794
+  _globals['_ROUNDHEADER']._serialized_end=981
+  _globals['_ROUNDMESSAGE']._serialized_start=983
+  _globals['_ROUNDMESSAGE']._serialized_end=1092
+  _globals['_NODESTATS']._serialized_start=1094
+  _globals['_NODESTATS']._serialized_end=1221
+  _globals['_UPDATEHEADER']._serialized_start=1223
+  _globals['_UPDATEHEADER']._serialized_end=1346
+  _globals['_UPDATEMESSAGE']._serialized_start=1348
+  _globals['_UPDATEMESSAGE']._serialized_end=1459
+  _globals['_UPDATEACK']._serialized_start=1461
+  _globals['_UPDATEACK']._serialized_end=1506
+  _globals['_LEAVEREQUEST']._serialized_start=1508
+  _globals['_LEAVEREQUEST']._serialized_end=1540
+  _globals['_LEAVEREPLY']._serialized_start=1542
+  _globals['_LEAVEREPLY']._serialized_end=1554
+  _globals['_COORDINATOR']._serialized_start=1742
+  _globals['_COORDINATOR']._serialized_end=2020
 # @@protoc_insertion_point(module_scope)

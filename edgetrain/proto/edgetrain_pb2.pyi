@@ -70,7 +70,7 @@ class JoinRequest(_message.Message):
     def __init__(self, agent_name: _Optional[str] = ..., cores: _Optional[_Iterable[int]] = ..., device: _Optional[str] = ..., throughput: _Optional[float] = ..., workers: _Optional[int] = ..., metrics_address: _Optional[str] = ..., data_fingerprint: _Optional[str] = ...) -> None: ...
 
 class RunSpec(_message.Message):
-    __slots__ = ("dataset", "model", "data_fingerprint", "seed", "batch_size", "lr", "optimizer", "momentum", "shard_scheme", "dirichlet_alpha", "max_len", "limit", "update_dtype", "weight_decay", "class_weighting")
+    __slots__ = ("dataset", "model", "data_fingerprint", "seed", "batch_size", "lr", "optimizer", "momentum", "shard_scheme", "dirichlet_alpha", "max_len", "limit", "update_dtype", "weight_decay", "class_weighting", "lr_decay")
     DATASET_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     DATA_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
@@ -86,6 +86,7 @@ class RunSpec(_message.Message):
     UPDATE_DTYPE_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_DECAY_FIELD_NUMBER: _ClassVar[int]
     CLASS_WEIGHTING_FIELD_NUMBER: _ClassVar[int]
+    LR_DECAY_FIELD_NUMBER: _ClassVar[int]
     dataset: str
     model: str
     data_fingerprint: str
@@ -101,7 +102,8 @@ class RunSpec(_message.Message):
     update_dtype: str
     weight_decay: float
     class_weighting: str
-    def __init__(self, dataset: _Optional[str] = ..., model: _Optional[str] = ..., data_fingerprint: _Optional[str] = ..., seed: _Optional[int] = ..., batch_size: _Optional[int] = ..., lr: _Optional[float] = ..., optimizer: _Optional[str] = ..., momentum: _Optional[float] = ..., shard_scheme: _Optional[str] = ..., dirichlet_alpha: _Optional[float] = ..., max_len: _Optional[int] = ..., limit: _Optional[int] = ..., update_dtype: _Optional[str] = ..., weight_decay: _Optional[float] = ..., class_weighting: _Optional[str] = ...) -> None: ...
+    lr_decay: float
+    def __init__(self, dataset: _Optional[str] = ..., model: _Optional[str] = ..., data_fingerprint: _Optional[str] = ..., seed: _Optional[int] = ..., batch_size: _Optional[int] = ..., lr: _Optional[float] = ..., optimizer: _Optional[str] = ..., momentum: _Optional[float] = ..., shard_scheme: _Optional[str] = ..., dirichlet_alpha: _Optional[float] = ..., max_len: _Optional[int] = ..., limit: _Optional[int] = ..., update_dtype: _Optional[str] = ..., weight_decay: _Optional[float] = ..., class_weighting: _Optional[str] = ..., lr_decay: _Optional[float] = ...) -> None: ...
 
 class JoinReply(_message.Message):
     __slots__ = ("agent_id", "session_token", "spec")
