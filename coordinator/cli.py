@@ -158,6 +158,7 @@ def make_bench_app() -> typer.Typer:
         local_steps: Annotated[int, typer.Option(help="edgetrain: K local steps per round.")] = 8,
         lr: Annotated[float, typer.Option(help="Learning rate.")] = 1e-3,
         optimizer: Annotated[str, typer.Option(help="sgd, adam or adadelta.")] = "adam",
+        lr_decay: Annotated[float, typer.Option(help="Learning rate x this per epoch (1: constant).")] = 0.7,
         seed: Annotated[int, typer.Option(help="Seed of data split, weights and batches.")] = 0,
         repeats: Annotated[int, typer.Option(help="Runs of each method (medians are reported).")] = 1,
         target_accuracy: Annotated[Optional[float], typer.Option(help="Also time reaching this accuracy.")] = None,  # noqa: UP045
@@ -173,7 +174,8 @@ def make_bench_app() -> typer.Typer:
         from coordinator import experiments as ex
 
         settings = ex.BenchSettings(dataset=dataset, model=model, data_dir=data_dir, limit=limit, epochs=epochs,
-                                    batch_size=batch_size, lr=lr, optimizer=optimizer, seed=seed, repeats=repeats,
+                                    batch_size=batch_size, lr=lr, optimizer=optimizer, lr_decay=lr_decay, seed=seed,
+                                    repeats=repeats,
                                     quiet_wait=quiet_wait, max_other_load=max_other_load, retries=retries)
         report = ex.run_parallel(settings, agents=agents or None, local_steps=local_steps,
                                  target_accuracy=target_accuracy, progress=progress)
@@ -198,6 +200,7 @@ def make_bench_app() -> typer.Typer:
         batch_size: Annotated[int, typer.Option(help="Batch per step (per process for layouts).")] = 64,
         lr: Annotated[float, typer.Option(help="Learning rate.")] = 1e-3,
         optimizer: Annotated[str, typer.Option(help="sgd, adam or adadelta.")] = "adam",
+        lr_decay: Annotated[float, typer.Option(help="Learning rate x this per epoch (1: constant).")] = 0.7,
         seed: Annotated[int, typer.Option(help="Seed of data split, weights and batches.")] = 0,
         repeats: Annotated[int, typer.Option(help="Runs of each configuration.")] = 3,
         affinity: Annotated[str, typer.Option(help="Core counts 1,2,4,8 or sets 0;0,1;0-3.")] = "",
@@ -214,7 +217,8 @@ def make_bench_app() -> typer.Typer:
         from coordinator import experiments as ex
 
         settings = ex.BenchSettings(dataset=dataset, model=model, data_dir=data_dir, limit=limit, epochs=epochs,
-                                    batch_size=batch_size, lr=lr, optimizer=optimizer, seed=seed, repeats=repeats,
+                                    batch_size=batch_size, lr=lr, optimizer=optimizer, lr_decay=lr_decay, seed=seed,
+                                    repeats=repeats,
                                     quiet_wait=quiet_wait, max_other_load=max_other_load, retries=retries)
         sets = ex.parse_affinity(affinity) if affinity else None
         layouts = ex.parse_layouts(layout) if layout else None

@@ -65,6 +65,7 @@ class BenchSettings:
     batch_size: int = 64  # per worker (per process), as in `coordinator run`
     lr: float = 1e-3
     optimizer: str = "adam"
+    lr_decay: float = 0.7  # x per epoch of each worker's data, as `coordinator run` does (RunSpec's default)
     seed: int = 0
     max_len: int = 64
     repeats: int = 1
@@ -85,7 +86,8 @@ class BenchSettings:
 
     def spec(self) -> RunSpec:
         return RunSpec(dataset=self.dataset, model=self.model, seed=self.seed, batch_size=self.batch_size,
-                       lr=self.lr, optimizer=self.optimizer, max_len=self.max_len, limit=self.limit)
+                       lr=self.lr, optimizer=self.optimizer, lr_decay=self.lr_decay, max_len=self.max_len,
+                       limit=self.limit)
 
     def where(self) -> DataLocation:
         return DataLocation(data_dir=self.data_dir)
@@ -249,8 +251,12 @@ def data_facts(settings: BenchSettings) -> DataFacts:
 
 
 def edgetrain_serial(setup: ChildSetup, job: TrainJob) -> TrainOutcome:
-    """The serial baseline: edgetrain.training's batch plan, local steps and evaluation in one process."""
-    from edgetrain.training import batch_plan, evaluate, make_optimizer, train_steps
+    """The serial baseline: edgetrain.training's batch plan, local steps and evaluation in one process.
+
+    As an agent's worker does, it multiplies the learning rate by `spec.lr_decay` for every completed
+    pass over its data (here the whole training split) and weighs the loss as the spec says.
+    """
+    from edgetrain.training import batch_plan, evaluate, make_optimizer, set_lr, train_steps
     from edgetrain.workload import load_workload
 
     spec = job.spec
@@ -259,20 +265,28 @@ def edgetrain_serial(setup: ChildSetup, job: TrainJob) -> TrainOutcome:
     model = workload.new_model().to(device)
     optimizer = make_optimizer(model, spec.train_config())
     train, test = workload.data.train, workload.data.test
-    shard = torch.arange(len(train))
-    chunk = job.eval_every or job.steps
+    weights = workload.class_weights()
+    n, batch = len(train), spec.batch_size
+    shard = torch.arange(n)
     evals: list[tuple[float, float]] = []
     eval_seconds = 0.0
     time_to_target: float | None = None
     accuracy = 0.0
     done = 0
     t0 = time.perf_counter()
-    while True:
-        k = min(chunk, job.steps - done)
-        plan = batch_plan(shard, seed=spec.seed, rank=0, start_sample=done * spec.batch_size, steps=k,
-                          batch_size=spec.batch_size)
-        train_steps(model, optimizer, train.x, train.y, plan, seed=spec.seed * 1_000_003 + done, device=device)
+    while done < job.steps:
+        epoch = done * batch // n
+        next_epoch = -(-((epoch + 1) * n) // batch)  # the first step that starts in the next epoch
+        k = min(job.steps - done, max(1, next_epoch - done))
+        if job.eval_every:
+            k = min(k, job.eval_every - done % job.eval_every)
+        set_lr(optimizer, spec.lr * spec.lr_decay**epoch)
+        plan = batch_plan(shard, seed=spec.seed, rank=0, start_sample=done * batch, steps=k, batch_size=batch)
+        train_steps(model, optimizer, train.x, train.y, plan, seed=spec.seed * 1_000_003 + done, device=device,
+                    class_weights=weights)
         done += k
+        if done < job.steps and not (job.eval_every and done % job.eval_every == 0):
+            continue
         e0 = time.perf_counter()
         accuracy = evaluate(model, test.x, test.y, workload.data.num_classes, device=device).accuracy
         elapsed = time.perf_counter() - t0
@@ -280,8 +294,6 @@ def edgetrain_serial(setup: ChildSetup, job: TrainJob) -> TrainOutcome:
         evals.append((elapsed, accuracy))
         if job.target_accuracy is not None and time_to_target is None and accuracy >= job.target_accuracy:
             time_to_target = elapsed
-        if done >= job.steps:
-            break
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
@@ -804,7 +816,8 @@ def rich_table(title: str, headers: Sequence[str], cells: Sequence[Sequence[str]
 
 def _settings_line(s: BenchSettings, model: str) -> str:
     return (f"data set `{s.dataset}` (limit {s.limit or 'none'}), model `{model}`, {s.epochs:g} epoch(s), "
-            f"batch {s.batch_size} per worker, {s.optimizer} lr {s.lr:g}, seed {s.seed}, {s.repeats} repeat(s)")
+            f"batch {s.batch_size} per worker, {s.optimizer} lr {s.lr:g} (x{s.lr_decay:g} per epoch), seed {s.seed}, "
+            f"{s.repeats} repeat(s)")
 
 
 def parallel_markdown(report: ParallelReport, command: str = "") -> str:

@@ -237,6 +237,9 @@ def _torch_train(setup: ChildSetup, job: TrainJob, distributed: bool) -> TrainOu
         model = DistributedDataParallel(net)
     try:
         optimizer = torch_optimizer(model.parameters(), spec)
+        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=spec.lr_decay)  # per epoch
+        weights = workload.class_weights()
+        weight = weights.to(device) if weights is not None else None
         train = TensorDataset(workload.data.train.x, workload.data.train.y)
         base: Sampler[int]
         if distributed:
@@ -278,7 +281,7 @@ def _torch_train(setup: ChildSetup, job: TrainJob, distributed: bool) -> TrainOu
             for xb, yb in loader:
                 xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
                 optimizer.zero_grad(set_to_none=True)
-                loss = F.cross_entropy(model(xb), yb)
+                loss = F.cross_entropy(model(xb), yb, weight=weight)
                 loss.backward()  # type: ignore[no-untyped-call]
                 optimizer.step()
                 step += 1
@@ -286,6 +289,8 @@ def _torch_train(setup: ChildSetup, job: TrainJob, distributed: bool) -> TrainOu
                     break
                 if job.eval_every and step % job.eval_every == 0:
                     evaluate(t0)
+            else:  # a whole pass over this process's data
+                scheduler.step()
             epoch += 1
         evaluate(t0)
         if device.type == "cuda":

@@ -113,3 +113,20 @@ def test_oversize_sets_are_refused_in_one_line(args: list[str], tmp_path: Path) 
     assert lines[0].startswith("coordinator: error:")
     assert f"{N_CORES} cores" in lines[0] or f"only {N_CORES}" in lines[0]
     assert not any(tmp_path.iterdir())  # refused before anything ran
+
+
+def test_every_loop_trains_the_planned_steps_and_evaluates_on_cadence() -> None:
+    from coordinator.experiments import edgetrain_serial
+    from edgetrain.peers import TrainJob, combine, run_pinned, torch_single
+    from edgetrain.spec import RunSpec
+
+    # 600 examples, batch 64: the 25 steps cross two epoch boundaries (the learning rate decays there)
+    job = TrainJob(RunSpec(dataset="tweets", limit=600), steps=25, eval_every=8, target_accuracy=0.01)
+    for target in (edgetrain_serial, torch_single):
+        out = combine(run_pinned(target, [allowed_cores()[:1]], job))
+        assert out.samples == 25 * 64
+        assert len(out.evals) == 4  # after steps 8, 16, 24 and the last
+        assert [a for _, a in out.evals][-1] == out.accuracy
+        assert out.time_to_target == out.evals[0][0]
+        assert out.cores == tuple(allowed_cores()[:1]) and out.threads == 1
+        assert 0 < out.train_seconds < out.seconds
