@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from pathlib import Path
 
 import grpc
 from prometheus_client import CollectorRegistry
@@ -14,6 +15,7 @@ from agent.config import AgentConfig
 from agent.metrics import AgentMetrics
 from agent.worker import RoundTask, WorkerPool
 from edgetrain import serde
+from edgetrain.cli_util import read_file
 from edgetrain.compression import ErrorFeedback
 from edgetrain.cores import pin_current_process
 from edgetrain.errors import ConfigError
@@ -34,8 +36,8 @@ _REJOIN = (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNAUTHENTICATED)
 _RETRY = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 
 
-def _read(path: object) -> bytes | None:
-    return None if path is None else open(str(path), "rb").read()
+def _read(path: Path | None, what: str) -> bytes | None:
+    return None if path is None else read_file(path, what)
 
 
 class AgentRunner:
@@ -61,7 +63,8 @@ class AgentRunner:
     def _client(self) -> CoordinatorClient:
         tls = None
         if self.cfg.tls_ca or self.cfg.tls_cert:
-            tls = TLSFiles(_read(self.cfg.tls_ca), _read(self.cfg.tls_cert), _read(self.cfg.tls_key))
+            tls = TLSFiles(_read(self.cfg.tls_ca, "CA certificate"), _read(self.cfg.tls_cert, "client certificate"),
+                           _read(self.cfg.tls_key, "client key"))
         return CoordinatorClient(self.cfg.coordinator, token=self.cfg.token, tls=tls)
 
     def _join_request(self) -> pb.JoinRequest:
@@ -166,6 +169,8 @@ class AgentRunner:
                 if err.code() in _REJOIN:
                     return "rejoin"
                 if err.code() in _RETRY:
+                    log.warning("update for round %d not confirmed (%s); asking for work again", header.round,
+                                err.code().name)
                     self.stop.wait(0.5)
                     continue
                 # refused (late, stale, ...): the coordinator says why; go on with the next round

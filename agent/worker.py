@@ -9,6 +9,7 @@ torch.distributed (gloo) and worker 0 writes the result.
 from __future__ import annotations
 
 import os
+import signal
 import time
 import traceback
 from collections.abc import Callable
@@ -57,6 +58,8 @@ def _appender(times: list[float]) -> Callable[[int, float], None]:
 
 def _main(setup: WorkerSetup, conn: Any) -> None:
     """Entry point of a spawned worker."""
+    # Ctrl-C reaches the whole process group: the agent handles it and stops its workers in order.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         pin_current_process(list(setup.cores))
         torch.set_num_threads(len(setup.cores))
@@ -74,6 +77,7 @@ def _main(setup: WorkerSetup, conn: Any) -> None:
         if setup.count > 1:
             import torch.distributed as dist
 
+            os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # the workers talk on loopback, whatever the hostname
             dist.init_process_group(
                 "gloo", init_method=f"tcp://127.0.0.1:{setup.dist_port}", rank=setup.index,
                 world_size=setup.count,

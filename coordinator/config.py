@@ -71,6 +71,15 @@ class CoordinatorConfig:
             raise ConfigError(f"--local-agents cannot be negative, got {self.local_agents}")
         if self.eval_every < 1:
             raise ConfigError(f"--eval-every must be at least 1, got {self.eval_every}")
+        if not 0 <= self.trim < 0.5:
+            raise ConfigError(f"--trim must be in [0, 0.5), got {self.trim}")
+        if self.local_workers < 1:
+            raise ConfigError(f"--local-workers must be at least 1, got {self.local_workers}")
+        if self.checkpoint_every < 1:
+            raise ConfigError(f"checkpoint_every must be at least 1, got {self.checkpoint_every}")
+        if self.tls_client_ca is not None and (self.local_agents or self.local_devices):
+            raise ConfigError(
+                "local agents have no client certificate: --tls-client-ca (mutual TLS) needs remote agents")
         if self.aggregator not in AGGREGATORS:
             raise ConfigError(f"unknown aggregator {self.aggregator!r}; choose from {', '.join(AGGREGATORS)}")
         if not 0 <= self.port < 65536:

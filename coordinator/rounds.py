@@ -8,6 +8,7 @@ ever touch it.
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -134,13 +135,14 @@ def balanced_steps(throughputs: list[float], local_steps: int) -> list[int]:
 
     Unknown throughputs (0) count as the mean of the known ones; all unknown gives equal work.
     """
-    known = [t for t in throughputs if t > 0]
+    known = [t for t in throughputs if math.isfinite(t) and t > 0]
     if not known:
         return [local_steps] * len(throughputs)
-    mean = sum(known) / len(known)
-    speeds = [t if t > 0 else mean for t in throughputs]
+    peak = max(known)  # work in fractions of the fastest: no overflow whatever agents claim
+    mean = sum(t / peak for t in known) / len(known)
+    speeds = [t / peak if math.isfinite(t) and t > 0 else mean for t in throughputs]
     total = local_steps * len(speeds)
-    return [max(1, round(total * s / sum(speeds))) for s in speeds]
+    return [max(1, round(total * (s / sum(speeds)))) for s in speeds]
 
 
 class RoundEngine:
@@ -200,6 +202,11 @@ class RoundEngine:
     @property
     def current_round(self) -> int:
         return self.completed_rounds
+
+    def seconds_left(self) -> float:
+        """Seconds until the open round's deadline (0 when none is open or it has passed)."""
+        with self._cv:
+            return max(0.0, self._deadline - self._clock()) if self._open else 0.0
 
     @property
     def finished(self) -> bool:

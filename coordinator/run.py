@@ -123,6 +123,14 @@ class Coordinator:
 
     # ---- set-up
     def start(self) -> None:
+        """Load the workload, serve, start local agents; on any failure undo what was started."""
+        try:
+            self._start()
+        except BaseException:
+            self.close()
+            raise
+
+    def _start(self) -> None:
         cfg = self.cfg
         self.workload = load_workload(cfg.spec, cfg.where, progress=cfg.progress)
         spec = self.workload.spec
@@ -228,7 +236,7 @@ class Coordinator:
         mode = "a" if cfg.resume else "w"  # a fresh run in an old folder starts a fresh log
         log_file = open(cfg.run_dir / LOG, mode) if cfg.run_dir is not None else None  # noqa: SIM115
         final: EvalResult | None = None
-        samples_total = 0
+        samples_total = sum(engine.cursors.values())  # every sample trained so far, a resumed run's included
         stopped_by = "stop"
         time_to_target: float | None = None
         t_start = time.perf_counter()
@@ -251,6 +259,9 @@ class Coordinator:
                     if not live:  # the last agent left between the wait and now
                         continue
                     engine.open_round([(a.agent_id, a.throughput, a.workers) for a in live])
+                    for a in live:  # left or replaced since `live` was read: its forget() came too early
+                        if self.membership.get(a.agent_id) is None:
+                            engine.forget(a.agent_id)
                     names = {a.agent_id: a.name for a in live}
                     engine.wait_for_updates(self.stop)
                     outcome = engine.close_round(min_updates=min(cfg.min_agents, len(live)))

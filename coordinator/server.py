@@ -14,6 +14,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.servicer import UNKNOWN_NODE, CoordinatorServicer, ServiceState
 from edgetrain import grpc_options
+from edgetrain.cli_util import read_file
+from edgetrain.errors import ConfigError
 from edgetrain.proto import edgetrain_pb2_grpc as pb_grpc
 
 SERVICE_NAME = "edgetrain.v1.Coordinator"
@@ -52,10 +54,6 @@ class TokenInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
         return self._deny_unary
 
 
-def _read(path: Path | None) -> bytes | None:
-    return None if path is None else path.read_bytes()
-
-
 def start_server(
     state: ServiceState,
     host: str,
@@ -77,16 +75,18 @@ def start_server(
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     address = f"{host}:{port}"
+    creds = None
     if tls_cert is not None and tls_key is not None:
-        key, cert = tls_key.read_bytes(), tls_cert.read_bytes()
+        key, cert = read_file(tls_key, "TLS key"), read_file(tls_cert, "TLS certificate")
         creds = grpc.ssl_server_credentials(
-            [(key, cert)], root_certificates=_read(tls_client_ca), require_client_auth=tls_client_ca is not None
+            [(key, cert)],
+            root_certificates=None if tls_client_ca is None else read_file(tls_client_ca, "client CA"),
+            require_client_auth=tls_client_ca is not None,
         )
-        bound = server.add_secure_port(address, creds)
-    else:
-        bound = server.add_insecure_port(address)
-    if bound == 0:
-        raise OSError(f"cannot listen on {address}")
+    try:
+        bound = server.add_secure_port(address, creds) if creds is not None else server.add_insecure_port(address)
+    except RuntimeError as exc:  # grpcio raises this when the port is taken or not ours to bind
+        raise ConfigError(f"cannot listen on {address}: the port is in use or not allowed") from exc
     server.start()
     for service in ("", SERVICE_NAME):
         health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)

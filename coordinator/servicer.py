@@ -19,7 +19,7 @@ from coordinator.membership import Agent, Membership
 from coordinator.metrics import CoordinatorMetrics
 from edgetrain import grpc_options, serde
 from edgetrain.compression import apply_delta
-from edgetrain.errors import WireError
+from edgetrain.errors import NonFiniteError, WireError
 from edgetrain.proto import edgetrain_pb2 as pb
 from edgetrain.proto import edgetrain_pb2_grpc as pb_grpc
 from edgetrain.spec import RunSpec
@@ -28,6 +28,7 @@ log = logging.getLogger("edgetrain.coordinator")
 
 _STATUS = {code.name: code for code in grpc.StatusCode}
 UNKNOWN_NODE = "unknown"  # `node` label for refusals before we know who is calling (bounded label set)
+MAX_THROUGHPUT = 1e9  # samples/s: far above any real node, and small enough that sums of them stay finite
 AGENT_NAME = re.compile(r"[A-Za-z0-9_.:-]{1,128}")  # what agent/config.py allows
 
 
@@ -73,15 +74,13 @@ def advertised_address(metrics_address: str, peer: str) -> str:
     if host not in _WILDCARDS:
         return metrics_address
     kind, _, rest = peer.partition(":")
-    if kind == "ipv4":
-        return f"{rest.rpartition(':')[0]}:{port}"
-    if kind == "ipv6":
+    if kind in ("ipv4", "ipv6"):
         return f"{rest.rpartition(':')[0]}:{port}"
     return metrics_address
 
 
 def _wire_reason(err: WireError) -> rounds.RefusedError:
-    if "NaN or Inf" in str(err):
+    if isinstance(err, NonFiniteError):
         return rounds.NonFiniteError(str(err))
     return rounds.BadTensorError(str(err))
 
@@ -119,8 +118,12 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             name = request.agent_name
             if not AGENT_NAME.fullmatch(name):  # it becomes a metric label and goes into logs
                 raise rounds.MalformedError("agent_name must be 1-128 letters, digits, '_', '.', ':' or '-'")
-            if not (math.isfinite(request.throughput) and request.throughput >= 0) or request.workers < 0:
-                raise rounds.MalformedError("throughput must be finite and workers and throughput not negative")
+            if not (math.isfinite(request.throughput) and 0 <= request.throughput <= MAX_THROUGHPUT):
+                raise rounds.MalformedError(f"throughput must be a number in 0..{MAX_THROUGHPUT:g} samples/s")
+            if not 0 <= request.workers <= max(1, len(request.cores)):
+                # workers scale the most samples an update may claim: more than its cores would let one agent
+                # outweigh everyone in the average
+                raise rounds.MalformedError("workers must be between 1 and the number of cores the agent declares")
             agent, replaced = self.s.membership.admit(
                 name,
                 cores=tuple(request.cores),
@@ -174,7 +177,10 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             agent = self._agent(h.agent_id, context)
             node[0] = agent.name
             self.s.engine.precheck(agent.agent_id, h.round, h.num_samples)
-            with self.s.uploads:
+            # a slow uploader holds a slot at most until the deadline: it cannot block the others past it
+            if not self.s.uploads.acquire(timeout=self.s.engine.seconds_left()):
+                raise rounds.LateUpdateError(f"round {h.round} closed for updates while this one waited its turn")
+            try:
                 asm = serde.Assembler(serde.spec_of(self.s.engine.global_state))
                 for msg in request_iterator:
                     if not msg.HasField("part"):
@@ -194,7 +200,9 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
                     "bytes": float(asm.received_bytes),
                 }
                 self.s.engine.submit(agent.agent_id, h.round, h.num_samples, tensors, stats)
-            if math.isfinite(h.stats.samples_per_second) and h.stats.samples_per_second > 0:  # sizes rounds
+            finally:
+                self.s.uploads.release()
+            if math.isfinite(h.stats.samples_per_second) and 0 < h.stats.samples_per_second <= MAX_THROUGHPUT:
                 agent.throughput = h.stats.samples_per_second
             self.s.metrics.accepted_update(agent.name, h.num_samples, stats, asm.received_bytes)
             return pb.UpdateAck(accepted=True, detail=f"round {h.round}")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import typer
 
-from edgetrain.errors import EdgetrainError
+from edgetrain.errors import ConfigError, EdgetrainError
 
 try:  # recent typer vendors click as typer._click, with exception classes of its own
     from typer._click.exceptions import UsageError
@@ -62,6 +62,14 @@ def read_token(env_name: str | None, file: Path | None) -> str | None:
         token = os.environ.get(env_name, "").strip()
         return token or None
     return None
+
+
+def read_file(path: Path, what: str) -> bytes:
+    """A file an option names (certificate, key), or a ConfigError that says which and why."""
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read the {what} {path}: {exc.strerror}") from exc
 
 
 def setup_logging(level: str) -> None:

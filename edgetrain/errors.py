@@ -25,3 +25,7 @@ class CoresError(ConfigError):
 
 class WireError(EdgetrainError):
     """A message from the network is malformed: wrong names, shapes, dtypes, lengths or values."""
+
+
+class NonFiniteError(WireError):
+    """A tensor from the network holds NaN or Inf."""

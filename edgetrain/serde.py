@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from edgetrain.errors import WireError
+from edgetrain.errors import NonFiniteError, WireError
 from edgetrain.proto import edgetrain_pb2 as pb
 
 # 1 MiB of tensor data per message keeps every message far below gRPC's 4 MB default cap,
@@ -198,7 +198,7 @@ class Assembler:
             wire, shape, scale = self._meta[name]
             t = _from_wire(_from_bytes(self._buffers[name], _WIRE_TO_TORCH[wire], shape), scale, spec.dtype)
             if self._check_finite and t.is_floating_point() and not bool(torch.isfinite(t).all()):
-                raise WireError(f"tensor {name!r}: NaN or Inf values")
+                raise NonFiniteError(f"tensor {name!r}: NaN or Inf values")
             out[name] = t
         self._buffers.clear()
         return out

@@ -38,6 +38,9 @@ class RunSpec:
 
     def __post_init__(self) -> None:
         self.train_config()  # validates batch size, lr, optimizer, momentum
+        for name in ("seed", "batch_size", "max_len"):  # int32 on the wire
+            if not 0 <= getattr(self, name) < 2**31:
+                raise ConfigError(f"{name.replace('_', ' ')} must be in 0..{2**31 - 1}, got {getattr(self, name)}")
         if self.optimizer not in OPTIMIZERS:  # pragma: no cover - train_config raised already
             raise ConfigError(f"unknown optimizer {self.optimizer!r}")
         if self.shard_scheme not in SHARD_SCHEMES:

@@ -27,6 +27,10 @@ def _run(*args: str) -> subprocess.CompletedProcess[str]:
         (("coordinator", "run", "--rounds", "1", "--host", "0.0.0.0"), 1, "refusing to serve on 0.0.0.0 without TLS"),
         (("coordinator", "run", "--no-such-flag"), 2, "No such option"),
         (("coordinator", "run", "--rounds", "1", "--target-accuracy", "99"), 1, "fraction in (0, 1]"),
+        (("coordinator", "run", "--rounds", "1", "--seed", "3000000000"), 1, "seed must be in 0..2147483647"),
+        (("coordinator", "run", "--rounds", "1", "--trim", "0.7"), 1, "--trim must be in [0, 0.5)"),
+        (("coordinator", "run", "--rounds", "1", "--tls-cert", "/nonexistent.pem", "--tls-key", "/nonexistent.key"), 1,
+         "cannot read the TLS key /nonexistent.key"),
     ],
 )
 def test_bad_options_give_one_line_and_a_nonzero_exit(args: tuple[str, ...], code: int, message: str) -> None:
@@ -35,4 +39,18 @@ def test_bad_options_give_one_line_and_a_nonzero_exit(args: tuple[str, ...], cod
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1, proc.stderr
     assert message in lines[0]
+    assert "Traceback" not in proc.stderr
+
+
+def test_a_busy_port_is_one_line_not_a_second_coordinator() -> None:
+    import socket
+
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        proc = _run("coordinator", "run", "--rounds", "1", "--port", str(port), "--dataset", "tweets", "--limit", "300")
+    assert proc.returncode == 1, proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert lines[-1] == f"coordinator: error: cannot listen on 127.0.0.1:{port}: the port is in use or not allowed"
     assert "Traceback" not in proc.stderr

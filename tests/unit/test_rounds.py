@@ -131,3 +131,9 @@ def test_wildcard_metrics_addresses_are_advertised_as_the_peer() -> None:
     assert advertised_address("[::]:9101", "ipv6:[fd00::7]:5555") == "[fd00::7]:9101"
     assert advertised_address("agent-a:9101", "ipv4:10.1.2.3:5555") == "agent-a:9101"
     assert advertised_address("", "ipv4:10.1.2.3:5555") == ""
+
+
+def test_balanced_steps_survive_absurd_throughputs() -> None:
+    assert balanced_steps([1e308, 1.0], 4) == [8, 1]  # the slow node still gets its one step
+    assert balanced_steps([1e308, 1e308], 4) == [4, 4]
+    assert balanced_steps([float("inf"), float("nan"), 2.0], 2) == [2, 2, 2]
