@@ -80,7 +80,7 @@ class TrainOutcome:
     seconds: float  # training and evaluations, wall clock
     train_seconds: float  # training only (seconds minus evaluation time)
     samples: int  # examples this process trained on
-    accuracy: float  # final test accuracy (rank 0's evaluation; other ranks repeat rank 0's figure)
+    accuracy: float  # final test accuracy (DDP: every rank scores a slice; all ranks hold the total)
     time_to_target: float | None  # seconds until the test accuracy first reached the target
     cores: tuple[int, ...]  # the affinity the kernel reports for this child
     threads: int  # torch.get_num_threads() in this child
@@ -206,8 +206,8 @@ def torch_optimizer(params: Any, spec: RunSpec) -> torch.optim.Optimizer:
 
 
 @torch.no_grad()
-def torch_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device) -> float:
-    """Test accuracy, the plain way: eval mode, batches, argmax."""
+def torch_correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device) -> int:
+    """Correct test predictions, the plain way: eval mode, batches, argmax."""
     was_training = model.training
     model.eval()
     correct = 0
@@ -215,7 +215,11 @@ def torch_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: t
         logits = model(x[s : s + EVAL_BATCH].to(device))
         correct += int((logits.argmax(1).cpu() == y[s : s + EVAL_BATCH]).sum())
     model.train(was_training)
-    return correct / max(1, len(y))
+    return correct
+
+
+def torch_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device) -> float:
+    return torch_correct(model, x, y, device) / max(1, len(y))
 
 
 def _torch_train(setup: ChildSetup, job: TrainJob, distributed: bool) -> TrainOutcome:
@@ -260,14 +264,17 @@ def _torch_train(setup: ChildSetup, job: TrainJob, distributed: bool) -> TrainOu
         def evaluate(t0: float) -> None:
             nonlocal eval_seconds, time_to_target, accuracy
             e0 = time.perf_counter()
-            if setup.rank == 0:
+            if distributed:  # every rank scores its slice of the test split on its own cores; counts are summed
+                r, w = setup.rank, setup.world
+                correct = torch.tensor([float(torch_correct(net, test_x[r::w], test_y[r::w], device))])
+                dist.all_reduce(correct)
+                accuracy = float(correct.item()) / max(1, len(test_y))
+            else:
                 accuracy = torch_accuracy(net, test_x, test_y, device)
-                elapsed = time.perf_counter() - t0
-                evals.append((elapsed, accuracy))
-                if job.target_accuracy is not None and time_to_target is None and accuracy >= job.target_accuracy:
-                    time_to_target = elapsed
-            if distributed:
-                dist.barrier()
+            elapsed = time.perf_counter() - t0
+            evals.append((elapsed, accuracy))
+            if job.target_accuracy is not None and time_to_target is None and accuracy >= job.target_accuracy:
+                time_to_target = elapsed
             eval_seconds += time.perf_counter() - e0
 
         model.train()
