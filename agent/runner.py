@@ -20,7 +20,6 @@ from edgetrain.compression import ErrorFeedback
 from edgetrain.cores import pin_current_process
 from edgetrain.errors import ConfigError
 from edgetrain.httpmetrics import MetricsServer
-from edgetrain.memory import tune_malloc
 from edgetrain.proto import edgetrain_pb2 as pb
 from edgetrain.spec import RunSpec
 
@@ -75,7 +74,6 @@ class AgentRunner:
     def run(self) -> int:
         cfg = self.cfg
         pin_current_process(cfg.cores)
-        tune_malloc()
         if cfg.device.startswith("cuda"):
             import torch
 

@@ -33,7 +33,6 @@ SERVER = [
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.min_ping_interval_without_data_ms", MIN_PING_INTERVAL_MS),
     ("grpc.http2.max_pings_without_data", 0),
-    ("grpc.http2.bdp_probe", 0),
     # gRPC sets SO_REUSEPORT by default: a second coordinator on the same port would start and split the agents.
     ("grpc.so_reuseport", 0),
 ]
