@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# The paper's serial-vs-parallel experiment (its Figure 1) with the PyTorch peers, as run for
+# docs/benchmarks.md on a 2-core machine. FULL=1 gives full-size runs for a bigger machine.
+#
+#   bench/paper_parallel.sh                 # docs figures: a few minutes per data set on 2 cores
+#   FULL=1 bench/paper_parallel.sh          # full-size: the whole data sets, several epochs
+#   MNIST_DIR=/path/to/idx bench/paper_parallel.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+MNIST_DIR=${MNIST_DIR:-/work/shared/data/mnist}
+OUT=${OUT:-bench/results}
+if [[ "${FULL:-0}" == 1 ]]; then
+  tweets=(--epochs 3 --repeats 3)
+  # PyTorch's MNIST example recipe (Adadelta, lr 1.0, 14 epochs), the ~99 % the paper reports
+  mnist=(--epochs 14 --optimizer adadelta --lr 1.0 --repeats 3 --target-accuracy 0.99)
+else
+  tweets=(--epochs 1 --repeats 3)
+  mnist=(--limit 20000 --epochs 1 --repeats 3)
+fi
+
+python bench/quiet.py --max-wait 900
+coordinator bench parallel --dataset tweets "${tweets[@]}" --quiet-wait 300 --max-other-load 10 --retries 5 --out "$OUT/parallel-tweets"
+mv "$OUT/parallel-tweets/parallel.png" docs/img/parallel-tweets.png
+
+python bench/quiet.py --max-wait 900
+coordinator bench parallel --dataset mnist --data-dir "$MNIST_DIR" "${mnist[@]}" --quiet-wait 300 --max-other-load 10 --retries 5 --out "$OUT/parallel-mnist"
+mv "$OUT/parallel-mnist/parallel.png" docs/img/parallel-mnist.png
+
+# where edgetrain's per-round cost goes: the same tweets run with 4x fewer, 4x longer rounds
+python bench/quiet.py --max-wait 900
+coordinator bench parallel --dataset tweets "${tweets[@]}" --local-steps 32 --quiet-wait 300 --max-other-load 10 \
+  --retries 5 --out "$OUT/parallel-tweets-k32"
+mv "$OUT/parallel-tweets-k32/parallel.png" docs/img/parallel-tweets-k32.png
