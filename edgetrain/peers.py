@@ -32,6 +32,7 @@ from torch.nn import functional as F  # noqa: N812
 from edgetrain.cores import allowed_cores, format_cores, pin_current_process
 from edgetrain.errors import ConfigError, CoresError, EdgetrainError
 from edgetrain.spec import DataLocation, RunSpec
+from edgetrain.training import make_optimizer
 
 EVAL_BATCH = 1024  # inference batch: large enough to keep the cores busy, small enough for any edge box
 
@@ -194,17 +195,6 @@ def core_groups(processes: int, threads: int, cores: Sequence[int] | None = None
 # ---------------------------------------------------------------------------- plain PyTorch loops
 
 
-def torch_optimizer(params: Any, spec: RunSpec) -> torch.optim.Optimizer:
-    """The optimizer a spec names, built directly from torch.optim."""
-    if spec.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay)
-    if spec.optimizer == "adam":
-        return torch.optim.Adam(params, lr=spec.lr, weight_decay=spec.weight_decay)
-    if spec.optimizer == "adadelta":
-        return torch.optim.Adadelta(params, lr=spec.lr, weight_decay=spec.weight_decay)
-    raise ConfigError(f"unknown optimizer {spec.optimizer!r}")
-
-
 @torch.no_grad()
 def torch_correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device) -> int:
     """Correct test predictions, the plain way: eval mode, batches, argmax."""
@@ -240,7 +230,7 @@ def _torch_train(setup: ChildSetup, job: TrainJob, distributed: bool) -> TrainOu
 
         model = DistributedDataParallel(net)
     try:
-        optimizer = torch_optimizer(model.parameters(), spec)
+        optimizer = make_optimizer(model, spec.train_config())  # the spec's optimizer, same mapping as the agents
         scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=spec.lr_decay)  # per epoch
         weights = workload.class_weights()
         weight = weights.to(device) if weights is not None else None
