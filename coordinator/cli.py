@@ -15,6 +15,16 @@ from edgetrain.errors import ConfigError
 from edgetrain.spec import DataLocation, RunSpec
 
 DEFAULT_EPOCHS = 3.0  # when no stopping rule is given
+LR_HELP = "Learning rate (default: the model's: 1e-3, text-ngram 0.1)."
+
+
+def _lr(lr: float | None, model: str) -> float:
+    """The user's learning rate, else the model's default (imported late: torch loads slowly)."""
+    if lr is not None:
+        return lr
+    from edgetrain.models import default_lr
+
+    return default_lr(model)
 
 
 def parse_gpus(text: str) -> tuple[str, ...]:
@@ -50,7 +60,7 @@ def make_app() -> typer.Typer:
         max_len: Annotated[int, typer.Option(help="Text: tokens per example.")] = 64,
         seed: Annotated[int, typer.Option(help="Seed of split, shards, initial weights and batches.")] = 0,
         batch_size: Annotated[int, typer.Option(help="Batch per worker per step.")] = 64,
-        lr: Annotated[float, typer.Option(help="Learning rate.")] = 1e-3,
+        lr: Annotated[Optional[float], typer.Option(help=LR_HELP)] = None,  # noqa: UP045
         optimizer: Annotated[str, typer.Option(help="sgd, adam or adadelta.")] = "adam",
         momentum: Annotated[float, typer.Option(help="SGD momentum.")] = 0.0,
         weight_decay: Annotated[float, typer.Option(help="L2 weight decay.")] = 0.0,
@@ -99,7 +109,7 @@ def make_app() -> typer.Typer:
             epochs = DEFAULT_EPOCHS
         gpus = parse_gpus(local_gpus)
         spec = RunSpec(
-            dataset=dataset, model=model, seed=seed, batch_size=batch_size, lr=lr, optimizer=optimizer,
+            dataset=dataset, model=model, seed=seed, batch_size=batch_size, lr=_lr(lr, model), optimizer=optimizer,
             momentum=momentum, weight_decay=weight_decay, shard_scheme=shard_scheme, dirichlet_alpha=alpha,
             max_len=max_len, limit=limit, update_dtype=update_dtype, class_weighting=class_weighting,
             lr_decay=lr_decay,
@@ -156,7 +166,7 @@ def make_bench_app() -> typer.Typer:
         agents: Annotated[int, typer.Option(help="Local agents / DDP processes (0: one per allowed core).")] = 0,
         batch_size: Annotated[int, typer.Option(help="Batch per worker per step.")] = 64,
         local_steps: Annotated[int, typer.Option(help="edgetrain: K local steps per round.")] = 8,
-        lr: Annotated[float, typer.Option(help="Learning rate.")] = 1e-3,
+        lr: Annotated[Optional[float], typer.Option(help=LR_HELP)] = None,  # noqa: UP045
         optimizer: Annotated[str, typer.Option(help="sgd, adam or adadelta.")] = "adam",
         lr_decay: Annotated[float, typer.Option(help="Learning rate x this per epoch (1: constant).")] = 0.7,
         seed: Annotated[int, typer.Option(help="Seed of data split, weights and batches.")] = 0,
@@ -174,8 +184,8 @@ def make_bench_app() -> typer.Typer:
         from coordinator import experiments as ex
 
         settings = ex.BenchSettings(dataset=dataset, model=model, data_dir=data_dir, limit=limit, epochs=epochs,
-                                    batch_size=batch_size, lr=lr, optimizer=optimizer, lr_decay=lr_decay, seed=seed,
-                                    repeats=repeats,
+                                    batch_size=batch_size, lr=_lr(lr, model), optimizer=optimizer, lr_decay=lr_decay,
+                                    seed=seed, repeats=repeats,
                                     quiet_wait=quiet_wait, max_other_load=max_other_load, retries=retries)
         report = ex.run_parallel(settings, agents=agents or None, local_steps=local_steps,
                                  target_accuracy=target_accuracy, progress=progress)
@@ -198,7 +208,7 @@ def make_bench_app() -> typer.Typer:
         limit: Annotated[int, typer.Option(help="Use only the first N train and test examples (0: all).")] = 0,
         epochs: Annotated[float, typer.Option(help="Passes over the training split per configuration.")] = 1.0,
         batch_size: Annotated[int, typer.Option(help="Batch per step (per process for layouts).")] = 64,
-        lr: Annotated[float, typer.Option(help="Learning rate.")] = 1e-3,
+        lr: Annotated[Optional[float], typer.Option(help=LR_HELP)] = None,  # noqa: UP045
         optimizer: Annotated[str, typer.Option(help="sgd, adam or adadelta.")] = "adam",
         lr_decay: Annotated[float, typer.Option(help="Learning rate x this per epoch (1: constant).")] = 0.7,
         seed: Annotated[int, typer.Option(help="Seed of data split, weights and batches.")] = 0,
@@ -217,8 +227,8 @@ def make_bench_app() -> typer.Typer:
         from coordinator import experiments as ex
 
         settings = ex.BenchSettings(dataset=dataset, model=model, data_dir=data_dir, limit=limit, epochs=epochs,
-                                    batch_size=batch_size, lr=lr, optimizer=optimizer, lr_decay=lr_decay, seed=seed,
-                                    repeats=repeats,
+                                    batch_size=batch_size, lr=_lr(lr, model), optimizer=optimizer, lr_decay=lr_decay,
+                                    seed=seed, repeats=repeats,
                                     quiet_wait=quiet_wait, max_other_load=max_other_load, retries=retries)
         sets = ex.parse_affinity(affinity) if affinity else None
         layouts = ex.parse_layouts(layout) if layout else None

@@ -37,6 +37,7 @@ from rich.table import Table
 
 from edgetrain.cores import allowed_cores, format_cores, parse_cores, split_cores, validate_cores
 from edgetrain.errors import ConfigError, CoresError
+from edgetrain.models import DEFAULT_LR
 from edgetrain.peers import (
     ChildSetup,
     TrainJob,
@@ -63,7 +64,7 @@ class BenchSettings:
     limit: int = 0  # 0 = the whole data set
     epochs: float = 1.0  # passes over the training split, the same for every configuration
     batch_size: int = 64  # per worker (per process), as in `coordinator run`
-    lr: float = 1e-3
+    lr: float = DEFAULT_LR
     optimizer: str = "adam"
     lr_decay: float = 0.7  # x per epoch of each worker's data, as `coordinator run` does (RunSpec's default)
     seed: int = 0

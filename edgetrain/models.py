@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F  # noqa: N812
 
+from edgetrain.datasets.text import NGRAM_BUCKETS
 from edgetrain.errors import ConfigError
 
 
@@ -89,6 +90,27 @@ class TextGRU(nn.Module):
         return logits
 
 
+class TextNgram(nn.Module):
+    """fastText-style linear classifier over hashed word, word-bigram and character 2-5-gram features.
+
+    Logits are the mean of one learned row per feature of a text (``encode_ngrams``), plus a bias: a
+    convex model (multinomial logistic regression over n-gram indicators) with 786k parameters for
+    2^18 buckets: the strongest of our tweet models on TweetEval sentiment (docs/accuracy.md), cheap to
+    compute, so give it many local steps per round. It learns fast only with a large step: its
+    default learning rate is 0.1 (Adam; see ``default_lr``).
+    """
+
+    def __init__(self, num_classes: int, buckets: int = NGRAM_BUCKETS) -> None:
+        super().__init__()
+        self.weight = nn.EmbeddingBag(buckets, num_classes, mode="mean", padding_idx=0)
+        nn.init.zeros_(self.weight.weight)
+        self.bias = nn.Parameter(torch.zeros(num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits: torch.Tensor = self.weight(x) + self.bias
+        return logits
+
+
 class MLP(nn.Module):
     """A tiny deterministic network (no dropout): for exactness tests and protocol load tests."""
 
@@ -112,8 +134,29 @@ MODELS: dict[str, Callable[[ModelInput], nn.Module]] = {
     "mnist-mlp": lambda inp: MLP(28 * 28, inp.num_classes),
     "text-cnn": lambda inp: TextCNN(inp.vocab_size, inp.num_classes),
     "text-gru": lambda inp: TextGRU(inp.vocab_size, inp.num_classes),
+    "text-ngram": lambda inp: TextNgram(inp.num_classes),
     "text-bag": _text_mlp,
 }
+
+
+DEFAULT_LR = 1e-3
+# Learning rates that differ from DEFAULT_LR (used when the user gives none): a mean over hundreds of
+# sparse features moves each logit by lr / (features per text) per step, so the linear model needs more.
+_MODEL_LR = {"text-ngram": 0.1}
+
+
+def default_lr(name: str) -> float:
+    """The learning rate a run of model ``name`` (``""``: a data set's default model) starts from."""
+    return _MODEL_LR.get(name, DEFAULT_LR)
+
+
+# Models that read hashed n-gram features instead of token ids (see edgetrain.datasets.TEXT_FEATURES).
+_NGRAM_MODELS = frozenset({"text-ngram"})
+
+
+def input_features(name: str) -> str:
+    """How text must be encoded for model ``name``: ``"ngrams"`` or ``"tokens"`` (also for images)."""
+    return "ngrams" if name in _NGRAM_MODELS else "tokens"
 
 
 def build_model(name: str, inp: ModelInput, *, seed: int = 0) -> nn.Module:

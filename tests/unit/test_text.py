@@ -1,11 +1,15 @@
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from edgetrain.datasets.text import PAD, UNK, URL, USER, Vocab, normalize, tokenize
+from edgetrain.datasets.text import PAD, UNK, URL, USER, Vocab, encode_ngrams, ngram_ids, normalize, tokenize
 from edgetrain.errors import DatasetError
 
 
@@ -122,3 +126,47 @@ def test_vocab_rejects_bad_tables() -> None:
         Vocab.build(["a"], max_size=2)
     with pytest.raises(DatasetError, match="min_freq"):
         Vocab.build(["a"], min_freq=0)
+
+
+def test_ngram_ids_are_sorted_distinct_and_in_range() -> None:
+    ids = ngram_ids(tokenize("I love love it :) #yay"), buckets=1000)
+    assert ids == sorted(set(ids)) and all(1 <= i < 1000 for i in ids)
+    assert ngram_ids([], buckets=1000) == []
+    with pytest.raises(DatasetError, match="buckets must be at least 2"):
+        ngram_ids(["a"], buckets=1)
+
+
+def test_ngram_ids_share_character_features_between_spellings() -> None:
+    love, loove, hate = (set(ngram_ids([w])) for w in ("love", "loove", "hate"))
+    assert len(love & loove) >= 5  # <l, lo, ve>, e> ... survive the elongation
+    assert len(love & loove) > len(love & hate)
+    # word order matters through bigrams: same words, different bigrams
+    assert set(ngram_ids(["not", "good"])) != set(ngram_ids(["good", "not"]))
+    # placeholders contribute the word feature only, no characters
+    assert len(ngram_ids([URL])) == 1 and len(ngram_ids([USER])) == 1
+
+
+def test_ngram_ids_do_not_depend_on_the_process_hash_seed() -> None:
+    code = "from edgetrain.datasets.text import ngram_ids; print(ngram_ids(['hello', 'world', '#tag']))"
+    outs = {
+        subprocess.run(
+            [sys.executable, "-c", code], env={**os.environ, "PYTHONHASHSEED": seed}, capture_output=True, text=True,
+            check=True,
+        ).stdout
+        for seed in ("1", "2")
+    }
+    assert outs == {f"{ngram_ids(['hello', 'world', '#tag'])}\n"}
+
+
+def test_encode_ngrams_pads_and_truncates() -> None:
+    rows = [tokenize("good morning world"), [], tokenize("ok")]
+    x = encode_ngrams(rows)
+    assert x.dtype == torch.int32 and x.shape == (3, len(ngram_ids(rows[0])))
+    assert x[0].tolist() == ngram_ids(rows[0])
+    assert x[1].tolist() == [0] * x.shape[1]
+    assert x[2, : len(ngram_ids(rows[2]))].tolist() == ngram_ids(rows[2]) and int(x[2, -1]) == 0
+    short = encode_ngrams(rows, max_features=3)
+    assert short.shape == (3, 3) and short[0].tolist() == ngram_ids(rows[0])[:3]
+    assert encode_ngrams([]).shape == (0, 1)
+    with pytest.raises(DatasetError, match="max_features must be at least 1"):
+        encode_ngrams(rows, max_features=0)

@@ -65,3 +65,45 @@ def test_balanced_class_weights_by_hand() -> None:
     w = balanced_class_weights(torch.tensor([0, 0, 0, 1]), 2)
     # n / (k * count): 4 / (2*3) and 4 / (2*1)
     assert torch.allclose(w, torch.tensor([4 / 6, 2.0]))
+
+
+def test_text_ngram_is_a_mean_over_features_that_ignores_padding() -> None:
+    from edgetrain.datasets.text import NGRAM_BUCKETS, encode_ngrams, tokenize
+    from edgetrain.models import input_features
+
+    assert input_features("text-ngram") == "ngrams"
+    assert input_features("text-cnn") == input_features("mnist-cnn") == input_features("") == "tokens"
+    model = build_model("text-ngram", ModelInput(3, 2))
+    assert count_parameters(model) == NGRAM_BUCKETS * 3 + 3
+    with torch.no_grad():
+        model.weight.weight.copy_(torch.randn(NGRAM_BUCKETS, 3, generator=torch.Generator().manual_seed(0)))
+        model.weight.weight[0] = 0.0
+    x = encode_ngrams([tokenize("good day"), tokenize("a much longer tweet than the first one")])
+    alone = model(x[:1, : int((x[0] != 0).sum())])
+    assert torch.allclose(model(x)[:1], alone, atol=1e-6)  # padding does not dilute the mean
+    ids = x[0][x[0] != 0].long()
+    assert torch.allclose(alone[0], model.weight.weight[ids].mean(0) + model.bias, atol=1e-6)
+
+
+def test_text_ngram_learns_a_keyword_rule_with_a_large_step() -> None:
+    from edgetrain.datasets.text import encode_ngrams
+
+    words = ["good", "great", "happy", "bad", "awful", "sad", "the", "a", "day", "movie", "was", "is"]
+    g = torch.Generator().manual_seed(0)
+    texts = [[words[int(i)] for i in torch.randint(len(words), (5,), generator=g)] for _ in range(400)]
+    y = torch.tensor([int(sum(w in ("good", "great", "happy") for w in t) > sum(w in ("bad", "awful", "sad")
+                                                                                   for w in t)) for t in texts])
+    x = encode_ngrams(texts)
+    model = build_model("text-ngram", ModelInput(2, 2))
+    opt = make_optimizer(model, TrainConfig(lr=0.1, optimizer="adam"))
+    plan = batch_plan(torch.arange(300), seed=0, rank=0, start_sample=0, steps=60, batch_size=32)
+    train_steps(model, opt, x, y, plan, seed=0)
+    assert evaluate(model, x[300:], y[300:], 2).accuracy > 0.85
+
+
+def test_default_learning_rates() -> None:
+    from edgetrain.models import DEFAULT_LR, default_lr
+    from edgetrain.spec import RunSpec
+
+    assert default_lr("text-ngram") == 0.1
+    assert default_lr("") == default_lr("text-cnn") == DEFAULT_LR == RunSpec().lr
