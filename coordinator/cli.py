@@ -27,6 +27,21 @@ def _lr(lr: float | None, model: str) -> float:
     return default_lr(model)
 
 
+# Options the bench commands share (one help text each).
+DatasetOpt = Annotated[str, typer.Option(help="tweets (embedded) or mnist (with --data-dir), ...")]
+ModelOpt = Annotated[str, typer.Option(help="Model name, e.g. text-cnn, text-ngram (default: the data set's).")]
+DataDirOpt = Annotated[Optional[Path], typer.Option(help="Folder with the data set's files.")]  # noqa: UP045
+LimitOpt = Annotated[int, typer.Option(help="Use only the first N train and test examples (0: all).")]
+LrOpt = Annotated[Optional[float], typer.Option(help=LR_HELP)]  # noqa: UP045
+OptimizerOpt = Annotated[str, typer.Option(help="sgd, adam or adadelta.")]
+LrDecayOpt = Annotated[float, typer.Option(help="Learning rate x this per epoch (1: constant).")]
+SeedOpt = Annotated[int, typer.Option(help="Seed of data split, weights and batches.")]
+QuietWaitOpt = Annotated[float, typer.Option(help="Before each run, wait up to N s for a quiet machine.")]
+MaxOtherLoadOpt = Annotated[float, typer.Option(help="Rerun runs others disturbed more (% CPU).")]
+RetriesOpt = Annotated[int, typer.Option(help="At most this many reruns of a disturbed run.")]
+ProgressOpt = Annotated[bool, typer.Option(help="Show a progress bar.")]
+
+
 def parse_gpus(text: str) -> tuple[str, ...]:
     """`--local-gpus 0,1` or `all` -> ("cuda:0", "cuda:1")."""
     if not text:
@@ -158,25 +173,25 @@ def make_bench_app() -> typer.Typer:
 
     @bench.command()
     def parallel(
-        dataset: Annotated[str, typer.Option(help="tweets (embedded) or mnist (with --data-dir), ...")] = "tweets",
-        model: Annotated[str, typer.Option(help="Model name (default: the data set's).")] = "",
-        data_dir: Annotated[Optional[Path], typer.Option(help="Folder with the data set's files.")] = None,  # noqa: UP045
-        limit: Annotated[int, typer.Option(help="Use only the first N train and test examples (0: all).")] = 0,
+        dataset: DatasetOpt = "tweets",
+        model: ModelOpt = "",
+        data_dir: DataDirOpt = None,
+        limit: LimitOpt = 0,
         epochs: Annotated[float, typer.Option(help="Passes over the training split, for every method.")] = 1.0,
         agents: Annotated[int, typer.Option(help="Local agents / DDP processes (0: one per allowed core).")] = 0,
         batch_size: Annotated[int, typer.Option(help="Batch per worker per step.")] = 64,
         local_steps: Annotated[int, typer.Option(help="edgetrain: K local steps per round.")] = 8,
-        lr: Annotated[Optional[float], typer.Option(help=LR_HELP)] = None,  # noqa: UP045
-        optimizer: Annotated[str, typer.Option(help="sgd, adam or adadelta.")] = "adam",
-        lr_decay: Annotated[float, typer.Option(help="Learning rate x this per epoch (1: constant).")] = 0.7,
-        seed: Annotated[int, typer.Option(help="Seed of data split, weights and batches.")] = 0,
+        lr: LrOpt = None,
+        optimizer: OptimizerOpt = "adam",
+        lr_decay: LrDecayOpt = 0.7,
+        seed: SeedOpt = 0,
         repeats: Annotated[int, typer.Option(help="Runs of each method (medians are reported).")] = 1,
         target_accuracy: Annotated[Optional[float], typer.Option(help="Also time reaching this accuracy.")] = None,  # noqa: UP045
-        quiet_wait: Annotated[float, typer.Option(help="Before each run, wait up to N s for a quiet machine.")] = 0.0,
-        max_other_load: Annotated[float, typer.Option(help="Rerun runs others disturbed more (% CPU).")] = 100.0,
-        retries: Annotated[int, typer.Option(help="At most this many reruns of a disturbed run.")] = 3,
+        quiet_wait: QuietWaitOpt = 0.0,
+        max_other_load: MaxOtherLoadOpt = 100.0,
+        retries: RetriesOpt = 3,
         out: Annotated[Optional[Path], typer.Option(help="Folder for parallel.md/.csv/.png.")] = None,  # noqa: UP045
-        progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+        progress: ProgressOpt = True,
     ) -> int:
         """Serial vs data-parallel (edgetrain) vs plain PyTorch and DDP vs GPU: time, accuracy, speed-up."""
         import sys
@@ -202,24 +217,24 @@ def make_bench_app() -> typer.Typer:
 
     @bench.command()
     def affinity(
-        dataset: Annotated[str, typer.Option(help="tweets (embedded) or mnist (with --data-dir), ...")] = "tweets",
-        model: Annotated[str, typer.Option(help="Model name, e.g. text-cnn, text-gru, mnist-cnn.")] = "",
-        data_dir: Annotated[Optional[Path], typer.Option(help="Folder with the data set's files.")] = None,  # noqa: UP045
-        limit: Annotated[int, typer.Option(help="Use only the first N train and test examples (0: all).")] = 0,
+        dataset: DatasetOpt = "tweets",
+        model: ModelOpt = "",
+        data_dir: DataDirOpt = None,
+        limit: LimitOpt = 0,
         epochs: Annotated[float, typer.Option(help="Passes over the training split per configuration.")] = 1.0,
         batch_size: Annotated[int, typer.Option(help="Batch per step (per process for layouts).")] = 64,
-        lr: Annotated[Optional[float], typer.Option(help=LR_HELP)] = None,  # noqa: UP045
-        optimizer: Annotated[str, typer.Option(help="sgd, adam or adadelta.")] = "adam",
-        lr_decay: Annotated[float, typer.Option(help="Learning rate x this per epoch (1: constant).")] = 0.7,
-        seed: Annotated[int, typer.Option(help="Seed of data split, weights and batches.")] = 0,
+        lr: LrOpt = None,
+        optimizer: OptimizerOpt = "adam",
+        lr_decay: LrDecayOpt = 0.7,
+        seed: SeedOpt = 0,
         repeats: Annotated[int, typer.Option(help="Runs of each configuration.")] = 3,
         affinity: Annotated[str, typer.Option(help="Core counts 1,2,4,8 or sets 0;0,1;0-3.")] = "",
         layout: Annotated[str, typer.Option(help="Processes x threads, e.g. 1x2,2x1 (DDP over gloo).")] = "",
-        quiet_wait: Annotated[float, typer.Option(help="Before each run, wait up to N s for a quiet machine.")] = 0.0,
-        max_other_load: Annotated[float, typer.Option(help="Rerun runs others disturbed more (% CPU).")] = 100.0,
-        retries: Annotated[int, typer.Option(help="At most this many reruns of a disturbed run.")] = 3,
+        quiet_wait: QuietWaitOpt = 0.0,
+        max_other_load: MaxOtherLoadOpt = 100.0,
+        retries: RetriesOpt = 3,
         out: Annotated[Optional[Path], typer.Option(help="Folder for affinity.md/.csv/.png.")] = None,  # noqa: UP045
-        progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+        progress: ProgressOpt = True,
     ) -> int:
         """The CPU-affinity sweep of the paper's Table 1: processing time per core set, % gain vs slowest."""
         import sys
