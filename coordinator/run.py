@@ -278,7 +278,8 @@ class Coordinator:
                     samples_total += outcome.samples
                     record = self._record(outcome, names, nodes, t_start)
                     overheads.append(record["sync_overhead_seconds"])
-                    last = cfg.rounds is not None and engine.completed_rounds >= cfg.rounds
+                    last = (cfg.rounds is not None and engine.completed_rounds >= cfg.rounds) or (
+                        cfg.epochs is not None and samples_total >= cfg.epochs * n_train)  # evaluated and logged
                     if last or cfg.target_accuracy is not None or engine.completed_rounds % cfg.eval_every == 0:
                         final = self._evaluate(engine.global_state)
                         record.update(accuracy=final.accuracy, loss=final.loss, macro_f1=final.macro_f1,

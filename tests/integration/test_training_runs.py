@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 import time
@@ -163,6 +164,18 @@ def test_text_ngram_trains_over_the_wire_on_hashed_features(tmp_path: Path) -> N
     data = coord.workload.data  # type: ignore[union-attr]
     assert data.train.x.dtype == torch.int32  # the agents got the same encoding: fingerprints matched
     assert result.final.macro_recall > 0.45, result.final  # majority class: 1/3
+
+
+def test_an_epochs_run_logs_its_final_evaluation(tmp_path: Path) -> None:
+    spec = RunSpec(dataset="tweets", limit=1000, seed=3)
+    cfg = CoordinatorConfig(spec=spec, port=0, local_steps=4, epochs=1.0, local_agents=2, eval_every=1000,
+                            run_dir=tmp_path, progress=False, round_timeout=120)
+    result = Coordinator(cfg).run()
+    assert result.stopped_by == "epochs" and result.completed_rounds == 2  # 1,000 samples, 512 per round
+    logged = [json.loads(line) for line in (tmp_path / "rounds.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in logged] == [0, 1]
+    assert "accuracy" not in logged[0]  # eval_every=1000: only the last round is evaluated
+    assert result.final is not None and logged[-1]["accuracy"] == result.final.accuracy
 
 
 def test_agent_leaves_cleanly_on_sigterm(tmp_path: Path) -> None:
