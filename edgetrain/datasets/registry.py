@@ -192,16 +192,7 @@ def _image_dataset(
     limit: int | None,
 ) -> Dataset:
     train, test = train.head(limit), test.head(limit)
-    params = {**params, "normalize": [MNIST_MEAN, MNIST_STD]}
-    fingerprint = compute_fingerprint(
-        name=name,
-        kind="image",
-        classes=classes,
-        vocab=None,
-        splits={"train": train, "val": None, "test": test},
-        params=params,
-    )
-    return Dataset(name, "image", train, test, None, classes, None, fingerprint, IMAGE_MODEL)
+    return _finish(name, classes, None, train, None, test, {**params, "normalize": [MNIST_MEAN, MNIST_STD]})
 
 
 # --------------------------------------------------------------------------- text
@@ -256,7 +247,7 @@ def _text_dataset(
         "dedupe": "tokens",
         "vocab": {"max_size": VOCAB_MAX_SIZE, "min_freq": VOCAB_MIN_FREQ, "built_on": "train before limit"},
     }
-    return _finish_text(name, classes, vocab, train, None, test, params)
+    return _finish(name, classes, vocab, train, None, test, params)
 
 
 def _official_text_dataset(
@@ -287,7 +278,7 @@ def _official_text_dataset(
         "split": "official",
         "vocab": {"max_size": VOCAB_MAX_SIZE, "min_freq": VOCAB_MIN_FREQ, "built_on": "train before limit"},
     }
-    return _finish_text(name, classes, vocab, encoded["train"], encoded["val"], encoded["test"], params)
+    return _finish(name, classes, vocab, encoded["train"], encoded["val"], encoded["test"], params)
 
 
 def _encode(vocab: Vocab, token_lists: Sequence[Sequence[str]], max_len: int, features: str) -> torch.Tensor:
@@ -307,21 +298,24 @@ def _labels(labels: Sequence[int], idx: Sequence[int]) -> torch.Tensor:
     return torch.tensor([labels[i] for i in idx], dtype=torch.int64)
 
 
-def _finish_text(
+def _finish(
     name: str,
     classes: tuple[str, ...],
-    vocab: Vocab,
+    vocab: Vocab | None,
     train: Split,
     val: Split | None,
     test: Split,
     params: Mapping[str, object],
 ) -> Dataset:
+    """Fingerprint the final tensors and wrap them: text when there is a vocabulary, else images."""
+    kind = "text" if vocab is not None else "image"
     fingerprint = compute_fingerprint(
         name=name,
-        kind="text",
+        kind=kind,
         classes=classes,
         vocab=vocab,
         splits={"train": train, "val": val, "test": test},
         params=params,
     )
-    return Dataset(name, "text", train, test, val, classes, vocab, fingerprint, TEXT_MODEL)
+    default_model = TEXT_MODEL if vocab is not None else IMAGE_MODEL
+    return Dataset(name, kind, train, test, val, classes, vocab, fingerprint, default_model)
