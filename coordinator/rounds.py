@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from edgetrain import aggregation
+from edgetrain import aggregation, serde
 from edgetrain.errors import EdgetrainError
 
 State = dict[str, torch.Tensor]
@@ -127,7 +127,7 @@ class Outcome:
 
 def finite(state: Mapping[str, torch.Tensor]) -> bool:
     """Every floating tensor free of NaN and Inf."""
-    return all(bool(torch.isfinite(t).all()) for t in state.values() if t.is_floating_point())
+    return all(serde.all_finite(t) for t in state.values())
 
 
 def balanced_steps(throughputs: list[float], local_steps: int) -> list[int]:

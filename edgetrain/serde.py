@@ -197,11 +197,31 @@ class Assembler:
         for name, spec in self._expected.items():
             wire, shape, scale = self._meta[name]
             t = _from_wire(_from_bytes(self._buffers[name], _WIRE_TO_TORCH[wire], shape), scale, spec.dtype)
-            if self._check_finite and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            if self._check_finite and not all_finite(t):
                 raise NonFiniteError(f"tensor {name!r}: NaN or Inf values")
             out[name] = t
         self._buffers.clear()
         return out
+
+
+_BF16_EXPONENT = 0x7F80  # bfloat16's exponent bits: all set means Inf or NaN
+
+
+def all_finite(t: torch.Tensor) -> bool:
+    """No NaN or Inf in a CPU tensor (integer tensors always pass).
+
+    Checked with numpy, which runs on the calling thread only: torch's isfinite is an OpenMP parallel region
+    whose threads wait for each other, and on a machine whose cores are busy training (the coordinator shares
+    them with local agents) that wait cost 2-30 ms per model instead of 0.3 ms.
+    """
+    if not t.is_floating_point():
+        return True
+    if t.device.type != "cpu" or t.requires_grad:
+        return bool(torch.isfinite(t).all())
+    if t.dtype == torch.bfloat16:  # numpy has no bfloat16: look at the exponent bits
+        bits = t.contiguous().view(torch.int16).numpy()
+        return not bool((np.bitwise_and(bits, _BF16_EXPONENT) == _BF16_EXPONENT).any())
+    return bool(np.isfinite(t.numpy()).all())
 
 
 def _dtype_allowed(expected: torch.dtype, wire: torch.dtype) -> bool:

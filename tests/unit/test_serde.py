@@ -106,3 +106,15 @@ def test_a_model_over_20_mb_travels_in_parts_below_the_grpc_cap() -> None:
 def test_unknown_wire_dtype_is_a_value_error() -> None:
     with pytest.raises(ValueError, match="unknown wire dtype"):
         list(serde.encode({"w": torch.ones(1)}, wire_dtype="float8"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_all_finite_finds_every_nan_and_inf_in_every_float_dtype(dtype: torch.dtype) -> None:
+    x = torch.linspace(-100, 100, 50).to(dtype)
+    assert serde.all_finite(x) and serde.all_finite(x[::3])  # strided views too
+    assert serde.all_finite(torch.tensor([torch.finfo(dtype).max, torch.finfo(dtype).min], dtype=dtype))
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        y = x.clone()
+        y[17] = bad
+        assert not serde.all_finite(y), (dtype, bad)
+    assert serde.all_finite(torch.arange(5))  # integers have no NaN
