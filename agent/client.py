@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ipaddress
+import logging
 import random
 import threading
 import time
@@ -20,6 +22,20 @@ JOIN_DEADLINE_S = 15.0
 LONG_POLL_S = 20.0  # the server holds GetRound this long before answering WAIT
 SUBMIT_DEADLINE_S = 300.0  # a 5 MB update over a slow edge link, with room
 LEAVE_DEADLINE_S = 5.0
+
+log = logging.getLogger("edgetrain.agent")
+
+
+def is_loopback(address: str) -> bool:
+    """Whether "host:port" (or "[v6]:port", or "localhost:port") names this machine over loopback."""
+    host = address.rpartition(":")[0] if ":" in address else address
+    host = host.removeprefix("ipv4:").removeprefix("ipv6:").strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 @dataclass(frozen=True)
@@ -60,6 +76,8 @@ class CoordinatorClient:
         self.agent_id = ""
         self.session = ""
         self._inflight: grpc.Call | None = None
+        # Offer the same-host file path only over loopback; dropped for good after the first file that fails.
+        self.shared_memory = is_loopback(address)
 
     def _metadata(self) -> list[tuple[str, str]]:
         md = []
@@ -94,7 +112,7 @@ class CoordinatorClient:
         """Long-poll for the next round; decodes the weights against `expected`."""
         t0 = time.perf_counter()
         stream = self._stub.GetRound(
-            pb.RoundRequest(agent_id=self.agent_id, after_round=after_round),
+            pb.RoundRequest(agent_id=self.agent_id, after_round=after_round, shared_memory=self.shared_memory),
             timeout=LONG_POLL_S + 60.0,
             metadata=self._metadata(),
         )
@@ -112,24 +130,51 @@ class CoordinatorClient:
             raise WireError("the coordinator's round stream had no header")
         if header.status != pb.WORK:
             return Round(header, None, time.perf_counter() - t0, 0)
+        if header.weights_file:
+            try:
+                with open(header.weights_file, "rb") as f:
+                    state, nbytes = serde.decode_file(f, header.weights_layout, expected)
+            except OSError as err:  # another host's /dev/shm (a tunnel, a container), or no access: stream
+                log.warning("cannot read the weights file (%s); streaming from now on", err)
+                self.shared_memory = False
+                return self.get_round(after_round, expected)
+            return Round(header, state, time.perf_counter() - first_part_at, nbytes)
         state = asm.finish()
         return Round(header, state, time.perf_counter() - first_part_at, asm.received_bytes)
 
     def submit(self, round_: int, num_samples: int, stats: pb.NodeStats, state: dict[str, torch.Tensor],
-               wire_dtype: str = "float32", delta: bool = False) -> tuple[pb.UpdateAck, float, int]:
-        """Stream one update (weights, or a delta against the round's weights); returns (ack, seconds, bytes)."""
+               wire_dtype: str = "float32", delta: bool = False,
+               update_file: str = "") -> tuple[pb.UpdateAck, float, int]:
+        """Send one update (weights, or a delta against the round's weights); returns (ack, seconds, bytes).
+
+        Into `update_file` when the coordinator named one (same host), else streamed.
+        """
+        t0 = time.perf_counter()
+        header = pb.UpdateHeader(agent_id=self.agent_id, round=round_, num_samples=num_samples, stats=stats,
+                                 delta=delta)
+        if update_file and self.shared_memory:
+            try:
+                with open(update_file, "wb") as f:
+                    header.layout.extend(serde.write_raw(state, f, wire_dtype=wire_dtype))
+                    size = f.tell()
+            except OSError as err:
+                log.warning("cannot write the update file (%s); streaming from now on", err)
+                self.shared_memory = False
+                del header.layout[:]
+            else:
+                ack: pb.UpdateAck = self._stub.SubmitUpdate(iter([pb.UpdateMessage(header=header)]),
+                                                            timeout=SUBMIT_DEADLINE_S, metadata=self._metadata())
+                return ack, time.perf_counter() - t0, size
         sent = 0
 
         def messages() -> Iterator[pb.UpdateMessage]:
             nonlocal sent
-            yield pb.UpdateMessage(header=pb.UpdateHeader(
-                agent_id=self.agent_id, round=round_, num_samples=num_samples, stats=stats, delta=delta))
+            yield pb.UpdateMessage(header=header)
             for part in serde.encode(state, wire_dtype=wire_dtype):
                 sent += len(part.data)
                 yield pb.UpdateMessage(part=part)
 
-        t0 = time.perf_counter()
-        ack: pb.UpdateAck = self._stub.SubmitUpdate(messages(), timeout=SUBMIT_DEADLINE_S, metadata=self._metadata())
+        ack = self._stub.SubmitUpdate(messages(), timeout=SUBMIT_DEADLINE_S, metadata=self._metadata())
         return ack, time.perf_counter() - t0, sent
 
     def cancel(self) -> None:

@@ -166,7 +166,8 @@ class AgentRunner:
             update = feedback.delta(self.pool.shared, rnd.state) if feedback.active else self.pool.shared
             try:
                 ack, upload_seconds, _ = client.submit(header.round, result.samples, stats, update,
-                                                       spec.update_dtype, delta=feedback.active)
+                                                       spec.update_dtype, delta=feedback.active,
+                                                       update_file=header.update_file)
             except grpc.RpcError as err:
                 if err.code() in _REJOIN:
                     return "rejoin"

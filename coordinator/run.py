@@ -117,6 +117,7 @@ class Coordinator:
         self.metrics_server: MetricsServer | None = None
         self.local_agents: list[subprocess.Popen[bytes]] = []
         self._server: Any = None
+        self._svc: ServiceState | None = None
         self._model: torch.nn.Module | None = None
         self._benched: dict[str, float] = {}  # agent_id -> when it missed a round (it is not ready since)
         self.health: Any = None  # grpc_health HealthServicer: SERVING while the run goes, NOT_SERVING after
@@ -153,9 +154,9 @@ class Coordinator:
             aggregator=cfg.aggregator, trim=cfg.trim, balance=cfg.balance, completed_rounds=completed,
             cursors=cursors,
         )
-        svc = ServiceState(self.engine, self.membership, spec, self.metrics, on_join=self._joined)
+        self._svc = ServiceState(self.engine, self.membership, spec, self.metrics, on_join=self._joined)
         self._server, self.port, self.health = start_server(
-            svc, cfg.host, cfg.port, token=cfg.token, tls_cert=cfg.tls_cert, tls_key=cfg.tls_key,
+            self._svc, cfg.host, cfg.port, token=cfg.token, tls_cert=cfg.tls_cert, tls_key=cfg.tls_key,
             tls_client_ca=cfg.tls_client_ca,
         )
         if cfg.metrics_port is not None:
@@ -412,6 +413,9 @@ class Coordinator:
         if self._server is not None:
             self._server.stop(grace=1.0).wait()
             self._server = None
+        if self._svc is not None:  # after the server: no handler is left to write a file
+            self._svc.close()
+            self._svc = None
         if self.metrics_server is not None:
             self.metrics_server.close()
             self.metrics_server = None

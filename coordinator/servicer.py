@@ -9,6 +9,7 @@ import threading
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -17,6 +18,7 @@ import torch
 from coordinator import rounds
 from coordinator.membership import Agent, Membership
 from coordinator.metrics import CoordinatorMetrics
+from coordinator.shm import SHM_ROOT, SharedFiles
 from edgetrain import grpc_options, serde
 from edgetrain.compression import apply_delta
 from edgetrain.errors import NonFiniteError, WireError
@@ -45,11 +47,32 @@ class ServiceState:
     # O(model) however many agents upload together (the others wait in gRPC's flow control).
     upload_slots: int = 2
     on_join: Any = None  # callback(agent, replaced) for the driver
+    shm_root: Path | None = SHM_ROOT  # where to make the same-host files' directory; None = always stream
 
     def __post_init__(self) -> None:
         self.uploads = threading.BoundedSemaphore(self.upload_slots)
         self._cache_lock = threading.Lock()
         self._cached: tuple[int, list[pb.RoundMessage]] = (-1, [])
+        self._files: SharedFiles | None = None
+        self._files_tried = False
+
+    def shared_files(self, create: bool = True) -> SharedFiles | None:
+        """The same-host files' directory, made when an agent first offers shared memory (None: unavailable)."""
+        with self._cache_lock:
+            if create and not self._files_tried and self.shm_root is not None:
+                self._files_tried = True
+                self._files = SharedFiles.create(self.shm_root)
+                if self._files is None:
+                    log.warning("no usable %s: local agents get their weights streamed", self.shm_root)
+            return self._files
+
+    def close(self) -> None:
+        """Remove the same-host files' directory (also done at interpreter exit if never called)."""
+        with self._cache_lock:
+            self._files_tried = True  # none is made after this
+            files, self._files = self._files, None
+        if files is not None:
+            files.close()
 
     def round_messages(self, round_: int, state: Mapping[str, torch.Tensor]) -> list[pb.RoundMessage]:
         """The global weights as wire messages, encoded once per round and shared by every agent's stream."""
@@ -157,9 +180,18 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             return
         a = work.assignment
         assert a is not None and work.state is not None
-        yield pb.RoundMessage(header=pb.RoundHeader(
+        header = pb.RoundHeader(
             status=pb.WORK, round=work.round, rank=a.rank, world=a.world, local_steps=a.local_steps,
-            sample_offset=a.sample_offset, deadline_unix=work.deadline, batch_size=a.batch_size))
+            sample_offset=a.sample_offset, deadline_unix=work.deadline, batch_size=a.batch_size)
+        files = self.s.shared_files() if request.shared_memory else None
+        if files is not None:
+            header.weights_file, layout, size = files.weights(work.round, work.state)
+            header.weights_layout.extend(layout)
+            header.update_file = files.update_file(agent.agent_id, work.round)
+            yield pb.RoundMessage(header=header)
+            self.s.metrics.bytes_out.labels(agent.name).inc(size)
+            return
+        yield pb.RoundMessage(header=header)
         sent = 0
         for msg in self.s.round_messages(work.round, work.state):
             sent += len(msg.part.data)
@@ -181,14 +213,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             if not self.s.uploads.acquire(timeout=self.s.engine.seconds_left()):
                 raise rounds.LateUpdateError(f"round {h.round} closed for updates while this one waited its turn")
             try:
-                asm = serde.Assembler(serde.spec_of(self.s.engine.global_state))
-                for msg in request_iterator:
-                    if not msg.HasField("part"):
-                        raise rounds.MalformedError("a second header in one update stream")
-                    if len(msg.part.data) > serde.PART_BYTES:
-                        raise rounds.TooLargeError(f"a part of {len(msg.part.data)} bytes; at most {serde.PART_BYTES}")
-                    asm.add(msg.part)
-                tensors = asm.finish()
+                tensors, received = self._read_update(agent.agent_id, h, request_iterator)
                 if h.delta:
                     tensors = apply_delta(self.s.engine.global_state, tensors)
                 stats = {
@@ -197,16 +222,36 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
                     "loss": h.stats.loss,
                     "accuracy": h.stats.accuracy,
                     "samples_per_second": h.stats.samples_per_second,
-                    "bytes": float(asm.received_bytes),
+                    "bytes": float(received),
                 }
                 self.s.engine.submit(agent.agent_id, h.round, h.num_samples, tensors, stats)
             finally:
                 self.s.uploads.release()
             if math.isfinite(h.stats.samples_per_second) and 0 < h.stats.samples_per_second <= MAX_THROUGHPUT:
                 agent.throughput = h.stats.samples_per_second
-            self.s.metrics.accepted_update(agent.name, h.num_samples, stats, asm.received_bytes)
+            self.s.metrics.accepted_update(agent.name, h.num_samples, stats, received)
             return pb.UpdateAck(accepted=True, detail=f"round {h.round}")
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def _read_update(self, agent_id: str, h: pb.UpdateHeader,
+                     rest: Iterator[pb.UpdateMessage]) -> tuple[dict[str, torch.Tensor], int]:
+        """The update's tensors and byte count: from the file named for this agent and round, or from the stream."""
+        expected = serde.spec_of(self.s.engine.global_state)
+        if h.layout:
+            if next(rest, None) is not None:
+                raise rounds.MalformedError("an update in a file has nothing after its header")
+            files = self.s.shared_files(create=False)
+            if files is None:
+                raise rounds.MalformedError("this coordinator names no update files")
+            return files.read_update(agent_id, h.round, h.layout, expected)
+        asm = serde.Assembler(expected)
+        for msg in rest:
+            if not msg.HasField("part"):
+                raise rounds.MalformedError("a second header in one update stream")
+            if len(msg.part.data) > serde.PART_BYTES:
+                raise rounds.TooLargeError(f"a part of {len(msg.part.data)} bytes; at most {serde.PART_BYTES}")
+            asm.add(msg.part)
+        return asm.finish(), asm.received_bytes
 
     def Leave(self, request: pb.LeaveRequest, context: grpc.ServicerContext) -> pb.LeaveReply:  # noqa: N802
         node = [UNKNOWN_NODE]

@@ -6,11 +6,12 @@ part order and values are checked against what the receiver expects before anyth
 
 from __future__ import annotations
 
+import io
 import math
 import sys
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
@@ -59,7 +60,7 @@ def _raw_bytes(t: torch.Tensor) -> memoryview:
     arr = t.numpy()
     if arr.dtype.byteorder == ">":  # pragma: no cover - big-endian hosts only
         arr = arr.byteswap().view(arr.dtype.newbyteorder("<"))
-    return arr.data.cast("B")
+    return arr.reshape(-1).data.cast("B")  # flat first: a view with a 0 in its shape cannot be cast
 
 
 def encode(
@@ -90,6 +91,23 @@ def encode(
             offset += len(chunk)
             if offset >= len(raw):
                 break
+
+
+def write_raw(state: Mapping[str, torch.Tensor], f: BinaryIO, *, wire_dtype: str = "float32") -> list[pb.TensorPart]:
+    """Write a state dict's raw bytes back to back to `f` (the same-host file path); returns the layout.
+
+    The layout is one TensorPart per tensor with its name, dtype, shape and scale but no data: what a reader
+    needs to cut the file into tensors with `Assembler.add_file`. Compression is `encode`'s.
+    """
+    target = _wire_target(wire_dtype)
+    layout = []
+    for name, tensor in state.items():
+        t, scale = _to_wire(tensor.detach(), target)
+        if t.dtype not in _TORCH_TO_WIRE:
+            raise ValueError(f"tensor {name!r} has dtype {t.dtype}, which the wire does not carry")
+        f.write(_raw_bytes(t))
+        layout.append(pb.TensorPart(name=name, dtype=_TORCH_TO_WIRE[t.dtype], shape=list(t.shape), scale=scale))
+    return layout
 
 
 def _wire_target(wire_dtype: str) -> torch.dtype:
@@ -179,6 +197,26 @@ class Assembler:
         self._filled[name] = end
         self._received += len(part.data)
 
+    def add_file(self, layout: pb.TensorPart, f: io.BufferedIOBase) -> None:
+        """Read one whole tensor described by `layout` (no data) from `f`'s position, with `add`'s checks.
+
+        The name, dtype, shape and scale are checked before a byte is read, and exactly the bytes the expected
+        shape holds are read: a short file is refused like a short stream.
+        """
+        if layout.data or layout.offset:
+            raise WireError(f"tensor {layout.name!r}: a file layout entry carries no data and no offset")
+        self.add(layout)  # all of add's checks; sizes the buffer from the expected spec
+        name = layout.name
+        view = memoryview(self._buffers[name])
+        filled = 0
+        while filled < len(view):
+            n = f.readinto(view[filled:])
+            if not n:
+                raise WireError(f"tensor {name!r}: the file ends after {filled} of its {len(view)} bytes")
+            filled += n
+        self._filled[name] = filled
+        self._received += filled
+
     def _close_current(self) -> None:
         if self._current is None:
             return
@@ -239,6 +277,25 @@ def _from_bytes(buf: bytearray, dtype: torch.dtype, shape: tuple[int, ...]) -> t
         return torch.from_numpy(arr).view(dtype).reshape(shape)
     # Shares the buffer (no copy); the tensor keeps the bytearray alive.
     return torch.frombuffer(buf, dtype=dtype).reshape(shape)
+
+
+def decode_file(
+    f: io.BufferedIOBase,
+    layout: Sequence[pb.TensorPart],
+    expected: Mapping[str, TensorSpec],
+    *,
+    check_finite: bool = True,
+) -> tuple[dict[str, torch.Tensor], int]:
+    """Assemble a state dict from a file written by `write_raw` (see Assembler.add_file); returns (tensors, bytes).
+
+    The file must end exactly where the layout does.
+    """
+    asm = Assembler(expected, check_finite=check_finite)
+    for entry in layout:
+        asm.add_file(entry, f)
+    if f.read(1):
+        raise WireError("the file holds more bytes than its layout describes")
+    return asm.finish(), asm.received_bytes
 
 
 def decode(

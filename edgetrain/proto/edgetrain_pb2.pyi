@@ -116,15 +116,17 @@ class JoinReply(_message.Message):
     def __init__(self, agent_id: _Optional[str] = ..., session_token: _Optional[str] = ..., spec: _Optional[_Union[RunSpec, _Mapping]] = ...) -> None: ...
 
 class RoundRequest(_message.Message):
-    __slots__ = ("agent_id", "after_round")
+    __slots__ = ("agent_id", "after_round", "shared_memory")
     AGENT_ID_FIELD_NUMBER: _ClassVar[int]
     AFTER_ROUND_FIELD_NUMBER: _ClassVar[int]
+    SHARED_MEMORY_FIELD_NUMBER: _ClassVar[int]
     agent_id: str
     after_round: int
-    def __init__(self, agent_id: _Optional[str] = ..., after_round: _Optional[int] = ...) -> None: ...
+    shared_memory: bool
+    def __init__(self, agent_id: _Optional[str] = ..., after_round: _Optional[int] = ..., shared_memory: _Optional[bool] = ...) -> None: ...
 
 class RoundHeader(_message.Message):
-    __slots__ = ("status", "round", "rank", "world", "local_steps", "sample_offset", "deadline_unix", "batch_size")
+    __slots__ = ("status", "round", "rank", "world", "local_steps", "sample_offset", "deadline_unix", "batch_size", "weights_file", "weights_layout", "update_file")
     STATUS_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
@@ -133,6 +135,9 @@ class RoundHeader(_message.Message):
     SAMPLE_OFFSET_FIELD_NUMBER: _ClassVar[int]
     DEADLINE_UNIX_FIELD_NUMBER: _ClassVar[int]
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_FILE_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_LAYOUT_FIELD_NUMBER: _ClassVar[int]
+    UPDATE_FILE_FIELD_NUMBER: _ClassVar[int]
     status: RoundStatus
     round: int
     rank: int
@@ -141,7 +146,10 @@ class RoundHeader(_message.Message):
     sample_offset: int
     deadline_unix: float
     batch_size: int
-    def __init__(self, status: _Optional[_Union[RoundStatus, str]] = ..., round: _Optional[int] = ..., rank: _Optional[int] = ..., world: _Optional[int] = ..., local_steps: _Optional[int] = ..., sample_offset: _Optional[int] = ..., deadline_unix: _Optional[float] = ..., batch_size: _Optional[int] = ...) -> None: ...
+    weights_file: str
+    weights_layout: _containers.RepeatedCompositeFieldContainer[TensorPart]
+    update_file: str
+    def __init__(self, status: _Optional[_Union[RoundStatus, str]] = ..., round: _Optional[int] = ..., rank: _Optional[int] = ..., world: _Optional[int] = ..., local_steps: _Optional[int] = ..., sample_offset: _Optional[int] = ..., deadline_unix: _Optional[float] = ..., batch_size: _Optional[int] = ..., weights_file: _Optional[str] = ..., weights_layout: _Optional[_Iterable[_Union[TensorPart, _Mapping]]] = ..., update_file: _Optional[str] = ...) -> None: ...
 
 class RoundMessage(_message.Message):
     __slots__ = ("header", "part")
@@ -166,18 +174,20 @@ class NodeStats(_message.Message):
     def __init__(self, compute_seconds: _Optional[float] = ..., communication_seconds: _Optional[float] = ..., loss: _Optional[float] = ..., accuracy: _Optional[float] = ..., samples_per_second: _Optional[float] = ...) -> None: ...
 
 class UpdateHeader(_message.Message):
-    __slots__ = ("agent_id", "round", "num_samples", "stats", "delta")
+    __slots__ = ("agent_id", "round", "num_samples", "stats", "delta", "layout")
     AGENT_ID_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     NUM_SAMPLES_FIELD_NUMBER: _ClassVar[int]
     STATS_FIELD_NUMBER: _ClassVar[int]
     DELTA_FIELD_NUMBER: _ClassVar[int]
+    LAYOUT_FIELD_NUMBER: _ClassVar[int]
     agent_id: str
     round: int
     num_samples: int
     stats: NodeStats
     delta: bool
-    def __init__(self, agent_id: _Optional[str] = ..., round: _Optional[int] = ..., num_samples: _Optional[int] = ..., stats: _Optional[_Union[NodeStats, _Mapping]] = ..., delta: _Optional[bool] = ...) -> None: ...
+    layout: _containers.RepeatedCompositeFieldContainer[TensorPart]
+    def __init__(self, agent_id: _Optional[str] = ..., round: _Optional[int] = ..., num_samples: _Optional[int] = ..., stats: _Optional[_Union[NodeStats, _Mapping]] = ..., delta: _Optional[bool] = ..., layout: _Optional[_Iterable[_Union[TensorPart, _Mapping]]] = ...) -> None: ...
 
 class UpdateMessage(_message.Message):
     __slots__ = ("header", "part")

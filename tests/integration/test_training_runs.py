@@ -80,6 +80,7 @@ def test_local_run_pins_workers_reaches_accuracy_and_cleans_up(tmp_path: Path) -
     workers: set[int] = set()
     family: dict[int, set[int]] = {}
     escaped: list[tuple[int, int, list[int]]] = []
+    files = None
     try:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and len(workers) < 2 and runner.is_alive():
@@ -97,6 +98,9 @@ def test_local_run_pins_workers_reaches_accuracy_and_cleans_up(tmp_path: Path) -
                     family.setdefault(agent.pid, set()).add(proc.pid)
                 escaped += [(proc.pid, tid, read_affinity(tid)) for tid in _threads_of(proc.pid)
                             if read_affinity(tid) != seen[proc.pid]]
+        while files is None and runner.is_alive() and time.monotonic() < deadline:  # local agents use /dev/shm
+            files = coord._svc.shared_files(create=False) if coord._svc is not None else None
+            time.sleep(0.05)
     except BaseException:
         coord.stop.set()  # never leave a run behind a failed check
         raise
@@ -118,7 +122,8 @@ def test_local_run_pins_workers_reaches_accuracy_and_cleans_up(tmp_path: Path) -
     assert set(result.nodes) == {"local-0", "local-1"}
     assert all(n.samples == 12 * 8 * 64 for n in result.nodes.values())
     assert (tmp_path / "checkpoint.pt").exists() and (tmp_path / "rounds.jsonl").exists()
-    # every process gone, no thread left behind
+    # the same-host files' directory was used and is gone, every process gone, no thread left behind
+    assert files is not None and not files.dir.exists()
     for proc in agents:
         assert not proc.is_running() or proc.status() == psutil.STATUS_ZOMBIE
     for pid in workers:

@@ -1,3 +1,4 @@
+import io
 import math
 
 import pytest
@@ -118,3 +119,29 @@ def test_all_finite_finds_every_nan_and_inf_in_every_float_dtype(dtype: torch.dt
         y[17] = bad
         assert not serde.all_finite(y), (dtype, bad)
     assert serde.all_finite(torch.arange(5))  # integers have no NaN
+
+
+@pytest.mark.parametrize("wire", ["float32", "float16", "bfloat16", "int8"])
+def test_a_file_decodes_to_what_the_stream_decodes(wire: str) -> None:
+    g = torch.Generator().manual_seed(1)
+    state = {"w": torch.randn(300, 70, generator=g), "b": torch.randn(7, generator=g), "n": torch.tensor(5),
+             "empty": torch.zeros(0, 3)}
+    f = io.BytesIO()
+    layout = serde.write_raw(state, f, wire_dtype=wire)
+    assert all(not p.data and not p.offset for p in layout)
+    f.seek(0)
+    from_file, nbytes = serde.decode_file(f, layout, serde.spec_of(state))
+    streamed = serde.decode(serde.encode(state, wire_dtype=wire), serde.spec_of(state))
+    assert nbytes == len(f.getvalue())
+    assert {k: v.numpy().tobytes() for k, v in from_file.items()} == {
+        k: v.numpy().tobytes() for k, v in streamed.items()}
+
+
+def test_a_file_layout_entry_with_data_is_refused() -> None:
+    state = {"b": torch.ones(4)}
+    f = io.BytesIO()
+    layout = serde.write_raw(state, f)
+    layout[0].data = b"\0" * 16
+    f.seek(0)
+    with pytest.raises(WireError, match="no data"):
+        serde.decode_file(f, layout, serde.spec_of(state))
