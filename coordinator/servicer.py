@@ -185,12 +185,17 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             sample_offset=a.sample_offset, deadline_unix=work.deadline, batch_size=a.batch_size)
         files = self.s.shared_files() if request.shared_memory else None
         if files is not None:
-            header.weights_file, layout, size = files.weights(work.round, work.state)
-            header.weights_layout.extend(layout)
-            header.update_file = files.update_file(agent.agent_id, work.round)
-            yield pb.RoundMessage(header=header)
-            self.s.metrics.bytes_out.labels(agent.name).inc(size)
-            return
+            try:
+                path, layout, size = files.weights(work.round, work.state)
+            except OSError as err:  # e.g. a full /dev/shm (containers default to 64 MB): stream this round
+                log.warning("cannot write the round's weights file (%s): streaming them", err)
+            else:
+                header.weights_file = path
+                header.weights_layout.extend(layout)
+                header.update_file = files.update_file(agent.agent_id, work.round)
+                yield pb.RoundMessage(header=header)
+                self.s.metrics.bytes_out.labels(agent.name).inc(size)
+                return
         yield pb.RoundMessage(header=header)
         sent = 0
         for msg in self.s.round_messages(work.round, work.state):

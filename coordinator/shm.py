@@ -82,10 +82,14 @@ class SharedFiles:
                 self._sweep(keep=f"r{round_}-")
                 path = self.dir / f"r{round_}-weights"
                 tmp = path.with_suffix(".tmp")
-                with open(tmp, "wb") as f:
-                    layout = serde.write_raw(state, f)
-                    size = f.tell()
-                os.replace(tmp, path)
+                try:
+                    with open(tmp, "wb") as f:
+                        layout = serde.write_raw(state, f)
+                        size = f.tell()
+                    os.replace(tmp, path)
+                except OSError:
+                    tmp.unlink(missing_ok=True)  # a partial file would hold tmpfs memory for nothing
+                    raise
                 self._round, self._weights = round_, (str(path), layout, size)
             return self._weights
 

@@ -274,3 +274,18 @@ def test_directories_of_dead_coordinators_are_removed_and_live_ones_kept(tmp_pat
     finally:
         files.close()
     assert not files.dir.exists()
+
+
+def test_weights_stream_when_the_coordinator_cannot_write_its_file() -> None:
+    with serve() as setup:
+        client = setup.client("a", True)
+        try:
+            setup.engine.open_round([(client.agent_id, 0.0, 1)])
+            files = setup.svc.shared_files()
+            assert files is not None
+            files.dir.rmdir()  # writing fails as on a full /dev/shm
+            rnd = client.get_round(-1, serde.spec_of(small_state()))
+            assert rnd.state is not None and not rnd.header.weights_file and not rnd.header.update_file
+            assert all(torch.equal(rnd.state[k], v) for k, v in small_state().items())
+        finally:
+            client.close()
