@@ -46,3 +46,26 @@ def test_one_poisoned_agent_cannot_move_robust_aggregates() -> None:
         out = agg.aggregate(name, [*honest, poisoned], [1] * 5, trim=0.2)
         assert float(out["w"].max()) < 1.05, name
     assert float(agg.aggregate("mean", [*honest, poisoned], [1] * 5)["w"].max()) > 1e5
+
+
+def test_running_mean_over_slices_matches_by_hand_and_is_spent_by_result() -> None:
+    # larger than one scratch slice, with an odd remainder, plus a 2-D tensor and an integer one
+    n = agg.RunningWeightedMean._SLICE * 2 + 7
+    g = torch.Generator().manual_seed(0)
+    states = [{"w": torch.randn(n, generator=g), "m": torch.randn(3, 5, generator=g), "n": torch.tensor(i)}
+              for i in range(3)]
+    weights = [64, 3, 17]
+    acc = agg.RunningWeightedMean()
+    for s, w in zip(states, weights, strict=True):
+        acc.add(s, w)
+    out = acc.result(states[0])
+    for k in ("w", "m"):
+        manual = sum(s[k].double() * w for s, w in zip(states, weights, strict=True)) / sum(weights)
+        assert out[k].dtype == torch.float32 and out[k].shape == states[0][k].shape
+        assert torch.allclose(out[k].double(), manual, atol=1e-6)
+    assert int(out["n"]) == 0  # integer tensors keep the first update's value
+    assert float(states[0]["w"].abs().sum()) > 0  # the inputs are not touched
+    with pytest.raises(RuntimeError):
+        acc.add(states[0], 1)  # the result owns the sum now
+    with pytest.raises(RuntimeError):
+        acc.result(states[0])
