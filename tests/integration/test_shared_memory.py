@@ -132,21 +132,28 @@ def test_without_a_shared_memory_root_everything_streams(tmp_path: Path) -> None
         assert setup.svc.shared_files() is None
 
 
-def test_an_agent_that_cannot_read_the_weights_file_falls_back_to_streaming() -> None:
+@contextmanager
+def offering_client() -> Iterator[tuple[Setup, CoordinatorClient, SharedFiles]]:
+    """A served engine with round 0 open for one client that offers shared memory, and the coordinator's files."""
     with serve() as setup:
         client = setup.client("a", True)
         try:
             setup.engine.open_round([(client.agent_id, 0.0, 1)])
             files = setup.svc.shared_files()
             assert files is not None
-            path, _, _ = files.weights(0, setup.engine.global_state)
-            os.remove(path)
-            os.mkdir(path)  # unreadable as a file, even for root (as another host's path would be missing)
-            rnd = client.get_round(-1, serde.spec_of(small_state()))
-            assert rnd.state is not None and not rnd.header.weights_file and not client.shared_memory
-            assert all(torch.equal(rnd.state[k], v) for k, v in small_state().items())
+            yield setup, client, files
         finally:
             client.close()
+
+
+def test_an_agent_that_cannot_read_the_weights_file_falls_back_to_streaming() -> None:
+    with offering_client() as (setup, client, files):
+        path, _, _ = files.weights(0, setup.engine.global_state)
+        os.remove(path)
+        os.mkdir(path)  # unreadable as a file, even for root (as another host's path would be missing)
+        rnd = client.get_round(-1, serde.spec_of(small_state()))
+        assert rnd.state is not None and not rnd.header.weights_file and not client.shared_memory
+        assert all(torch.equal(rnd.state[k], v) for k, v in small_state().items())
 
 
 Writer = Callable[[Path, dict[str, torch.Tensor]], list[pb.TensorPart]]
@@ -277,15 +284,8 @@ def test_directories_of_dead_coordinators_are_removed_and_live_ones_kept(tmp_pat
 
 
 def test_weights_stream_when_the_coordinator_cannot_write_its_file() -> None:
-    with serve() as setup:
-        client = setup.client("a", True)
-        try:
-            setup.engine.open_round([(client.agent_id, 0.0, 1)])
-            files = setup.svc.shared_files()
-            assert files is not None
-            files.dir.rmdir()  # writing fails as on a full /dev/shm
-            rnd = client.get_round(-1, serde.spec_of(small_state()))
-            assert rnd.state is not None and not rnd.header.weights_file and not rnd.header.update_file
-            assert all(torch.equal(rnd.state[k], v) for k, v in small_state().items())
-        finally:
-            client.close()
+    with offering_client() as (_, client, files):
+        files.dir.rmdir()  # writing fails as on a full /dev/shm
+        rnd = client.get_round(-1, serde.spec_of(small_state()))
+        assert rnd.state is not None and not rnd.header.weights_file and not rnd.header.update_file
+        assert all(torch.equal(rnd.state[k], v) for k, v in small_state().items())
