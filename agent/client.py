@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
-import ipaddress
+import io
 import logging
+import os
 import random
+import stat
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 import torch
 
 from edgetrain import grpc_options, serde
 from edgetrain.errors import WireError
+from edgetrain.grpc_options import address_host, is_loopback
 from edgetrain.proto import edgetrain_pb2 as pb
 from edgetrain.proto import edgetrain_pb2_grpc as pb_grpc
 
@@ -26,16 +30,24 @@ LEAVE_DEADLINE_S = 5.0
 log = logging.getLogger("edgetrain.agent")
 
 
-def is_loopback(address: str) -> bool:
-    """Whether "host:port" (or "[v6]:port", or "localhost:port") names this machine over loopback."""
-    host = address.rpartition(":")[0] if ":" in address else address
-    host = host.removeprefix("ipv4:").removeprefix("ipv6:").strip("[]")
-    if host == "localhost":
-        return True
+def _open_shared(path: str, flags: int) -> io.BufferedReader | io.BufferedWriter:
+    """Open a same-host file the coordinator named, only as what it should be.
+
+    It must sit in a coordinator's private directory (``edgetrain-<pid>-...``); links are never followed (a
+    listener on the coordinator's port that is not the coordinator cannot make the agent overwrite a file
+    elsewhere), an update file is created, never reused (O_EXCL, mode 0600), and only a regular file is read.
+    Raises OSError otherwise (the caller then streams).
+    """
+    if not Path(path).parent.name.startswith("edgetrain-"):
+        raise OSError(f"{path} is not in a coordinator's shared-memory directory")
+    fd = os.open(path, flags | os.O_NOFOLLOW, 0o600)
     try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(f"{path} is not a regular file")
+        return os.fdopen(fd, "wb") if flags & os.O_WRONLY else os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 @dataclass(frozen=True)
@@ -77,7 +89,7 @@ class CoordinatorClient:
         self.session = ""
         self._inflight: grpc.Call | None = None
         # Offer the same-host file path only over loopback; dropped for good after the first file that fails.
-        self.shared_memory = is_loopback(address)
+        self.shared_memory = is_loopback(address_host(address))
 
     def _metadata(self) -> list[tuple[str, str]]:
         md = []
@@ -132,7 +144,7 @@ class CoordinatorClient:
             return Round(header, None, time.perf_counter() - t0, 0)
         if header.weights_file:
             try:
-                with open(header.weights_file, "rb") as f:
+                with _open_shared(header.weights_file, os.O_RDONLY | os.O_NONBLOCK) as f:
                     state, nbytes = serde.decode_file(f, header.weights_layout, expected)
             except OSError as err:  # another host's /dev/shm (a tunnel, a container), or no access: stream
                 log.warning("cannot read the weights file (%s); streaming from now on", err)
@@ -154,7 +166,7 @@ class CoordinatorClient:
                                  delta=delta)
         if update_file and self.shared_memory:
             try:
-                with open(update_file, "wb") as f:
+                with _open_shared(update_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL) as f:
                     header.layout.extend(serde.write_raw(state, f, wire_dtype=wire_dtype))
                     size = f.tell()
             except OSError as err:

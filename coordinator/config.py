@@ -2,22 +2,13 @@
 
 from __future__ import annotations
 
-import ipaddress
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from edgetrain.aggregation import AGGREGATORS
 from edgetrain.errors import ConfigError
+from edgetrain.grpc_options import is_loopback
 from edgetrain.spec import DataLocation, RunSpec
-
-
-def is_loopback(host: str) -> bool:
-    if host in ("localhost", ""):
-        return host == "localhost"
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 @dataclass(frozen=True)

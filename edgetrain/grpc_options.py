@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ipaddress
+
 # Tensors travel in 1 MiB parts (edgetrain.serde.PART_BYTES), so 8 MiB leaves room for a part plus its header
 # and still refuses a message far larger than any honest one.
 MAX_MESSAGE_BYTES = 8 * 1024 * 1024
@@ -36,3 +38,22 @@ SERVER = [
     # gRPC sets SO_REUSEPORT by default: a second coordinator on the same port would start and split the agents.
     ("grpc.so_reuseport", 0),
 ]
+
+
+def address_host(address: str) -> str:
+    """The host of "host:port", "[v6]:port", a bare host, or a gRPC peer ("ipv4:1.2.3.4:5", "ipv6:[::1]:5")."""
+    address = address.removeprefix("ipv4:").removeprefix("ipv6:")
+    if address.startswith("[") and "]" in address:
+        return address[1 : address.index("]")]
+    host, sep, port = address.rpartition(":")
+    return host if sep and port.isdigit() and ":" not in host else address  # "::1" is a bare IPv6 host
+
+
+def is_loopback(host: str) -> bool:
+    """Whether a bare host ("localhost", "127.0.0.1", "::1", "[::1]") is this machine's loopback."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
