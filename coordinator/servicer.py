@@ -22,6 +22,7 @@ from coordinator.shm import SHM_ROOT, SharedFiles
 from edgetrain import grpc_options, serde
 from edgetrain.compression import apply_delta
 from edgetrain.errors import NonFiniteError, WireError
+from edgetrain.grpc_options import address_host, is_loopback
 from edgetrain.proto import edgetrain_pb2 as pb
 from edgetrain.proto import edgetrain_pb2_grpc as pb_grpc
 from edgetrain.spec import RunSpec
@@ -183,7 +184,9 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         header = pb.RoundHeader(
             status=pb.WORK, round=work.round, rank=a.rank, world=a.world, local_steps=a.local_steps,
             sample_offset=a.sample_offset, deadline_unix=work.deadline, batch_size=a.batch_size)
-        files = self.s.shared_files() if request.shared_memory else None
+        # Files only for a caller on this machine: a remote agent can't read them, and needn't learn their paths.
+        same_host = request.shared_memory and is_loopback(address_host(context.peer()))
+        files = self.s.shared_files() if same_host else None
         if files is not None:
             try:
                 path, layout, size = files.weights(work.round, work.state)

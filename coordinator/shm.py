@@ -47,9 +47,20 @@ def remove_orphans(root: Path) -> list[Path]:
         except ProcessLookupError:
             shutil.rmtree(entry, ignore_errors=True)
             removed.append(entry)
-        except OSError:  # gone meanwhile, or a live process of another user
+        except (OSError, OverflowError):  # gone meanwhile, a live process of another user, or not a pid
             continue
     return removed
+
+
+def _remove(path: Path) -> None:
+    """Delete what is at `path`, whatever an agent put there (a file, a link, a directory); never raise."""
+    try:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    except OSError:
+        pass
 
 
 class SharedFiles:
@@ -78,19 +89,23 @@ class SharedFiles:
     def weights(self, round_: int, state: Mapping[str, torch.Tensor]) -> tuple[str, list[pb.TensorPart], int]:
         """Round `round_`'s weights file, its layout and size, written once per round (write, then rename)."""
         with self._lock:
+            if round_ < self._round:  # sweeping for an older round would delete the current round's files
+                raise OSError(f"round {round_} is older than the files' round {self._round}")
             if self._round != round_:
                 self._sweep(keep=f"r{round_}-")
                 path = self.dir / f"r{round_}-weights"
-                tmp = path.with_suffix(".tmp")
+                # a fresh name, created exclusively (0600): nothing planted in the directory is followed
+                fd, tmp = tempfile.mkstemp(prefix=f"r{round_}-weights-", dir=self.dir)
                 try:
-                    with open(tmp, "wb") as f:
+                    with os.fdopen(fd, "wb") as f:
                         layout = serde.write_raw(state, f)
                         size = f.tell()
-                    os.replace(tmp, path)
+                    os.replace(tmp, path)  # rename never follows a link planted at `path`
                 except OSError:
-                    tmp.unlink(missing_ok=True)  # a partial file would hold tmpfs memory for nothing
+                    Path(tmp).unlink(missing_ok=True)  # a partial file would hold tmpfs memory for nothing
                     raise
                 self._round, self._weights = round_, (str(path), layout, size)
+                self._updates = {a: named for a, named in self._updates.items() if named[0] >= round_}
             return self._weights
 
     def update_file(self, agent_id: str, round_: int) -> str:
@@ -100,7 +115,7 @@ class SharedFiles:
             old = self._updates.get(agent_id)
             self._updates[agent_id] = (round_, path)
         if old is not None:
-            old[1].unlink(missing_ok=True)
+            _remove(old[1])
         return str(path)
 
     def read_update(
@@ -121,21 +136,22 @@ class SharedFiles:
             # O_NOFOLLOW and O_NONBLOCK: a symlink or a FIFO put there instead is refused, never followed or waited on
             fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
         except OSError as err:
+            _remove(path)
             raise WireError(f"the update file for round {round_} cannot be opened ({err.strerror})") from err
         try:
+            _remove(path)  # read through the open descriptor; whatever was put there goes now
             if not stat.S_ISREG(os.fstat(fd).st_mode):
                 raise WireError("the update file is not a regular file")
             with os.fdopen(fd, "rb", closefd=False) as f:
                 return serde.decode_file(f, layout, expected)
         finally:
             os.close(fd)
-            path.unlink(missing_ok=True)
 
     def _sweep(self, keep: str) -> None:
         """Delete every file of other rounds (old weights, updates never sent or refused before being read)."""
         for entry in self.dir.iterdir():
             if not entry.name.startswith(keep):
-                entry.unlink(missing_ok=True)
+                _remove(entry)
 
     def close(self) -> None:
         """Remove the directory and everything in it."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import subprocess
 import sys
@@ -15,7 +16,7 @@ import pytest
 import torch
 from prometheus_client import CollectorRegistry
 
-from agent.client import CoordinatorClient, is_loopback
+from agent.client import CoordinatorClient
 from coordinator.membership import Membership
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.rounds import RoundEngine
@@ -23,6 +24,7 @@ from coordinator.server import start_server
 from coordinator.servicer import ServiceState
 from coordinator.shm import SHM_ROOT, SharedFiles
 from edgetrain import compression, grpc_options, serde
+from edgetrain.grpc_options import address_host, is_loopback
 from edgetrain.proto import edgetrain_pb2 as pb
 from edgetrain.spec import RunSpec
 from tests.integration.conftest import small_state
@@ -201,7 +203,14 @@ def _symlink(path: Path, state: dict[str, torch.Tensor]) -> list[pb.TensorPart]:
     return layout
 
 
+def _directory(path: Path, state: dict[str, torch.Tensor]) -> list[pb.TensorPart]:
+    layout = _write(path.with_name("elsewhere"), state)
+    path.mkdir()  # opens read-only like a file would; must be refused as one, not crash the call
+    return layout
+
+
 @pytest.mark.parametrize(("write", "round_", "session_ok", "reason", "code"), [
+    (_directory, 0, True, "bad_tensor", grpc.StatusCode.INVALID_ARGUMENT),
     (_nan, 0, True, "non_finite", grpc.StatusCode.INVALID_ARGUMENT),
     (_truncated, 0, True, "bad_tensor", grpc.StatusCode.INVALID_ARGUMENT),
     (_longer, 0, True, "bad_tensor", grpc.StatusCode.INVALID_ARGUMENT),
@@ -259,10 +268,12 @@ def test_an_update_file_is_read_only_where_the_coordinator_named_one() -> None:
 
 @pytest.mark.parametrize(("address", "loopback"), [
     ("127.0.0.1:50051", True), ("localhost:1", True), ("[::1]:50051", True), ("127.3.0.1:5", True),
+    ("::1", True), ("ipv4:127.0.0.1:40000", True), ("ipv6:[::1]:40000", True),  # bare v6 and gRPC peers
     ("10.0.0.7:50051", False), ("coordinator.example:443", False), ("[fd00::7]:50051", False),
+    ("ipv4:10.1.2.3:40000", False), ("unix:/tmp/sock", False),
 ])
 def test_only_loopback_addresses_offer_shared_memory(address: str, loopback: bool) -> None:
-    assert is_loopback(address) is loopback
+    assert is_loopback(address_host(address)) is loopback
 
 
 def test_directories_of_dead_coordinators_are_removed_and_live_ones_kept(tmp_path: Path) -> None:
@@ -289,3 +300,44 @@ def test_weights_stream_when_the_coordinator_cannot_write_its_file() -> None:
         rnd = client.get_round(-1, serde.spec_of(small_state()))
         assert rnd.state is not None and not rnd.header.weights_file and not rnd.header.update_file
         assert all(torch.equal(rnd.state[k], v) for k, v in small_state().items())
+
+
+def test_a_directory_planted_where_an_update_goes_is_removed_and_files_keep_working() -> None:
+    with offering_client() as (setup, client, files):
+        rnd = client.get_round(-1, serde.spec_of(small_state()))
+        assert rnd.state is not None and rnd.header.update_file
+        _directory(Path(rnd.header.update_file), trained(rnd.state))
+        header = pb.UpdateHeader(agent_id=client.agent_id, round=0, num_samples=8, stats=STATS,
+                                 layout=serde.write_raw(small_state(), io.BytesIO()))
+        with pytest.raises(grpc.RpcError) as info:
+            client._stub.SubmitUpdate(iter([pb.UpdateMessage(header=header)]),
+                                      metadata=[(grpc_options.SESSION_METADATA, client.session)], timeout=5)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert not Path(rnd.header.update_file).exists()
+        setup.engine.close_round()
+        setup.engine.open_round([(client.agent_id, 0.0, 1)])
+        again = client.get_round(0, serde.spec_of(small_state()))
+        assert again.header.weights_file and client.shared_memory  # still through files
+        with pytest.raises(OSError, match="older"):
+            files.weights(again.header.round - 1, setup.engine.global_state)  # never sweeps the current round
+
+
+@pytest.mark.parametrize("plant", ["outside", "symlink", "existing"])
+def test_the_agent_writes_only_a_fresh_file_in_a_coordinators_directory(plant: str, tmp_path: Path) -> None:
+    with offering_client() as (_, client, _files):
+        rnd = client.get_round(-1, serde.spec_of(small_state()))
+        assert rnd.state is not None
+        victim = tmp_path / "victim"
+        victim.write_bytes(b"keep me")
+        target = Path(rnd.header.update_file)
+        if plant == "outside":  # a rogue listener on the coordinator's port names any path
+            target = tmp_path / "update"
+        elif plant == "symlink":
+            target.symlink_to(victim)
+        else:
+            target.write_bytes(b"planted")
+        ack, _, _ = client.submit(0, 8, STATS, trained(rnd.state), update_file=str(target))
+        assert ack.accepted  # streamed instead
+        assert not client.shared_memory
+        assert victim.read_bytes() == b"keep me"
+        assert plant != "outside" or not target.exists()
