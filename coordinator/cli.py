@@ -12,6 +12,7 @@ import typer
 
 from edgetrain.cli_util import entry, read_token, setup_logging
 from edgetrain.errors import ConfigError
+from edgetrain.models import default_lr
 from edgetrain.spec import DataLocation, RunSpec
 
 DEFAULT_EPOCHS = 3.0  # when no stopping rule is given
@@ -19,12 +20,8 @@ LR_HELP = "Learning rate (default: the model's: 1e-3, text-ngram 0.1)."
 
 
 def _lr(lr: float | None, model: str) -> float:
-    """The user's learning rate, else the model's default (imported late: torch loads slowly)."""
-    if lr is not None:
-        return lr
-    from edgetrain.models import default_lr
-
-    return default_lr(model)
+    """The user's learning rate, else the model's default."""
+    return lr if lr is not None else default_lr(model)
 
 
 # Options the bench commands share (one help text each).
