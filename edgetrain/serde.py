@@ -63,6 +63,18 @@ def _raw_bytes(t: torch.Tensor) -> memoryview:
     return arr.reshape(-1).data.cast("B")  # flat first: a view with a 0 in its shape cannot be cast
 
 
+def _wire_tensors(
+    state: Mapping[str, torch.Tensor], wire_dtype: str
+) -> Iterator[tuple[pb.TensorPart, memoryview]]:
+    """Each tensor's layout (name, wire dtype, shape, scale; no data) and its raw bytes, compressed as asked."""
+    target = _wire_target(wire_dtype)
+    for name, tensor in state.items():
+        t, scale = _to_wire(tensor.detach(), target)
+        if t.dtype not in _TORCH_TO_WIRE:
+            raise ValueError(f"tensor {name!r} has dtype {t.dtype}, which the wire does not carry")
+        yield pb.TensorPart(name=name, dtype=_TORCH_TO_WIRE[t.dtype], shape=list(t.shape), scale=scale), _raw_bytes(t)
+
+
 def encode(
     state: Mapping[str, torch.Tensor],
     *,
@@ -74,20 +86,14 @@ def encode(
     `wire_dtype` "float16"/"bfloat16" casts floating tensors; "int8" quantises each floating tensor
     symmetrically with one scale (max|x|/127). Integer tensors always travel as they are.
     """
-    target = _wire_target(wire_dtype)
-    for name, tensor in state.items():
-        t, scale = _to_wire(tensor.detach(), target)
-        if t.dtype not in _TORCH_TO_WIRE:
-            raise ValueError(f"tensor {name!r} has dtype {t.dtype}, which the wire does not carry")
-        raw = _raw_bytes(t)
-        shape = list(t.shape)
-        dtype = _TORCH_TO_WIRE[t.dtype]
+    for layout, raw in _wire_tensors(state, wire_dtype):
         offset = 0
         while True:  # at least one part, even for an empty tensor
             chunk = raw[offset : offset + part_bytes]
-            yield pb.TensorPart(
-                name=name, dtype=dtype, shape=shape, offset=offset, data=chunk.tobytes(), scale=scale
-            )
+            part = pb.TensorPart()
+            part.CopyFrom(layout)
+            part.offset, part.data = offset, chunk.tobytes()
+            yield part
             offset += len(chunk)
             if offset >= len(raw):
                 break
@@ -99,14 +105,10 @@ def write_raw(state: Mapping[str, torch.Tensor], f: BinaryIO, *, wire_dtype: str
     The layout is one TensorPart per tensor with its name, dtype, shape and scale but no data: what a reader
     needs to cut the file into tensors with `Assembler.add_file`. Compression is `encode`'s.
     """
-    target = _wire_target(wire_dtype)
     layout = []
-    for name, tensor in state.items():
-        t, scale = _to_wire(tensor.detach(), target)
-        if t.dtype not in _TORCH_TO_WIRE:
-            raise ValueError(f"tensor {name!r} has dtype {t.dtype}, which the wire does not carry")
-        f.write(_raw_bytes(t))
-        layout.append(pb.TensorPart(name=name, dtype=_TORCH_TO_WIRE[t.dtype], shape=list(t.shape), scale=scale))
+    for entry, raw in _wire_tensors(state, wire_dtype):
+        f.write(raw)
+        layout.append(entry)
     return layout
 
 
