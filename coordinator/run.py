@@ -246,12 +246,18 @@ class Coordinator:
             t_start = time.perf_counter()
             with self._progress() as progress:
                 task = progress.add_task("training", total=cfg.rounds, acc="-", tput="-", slow="-")
-                while not self.stop.is_set():
+                def budget_spent() -> str | None:
+                    """"rounds" or "epochs" once that budget is used up, else None."""
                     if cfg.rounds is not None and engine.completed_rounds >= cfg.rounds:
-                        stopped_by = "rounds"
-                        break
+                        return "rounds"
                     if cfg.epochs is not None and samples_total >= cfg.epochs * n_train:
-                        stopped_by = "epochs"
+                        return "epochs"
+                    return None
+
+                while not self.stop.is_set():
+                    spent = budget_spent()
+                    if spent is not None:
+                        stopped_by = spent
                         break
                     self._wait_for_agents()
                     live = self.membership.live(ready_only=True)
@@ -279,8 +285,7 @@ class Coordinator:
                     samples_total += outcome.samples
                     record = self._record(outcome, names, nodes, t_start)
                     overheads.append(record["sync_overhead_seconds"])
-                    last = (cfg.rounds is not None and engine.completed_rounds >= cfg.rounds) or (
-                        cfg.epochs is not None and samples_total >= cfg.epochs * n_train)  # evaluated and logged
+                    last = budget_spent() is not None  # the last round is evaluated and logged
                     if last or cfg.target_accuracy is not None or engine.completed_rounds % cfg.eval_every == 0:
                         final = self._evaluate(engine.global_state)
                         record.update(accuracy=final.accuracy, loss=final.loss, macro_f1=final.macro_f1,
