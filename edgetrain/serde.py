@@ -11,7 +11,7 @@ import math
 import sys
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Protocol
 
 import numpy as np
 import torch
@@ -142,17 +142,72 @@ def roundtrip(t: torch.Tensor, wire_dtype: str) -> torch.Tensor:
     return _from_wire(wire, scale, t.dtype)
 
 
+class Buffers(Protocol):
+    """Where an Assembler puts a tensor's bytes: a writable view of `nbytes` for `name`, arriving as `dtype`."""
+
+    def __call__(self, name: str, dtype: torch.dtype, nbytes: int) -> memoryview | bytearray: ...
+
+
+class Arena:
+    """One reusable buffer the size of a whole update of `expected`, cut per tensor.
+
+    Decoding update after update into it page-faults nothing (a fresh model-sized buffer per update cost ~2 ms
+    of the round).
+
+    Whoever decodes into it owns it until the decoded tensors are no longer used; a tensor that arrives in a
+    wider dtype than expected (float64 for float32) gets a fresh buffer instead.
+    """
+
+    def __init__(self, expected: Mapping[str, TensorSpec]) -> None:
+        self._slots: dict[str, tuple[int, int]] = {}
+        offset = 0
+        for name, spec in expected.items():
+            size = math.prod(spec.shape) * spec.dtype.itemsize
+            self._slots[name] = (offset, size)
+            offset += size
+        self._memory = memoryview(bytearray(offset))
+
+    def __call__(self, name: str, dtype: torch.dtype, nbytes: int) -> memoryview | bytearray:
+        offset, size = self._slots.get(name, (0, -1))
+        if nbytes > size:
+            return bytearray(nbytes)
+        return self._memory[offset : offset + nbytes]
+
+
+def into_tensors(state: Mapping[str, torch.Tensor]) -> Buffers:
+    """Decode straight into `state`'s own CPU tensors (a model's weights): only uncompressed, same-dtype data fits.
+
+    A refused decode may leave some of the tensors overwritten: the caller loads them again from elsewhere.
+    """
+
+    def view(name: str, dtype: torch.dtype, nbytes: int) -> memoryview:
+        t = state[name]
+        fits = dtype == t.dtype and t.device.type == "cpu" and t.is_contiguous()
+        if not fits or nbytes != t.numel() * t.element_size():
+            raise WireError(f"tensor {name!r} cannot be read in place (another dtype, or not in CPU memory)")
+        if t.dtype == torch.bfloat16:
+            t = t.view(torch.int16)
+        return t.detach().numpy().reshape(-1).view(np.uint8).data
+
+    return view
+
+
 class Assembler:
     """Rebuild tensors from TensorPart messages, checking each part against the expected spec.
 
     Feed parts with `add`; `finish` returns the tensors as float32/int64 like the expected dtypes.
     Raises WireError on the first thing that is wrong; nothing partial is ever returned.
+
+    Bytes land in a fresh bytearray per tensor, or where `into` says (reused buffers, a model's own tensors):
+    then the tensors `finish` returns may share that memory, and a refused update may have written part of it.
     """
 
-    def __init__(self, expected: Mapping[str, TensorSpec], *, check_finite: bool = True) -> None:
+    def __init__(self, expected: Mapping[str, TensorSpec], *, check_finite: bool = True,
+                 into: Buffers | None = None) -> None:
         self._expected = expected
         self._check_finite = check_finite
-        self._buffers: dict[str, bytearray] = {}
+        self._into = into
+        self._buffers: dict[str, memoryview | bytearray] = {}
         self._filled: dict[str, int] = {}
         self._meta: dict[str, tuple[int, tuple[int, ...], float]] = {}
         self._current: str | None = None
@@ -184,7 +239,8 @@ class Assembler:
                 raise WireError(f"tensor {name!r}: parts out of order (it was already started)")
             self._close_current()
             self._current = name
-            self._buffers[name] = bytearray(nbytes)  # sized by the expected spec, never by the sender
+            # sized by the expected spec, never by the sender
+            self._buffers[name] = bytearray(nbytes) if self._into is None else self._into(name, wire_dtype, nbytes)
             self._filled[name] = 0
             self._meta[name] = (part.dtype, shape, part.scale)
         filled = self._filled[name]
@@ -253,6 +309,10 @@ def all_finite(t: torch.Tensor) -> bool:
     Checked with numpy, which runs on the calling thread only: torch's isfinite is an OpenMP parallel region
     whose threads wait for each other, and on a machine whose cores are busy training (the coordinator shares
     them with local agents) that wait cost 2-30 ms per model instead of 0.3 ms.
+
+    A sum of the values first: any NaN or Inf makes it NaN or Inf, and it allocates nothing (the element-wise
+    test made a model-sized mask each time: 0.5 ms vs 0.17 ms for the MNIST CNN). Only a sum that is not
+    finite, which finite values can also give by overflowing, is looked at element by element.
     """
     if not t.is_floating_point():
         return True
@@ -261,7 +321,11 @@ def all_finite(t: torch.Tensor) -> bool:
     if t.dtype == torch.bfloat16:  # numpy has no bfloat16: look at the exponent bits
         bits = t.contiguous().view(torch.int16).numpy()
         return not bool((np.bitwise_and(bits, _BF16_EXPONENT) == _BF16_EXPONENT).any())
-    return bool(np.isfinite(t.numpy()).all())
+    arr = t.numpy().reshape(-1)
+    with np.errstate(over="ignore", invalid="ignore"):
+        if np.isfinite(np.add.reduce(arr)):
+            return True
+    return bool(np.isfinite(arr).all())
 
 
 def _dtype_allowed(expected: torch.dtype, wire: torch.dtype) -> bool:
@@ -270,14 +334,14 @@ def _dtype_allowed(expected: torch.dtype, wire: torch.dtype) -> bool:
     return wire == expected
 
 
-def _from_bytes(buf: bytearray, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+def _from_bytes(buf: memoryview | bytearray, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
     if not buf:
         return torch.zeros(shape, dtype=dtype)
     if sys.byteorder != "little":  # pragma: no cover - big-endian hosts only
         np_dtype = np.dtype("<i2" if dtype == torch.bfloat16 else str(dtype).removeprefix("torch."))
         arr = np.frombuffer(buf, dtype=np_dtype.newbyteorder("<")).astype(np_dtype.newbyteorder("="))
         return torch.from_numpy(arr).view(dtype).reshape(shape)
-    # Shares the buffer (no copy); the tensor keeps the bytearray alive.
+    # Shares the buffer (no copy); the tensor keeps the buffer alive.
     return torch.frombuffer(buf, dtype=dtype).reshape(shape)
 
 
@@ -287,12 +351,13 @@ def decode_file(
     expected: Mapping[str, TensorSpec],
     *,
     check_finite: bool = True,
+    into: Buffers | None = None,
 ) -> tuple[dict[str, torch.Tensor], int]:
     """Assemble a state dict from a file written by `write_raw` (see Assembler.add_file); returns (tensors, bytes).
 
     The file must end exactly where the layout does.
     """
-    asm = Assembler(expected, check_finite=check_finite)
+    asm = Assembler(expected, check_finite=check_finite, into=into)
     for entry in layout:
         asm.add_file(entry, f)
     if f.read(1):
