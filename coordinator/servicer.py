@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import queue
 import re
 import threading
 from collections.abc import Iterator, Mapping
@@ -18,13 +19,14 @@ import torch
 from coordinator import rounds
 from coordinator.membership import Agent, Membership
 from coordinator.metrics import CoordinatorMetrics
-from coordinator.shm import SHM_ROOT, SharedFiles
+from coordinator.shm import SharedFiles
 from edgetrain import grpc_options, serde
 from edgetrain.compression import apply_delta
 from edgetrain.errors import NonFiniteError, WireError
 from edgetrain.grpc_options import address_host, is_loopback
 from edgetrain.proto import edgetrain_pb2 as pb
 from edgetrain.proto import edgetrain_pb2_grpc as pb_grpc
+from edgetrain.samehost import SHM_ROOT
 from edgetrain.spec import RunSpec
 
 log = logging.getLogger("edgetrain.coordinator")
@@ -52,6 +54,7 @@ class ServiceState:
 
     def __post_init__(self) -> None:
         self.uploads = threading.BoundedSemaphore(self.upload_slots)
+        self._arenas: queue.SimpleQueue[serde.Arena] = queue.SimpleQueue()  # at most upload_slots of them
         self._cache_lock = threading.Lock()
         self._cached: tuple[int, list[pb.RoundMessage]] = (-1, [])
         self._files: SharedFiles | None = None
@@ -74,6 +77,25 @@ class ServiceState:
             files, self._files = self._files, None
         if files is not None:
             files.close()
+
+    @contextmanager
+    def arena(self) -> Iterator[serde.Arena | None]:
+        """A reusable update-sized buffer for an upload slot's holder, or None where updates must keep their memory.
+
+        The sample-weighted mean copies each update into its running sum, so the buffer is free again once
+        `submit` returns; the robust aggregators keep every update, which then needs its own memory.
+        """
+        if self.engine.aggregator != "mean":
+            yield None
+            return
+        try:
+            arena = self._arenas.get_nowait()
+        except queue.Empty:
+            arena = serde.Arena(serde.spec_of(self.engine.global_state))
+        try:
+            yield arena
+        finally:
+            self._arenas.put(arena)
 
     def round_messages(self, round_: int, state: Mapping[str, torch.Tensor]) -> list[pb.RoundMessage]:
         """The global weights as wire messages, encoded once per round and shared by every agent's stream."""
@@ -221,18 +243,21 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             if not self.s.uploads.acquire(timeout=self.s.engine.seconds_left()):
                 raise rounds.LateUpdateError(f"round {h.round} closed for updates while this one waited its turn")
             try:
-                tensors, received = self._read_update(agent.agent_id, h, request_iterator)
-                if h.delta:
-                    tensors = apply_delta(self.s.engine.global_state, tensors)
-                stats = {
-                    "compute_seconds": h.stats.compute_seconds,
-                    "communication_seconds": h.stats.communication_seconds,
-                    "loss": h.stats.loss,
-                    "accuracy": h.stats.accuracy,
-                    "samples_per_second": h.stats.samples_per_second,
-                    "bytes": float(received),
-                }
-                self.s.engine.submit(agent.agent_id, h.round, h.num_samples, tensors, stats)
+                with self.s.arena() as arena:
+                    tensors, received = self._read_update(agent.agent_id, h, request_iterator, arena)
+                    if h.delta:
+                        tensors = apply_delta(self.s.engine.global_state, tensors)
+                    stats = {
+                        "compute_seconds": h.stats.compute_seconds,
+                        "communication_seconds": h.stats.communication_seconds,
+                        "loss": h.stats.loss,
+                        "accuracy": h.stats.accuracy,
+                        "samples_per_second": h.stats.samples_per_second,
+                        "bytes": float(received),
+                    }
+                    # the decoder checked the tensors' values; weights rebuilt from a delta are checked again
+                    self.s.engine.submit(agent.agent_id, h.round, h.num_samples, tensors, stats,
+                                         checked_finite=not h.delta)
             finally:
                 self.s.uploads.release()
             if math.isfinite(h.stats.samples_per_second) and 0 < h.stats.samples_per_second <= MAX_THROUGHPUT:
@@ -241,8 +266,8 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             return pb.UpdateAck(accepted=True, detail=f"round {h.round}")
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def _read_update(self, agent_id: str, h: pb.UpdateHeader,
-                     rest: Iterator[pb.UpdateMessage]) -> tuple[dict[str, torch.Tensor], int]:
+    def _read_update(self, agent_id: str, h: pb.UpdateHeader, rest: Iterator[pb.UpdateMessage],
+                     into: serde.Arena | None) -> tuple[dict[str, torch.Tensor], int]:
         """The update's tensors and byte count: from the file named for this agent and round, or from the stream."""
         expected = serde.spec_of(self.s.engine.global_state)
         if h.layout:
@@ -251,8 +276,8 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             files = self.s.shared_files(create=False)
             if files is None:
                 raise rounds.MalformedError("this coordinator names no update files")
-            return files.read_update(agent_id, h.round, h.layout, expected)
-        asm = serde.Assembler(expected)
+            return files.read_update(agent_id, h.round, h.layout, expected, into)
+        asm = serde.Assembler(expected, into=into)
         for msg in rest:
             if not msg.HasField("part"):
                 raise rounds.MalformedError("a second header in one update stream")

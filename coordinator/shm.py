@@ -3,7 +3,7 @@
 A 4.8 MB model over loopback gRPC took 5-36 ms each way (bench/core_perf.py); through tmpfs it is a memcpy.
 gRPC still carries every control message, and an update read from a file goes through the same
 `serde.Assembler` checks as a streamed one. The coordinator never opens a path a client names: it names each
-agent's update file itself, remembers it, and reads only that.
+agent's update file itself, remembers it, and reads only that. How agents open these files: edgetrain.samehost.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import tempfile
 import threading
 import weakref
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -24,8 +25,8 @@ import torch
 from edgetrain import serde
 from edgetrain.errors import WireError
 from edgetrain.proto import edgetrain_pb2 as pb
+from edgetrain.samehost import DIR_PREFIX, SHM_ROOT
 
-SHM_ROOT = Path("/dev/shm")  # tmpfs on Linux; where it is missing, everything is streamed
 _OURS = re.compile(r"edgetrain-(\d+)-")  # edgetrain-<coordinator pid>-<random>
 
 
@@ -63,20 +64,36 @@ def _remove(path: Path) -> None:
         pass
 
 
-class SharedFiles:
-    """A private directory (mode 0700) of one weights file per round and per-agent update files.
+@dataclass
+class _Named:
+    """The update file named for one agent: the round it was last handed out for, and whether it was read."""
 
+    round: int
+    path: Path
+    taken: bool = False
+
+
+class SharedFiles:
+    """A private directory (mode 0700) of two weights files, written in turn, and one update file per agent.
+
+    Files are rewritten in place round after round, never made anew: new tmpfs pages cost ~1.5 ms per 4.8 MB to
+    fill and as much to free, on every round's critical path (weights written, update written, update freed).
+    The weights alternate between two files, so round r's file is rewritten for round r+2 only, when round r
+    has long closed: an agent still reading it then trains for a closed round and is refused as stale anyway.
     The directory goes when `close` is called, or at the latest when the interpreter exits.
     """
 
     def __init__(self, root: Path = SHM_ROOT) -> None:
         remove_orphans(root)
-        self.dir = Path(tempfile.mkdtemp(prefix=f"edgetrain-{os.getpid()}-", dir=root))  # mkdtemp makes it 0700
+        # mkdtemp makes it 0700
+        self.dir = Path(tempfile.mkdtemp(prefix=f"{DIR_PREFIX}{os.getpid()}-", dir=root))
         self._lock = threading.Lock()
         self._round = -1
         self._weights: tuple[str, list[pb.TensorPart], int] = ("", [], 0)
-        self._updates: dict[str, tuple[int, Path]] = {}  # agent_id -> (round, the file it was told to write)
-        self._finalizer = weakref.finalize(self, shutil.rmtree, str(self.dir), ignore_errors=True)
+        self._slots: list[tuple[str, int]] = []  # (path, open descriptor) of the two weights files
+        self._next_slot = 0
+        self._updates: dict[str, _Named] = {}  # agent_id -> its update file
+        self._finalizer = weakref.finalize(self, _close, str(self.dir), self._slots)
 
     @classmethod
     def create(cls, root: Path = SHM_ROOT) -> SharedFiles | None:
@@ -87,72 +104,98 @@ class SharedFiles:
             return None
 
     def weights(self, round_: int, state: Mapping[str, torch.Tensor]) -> tuple[str, list[pb.TensorPart], int]:
-        """Round `round_`'s weights file, its layout and size, written once per round (write, then rename)."""
+        """Round `round_`'s weights file, its layout and size, written once per round."""
         with self._lock:
-            if round_ < self._round:  # sweeping for an older round would delete the current round's files
+            if round_ < self._round:  # rewriting for an older round would change the current round's file
                 raise OSError(f"round {round_} is older than the files' round {self._round}")
             if self._round != round_:
-                self._sweep(keep=f"r{round_}-")
-                path = self.dir / f"r{round_}-weights"
-                # a fresh name, created exclusively (0600): nothing planted in the directory is followed
-                fd, tmp = tempfile.mkstemp(prefix=f"r{round_}-weights-", dir=self.dir)
-                try:
-                    with os.fdopen(fd, "wb") as f:
-                        layout = serde.write_raw(state, f)
-                        size = f.tell()
-                    os.replace(tmp, path)  # rename never follows a link planted at `path`
-                except OSError:
-                    Path(tmp).unlink(missing_ok=True)  # a partial file would hold tmpfs memory for nothing
-                    raise
-                self._round, self._weights = round_, (str(path), layout, size)
-                self._updates = {a: named for a, named in self._updates.items() if named[0] >= round_}
+                if len(self._slots) < 2:
+                    # created exclusively (0600) and written only through this descriptor afterwards: nothing
+                    # planted in the directory is ever opened or followed
+                    fd, path = tempfile.mkstemp(prefix=f"weights{len(self._slots)}-", dir=self.dir)
+                    self._slots.append((path, fd))
+                path, fd = self._slots[self._next_slot]
+                os.lseek(fd, 0, os.SEEK_SET)
+                with open(fd, "wb", closefd=False) as f:
+                    layout = serde.write_raw(state, f)
+                    size = f.tell()
+                os.ftruncate(fd, size)
+                self._next_slot ^= 1
+                self._round, self._weights = round_, (path, layout, size)
+                self._forget_idle(round_)
             return self._weights
 
+    def _forget_idle(self, round_: int) -> None:
+        """Remove update files not handed out in the last round (agents gone), and anything else put here."""
+        for agent_id, named in list(self._updates.items()):
+            if named.round < round_ - 1:
+                del self._updates[agent_id]
+        keep = {Path(p).name for p, _ in self._slots} | {n.path.name for n in self._updates.values()}
+        for entry in self.dir.iterdir():
+            if entry.name not in keep:
+                _remove(entry)
+
     def update_file(self, agent_id: str, round_: int) -> str:
-        """Name the file `agent_id` may write its round `round_` update into (unguessable, one per hand-out)."""
-        path = self.dir / f"r{round_}-update-{secrets.token_hex(8)}"
-        with self._lock:
-            old = self._updates.get(agent_id)
-            self._updates[agent_id] = (round_, path)
-        if old is not None:
-            _remove(old[1])
-        return str(path)
+        """Name the file `agent_id` may write its round `round_` update into: the same one each round.
 
-    def read_update(
-        self, agent_id: str, round_: int, layout: Sequence[pb.TensorPart], expected: Mapping[str, serde.TensorSpec]
-    ) -> tuple[dict[str, torch.Tensor], int]:
-        """Decode the update `agent_id` wrote for `round_` into the file named for it, then delete the file.
-
-        Raises WireError when no file was named for this agent and round, or the file is missing, not a regular
-        file, or its bytes do not match the layout and `expected` (serde's checks).
+        The name is unguessable; the agent creates the file the first time, and rewrites it afterwards.
         """
         with self._lock:
             named = self._updates.get(agent_id)
-            if named is None or named[0] != round_:
+            if named is None:
+                named = self._updates[agent_id] = _Named(round_, self.dir / f"update-{secrets.token_hex(8)}")
+            named.round, named.taken = round_, False
+            return str(named.path)
+
+    def read_update(
+        self, agent_id: str, round_: int, layout: Sequence[pb.TensorPart], expected: Mapping[str, serde.TensorSpec],
+        into: serde.Buffers | None = None,
+    ) -> tuple[dict[str, torch.Tensor], int]:
+        """Decode the update `agent_id` wrote for `round_` into the file named for it (at most once per round).
+
+        Raises WireError when no file was named for this agent and round, or the file is missing, not a regular
+        file, or its bytes do not match the layout and `expected` (serde's checks); such a file is deleted and
+        the agent gets a new name next round.
+        """
+        with self._lock:
+            named = self._updates.get(agent_id)
+            if named is None or named.round != round_ or named.taken:
                 raise WireError(f"no update file was named for this agent in round {round_}")
-            del self._updates[agent_id]
-        path = named[1]
+            named.taken = True
         try:
             # O_NOFOLLOW and O_NONBLOCK: a symlink or a FIFO put there instead is refused, never followed or waited on
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+            fd = os.open(named.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
         except OSError as err:
-            _remove(path)
+            self._drop(agent_id, named)
             raise WireError(f"the update file for round {round_} cannot be opened ({err.strerror})") from err
         try:
-            _remove(path)  # read through the open descriptor; whatever was put there goes now
             if not stat.S_ISREG(os.fstat(fd).st_mode):
                 raise WireError("the update file is not a regular file")
             with os.fdopen(fd, "rb", closefd=False) as f:
-                return serde.decode_file(f, layout, expected)
+                return serde.decode_file(f, layout, expected, into=into)
+        except WireError:
+            self._drop(agent_id, named)
+            raise
         finally:
             os.close(fd)
 
-    def _sweep(self, keep: str) -> None:
-        """Delete every file of other rounds (old weights, updates never sent or refused before being read)."""
-        for entry in self.dir.iterdir():
-            if not entry.name.startswith(keep):
-                _remove(entry)
+    def _drop(self, agent_id: str, named: _Named) -> None:
+        """Forget a file that failed, and delete whatever is at its path (a file, a link, a directory)."""
+        with self._lock:
+            if self._updates.get(agent_id) is named:
+                del self._updates[agent_id]
+        _remove(named.path)
 
     def close(self) -> None:
         """Remove the directory and everything in it."""
         self._finalizer()
+
+
+def _close(directory: str, slots: list[tuple[str, int]]) -> None:
+    for _, fd in slots:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    slots.clear()
+    shutil.rmtree(directory, ignore_errors=True)

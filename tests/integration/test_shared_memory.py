@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -22,10 +24,11 @@ from coordinator.metrics import CoordinatorMetrics
 from coordinator.rounds import RoundEngine
 from coordinator.server import start_server
 from coordinator.servicer import ServiceState
-from coordinator.shm import SHM_ROOT, SharedFiles
+from coordinator.shm import SharedFiles
 from edgetrain import compression, grpc_options, serde
 from edgetrain.grpc_options import address_host, is_loopback
 from edgetrain.proto import edgetrain_pb2 as pb
+from edgetrain.samehost import SHM_ROOT
 from edgetrain.spec import RunSpec
 from tests.integration.conftest import small_state
 
@@ -104,7 +107,7 @@ def test_files_give_the_same_bytes_as_streaming(wire: str) -> None:
             assert got_files[k].numpy().tobytes() == got_stream[k].numpy().tobytes() == v.numpy().tobytes()
         assert files_setup.snapshot() == stream_setup.snapshot() != {k: v.numpy().tobytes()
                                                                     for k, v in small_state().items()}
-        assert not Path(header.update_file).exists()  # read, then deleted
+        assert Path(header.update_file).exists()  # kept: the agent rewrites it next round
         assert (files_setup.registry.get_sample_value("edgetrain_updates_accepted_total", {"node": "a"})
                 == stream_setup.registry.get_sample_value("edgetrain_updates_accepted_total", {"node": "a"}) == 1)
     assert not directory.dir.exists()
@@ -322,22 +325,61 @@ def test_a_directory_planted_where_an_update_goes_is_removed_and_files_keep_work
             files.weights(again.header.round - 1, setup.engine.global_state)  # never sweeps the current round
 
 
-@pytest.mark.parametrize("plant", ["outside", "symlink", "existing"])
-def test_the_agent_writes_only_a_fresh_file_in_a_coordinators_directory(plant: str, tmp_path: Path) -> None:
-    with offering_client() as (_, client, _files):
+@pytest.mark.parametrize("plant", ["outside", "symlink", "hardlink", "foreign-directory", "open-directory"])
+def test_the_agent_writes_only_its_own_file_in_a_coordinators_directory(plant: str, tmp_path: Path) -> None:
+    with offering_client() as (_, client, files):
         rnd = client.get_round(-1, serde.spec_of(small_state()))
         assert rnd.state is not None
         victim = tmp_path / "victim"
+        if plant == "hardlink":  # a hard link needs the same file system: the victim sits in /dev/shm too
+            victim = Path(tempfile.mkdtemp(dir=SHM_ROOT)) / "victim"
         victim.write_bytes(b"keep me")
         target = Path(rnd.header.update_file)
         if plant == "outside":  # a rogue listener on the coordinator's port names any path
             target = tmp_path / "update"
         elif plant == "symlink":
             target.symlink_to(victim)
-        else:
-            target.write_bytes(b"planted")
-        ack, _, _ = client.submit(0, 8, STATS, trained(rnd.state), update_file=str(target))
-        assert ack.accepted  # streamed instead
-        assert not client.shared_memory
-        assert victim.read_bytes() == b"keep me"
-        assert plant != "outside" or not target.exists()
+        elif plant == "hardlink":
+            os.link(victim, target)
+        elif plant == "foreign-directory":  # named like a coordinator's directory, but not in /dev/shm
+            target = tmp_path / f"edgetrain-{os.getpid()}-x" / "update"
+            target.parent.mkdir(mode=0o700)
+            target.write_bytes(b"keep me")
+            victim = target
+        else:  # a coordinator's directory others can enter is not private
+            target = Path(tempfile.mkdtemp(prefix=f"edgetrain-{os.getpid()}-", dir=SHM_ROOT)) / "update"
+            target.parent.chmod(0o755)
+            target.write_bytes(b"keep me")
+            victim = target
+        try:
+            ack, _, _ = client.submit(0, 8, STATS, trained(rnd.state), update_file=str(target))
+            assert ack.accepted  # streamed instead
+            assert not client.shared_memory
+            assert victim.read_bytes() == b"keep me"
+            assert plant != "outside" or not target.exists()
+        finally:
+            if victim.parent.parent == SHM_ROOT:
+                shutil.rmtree(victim.parent)
+
+
+def test_an_update_file_is_rewritten_in_place_round_after_round() -> None:
+    """The same file (same inode) each round: no new tmpfs pages; a shorter update cuts it to its size."""
+    with offering_client() as (setup, client, _files):
+        expected = serde.spec_of(small_state())
+        rnd = client.get_round(-1, expected)
+        assert rnd.state is not None
+        client.submit(0, 8, STATS, trained(rnd.state), update_file=rnd.header.update_file)
+        path = Path(rnd.header.update_file)
+        inode, size = path.stat().st_ino, path.stat().st_size
+        path.write_bytes(path.read_bytes() + b"\0" * 64)  # longer than the next update
+        assert setup.engine.close_round().applied
+        setup.engine.open_round([(client.agent_id, 0.0, 1)])
+        again = client.get_round(0, expected)
+        assert again.state is not None and again.header.update_file == str(path)
+        assert all(torch.equal(again.state[k], v) for k, v in trained(rnd.state).items())
+        ack, _, _ = client.submit(1, 8, STATS, trained(again.state), update_file=again.header.update_file)
+        assert ack.accepted and client.shared_memory
+        assert path.stat().st_ino == inode and path.stat().st_size == size
+        assert setup.engine.close_round().applied
+        want = trained(trained(rnd.state))
+        assert all(torch.equal(setup.engine.global_state[k], v) for k, v in want.items())
