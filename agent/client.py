@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import io
 import logging
-import os
 import random
-import stat
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import grpc
 import torch
@@ -21,6 +17,7 @@ from edgetrain.errors import WireError
 from edgetrain.grpc_options import address_host, is_loopback
 from edgetrain.proto import edgetrain_pb2 as pb
 from edgetrain.proto import edgetrain_pb2_grpc as pb_grpc
+from edgetrain.samehost import READ, WRITE, open_shared
 
 JOIN_DEADLINE_S = 15.0
 LONG_POLL_S = 20.0  # the server holds GetRound this long before answering WAIT
@@ -28,26 +25,6 @@ SUBMIT_DEADLINE_S = 300.0  # a 5 MB update over a slow edge link, with room
 LEAVE_DEADLINE_S = 5.0
 
 log = logging.getLogger("edgetrain.agent")
-
-
-def _open_shared(path: str, flags: int) -> io.BufferedReader | io.BufferedWriter:
-    """Open a same-host file the coordinator named, only as what it should be.
-
-    It must sit in a coordinator's private directory (``edgetrain-<pid>-...``); links are never followed (a
-    listener on the coordinator's port that is not the coordinator cannot make the agent overwrite a file
-    elsewhere), an update file is created, never reused (O_EXCL, mode 0600), and only a regular file is read.
-    Raises OSError otherwise (the caller then streams).
-    """
-    if not Path(path).parent.name.startswith("edgetrain-"):
-        raise OSError(f"{path} is not in a coordinator's shared-memory directory")
-    fd = os.open(path, flags | os.O_NOFOLLOW, 0o600)
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise OSError(f"{path} is not a regular file")
-        return os.fdopen(fd, "wb") if flags & os.O_WRONLY else os.fdopen(fd, "rb")
-    except BaseException:
-        os.close(fd)
-        raise
 
 
 @dataclass(frozen=True)
@@ -88,6 +65,7 @@ class CoordinatorClient:
         self.agent_id = ""
         self.session = ""
         self._inflight: grpc.Call | None = None
+        self._round_stream: Iterator[pb.RoundMessage] | None = None  # see get_round
         # Offer the same-host file path only over loopback; dropped for good after the first file that fails.
         self.shared_memory = is_loopback(address_host(address))
 
@@ -120,8 +98,14 @@ class CoordinatorClient:
                     time.sleep(delay)
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def get_round(self, after_round: int, expected: dict[str, serde.TensorSpec]) -> Round:
-        """Long-poll for the next round; decodes the weights against `expected`."""
+    def get_round(self, after_round: int, expected: dict[str, serde.TensorSpec], *,
+                  read_file: bool = True) -> Round:
+        """Long-poll for the next round; decodes the weights against `expected`.
+
+        With `read_file` False, weights offered as a same-host file are left to the caller (`state` is None and
+        the header names the file); streamed weights are decoded either way.
+        """
+        self._end_round_stream()
         t0 = time.perf_counter()
         stream = self._stub.GetRound(
             pb.RoundRequest(agent_id=self.agent_id, after_round=after_round, shared_memory=self.shared_memory),
@@ -136,15 +120,22 @@ class CoordinatorClient:
             if msg.HasField("header"):
                 header = msg.header
                 first_part_at = time.perf_counter()
+                if header.weights_file:
+                    # The header is the whole answer: act on it now, and take the call's end later (waiting
+                    # for the server to close the stream cost the later of two local agents ~3 ms per round).
+                    self._round_stream = stream
+                    break
             else:
                 asm.add(msg.part)
         if header is None:
             raise WireError("the coordinator's round stream had no header")
         if header.status != pb.WORK:
             return Round(header, None, time.perf_counter() - t0, 0)
+        if header.weights_file and not read_file:
+            return Round(header, None, time.perf_counter() - first_part_at, 0)
         if header.weights_file:
             try:
-                with _open_shared(header.weights_file, os.O_RDONLY | os.O_NONBLOCK) as f:
+                with open_shared(header.weights_file, READ) as f:
                     state, nbytes = serde.decode_file(f, header.weights_layout, expected)
             except OSError as err:  # another host's /dev/shm (a tunnel, a container), or no access: stream
                 log.warning("cannot read the weights file (%s); streaming from now on", err)
@@ -154,29 +145,41 @@ class CoordinatorClient:
         state = asm.finish()
         return Round(header, state, time.perf_counter() - first_part_at, asm.received_bytes)
 
+    def _end_round_stream(self) -> None:
+        """Take the end of a round stream left open after its file header (it ended long ago, while training)."""
+        stream, self._round_stream = self._round_stream, None
+        if stream is None:
+            return
+        try:
+            for _ in stream:
+                log.warning("the coordinator sent more after a weights-file header; ignored")
+        except grpc.RpcError as err:  # the header was whole; whatever went wrong after it changes nothing
+            log.debug("round stream ended with %s", err.code().name)
+
     def submit(self, round_: int, num_samples: int, stats: pb.NodeStats, state: dict[str, torch.Tensor],
-               wire_dtype: str = "float32", delta: bool = False,
-               update_file: str = "") -> tuple[pb.UpdateAck, float, int]:
+               wire_dtype: str = "float32", delta: bool = False, update_file: str = "",
+               written: tuple[Sequence[pb.TensorPart], int] | None = None) -> tuple[pb.UpdateAck, float, int]:
         """Send one update (weights, or a delta against the round's weights); returns (ack, seconds, bytes).
 
-        Into `update_file` when the coordinator named one (same host), else streamed.
+        Into `update_file` when the coordinator named one (same host), else streamed; `written` (layout, size):
+        the update is in `update_file` already (the worker wrote it), only the header goes.
         """
+        self._end_round_stream()
         t0 = time.perf_counter()
         header = pb.UpdateHeader(agent_id=self.agent_id, round=round_, num_samples=num_samples, stats=stats,
                                  delta=delta)
-        if update_file and self.shared_memory:
+        if written is None and update_file and self.shared_memory:
             try:
-                with _open_shared(update_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL) as f:
-                    header.layout.extend(serde.write_raw(state, f, wire_dtype=wire_dtype))
-                    size = f.tell()
+                with open_shared(update_file, WRITE) as f:
+                    written = (serde.write_raw(state, f, wire_dtype=wire_dtype), f.tell())
             except OSError as err:
                 log.warning("cannot write the update file (%s); streaming from now on", err)
                 self.shared_memory = False
-                del header.layout[:]
-            else:
-                ack: pb.UpdateAck = self._stub.SubmitUpdate(iter([pb.UpdateMessage(header=header)]),
-                                                            timeout=SUBMIT_DEADLINE_S, metadata=self._metadata())
-                return ack, time.perf_counter() - t0, size
+        if written is not None:
+            header.layout.extend(written[0])
+            ack: pb.UpdateAck = self._stub.SubmitUpdate(iter([pb.UpdateMessage(header=header)]),
+                                                        timeout=SUBMIT_DEADLINE_S, metadata=self._metadata())
+            return ack, time.perf_counter() - t0, written[1]
         sent = 0
 
         def messages() -> Iterator[pb.UpdateMessage]:

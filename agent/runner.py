@@ -14,7 +14,7 @@ from prometheus_client import CollectorRegistry
 from agent.client import CoordinatorClient, Round, TLSFiles, backoff_delays
 from agent.config import AgentConfig
 from agent.metrics import AgentMetrics
-from agent.worker import RoundTask, WorkerPool
+from agent.worker import RoundTask, WeightsFileError, WorkerPool
 from edgetrain import serde
 from edgetrain.cli_util import read_file
 from edgetrain.compression import ErrorFeedback
@@ -132,7 +132,9 @@ class AgentRunner:
         failing_since = 0.0
         while not self.stop.is_set():
             try:
-                rnd: Round = client.get_round(after, expected)
+                # A single CPU worker reads the weights file and writes the update file itself (same host)
+                direct = self.pool.reads_files and not feedback.active
+                rnd: Round = client.get_round(after, expected, read_file=not direct)
                 delays, failing_since = None, 0.0
             except grpc.RpcError as err:
                 if self.stop.is_set():
@@ -151,11 +153,24 @@ class AgentRunner:
             header = rnd.header
             if header.status == pb.FINISHED:
                 return "finished"
-            if header.status != pb.WORK or rnd.state is None:
+            if header.status != pb.WORK:
                 continue
+            in_file = rnd.state is None
             task = RoundTask(header.round, header.rank, header.world, header.local_steps, header.batch_size,
-                             header.sample_offset)
-            result, step_times = self.pool.train(rnd.state, task)
+                             header.sample_offset,
+                             weights_file=header.weights_file if in_file else "",
+                             weights_layout=tuple(header.weights_layout) if in_file else (),
+                             update_file=header.update_file if direct and client.shared_memory else "")
+            try:
+                result, step_times, written = self.pool.train(rnd.state, task)
+            except WeightsFileError as err:
+                log.warning("the worker cannot read the weights file (%s); streaming from now on", err)
+                client.shared_memory = False
+                continue  # the same round again, streamed
+            if written is not None and written.error:  # the trained weights are in the shared tensors
+                log.warning("cannot write the update file (%s); streaming from now on", written.error)
+                client.shared_memory = False
+                written = None
             stats = pb.NodeStats(
                 compute_seconds=result.seconds,
                 communication_seconds=rnd.download_seconds + upload_seconds,
@@ -163,11 +178,16 @@ class AgentRunner:
                 accuracy=result.accuracy,
                 samples_per_second=result.samples / result.seconds if result.seconds > 0 else 0.0,
             )
-            update = feedback.delta(self.pool.shared, rnd.state) if feedback.active else self.pool.shared
+            if feedback.active:
+                assert rnd.state is not None  # compressed deltas never take the direct file path
+                update = feedback.delta(self.pool.shared, rnd.state)
+            else:
+                update = self.pool.shared
             try:
                 ack, upload_seconds, _ = client.submit(header.round, result.samples, stats, update,
                                                        spec.update_dtype, delta=feedback.active,
-                                                       update_file=header.update_file)
+                                                       update_file=header.update_file,
+                                                       written=(written.layout, written.size) if written else None)
             except grpc.RpcError as err:
                 if err.code() in _REJOIN:
                     return "rejoin"

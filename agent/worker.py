@@ -4,6 +4,10 @@ The agent and its worker(s) share one set of model tensors in shared memory: per
 the global weights there and sends a small "train" message; the worker trains and writes its weights back.
 With several workers (one agent, several core groups) they all-reduce gradients every step through
 torch.distributed (gloo) and worker 0 writes the result.
+
+On the coordinator's host a single CPU worker can skip both copies: it reads the round's weights file straight
+into its model and writes its update file straight from it (`RoundTask.weights_file` / `update_file`), with
+the checks the agent would make. Each copy and hand-off through the agent cost ~1-2 ms of every round.
 """
 
 from __future__ import annotations
@@ -19,8 +23,9 @@ from typing import Any
 import torch
 import torch.multiprocessing as tmp
 
+from edgetrain import samehost, serde
 from edgetrain.cores import pin_current_process
-from edgetrain.errors import EdgetrainError
+from edgetrain.errors import EdgetrainError, WireError
 from edgetrain.peers import free_port
 from edgetrain.spec import DataLocation, RunSpec
 from edgetrain.training import batch_plan, make_optimizer, set_lr, train_steps
@@ -28,6 +33,10 @@ from edgetrain.training import batch_plan, make_optimizer, set_lr, train_steps
 
 class WorkerError(EdgetrainError):
     """A training worker failed to start or to train; the message is the worker's own."""
+
+
+class WeightsFileError(EdgetrainError):
+    """The worker could not use the round's weights file (the agent asks again, streamed); nothing was trained."""
 
 
 @dataclass(frozen=True)
@@ -49,6 +58,33 @@ class RoundTask:
     local_steps: int
     batch_size: int
     sample_offset: int
+    weights_file: str = ""  # read the weights from this same-host file instead of the shared tensors
+    weights_layout: tuple[Any, ...] = ()  # its serde layout (pb.TensorPart entries without data)
+    update_file: str = ""  # write the trained weights into this new file instead of the shared tensors
+
+
+@dataclass(frozen=True)
+class UpdateFile:
+    """What a worker wrote into `RoundTask.update_file`: its layout and size, or why it could not."""
+
+    layout: tuple[Any, ...] = ()
+    size: int = 0
+    error: str = ""
+
+
+def _read_weights(task: RoundTask, state: dict[str, torch.Tensor]) -> None:
+    """Load the round's weights file into `state` (the model's own tensors), checked as the agent checks them."""
+    with samehost.open_shared(task.weights_file, samehost.READ) as f:
+        serde.decode_file(f, task.weights_layout, serde.spec_of(state), into=serde.into_tensors(state))
+
+
+def _write_update(task: RoundTask, state: dict[str, torch.Tensor]) -> UpdateFile:
+    try:
+        with samehost.open_shared(task.update_file, samehost.WRITE) as f:
+            layout = serde.write_raw(state, f)
+            return UpdateFile(tuple(layout), f.tell())
+    except OSError as err:
+        return UpdateFile(error=str(err))
 
 
 def _appender(times: list[float]) -> Callable[[int, float], None]:
@@ -105,9 +141,16 @@ def _main(setup: WorkerSetup, conn: Any) -> None:
             key = (task.rank, task.world)
             if key not in shards:
                 shards = {key: workload.shard(task.rank, task.world)[setup.index :: setup.count]}
-            with torch.no_grad():
-                for k, v in model.state_dict().items():
-                    v.copy_(shared[k])
+            if task.weights_file:
+                try:
+                    _read_weights(task, model.state_dict())
+                except (OSError, WireError) as err:  # the agent re-asks for the weights streamed
+                    conn.send(("nofile", str(err)))
+                    continue
+            else:
+                with torch.no_grad():
+                    for k, v in model.state_dict().items():
+                        v.copy_(shared[k])
             plan = batch_plan(
                 shards[key], seed=setup.spec.seed, rank=task.rank * setup.count + setup.index,
                 start_sample=task.sample_offset // setup.count, steps=task.local_steps,
@@ -121,11 +164,12 @@ def _main(setup: WorkerSetup, conn: Any) -> None:
                 device=device, after_step=_appender(step_times), grad_hook=grad_hook,
                 class_weights=weights,
             )
-            if setup.index == 0:
+            written = _write_update(task, model.state_dict()) if task.update_file else None
+            if setup.index == 0 and (written is None or written.error):
                 with torch.no_grad():
                     for k, v in model.state_dict().items():
                         shared[k].copy_(v)
-            conn.send(("done", result, step_times))
+            conn.send(("done", result, step_times, written))
     except Exception as exc:  # report, then exit: the agent turns it into a WorkerError
         detail = str(exc) if isinstance(exc, EdgetrainError) else f"{type(exc).__name__}: {exc}"
         try:
@@ -146,6 +190,7 @@ class WorkerPool:
     def __init__(self, core_groups: list[list[int]], spec: RunSpec, where: DataLocation, device: str = "cpu",
                  start_timeout: float = 600.0) -> None:
         self._ctx = tmp.get_context("spawn")
+        self.device = device
         self._conns: list[Any] = []
         self.processes: list[Any] = []
         self.shared: dict[str, torch.Tensor] = {}
@@ -190,15 +235,30 @@ class WorkerPool:
             raise WorkerError(msg[1])
         return msg
 
-    def train(self, weights: dict[str, torch.Tensor], task: RoundTask,
-              timeout: float = 3600.0) -> tuple[Any, list[float]]:
-        """Train one round from `weights`; returns (StepResult of all workers combined, step times)."""
-        with torch.no_grad():
-            for k, v in weights.items():
-                self.shared[k].copy_(v)
+    @property
+    def reads_files(self) -> bool:
+        """One CPU worker: it can take the round's weights file and write the update file itself."""
+        return len(self.processes) == 1 and self.device == "cpu"
+
+    def train(self, weights: dict[str, torch.Tensor] | None, task: RoundTask,
+              timeout: float = 3600.0) -> tuple[Any, list[float], UpdateFile | None]:
+        """Train one round from `weights` (None: from `task.weights_file`).
+
+        Returns (StepResult of all workers combined, step times, what went into `task.update_file`); the
+        trained weights are in `shared` unless they went into the file. Raises WeightsFileError when the
+        worker could not read the weights file.
+        """
+        if task.weights_file and not self.reads_files:
+            raise ValueError("only a single CPU worker reads the weights file itself")
+        if weights is not None:
+            with torch.no_grad():
+                for k, v in weights.items():
+                    self.shared[k].copy_(v)
         for conn in self._conns:
             conn.send(("train", task))
         results = [self._recv(conn, timeout) for conn in self._conns]
+        if results[0][0] == "nofile":
+            raise WeightsFileError(results[0][1])
         from edgetrain.training import StepResult
 
         parts = [r[1] for r in results]
@@ -209,7 +269,7 @@ class WorkerPool:
             accuracy=sum(p.accuracy * p.samples for p in parts) / max(1, samples),
             seconds=max(p.seconds for p in parts),
         )
-        return combined, results[0][2]
+        return combined, results[0][2], results[0][3]
 
     def stop(self, timeout: float = 10.0) -> None:
         for conn in self._conns:
