@@ -314,6 +314,8 @@ def test_straggler_does_not_stall_training_and_its_late_update_is_refused_as_lat
             header, state = slow.fetch(expected)
             assert header.status == pb.WORK and header.world == 2 and state is not None
             assert slow.send(header, state)
+            # that round closes once fast has sent too (stopping before could close it with slow alone)
+            wait_for(lambda: engine.current_round > header.round, 10, "the round with both updates to close")
             d.coord.stop.set()
             result = d.join(30)
         finally:
