@@ -19,6 +19,7 @@ import torch
 
 from edgetrain import aggregation, serde
 from edgetrain.errors import EdgetrainError
+from edgetrain.memory import Recycler
 
 State = dict[str, torch.Tensor]
 
@@ -180,7 +181,8 @@ class RoundEngine:
         self._assignments: dict[str, Assignment] = {}
         self._expected: set[str] = set()
         self._received: dict[str, Contribution] = {}
-        self._acc = aggregation.RunningWeightedMean()
+        self._recycler = Recycler()  # the sums' memory, used again once older global models are dropped
+        self._acc = aggregation.RunningWeightedMean(self._recycler.empty)
         self._kept: list[tuple[Mapping[str, torch.Tensor], int]] = []  # robust aggregators only
         self._deadline = 0.0
         self._opened_at = 0.0
@@ -235,7 +237,7 @@ class RoundEngine:
                 )
             self._expected = set(self._assignments)
             self._received = {}
-            self._acc = aggregation.RunningWeightedMean()
+            self._acc = aggregation.RunningWeightedMean(self._recycler.empty)
             self._kept = []
             self._opened_at = self._clock()
             self._deadline = self._opened_at + self.round_timeout
@@ -303,7 +305,7 @@ class RoundEngine:
                 assignments=dict(self._assignments),
                 overflow=overflow,
             )
-            self._acc = aggregation.RunningWeightedMean()  # drop the accumulator's memory now
+            self._acc = aggregation.RunningWeightedMean(self._recycler.empty)  # drop the accumulator's memory now
             self._kept = []
             self._cv.notify_all()
             return outcome

@@ -6,7 +6,7 @@ trimmed mean need every update at once (O(agents x model)), which is their known
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -31,7 +31,8 @@ class RunningWeightedMean:
 
     _SLICE = 1 << 16  # elements per step through the scratch buffer (256 KiB of float32, stays in cache)
 
-    def __init__(self) -> None:
+    def __init__(self, empty: Callable[[torch.Size], torch.Tensor] | None = None) -> None:
+        self._empty = empty or (lambda shape: torch.empty(shape, dtype=torch.float32))  # float32 sum buffers
         self._sum: dict[str, torch.Tensor] = {}
         self._ints: dict[str, torch.Tensor] = {}
         self._scratch = np.empty(0, dtype=np.float32)
@@ -65,7 +66,7 @@ class RunningWeightedMean:
         with np.errstate(over="ignore", invalid="ignore"):
             acc = self._sum.get(name)
             if acc is None:
-                acc = self._sum[name] = torch.empty(shape, dtype=torch.float32)
+                acc = self._sum[name] = self._empty(shape)
                 np.multiply(src, np.float32(weight), out=acc.numpy().reshape(-1))
                 return
             out = acc.numpy().reshape(-1)
