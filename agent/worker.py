@@ -141,6 +141,7 @@ def _main(setup: WorkerSetup, conn: Any) -> None:
             key = (task.rank, task.world)
             if key not in shards:
                 shards = {key: workload.shard(task.rank, task.world)[setup.index :: setup.count]}
+                perms: dict[int, torch.Tensor] = {}  # the shard's shuffles, per epoch
             if task.weights_file:
                 try:
                     _read_weights(task, model.state_dict())
@@ -154,7 +155,7 @@ def _main(setup: WorkerSetup, conn: Any) -> None:
             plan = batch_plan(
                 shards[key], seed=setup.spec.seed, rank=task.rank * setup.count + setup.index,
                 start_sample=task.sample_offset // setup.count, steps=task.local_steps,
-                batch_size=task.batch_size,
+                batch_size=task.batch_size, perms=perms,
             )
             epoch = (task.sample_offset // setup.count) // max(1, len(shards[key]))
             set_lr(optimizer, setup.spec.lr * setup.spec.lr_decay**epoch)

@@ -60,24 +60,28 @@ def _mix(*parts: int) -> int:
 
 
 def batch_plan(shard: torch.Tensor, *, seed: int, rank: int, start_sample: int, steps: int,
-               batch_size: int) -> list[torch.Tensor]:
+               batch_size: int, perms: dict[int, torch.Tensor] | None = None) -> list[torch.Tensor]:
     """Indices of the `steps` mini-batches a worker trains on, starting `start_sample` into its stream.
 
     The stream is the shard reshuffled each epoch by a generator seeded from (seed, rank, epoch), so any
     machine computes the same batches for the same arguments, and consecutive rounds continue the stream.
+    `perms` keeps each epoch's order between calls for the same shard, seed and rank (a round of one step
+    otherwise spent ~0.4 ms shuffling a 30,000-example shard again).
     """
     n = len(shard)
     if n == 0:
         raise ConfigError("empty shard: more workers than training examples")
     out: list[torch.Tensor] = []
     pos = start_sample
-    perms: dict[int, torch.Tensor] = {}
+    perms = {} if perms is None else perms
     for _ in range(steps):
         idx = []
         need = batch_size
         while need > 0:
             epoch, within = divmod(pos, n)
             if epoch not in perms:
+                for old in [e for e in perms if e < epoch - 1]:  # the stream only moves on
+                    del perms[old]
                 g = torch.Generator().manual_seed(_mix(seed, rank, epoch))
                 perms[epoch] = shard[torch.randperm(n, generator=g)]
             take = min(need, n - within)

@@ -25,6 +25,16 @@ def test_batch_plan_is_deterministic_and_continues_across_rounds() -> None:
     assert not torch.equal(other[0], epoch0)
 
 
+def test_batch_plan_with_kept_shuffles_gives_the_same_batches_round_after_round() -> None:
+    shard = torch.arange(10, 20)
+    whole = batch_plan(shard, seed=3, rank=1, start_sample=0, steps=12, batch_size=3)
+    perms: dict[int, torch.Tensor] = {}
+    rounds = [batch_plan(shard, seed=3, rank=1, start_sample=3 * r, steps=1, batch_size=3, perms=perms)[0]
+              for r in range(12)]
+    assert torch.equal(torch.cat(rounds), torch.cat(whole))
+    assert set(perms) == {2, 3}  # epochs 0-3 were visited; only the last two are kept
+
+
 def test_macro_scores_by_hand() -> None:
     target = torch.tensor([0, 0, 1, 1, 2, 2])
     pred = torch.tensor([0, 1, 1, 1, 2, 0])
