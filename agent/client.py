@@ -177,8 +177,7 @@ class CoordinatorClient:
                 self.shared_memory = False
         if written is not None:
             header.layout.extend(written[0])
-            ack: pb.UpdateAck = self._stub.SubmitUpdate(iter([pb.UpdateMessage(header=header)]),
-                                                        timeout=SUBMIT_DEADLINE_S, metadata=self._metadata())
+            ack: pb.UpdateAck = self._stub.SubmitFile(header, timeout=SUBMIT_DEADLINE_S, metadata=self._metadata())
             return ack, time.perf_counter() - t0, written[1]
         sent = 0
 

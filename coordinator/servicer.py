@@ -235,36 +235,48 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             first = next(request_iterator, None)
             if first is None or not first.HasField("header"):
                 raise rounds.MalformedError("an update stream starts with its header")
-            h = first.header
-            agent = self._agent(h.agent_id, context)
-            node[0] = agent.name
-            self.s.engine.precheck(agent.agent_id, h.round, h.num_samples)
-            # a slow uploader holds a slot at most until the deadline: it cannot block the others past it
-            if not self.s.uploads.acquire(timeout=self.s.engine.seconds_left()):
-                raise rounds.LateUpdateError(f"round {h.round} closed for updates while this one waited its turn")
-            try:
-                with self.s.arena() as arena:
-                    tensors, received = self._read_update(agent.agent_id, h, request_iterator, arena)
-                    if h.delta:
-                        tensors = apply_delta(self.s.engine.global_state, tensors)
-                    stats = {
-                        "compute_seconds": h.stats.compute_seconds,
-                        "communication_seconds": h.stats.communication_seconds,
-                        "loss": h.stats.loss,
-                        "accuracy": h.stats.accuracy,
-                        "samples_per_second": h.stats.samples_per_second,
-                        "bytes": float(received),
-                    }
-                    # the decoder checked the tensors' values; weights rebuilt from a delta are checked again
-                    self.s.engine.submit(agent.agent_id, h.round, h.num_samples, tensors, stats,
-                                         checked_finite=not h.delta)
-            finally:
-                self.s.uploads.release()
-            if math.isfinite(h.stats.samples_per_second) and 0 < h.stats.samples_per_second <= MAX_THROUGHPUT:
-                agent.throughput = h.stats.samples_per_second
-            self.s.metrics.accepted_update(agent.name, h.num_samples, stats, received)
-            return pb.UpdateAck(accepted=True, detail=f"round {h.round}")
+            return self._take_update(first.header, request_iterator, context, node)
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def SubmitFile(self, request: pb.UpdateHeader, context: grpc.ServicerContext) -> pb.UpdateAck:  # noqa: N802
+        node = [UNKNOWN_NODE]
+        with self._refusals(context, node):
+            if not request.layout:
+                raise rounds.MalformedError("SubmitFile takes the layout of the update file the round named")
+            return self._take_update(request, iter(()), context, node)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _take_update(self, h: pb.UpdateHeader, rest: Iterator[pb.UpdateMessage], context: grpc.ServicerContext,
+                     node: list[str]) -> pb.UpdateAck:
+        """Check, read and aggregate one update (its tensors streamed in `rest`, or in its file)."""
+        agent = self._agent(h.agent_id, context)
+        node[0] = agent.name
+        self.s.engine.precheck(agent.agent_id, h.round, h.num_samples)
+        # a slow uploader holds a slot at most until the deadline: it cannot block the others past it
+        if not self.s.uploads.acquire(timeout=self.s.engine.seconds_left()):
+            raise rounds.LateUpdateError(f"round {h.round} closed for updates while this one waited its turn")
+        try:
+            with self.s.arena() as arena:
+                tensors, received = self._read_update(agent.agent_id, h, rest, arena)
+                if h.delta:
+                    tensors = apply_delta(self.s.engine.global_state, tensors)
+                stats = {
+                    "compute_seconds": h.stats.compute_seconds,
+                    "communication_seconds": h.stats.communication_seconds,
+                    "loss": h.stats.loss,
+                    "accuracy": h.stats.accuracy,
+                    "samples_per_second": h.stats.samples_per_second,
+                    "bytes": float(received),
+                }
+                # the decoder checked the tensors' values; weights rebuilt from a delta are checked again
+                self.s.engine.submit(agent.agent_id, h.round, h.num_samples, tensors, stats,
+                                     checked_finite=not h.delta)
+        finally:
+            self.s.uploads.release()
+        if math.isfinite(h.stats.samples_per_second) and 0 < h.stats.samples_per_second <= MAX_THROUGHPUT:
+            agent.throughput = h.stats.samples_per_second
+        self.s.metrics.accepted_update(agent.name, h.num_samples, stats, received)
+        return pb.UpdateAck(accepted=True, detail=f"round {h.round}")
 
     def _read_update(self, agent_id: str, h: pb.UpdateHeader, rest: Iterator[pb.UpdateMessage],
                      into: serde.Arena | None) -> tuple[dict[str, torch.Tensor], int]:

@@ -49,6 +49,11 @@ class CoordinatorStub:
                 request_serializer=edgetrain_dot_proto_dot_edgetrain__pb2.UpdateMessage.SerializeToString,
                 response_deserializer=edgetrain_dot_proto_dot_edgetrain__pb2.UpdateAck.FromString,
                 _registered_method=True)
+        self.SubmitFile = channel.unary_unary(
+                '/edgetrain.v1.Coordinator/SubmitFile',
+                request_serializer=edgetrain_dot_proto_dot_edgetrain__pb2.UpdateHeader.SerializeToString,
+                response_deserializer=edgetrain_dot_proto_dot_edgetrain__pb2.UpdateAck.FromString,
+                _registered_method=True)
         self.Leave = channel.unary_unary(
                 '/edgetrain.v1.Coordinator/Leave',
                 request_serializer=edgetrain_dot_proto_dot_edgetrain__pb2.LeaveRequest.SerializeToString,
@@ -80,6 +85,15 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SubmitFile(self, request, context):
+        """Send one round's trained weights written into the same-host file the round header named: the header only,
+        whose layout says what the file holds. The same as SubmitUpdate with that header alone, as one unary call
+        (a client stream costs a thread and ~0.3-1 ms more per round on loopback).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Leave(self, request, context):
         """Leave cleanly (SIGINT/SIGTERM on the agent).
         """
@@ -103,6 +117,11 @@ def add_CoordinatorServicer_to_server(servicer, server):
             'SubmitUpdate': grpc.stream_unary_rpc_method_handler(
                     servicer.SubmitUpdate,
                     request_deserializer=edgetrain_dot_proto_dot_edgetrain__pb2.UpdateMessage.FromString,
+                    response_serializer=edgetrain_dot_proto_dot_edgetrain__pb2.UpdateAck.SerializeToString,
+            ),
+            'SubmitFile': grpc.unary_unary_rpc_method_handler(
+                    servicer.SubmitFile,
+                    request_deserializer=edgetrain_dot_proto_dot_edgetrain__pb2.UpdateHeader.FromString,
                     response_serializer=edgetrain_dot_proto_dot_edgetrain__pb2.UpdateAck.SerializeToString,
             ),
             'Leave': grpc.unary_unary_rpc_method_handler(
@@ -191,6 +210,33 @@ class Coordinator:
             target,
             '/edgetrain.v1.Coordinator/SubmitUpdate',
             edgetrain_dot_proto_dot_edgetrain__pb2.UpdateMessage.SerializeToString,
+            edgetrain_dot_proto_dot_edgetrain__pb2.UpdateAck.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SubmitFile(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgetrain.v1.Coordinator/SubmitFile',
+            edgetrain_dot_proto_dot_edgetrain__pb2.UpdateHeader.SerializeToString,
             edgetrain_dot_proto_dot_edgetrain__pb2.UpdateAck.FromString,
             options,
             channel_credentials,

@@ -184,11 +184,14 @@ def test_a_wrong_or_missing_token_over_tls_is_unauthenticated_and_counted(tls_se
         with pytest.raises(grpc.RpcError) as err:
             stub.SubmitUpdate(iter(msgs), metadata=bad, timeout=5)
         assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        with pytest.raises(grpc.RpcError) as err:
+            stub.SubmitFile(msgs[0].header, metadata=bad, timeout=5)
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
         # health checks need no token (probes and load balancers have none)
         health = health_pb2_grpc.HealthStub(ch)
         got = health.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=5)
         assert got.status == health_pb2.HealthCheckResponse.SERVING
-    assert tls_service.refused("unauthenticated") == 6
+    assert tls_service.refused("unauthenticated") == 7
     tls_service.engine.close_round()
     assert all(torch.equal(v, before[k]) for k, v in tls_service.engine.global_state.items())
 

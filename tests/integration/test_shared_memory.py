@@ -223,8 +223,9 @@ def _directory(path: Path, state: dict[str, torch.Tensor]) -> list[pb.TensorPart
     (_write, 1, True, "stale_round", grpc.StatusCode.FAILED_PRECONDITION),
     (_write, 0, False, "unauthenticated", grpc.StatusCode.UNAUTHENTICATED),
 ])
+@pytest.mark.parametrize("rpc", ["SubmitFile", "SubmitUpdate"])
 def test_bad_updates_through_files_are_refused_counted_and_change_nothing(
-        write: Writer, round_: int, session_ok: bool, reason: str, code: grpc.StatusCode) -> None:
+        write: Writer, round_: int, session_ok: bool, reason: str, code: grpc.StatusCode, rpc: str) -> None:
     with serve() as setup:
         client = setup.client("a", True)
         try:
@@ -236,7 +237,10 @@ def test_bad_updates_through_files_are_refused_counted_and_change_nothing(
             header = pb.UpdateHeader(agent_id=client.agent_id, round=round_, num_samples=8, stats=STATS, layout=layout)
             md = [(grpc_options.SESSION_METADATA, client.session if session_ok else "wrong")]
             with pytest.raises(grpc.RpcError) as info:
-                client._stub.SubmitUpdate(iter([pb.UpdateMessage(header=header)]), metadata=md, timeout=5)
+                if rpc == "SubmitFile":  # the unary call agents use, and the stream of its header alone
+                    client._stub.SubmitFile(header, metadata=md, timeout=5)
+                else:
+                    client._stub.SubmitUpdate(iter([pb.UpdateMessage(header=header)]), metadata=md, timeout=5)
             assert info.value.code() == code, info.value.details()
             assert setup.refused(reason, "a" if session_ok else "unknown") == 1  # who it is is unproven
             assert setup.snapshot() == before
@@ -244,6 +248,16 @@ def test_bad_updates_through_files_are_refused_counted_and_change_nothing(
             assert setup.snapshot() == before
         finally:
             client.close()
+
+
+def test_submit_file_without_a_layout_is_malformed_and_counted() -> None:
+    with offering_client() as (setup, client, _files):
+        before = setup.snapshot()
+        header = pb.UpdateHeader(agent_id=client.agent_id, round=0, num_samples=8, stats=STATS)
+        with pytest.raises(grpc.RpcError) as info:
+            client._stub.SubmitFile(header, metadata=[(grpc_options.SESSION_METADATA, client.session)], timeout=5)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "layout" in (info.value.details() or "")
+        assert setup.refused("malformed", "unknown") == 1 and setup.snapshot() == before
 
 
 def test_an_update_file_is_read_only_where_the_coordinator_named_one() -> None:
