@@ -42,10 +42,11 @@ def edgetrain_rate(spec: RunSpec, where: DataLocation, agents: int, k: int, roun
     cfg = CoordinatorConfig(spec=spec, where=where, port=0, local_steps=k, rounds=rounds, local_agents=agents,
                             eval_every=10**9, progress=False, round_timeout=600)
     result = Coordinator(cfg).run()
-    hist = result.history[1:]  # round 0 warms up caches and allocators
+    # round 0 warms up caches and allocators; the last round's record includes the final evaluation
+    hist = result.history[1:-1]
     samples = sum(r["samples"] for r in hist)
-    # wall time from round 0's end to the last round's end: the driver's work between rounds counts too
-    wall = result.history[-1]["elapsed_seconds"] - result.history[0]["elapsed_seconds"]
+    # wall time from round 0's end to the last timed round's end: the driver's work between rounds counts too
+    wall = result.history[-2]["elapsed_seconds"] - result.history[0]["elapsed_seconds"]
     overheads = [r["sync_overhead_seconds"] for r in hist]
     return {"samples_per_s": samples / wall, "sync_ms": 1e3 * statistics.median(overheads),
             "sync_ms_p90": 1e3 * sorted(overheads)[int(0.9 * (len(overheads) - 1))],
