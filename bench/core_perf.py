@@ -62,7 +62,7 @@ def peer_rate(target: object, groups: list[list[int]], spec: RunSpec, where: Dat
 # ---------------------------------------------------------------- memory with many agents
 
 
-def _client_main(port: int, agents: int, rounds: int) -> None:
+def _client_main(port: int, agents: int, rounds: int, model: str) -> None:
     """In a separate process: `agents` threads, each a full protocol client sending real-size updates."""
     import grpc
 
@@ -71,7 +71,7 @@ def _client_main(port: int, agents: int, rounds: int) -> None:
     from edgetrain.proto import edgetrain_pb2 as pb
     from edgetrain.proto import edgetrain_pb2_grpc as pb_grpc
 
-    expected = serde.spec_of(build_model("mnist-cnn", ModelInput(10)).state_dict())
+    expected = serde.spec_of(build_model(model, ModelInput(10)).state_dict())
 
     def agent(i: int) -> None:
         channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=grpc_options.CLIENT)
@@ -107,7 +107,7 @@ def _client_main(port: int, agents: int, rounds: int) -> None:
         t.join()
 
 
-def memory_with_agents(agents: int, rounds: int) -> dict[str, float]:
+def memory_with_agents(agents: int, rounds: int, model: str = "mnist-cnn") -> dict[str, float]:
     from prometheus_client import CollectorRegistry
 
     from coordinator.membership import Membership
@@ -117,7 +117,7 @@ def memory_with_agents(agents: int, rounds: int) -> dict[str, float]:
     from coordinator.servicer import ServiceState
     from edgetrain.models import ModelInput, build_model
 
-    state = {k: v.clone() for k, v in build_model("mnist-cnn", ModelInput(10)).state_dict().items()}
+    state = {k: v.clone() for k, v in build_model(model, ModelInput(10)).state_dict().items()}
     model_bytes = sum(v.numel() * v.element_size() for v in state.values())
     engine = RoundEngine(state, batch_size=64, local_steps=1, round_timeout=300)
     membership = Membership()
@@ -126,19 +126,19 @@ def memory_with_agents(agents: int, rounds: int) -> dict[str, float]:
     tune_malloc()
     proc = psutil.Process()
     gc.collect()
-    base = proc.memory_info().rss
-    peak = base
+    base, base_anon = proc.memory_info().rss, _rss_anon()
+    peak, peak_anon = base, base_anon
     stop = threading.Event()
 
     def sample() -> None:
-        nonlocal peak
+        nonlocal peak, peak_anon
         while not stop.is_set():
-            peak = max(peak, proc.memory_info().rss)
+            peak, peak_anon = max(peak, proc.memory_info().rss), max(peak_anon, _rss_anon())
             time.sleep(0.002)
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
-    clients = subprocess.Popen([sys.executable, __file__, "--_clients", str(port), str(agents), str(rounds)])
+    clients = subprocess.Popen([sys.executable, __file__, "--_clients", str(port), str(agents), str(rounds), model])
     while len(membership) < agents:
         time.sleep(0.05)
     time.sleep(0.5)
@@ -157,12 +157,22 @@ def memory_with_agents(agents: int, rounds: int) -> dict[str, float]:
     sampler.join()
     server.stop(None).wait()
     return {"model_mb": model_bytes / 1e6, "growth_mb": (peak - base) / 1e6, "ratio": (peak - base) / model_bytes,
+            "anon_mb": (peak_anon - base_anon) / 1e6, "anon_ratio": (peak_anon - base_anon) / model_bytes,
             "rounds_per_s": rounds / elapsed}
+
+
+def _rss_anon() -> int:
+    """Resident anonymous memory (RSS without code and other file pages, which the first calls fault in)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+    return 0
 
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--_clients":
-        _client_main(int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]))
+        _client_main(int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5])
         return
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", default="mnist")
@@ -170,6 +180,8 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=12, help="rounds at K=8 (K=1 runs 4x as many)")
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--memory-agents", type=int, default=16)
+    p.add_argument("--memory-model", default="mnist-cnn",
+                   help="model of the memory part (mnist-mlp, 0.1 MB: what does not grow with the model)")
     p.add_argument("--ks", default="8,1", help="comma list of local steps per round to measure")
     p.add_argument("--skip", default="", help="comma list of parts to skip: scaling,memory")
     args = p.parse_args()
@@ -193,9 +205,10 @@ def main() -> None:
                       f"sync overhead median {two['sync_ms']:.1f} ms (p90 {two['sync_ms_p90']:.1f}), "
                       f"round {two['round_ms']:.0f} ms", flush=True)
     if "memory" not in args.skip:
-        m = memory_with_agents(args.memory_agents, rounds=5)
+        m = memory_with_agents(args.memory_agents, rounds=5, model=args.memory_model)
         print(f"memory: {args.memory_agents} agents, model {m['model_mb']:.1f} MB, coordinator peak RSS growth "
-              f"{m['growth_mb']:.1f} MB = {m['ratio']:.2f}x the model; {m['rounds_per_s']:.2f} rounds/s", flush=True)
+              f"{m['growth_mb']:.1f} MB = {m['ratio']:.2f}x the model (anonymous memory {m['anon_mb']:.1f} MB = "
+              f"{m['anon_ratio']:.2f}x); {m['rounds_per_s']:.2f} rounds/s", flush=True)
 
 
 if __name__ == "__main__":
