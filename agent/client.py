@@ -66,6 +66,7 @@ class CoordinatorClient:
         self.session = ""
         self._inflight: grpc.Call | None = None
         self._round_stream: Iterator[pb.RoundMessage] | None = None  # see get_round
+        self.paced_uploads = False  # the coordinator says when to send an update's parts (JoinReply)
         # Offer the same-host file path only over loopback; dropped for good after the first file that fails.
         self.shared_memory = is_loopback(address_host(address))
 
@@ -86,6 +87,7 @@ class CoordinatorClient:
                 self.session = ""
                 reply: pb.JoinReply = self._stub.Join(request, timeout=JOIN_DEADLINE_S, metadata=self._metadata())
                 self.agent_id, self.session = reply.agent_id, reply.session_token
+                self.paced_uploads = reply.paced_uploads
                 return reply
             except grpc.RpcError as err:
                 if err.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
@@ -180,15 +182,23 @@ class CoordinatorClient:
             ack: pb.UpdateAck = self._stub.SubmitFile(header, timeout=SUBMIT_DEADLINE_S, metadata=self._metadata())
             return ack, time.perf_counter() - t0, written[1]
         sent = 0
+        call: list[grpc.Future] = []  # the call, once started (the messages are sent from gRPC's own thread)
+        started = threading.Event()
 
         def messages() -> Iterator[pb.UpdateMessage]:
             nonlocal sent
             yield pb.UpdateMessage(header=header)
-            for part in serde.encode(state, wire_dtype=wire_dtype):
-                sent += len(part.data)
+            if self.paced_uploads:  # the parts go once the coordinator has room for them (or the call ended)
+                started.wait()
+                call[0].initial_metadata()
+            for part, size in serde.encode_sized(state, wire_dtype=wire_dtype):
+                sent += size
                 yield pb.UpdateMessage(part=part)
 
-        ack = self._stub.SubmitUpdate(messages(), timeout=SUBMIT_DEADLINE_S, metadata=self._metadata())
+        future = self._stub.SubmitUpdate.future(messages(), timeout=SUBMIT_DEADLINE_S, metadata=self._metadata())
+        call.append(future)
+        started.set()
+        ack = future.result()
         return ack, time.perf_counter() - t0, sent
 
     def cancel(self) -> None:

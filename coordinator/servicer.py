@@ -47,16 +47,21 @@ class ServiceState:
     metrics: CoordinatorMetrics
     long_poll: float = 20.0
     # Decoding an update holds one model-sized buffer; at most this many at once keeps coordinator memory
-    # O(model) however many agents upload together (the others wait in gRPC's flow control).
+    # O(model) however many agents upload together (the others wait, and send nothing until told: paced uploads).
     upload_slots: int = 2
+    # Weight parts being handed to gRPC at once, over all agents' downloads: each costs ~2 part-sized copies
+    # (serialised message, transport buffer) until its send completes. Unbounded, 16 agents starting a round
+    # together held ~30 MB of them in the coordinator (bench/core_perf.py, memory part).
+    send_slots: int = 4
     on_join: Any = None  # callback(agent, replaced) for the driver
     shm_root: Path | None = SHM_ROOT  # where to make the same-host files' directory; None = always stream
 
     def __post_init__(self) -> None:
         self.uploads = threading.BoundedSemaphore(self.upload_slots)
+        self.sends = threading.BoundedSemaphore(self.send_slots)
         self._arenas: queue.SimpleQueue[serde.Arena] = queue.SimpleQueue()  # at most upload_slots of them
         self._cache_lock = threading.Lock()
-        self._cached: tuple[int, list[pb.RoundMessage]] = (-1, [])
+        self._cached: tuple[int, list[tuple[pb.RoundMessage, int]]] = (-1, [])
         self._files: SharedFiles | None = None
         self._files_tried = False
 
@@ -97,12 +102,12 @@ class ServiceState:
         finally:
             self._arenas.put(arena)
 
-    def round_messages(self, round_: int, state: Mapping[str, torch.Tensor]) -> list[pb.RoundMessage]:
-        """The global weights as wire messages, encoded once per round and shared by every agent's stream."""
+    def round_messages(self, round_: int, state: Mapping[str, torch.Tensor]) -> list[tuple[pb.RoundMessage, int]]:
+        """The global weights as wire messages and their data sizes, encoded once per round for every stream."""
         with self._cache_lock:
             if self._cached[0] != round_:
                 self._cached = (-1, [])  # drop the old round's copy before making the new one
-                self._cached = (round_, [pb.RoundMessage(part=p) for p in serde.encode(state)])
+                self._cached = (round_, [(pb.RoundMessage(part=p), n) for p, n in serde.encode_sized(state)])
             return self._cached[1]
 
 
@@ -185,7 +190,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
                 self.s.on_join(agent, replaced)
             log.info("agent %s joined (%s, cores %s)", name, agent.device, list(agent.cores))
             return pb.JoinReply(agent_id=agent.agent_id, session_token=agent.session_token,
-                                spec=self.s.spec.to_proto())
+                                spec=self.s.spec.to_proto(), paced_uploads=True)
         raise AssertionError("unreachable")  # pragma: no cover - abort raised
 
     def GetRound(self, request: pb.RoundRequest, context: grpc.ServicerContext) -> Iterator[pb.RoundMessage]:  # noqa: N802
@@ -223,9 +228,11 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
                 return
         yield pb.RoundMessage(header=header)
         sent = 0
-        for msg in self.s.round_messages(work.round, work.state):
-            sent += len(msg.part.data)
-            yield msg
+        for msg, size in self.s.round_messages(work.round, work.state):
+            sent += size
+            # the sync server resumes this generator once gRPC has sent the part (or the call ended)
+            with self.s.sends:
+                yield msg
         self.s.metrics.bytes_out.labels(agent.name).inc(sent)
 
     def SubmitUpdate(self, request_iterator: Iterator[pb.UpdateMessage],  # noqa: N802
@@ -256,6 +263,8 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         if not self.s.uploads.acquire(timeout=self.s.engine.seconds_left()):
             raise rounds.LateUpdateError(f"round {h.round} closed for updates while this one waited its turn")
         try:
+            if not h.layout:  # a paced agent waits for this before it sends its parts
+                context.send_initial_metadata(())
             with self.s.arena() as arena:
                 tensors, received = self._read_update(agent.agent_id, h, rest, arena)
                 if h.delta:
@@ -293,9 +302,10 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         for msg in rest:
             if not msg.HasField("part"):
                 raise rounds.MalformedError("a second header in one update stream")
-            if len(msg.part.data) > serde.PART_BYTES:
-                raise rounds.TooLargeError(f"a part of {len(msg.part.data)} bytes; at most {serde.PART_BYTES}")
-            asm.add(msg.part)
+            data = msg.part.data  # each read of a bytes field makes a new copy: read it once
+            if len(data) > serde.PART_BYTES:
+                raise rounds.TooLargeError(f"a part of {len(data)} bytes; at most {serde.PART_BYTES}")
+            asm.add(msg.part, data)
         return asm.finish(), asm.received_bytes
 
     def Leave(self, request: pb.LeaveRequest, context: grpc.ServicerContext) -> pb.LeaveReply:  # noqa: N802

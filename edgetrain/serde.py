@@ -86,6 +86,16 @@ def encode(
     `wire_dtype` "float16"/"bfloat16" casts floating tensors; "int8" quantises each floating tensor
     symmetrically with one scale (max|x|/127). Integer tensors always travel as they are.
     """
+    return (part for part, _ in encode_sized(state, wire_dtype=wire_dtype, part_bytes=part_bytes))
+
+
+def encode_sized(
+    state: Mapping[str, torch.Tensor],
+    *,
+    wire_dtype: str = "float32",
+    part_bytes: int = PART_BYTES,
+) -> Iterator[tuple[pb.TensorPart, int]]:
+    """`encode`'s parts with the size of each one's data (reading `part.data` back would copy it)."""
     for layout, raw in _wire_tensors(state, wire_dtype):
         offset = 0
         while True:  # at least one part, even for an empty tensor
@@ -93,7 +103,7 @@ def encode(
             part = pb.TensorPart()
             part.CopyFrom(layout)
             part.offset, part.data = offset, chunk.tobytes()
-            yield part
+            yield part, len(chunk)
             offset += len(chunk)
             if offset >= len(raw):
                 break
@@ -217,7 +227,10 @@ class Assembler:
     def received_bytes(self) -> int:
         return self._received
 
-    def add(self, part: pb.TensorPart) -> None:
+    def add(self, part: pb.TensorPart, data: bytes | None = None) -> None:
+        """Take one part; `data` is `part.data` when the caller read it already (each read is a new copy)."""
+        if data is None:
+            data = part.data
         name = part.name
         spec = self._expected.get(name)
         if spec is None:
@@ -248,12 +261,12 @@ class Assembler:
             raise WireError(f"tensor {name!r}: dtype, shape or scale changed between parts")
         if part.offset != filled:
             raise WireError(f"tensor {name!r}: part at offset {part.offset}, expected {filled}")
-        end = filled + len(part.data)
+        end = filled + len(data)
         if end > nbytes:
             raise WireError(f"tensor {name!r}: more than the {nbytes} bytes its shape holds")
-        self._buffers[name][filled:end] = part.data
+        self._buffers[name][filled:end] = data
         self._filled[name] = end
-        self._received += len(part.data)
+        self._received += len(data)
 
     def add_file(self, layout: pb.TensorPart, f: io.BufferedIOBase) -> None:
         """Read one whole tensor described by `layout` (no data) from `f`'s position, with `add`'s checks.

@@ -106,14 +106,16 @@ class RunSpec(_message.Message):
     def __init__(self, dataset: _Optional[str] = ..., model: _Optional[str] = ..., data_fingerprint: _Optional[str] = ..., seed: _Optional[int] = ..., batch_size: _Optional[int] = ..., lr: _Optional[float] = ..., optimizer: _Optional[str] = ..., momentum: _Optional[float] = ..., shard_scheme: _Optional[str] = ..., dirichlet_alpha: _Optional[float] = ..., max_len: _Optional[int] = ..., limit: _Optional[int] = ..., update_dtype: _Optional[str] = ..., weight_decay: _Optional[float] = ..., class_weighting: _Optional[str] = ..., lr_decay: _Optional[float] = ...) -> None: ...
 
 class JoinReply(_message.Message):
-    __slots__ = ("agent_id", "session_token", "spec")
+    __slots__ = ("agent_id", "session_token", "spec", "paced_uploads")
     AGENT_ID_FIELD_NUMBER: _ClassVar[int]
     SESSION_TOKEN_FIELD_NUMBER: _ClassVar[int]
     SPEC_FIELD_NUMBER: _ClassVar[int]
+    PACED_UPLOADS_FIELD_NUMBER: _ClassVar[int]
     agent_id: str
     session_token: str
     spec: RunSpec
-    def __init__(self, agent_id: _Optional[str] = ..., session_token: _Optional[str] = ..., spec: _Optional[_Union[RunSpec, _Mapping]] = ...) -> None: ...
+    paced_uploads: bool
+    def __init__(self, agent_id: _Optional[str] = ..., session_token: _Optional[str] = ..., spec: _Optional[_Union[RunSpec, _Mapping]] = ..., paced_uploads: _Optional[bool] = ...) -> None: ...
 
 class RoundRequest(_message.Message):
     __slots__ = ("agent_id", "after_round", "shared_memory")
