@@ -63,42 +63,30 @@ def peer_rate(target: object, groups: list[list[int]], spec: RunSpec, where: Dat
 
 
 def _client_main(port: int, agents: int, rounds: int, model: str) -> None:
-    """In a separate process: `agents` threads, each a full protocol client sending real-size updates."""
-    import grpc
-
-    from edgetrain import grpc_options, serde
+    """In a separate process: `agents` threads, each the agents' real client (streaming, as from another host)."""
+    from agent.client import CoordinatorClient
+    from edgetrain import serde
     from edgetrain.models import ModelInput, build_model
     from edgetrain.proto import edgetrain_pb2 as pb
-    from edgetrain.proto import edgetrain_pb2_grpc as pb_grpc
 
     expected = serde.spec_of(build_model(model, ModelInput(10)).state_dict())
 
     def agent(i: int) -> None:
-        channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=grpc_options.CLIENT)
-        stub = pb_grpc.CoordinatorStub(channel)
-        reply = stub.Join(pb.JoinRequest(agent_name=f"load-{i}"), timeout=30)
-        md = [(grpc_options.SESSION_METADATA, reply.session_token)]
+        client = CoordinatorClient(f"127.0.0.1:{port}")
+        client.shared_memory = False  # measure the path remote agents take
+        client.join(pb.JoinRequest(agent_name=f"load-{i}"))
         after = -1
         while True:
-            msgs = list(stub.GetRound(pb.RoundRequest(agent_id=reply.agent_id, after_round=after), metadata=md,
-                                      timeout=120))
-            h = msgs[0].header
+            rnd = client.get_round(after, expected)
+            h = rnd.header
             if h.status == pb.FINISHED:
                 break
-            if h.status != pb.WORK:
+            if h.status != pb.WORK or rnd.state is None:
                 continue
-            state = serde.decode([m.part for m in msgs[1:]], expected)
-            state = {k: v + 0.001 * (i + 1) if v.is_floating_point() else v for k, v in state.items()}
-
-            def stream(state=state, h=h):  # type: ignore[no-untyped-def]
-                yield pb.UpdateMessage(header=pb.UpdateHeader(agent_id=reply.agent_id, round=h.round,
-                                                              num_samples=64))
-                for part in serde.encode(state):
-                    yield pb.UpdateMessage(part=part)
-
-            stub.SubmitUpdate(stream(), metadata=md, timeout=120)
+            state = {k: v + 0.001 * (i + 1) if v.is_floating_point() else v for k, v in rnd.state.items()}
+            client.submit(h.round, 64, pb.NodeStats(), state)
             after = h.round
-        channel.close()
+        client.close()
 
     threads = [threading.Thread(target=agent, args=(i,)) for i in range(agents)]
     for t in threads:
