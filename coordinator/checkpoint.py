@@ -59,6 +59,16 @@ def _atomic(path: Path, write: Callable[[BinaryIO], object]) -> None:
         os.close(dir_fd)
 
 
+def remove_stale_temps(run_dir: Path) -> list[Path]:
+    """Delete temp files a killed writer left in `run_dir` (``.<name>.<random>.tmp``, see `_atomic`)."""
+    removed = []
+    for tmp in run_dir.glob(".*.tmp"):
+        if tmp.is_file() and not tmp.is_symlink():
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    return removed
+
+
 def save(run_dir: Path, ckpt: Checkpoint) -> Path:
     path = run_dir / LATEST
     atomic_save(

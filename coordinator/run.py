@@ -140,6 +140,7 @@ class Coordinator:
         completed, cursors = 0, {}
         if cfg.run_dir is not None:
             cfg.run_dir.mkdir(parents=True, exist_ok=True)
+            checkpoint.remove_stale_temps(cfg.run_dir)  # a coordinator killed mid-write leaves one
             if cfg.resume and (cfg.run_dir / checkpoint.LATEST).exists():
                 ck = checkpoint.load(cfg.run_dir)
                 same_data = ck.meta.get("fingerprint") == spec.data_fingerprint
