@@ -34,6 +34,7 @@ log = logging.getLogger("edgetrain.coordinator")
 _STATUS = {code.name: code for code in grpc.StatusCode}
 UNKNOWN_NODE = "unknown"  # `node` label for refusals before we know who is calling (bounded label set)
 MAX_THROUGHPUT = 1e9  # samples/s: far above any real node, and small enough that sums of them stay finite
+SEND_WAIT = 0.5  # seconds a weight part waits for a send slot before it goes anyway
 AGENT_NAME = re.compile(r"[A-Za-z0-9_.:-]{1,128}")  # what agent/config.py allows
 
 
@@ -230,9 +231,14 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         sent = 0
         for msg, size in self.s.round_messages(work.round, work.state):
             sent += size
-            # the sync server resumes this generator once gRPC has sent the part (or the call ended)
-            with self.s.sends:
+            # The sync server resumes this generator once gRPC has sent the part (or the call ended). Agents
+            # that read slowly must not hold up everyone's download: past SEND_WAIT a part goes without a slot.
+            slot = self.s.sends.acquire(timeout=SEND_WAIT)
+            try:
                 yield msg
+            finally:
+                if slot:
+                    self.s.sends.release()
         self.s.metrics.bytes_out.labels(agent.name).inc(sent)
 
     def SubmitUpdate(self, request_iterator: Iterator[pb.UpdateMessage],  # noqa: N802
@@ -260,9 +266,15 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         node[0] = agent.name
         self.s.engine.precheck(agent.agent_id, h.round, h.num_samples)
         # a slow uploader holds a slot at most until the deadline: it cannot block the others past it
-        if not self.s.uploads.acquire(timeout=self.s.engine.seconds_left()):
+        remaining = context.time_remaining()
+        wait = self.s.engine.seconds_left() if remaining is None else min(self.s.engine.seconds_left(), remaining)
+        if not self.s.uploads.acquire(timeout=wait):
             raise rounds.LateUpdateError(f"round {h.round} closed for updates while this one waited its turn")
         try:
+            # An agent whose call ended while it waited asks for work again, may be handed this round again and
+            # rewrites its (reused) update file: this call must not read it then.
+            if not context.is_active():
+                raise rounds.LateUpdateError(f"the call for round {h.round} ended while it waited its turn")
             if not h.layout:  # a paced agent waits for this before it sends its parts
                 context.send_initial_metadata(())
             with self.s.arena() as arena:

@@ -58,7 +58,9 @@ class _TruncatingWriter(io.BufferedWriter):
         super().__init__(io.FileIO(fd, "w"))
 
     def close(self) -> None:
-        if not self.closed:
-            self.flush()
-            os.ftruncate(self.fileno(), self.tell())
-        super().close()
+        try:
+            if not self.closed:
+                self.flush()
+                os.ftruncate(self.fileno(), self.tell())
+        finally:
+            super().close()

@@ -174,7 +174,7 @@ class Arena:
         for name, spec in expected.items():
             size = math.prod(spec.shape) * spec.dtype.itemsize
             self._slots[name] = (offset, size)
-            offset += size
+            offset += -(-size // 64) * 64  # each tensor on a 64-byte boundary, as allocators give them
         self._memory = memoryview(bytearray(offset))
 
     def __call__(self, name: str, dtype: torch.dtype, nbytes: int) -> memoryview | bytearray:

@@ -7,6 +7,7 @@ the coordinator would have to hold; it gets it as soon as the slot frees, and bo
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 
 import grpc
@@ -25,18 +26,28 @@ from edgetrain.proto import edgetrain_pb2 as pb
 from edgetrain.spec import RunSpec
 from tests.integration.conftest import small_state
 
+REGISTRIES: dict[int, CollectorRegistry] = {}
+
+
+def refused(engine: RoundEngine, port: int, reason: str = "late") -> float:
+    value = REGISTRIES[port].get_sample_value("edgetrain_updates_refused_total", {"node": "quitter", "reason": reason})
+    return value or 0.0
+
 
 @pytest.fixture
 def one_slot() -> Iterator[tuple[RoundEngine, int]]:
     engine = RoundEngine(small_state(), batch_size=4, local_steps=2, round_timeout=30.0)
-    svc = ServiceState(engine, Membership(), RunSpec(dataset="tweets"), CoordinatorMetrics(CollectorRegistry()),
+    registry = CollectorRegistry()
+    svc = ServiceState(engine, Membership(), RunSpec(dataset="tweets"), CoordinatorMetrics(registry),
                        long_poll=1.0, upload_slots=1, shm_root=None)
     server, port, _ = start_server(svc, "127.0.0.1", 0)
+    REGISTRIES[port] = registry
     try:
         yield engine, port
     finally:
         engine.finish()
         server.stop(grace=None).wait()
+        del REGISTRIES[port]
 
 
 def test_an_upload_waits_for_the_go_ahead_while_the_slot_is_held_and_sends_when_it_frees(
@@ -96,3 +107,43 @@ def test_an_upload_waits_for_the_go_ahead_while_the_slot_is_held_and_sends_when_
     finally:
         holder.close()
         waiter.close()
+
+
+def test_an_upload_whose_caller_gave_up_while_waiting_is_refused_and_read_nothing(
+        one_slot: tuple[RoundEngine, int]) -> None:
+    """An agent that cancelled (or timed out) asks for work again and may rewrite its update: the call it left
+    behind must not be taken when a slot frees."""
+    engine, port = one_slot
+    holder, quitter = CoordinatorClient(f"127.0.0.1:{port}"), CoordinatorClient(f"127.0.0.1:{port}")
+    try:
+        for c, name in ((holder, "holder"), (quitter, "quitter")):
+            c.join(pb.JoinRequest(agent_name=name))
+        engine.open_round([(holder.agent_id, 0.0, 1), (quitter.agent_id, 0.0, 1)])
+        state = {k: v * 2 if v.is_floating_point() else v for k, v in small_state().items()}
+        parts = [pb.UpdateMessage(part=p) for p in serde.encode(state)]
+        release = threading.Event()
+
+        def stream(agent_id: str, wait: threading.Event | None) -> Iterator[pb.UpdateMessage]:
+            yield pb.UpdateMessage(header=pb.UpdateHeader(agent_id=agent_id, round=0, num_samples=8))
+            if wait is not None:
+                wait.wait(10)
+            yield from parts
+
+        held = holder._stub.SubmitUpdate.future(
+            stream(holder.agent_id, release), metadata=[(grpc_options.SESSION_METADATA, holder.session)], timeout=20)
+        held.initial_metadata()
+        left = quitter._stub.SubmitUpdate.future(
+            stream(quitter.agent_id, None), metadata=[(grpc_options.SESSION_METADATA, quitter.session)], timeout=20)
+        time.sleep(0.3)  # its handler now waits for the slot
+        left.cancel()
+        release.set()
+        assert held.result(timeout=10).accepted
+        deadline = time.monotonic() + 10
+        while refused(engine, port) == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert refused(engine, port) == 1  # counted as late
+        outcome = engine.close_round()
+        assert set(outcome.contributions) == {holder.agent_id}
+    finally:
+        holder.close()
+        quitter.close()

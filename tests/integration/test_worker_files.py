@@ -84,9 +84,13 @@ def test_a_weights_file_the_worker_cannot_use_trains_nothing_and_the_next_round_
     name = next(k for k, v in weights.items() if v.is_floating_point())
     poisoned = {**weights, name: torch.full_like(weights[name], math.nan)}
     path, layout, _ = files.weights(TASK.round, poisoned)
+    before = copy(pool.shared)
+    update = files.update_file("a", TASK.round)
     with pytest.raises(WeightsFileError, match="NaN"):
         pool.train(None, dataclasses.replace(TASK, weights_file=path, weights_layout=tuple(layout),
-                                             update_file=files.update_file("a", TASK.round)))
+                                             update_file=update))
+    assert not Path(update).exists()  # nothing trained, nothing written
+    assert all(torch.equal(pool.shared[k], v) for k, v in before.items())
     result, _, _ = pool.train(weights, TASK)  # streamed weights, as the agent falls back to
     assert result.samples == TASK.local_steps * TASK.batch_size
     assert all(serde.all_finite(v) for v in pool.shared.values())

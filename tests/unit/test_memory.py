@@ -52,3 +52,4 @@ def test_the_engine_sums_into_the_memory_of_a_global_model_nobody_holds_any_more
         engine.submit("a", round_, 1, {"w": torch.full((64,), float(round_)), "n": torch.tensor(1)})
         assert engine.close_round().applied
     assert torch.equal(kept["w"], torch.full((64,), 3.0))
+
