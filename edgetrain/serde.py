@@ -53,14 +53,18 @@ def spec_of(state: Mapping[str, torch.Tensor]) -> dict[str, TensorSpec]:
     return {k: TensorSpec(tuple(v.shape), v.dtype) for k, v in state.items()}
 
 
-def _raw_bytes(t: torch.Tensor) -> memoryview:
-    t = t.detach().to("cpu").contiguous()
-    if t.dtype == torch.bfloat16:  # numpy has no bfloat16: move the same 2 bytes as int16
+def _numpy(t: torch.Tensor) -> np.ndarray[Any, Any]:
+    """A contiguous CPU tensor's own memory as a flat numpy array (shared, not copied)."""
+    if t.dtype == torch.bfloat16:  # numpy has no bfloat16: the same 2 bytes as int16
         t = t.view(torch.int16)
-    arr = t.numpy()
+    return t.detach().numpy().reshape(-1)  # flat first: a view with a 0 in its shape cannot be cast
+
+
+def _raw_bytes(t: torch.Tensor) -> memoryview:
+    arr = _numpy(t.detach().to("cpu").contiguous())
     if arr.dtype.byteorder == ">":  # pragma: no cover - big-endian hosts only
         arr = arr.byteswap().view(arr.dtype.newbyteorder("<"))
-    return arr.reshape(-1).data.cast("B")  # flat first: a view with a 0 in its shape cannot be cast
+    return arr.data.cast("B")
 
 
 def _wire_tensors(
@@ -195,9 +199,7 @@ def into_tensors(state: Mapping[str, torch.Tensor]) -> Buffers:
         fits = dtype == t.dtype and t.device.type == "cpu" and t.is_contiguous()
         if not fits or nbytes != t.numel() * t.element_size():
             raise WireError(f"tensor {name!r} cannot be read in place (another dtype, or not in CPU memory)")
-        if t.dtype == torch.bfloat16:
-            t = t.view(torch.int16)
-        return t.detach().numpy().reshape(-1).view(np.uint8).data
+        return _numpy(t).data.cast("B")
 
     return view
 
