@@ -25,7 +25,7 @@ import torch
 from edgetrain import serde
 from edgetrain.errors import WireError
 from edgetrain.proto import edgetrain_pb2 as pb
-from edgetrain.samehost import DIR_PREFIX, SHM_ROOT
+from edgetrain.samehost import DIR_PREFIX, SHM_ROOT, Rewriter
 
 _OURS = re.compile(r"edgetrain-(\d+)-")  # edgetrain-<coordinator pid>-<random>
 
@@ -115,11 +115,9 @@ class SharedFiles:
                     fd, path = tempfile.mkstemp(prefix=f"weights{len(self._slots)}-", dir=self.dir)
                     self._slots.append((path, fd))
                 path, fd = self._slots[self._next_slot]
-                os.lseek(fd, 0, os.SEEK_SET)
-                with open(fd, "wb", closefd=False) as f:
+                with Rewriter(fd, closefd=False) as f:
                     layout = serde.write_raw(state, f)
                     size = f.tell()
-                os.ftruncate(fd, size)
                 self._next_slot ^= 1
                 self._round, self._weights = round_, (path, layout, size)
                 self._forget_idle(round_)

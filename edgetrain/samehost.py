@@ -44,18 +44,23 @@ def open_shared(path: str, flags: int, root: Path = SHM_ROOT) -> io.BufferedRead
         if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_nlink != 1:
             raise OSError(f"{path} is not a regular file of this user with one name")
         if flags & os.O_WRONLY:
-            return _TruncatingWriter(fd)
+            return Rewriter(fd)
         return os.fdopen(fd, "rb")
     except BaseException:
         os.close(fd)
         raise
 
 
-class _TruncatingWriter(io.BufferedWriter):
-    """A writer that cuts the file to what was written when closed (a reused file may have been longer)."""
+class Rewriter(io.BufferedWriter):
+    """Writes a file from its start and, when closed, cuts it to what was written.
 
-    def __init__(self, fd: int) -> None:
-        super().__init__(io.FileIO(fd, "w"))
+    A reused file may have been longer. The agents' update files and the coordinator's weights files are both
+    rewritten in place this way.
+    """
+
+    def __init__(self, fd: int, *, closefd: bool = True) -> None:
+        os.lseek(fd, 0, os.SEEK_SET)
+        super().__init__(io.FileIO(fd, "w", closefd=closefd))
 
     def close(self) -> None:
         try:
