@@ -182,7 +182,7 @@ class RoundEngine:
         self._expected: set[str] = set()
         self._received: dict[str, Contribution] = {}
         self._recycler = Recycler()  # the sums' memory, used again once older global models are dropped
-        self._acc = aggregation.RunningWeightedMean(self._recycler.empty)
+        self._acc = self._new_mean()
         self._kept: list[tuple[Mapping[str, torch.Tensor], int]] = []  # robust aggregators only
         self._deadline = 0.0
         self._opened_at = 0.0
@@ -237,7 +237,7 @@ class RoundEngine:
                 )
             self._expected = set(self._assignments)
             self._received = {}
-            self._acc = aggregation.RunningWeightedMean(self._recycler.empty)
+            self._acc = self._new_mean()
             self._kept = []
             self._opened_at = self._clock()
             self._deadline = self._opened_at + self.round_timeout
@@ -305,7 +305,7 @@ class RoundEngine:
                 assignments=dict(self._assignments),
                 overflow=overflow,
             )
-            self._acc = aggregation.RunningWeightedMean(self._recycler.empty)  # drop the accumulator's memory now
+            self._acc = self._new_mean()  # drop the accumulator's memory now
             self._kept = []
             self._cv.notify_all()
             return outcome
@@ -345,6 +345,9 @@ class RoundEngine:
                 if remaining <= 0:
                     return Work("WAIT", round=self.completed_rounds)
                 self._cv.wait(timeout=remaining)
+
+    def _new_mean(self) -> aggregation.RunningWeightedMean:
+        return aggregation.RunningWeightedMean(self._recycler.empty)
 
     def _rerun_for(self, agent_id: str) -> bool:
         """The open round re-runs one this agent was handed before (it closed short and was not applied)."""
