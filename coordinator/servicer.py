@@ -54,6 +54,7 @@ class ServiceState:
     # (serialised message, transport buffer) until its send completes. Unbounded, 16 agents starting a round
     # together held ~30 MB of them in the coordinator (bench/core_perf.py, memory part).
     send_slots: int = 4
+    send_wait: float | None = SEND_WAIT  # how long a part waits for a send slot before it goes anyway; None: no limit
     on_join: Any = None  # callback(agent, replaced) for the driver
     shm_root: Path | None = SHM_ROOT  # where to make the same-host files' directory; None = always stream
 
@@ -232,8 +233,8 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         for msg, size in self.s.round_messages(work.round, work.state):
             sent += size
             # The sync server resumes this generator once gRPC has sent the part (or the call ended). Agents
-            # that read slowly must not hold up everyone's download: past SEND_WAIT a part goes without a slot.
-            slot = self.s.sends.acquire(timeout=SEND_WAIT)
+            # that read slowly must not hold up everyone's download: past send_wait a part goes without a slot.
+            slot = self.s.sends.acquire(timeout=self.s.send_wait)
             try:
                 yield msg
             finally:
