@@ -10,6 +10,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from coordinator.config import UPLOAD_SLOTS
 from edgetrain.cli_util import entry, read_token, setup_logging
 from edgetrain.errors import ConfigError
 from edgetrain.models import default_lr
@@ -91,6 +92,8 @@ def make_app() -> typer.Typer:
         round_timeout: Annotated[float, typer.Option(help="A round's deadline in seconds.")] = 600.0,
         join_timeout: Annotated[float, typer.Option(help="Wait this long for --min-agents.")] = 600.0,
         eval_every: Annotated[int, typer.Option(help="Evaluate every N rounds.")] = 1,
+        checkpoint_every: Annotated[int, typer.Option(help="Checkpoint every N rounds (with --run-dir).")] = 1,
+        upload_slots: Annotated[int, typer.Option(help="Updates read at once (each ~2x the model).")] = UPLOAD_SLOTS,
         aggregator: Annotated[str, typer.Option(help="mean, median or trimmed-mean.")] = "mean",
         trim: Annotated[float, typer.Option(help="Trimmed mean: fraction cut at each end.")] = 0.2,
         balance: Annotated[bool, typer.Option(help="Size each node's work by its speed.")] = False,
@@ -131,7 +134,8 @@ def make_app() -> typer.Typer:
             metrics_host=metrics_host, metrics_port=metrics_port, local_steps=local_steps, rounds=rounds,
             epochs=epochs, target_accuracy=target_accuracy,
             min_agents=min_agents, join_timeout=join_timeout,
-            round_timeout=round_timeout, eval_every=eval_every, aggregator=aggregator, trim=trim, balance=balance,
+            round_timeout=round_timeout, eval_every=eval_every, checkpoint_every=checkpoint_every,
+            upload_slots=upload_slots, aggregator=aggregator, trim=trim, balance=balance,
             local_agents=local_agents, local_workers=local_workers, local_devices=gpus,
             run_dir=run_dir or Path("runs") / f"{dataset}-{time.strftime('%Y%m%d-%H%M%S')}", resume=resume,
             token=read_token(token_env, token_file), tls_cert=tls_cert, tls_key=tls_key,

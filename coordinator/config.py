@@ -10,6 +10,12 @@ from edgetrain.errors import ConfigError
 from edgetrain.grpc_options import is_loopback
 from edgetrain.spec import DataLocation, RunSpec
 
+# Updates read at once. Each costs ~2x the model while it is read (its decode buffer, and gRPC's and protobuf's
+# copies of the parts on their way in): with 16 agents, 1 slot measured 7.0x the model in coordinator memory,
+# 2 slots 9.1-9.3x, at the same rounds/s on loopback (bench/core_perf.py --memory-slots). More slots let more
+# agents on slow links upload at once.
+UPLOAD_SLOTS = 2
+
 
 @dataclass(frozen=True)
 class CoordinatorConfig:
@@ -35,6 +41,7 @@ class CoordinatorConfig:
     local_devices: tuple[str, ...] = ()  # GPUs as local workers: "cuda:0", ...
     run_dir: Path | None = None
     checkpoint_every: int = 1
+    upload_slots: int = UPLOAD_SLOTS  # updates read at once (coordinator memory ~2x the model each)
     resume: bool = False
     token: str | None = None
     tls_cert: Path | None = None
@@ -67,7 +74,9 @@ class CoordinatorConfig:
         if self.local_workers < 1:
             raise ConfigError(f"--local-workers must be at least 1, got {self.local_workers}")
         if self.checkpoint_every < 1:
-            raise ConfigError(f"checkpoint_every must be at least 1, got {self.checkpoint_every}")
+            raise ConfigError(f"--checkpoint-every must be at least 1, got {self.checkpoint_every}")
+        if self.upload_slots < 1:
+            raise ConfigError(f"--upload-slots must be at least 1, got {self.upload_slots}")
         if self.tls_client_ca is not None and (self.local_agents or self.local_devices):
             raise ConfigError(
                 "local agents have no client certificate: --tls-client-ca (mutual TLS) needs remote agents")

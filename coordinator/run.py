@@ -155,7 +155,8 @@ class Coordinator:
             aggregator=cfg.aggregator, trim=cfg.trim, balance=cfg.balance, completed_rounds=completed,
             cursors=cursors,
         )
-        self._svc = ServiceState(self.engine, self.membership, spec, self.metrics, on_join=self._joined)
+        self._svc = ServiceState(self.engine, self.membership, spec, self.metrics, on_join=self._joined,
+                                 upload_slots=cfg.upload_slots)
         self._server, self.port, self.health = start_server(
             self._svc, cfg.host, cfg.port, token=cfg.token, tls_cert=cfg.tls_cert, tls_key=cfg.tls_key,
             tls_client_ca=cfg.tls_client_ca,

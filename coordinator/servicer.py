@@ -17,6 +17,7 @@ import grpc
 import torch
 
 from coordinator import rounds
+from coordinator.config import UPLOAD_SLOTS
 from coordinator.membership import Agent, Membership
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.shm import SharedFiles
@@ -49,7 +50,7 @@ class ServiceState:
     long_poll: float = 20.0
     # Decoding an update holds one model-sized buffer; at most this many at once keeps coordinator memory
     # O(model) however many agents upload together (the others wait, and send nothing until told: paced uploads).
-    upload_slots: int = 2
+    upload_slots: int = UPLOAD_SLOTS
     # Weight parts being handed to gRPC at once, over all agents' downloads: each costs ~2 part-sized copies
     # (serialised message, transport buffer) until its send completes. Unbounded, 16 agents starting a round
     # together held ~30 MB of them in the coordinator (bench/core_perf.py, memory part).

@@ -13,6 +13,7 @@ import pytest
 import torch
 from torch.nn import functional as F  # noqa: N812
 
+from coordinator import checkpoint
 from coordinator.config import CoordinatorConfig
 from coordinator.run import Coordinator, RunResult
 from edgetrain.cores import read_affinity
@@ -157,6 +158,24 @@ def test_int8_updates_with_error_feedback_train_and_send_a_quarter_of_the_bytes(
     assert all(b < 0.3 * model_bytes for b in per_update), (per_update[:2], model_bytes)
     majority = float(torch.bincount(coord.workload.data.test.y).max()) / len(coord.workload.data.test.y)  # type: ignore[union-attr]
     assert result.final.accuracy > majority + 0.05
+
+
+def test_checkpoints_every_n_rounds_and_at_the_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    spec = RunSpec(dataset="tweets", limit=1000, seed=3)
+    cfg = CoordinatorConfig(spec=spec, port=0, local_steps=1, rounds=5, local_agents=1, eval_every=1000,
+                            checkpoint_every=2, upload_slots=1, run_dir=tmp_path, progress=False, round_timeout=120)
+    saved: list[int] = []
+    original = Coordinator._checkpoint
+
+    def spy(self: Coordinator) -> None:
+        saved.append(self.engine.completed_rounds)  # type: ignore[union-attr]
+        original(self)
+
+    monkeypatch.setattr(Coordinator, "_checkpoint", spy)
+    coord = Coordinator(cfg)
+    assert coord.run().completed_rounds == 5
+    assert saved == [2, 4, 5]  # every 2nd round, and the last one whatever its number
+    assert checkpoint.load(tmp_path).completed_rounds == 5
 
 
 def test_text_ngram_trains_over_the_wire_on_hashed_features(tmp_path: Path) -> None:
