@@ -129,46 +129,54 @@ def _text_mlp(inp: ModelInput) -> nn.Module:
     return nn.Sequential(nn.EmbeddingBag(inp.vocab_size, 32, mode="mean"), nn.Linear(32, inp.num_classes))
 
 
-MODELS: dict[str, Callable[[ModelInput], nn.Module]] = {
-    "mnist-cnn": lambda inp: MnistCNN(inp.num_classes),
-    "mnist-mlp": lambda inp: MLP(28 * 28, inp.num_classes),
-    "text-cnn": lambda inp: TextCNN(inp.vocab_size, inp.num_classes),
-    "text-gru": lambda inp: TextGRU(inp.vocab_size, inp.num_classes),
-    "text-ngram": lambda inp: TextNgram(inp.num_classes),
-    "text-bag": _text_mlp,
-}
-
-
 DEFAULT_LR = 1e-3
-# Learning rates that differ from DEFAULT_LR (used when the user gives none): a mean over hundreds of
-# sparse features moves each logit by lr / (features per text) per step, so the linear model needs more.
-_MODEL_LR = {"text-ngram": 0.1}
+TOKENS = "tokens"
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the rest of the product needs to know of a registered model, in one place."""
+
+    build: Callable[[ModelInput], nn.Module]
+    # The learning rate a run starts from when the user gives none.
+    lr: float = DEFAULT_LR
+    # How text is encoded for it: "tokens" (ids; also what images ignore) or "ngrams" (hashed n-gram ids,
+    # see edgetrain.datasets.TEXT_FEATURES).
+    features: str = TOKENS
+
+
+MODELS: dict[str, ModelInfo] = {
+    "mnist-cnn": ModelInfo(lambda inp: MnistCNN(inp.num_classes)),
+    "mnist-mlp": ModelInfo(lambda inp: MLP(28 * 28, inp.num_classes)),
+    "text-cnn": ModelInfo(lambda inp: TextCNN(inp.vocab_size, inp.num_classes)),
+    "text-gru": ModelInfo(lambda inp: TextGRU(inp.vocab_size, inp.num_classes)),
+    # A mean over hundreds of sparse features moves each logit by lr / (features per text) per step, so the
+    # linear model needs a larger learning rate than the rest.
+    "text-ngram": ModelInfo(lambda inp: TextNgram(inp.num_classes), lr=0.1, features="ngrams"),
+    "text-bag": ModelInfo(_text_mlp),
+}
 
 
 def default_lr(name: str) -> float:
     """The learning rate a run of model ``name`` (``""``: a data set's default model) starts from."""
-    return _MODEL_LR.get(name, DEFAULT_LR)
-
-
-# Models that read hashed n-gram features instead of token ids (see edgetrain.datasets.TEXT_FEATURES).
-_NGRAM_MODELS = frozenset({"text-ngram"})
+    return MODELS[name].lr if name in MODELS else DEFAULT_LR
 
 
 def input_features(name: str) -> str:
     """How text must be encoded for model ``name``: ``"ngrams"`` or ``"tokens"`` (also for images)."""
-    return "ngrams" if name in _NGRAM_MODELS else "tokens"
+    return MODELS[name].features if name in MODELS else TOKENS
 
 
 def build_model(name: str, inp: ModelInput, *, seed: int = 0) -> nn.Module:
     """Build a registered model with weights drawn from `seed` (so every node starts identically)."""
-    factory = MODELS.get(name)
-    if factory is None:
+    info = MODELS.get(name)
+    if info is None:
         raise ConfigError(f"unknown model {name!r}; choose from {', '.join(sorted(MODELS))}")
     if name.startswith("text-") and inp.vocab_size < 2:
         raise ConfigError(f"model {name!r} needs a text data set (vocabulary size {inp.vocab_size})")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return factory(inp)
+        return info.build(inp)
 
 
 def count_parameters(model: nn.Module) -> int:
