@@ -24,9 +24,8 @@ import torch
 import torch.multiprocessing as tmp
 
 from edgetrain import samehost, serde
-from edgetrain.cores import pin_current_process
 from edgetrain.errors import EdgetrainError, WireError
-from edgetrain.peers import free_port
+from edgetrain.peers import free_port, prepare_child
 from edgetrain.spec import DataLocation, RunSpec
 from edgetrain.training import batch_plan, make_optimizer, set_lr, train_steps
 
@@ -97,9 +96,7 @@ def _main(setup: WorkerSetup, conn: Any) -> None:
     # Ctrl-C reaches the whole process group: the agent handles it and stops its workers in order.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
-        pin_current_process(list(setup.cores))
-        torch.set_num_threads(len(setup.cores))
-        torch.set_num_interop_threads(1)
+        prepare_child(setup.cores, len(setup.cores), setup.count)
         from edgetrain.workload import load_workload
 
         workload = load_workload(setup.spec, setup.where)
@@ -113,7 +110,6 @@ def _main(setup: WorkerSetup, conn: Any) -> None:
         if setup.count > 1:
             import torch.distributed as dist
 
-            os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # the workers talk on loopback, whatever the hostname
             dist.init_process_group(
                 "gloo", init_method=f"tcp://127.0.0.1:{setup.dist_port}", rank=setup.index,
                 world_size=setup.count,

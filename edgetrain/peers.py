@@ -98,14 +98,23 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def prepare_child(cores: Sequence[int], threads: int, world: int) -> None:
+    """What every spawned training child does first (the agent's workers and the peers' children alike).
+
+    Pins itself to `cores` before torch runs anything (its pools start lazily), runs `threads` intra-op threads
+    and one inter-op thread, and keeps a gloo group of `world` > 1 processes on loopback.
+    """
+    pin_current_process(list(cores))
+    torch.set_num_threads(threads)
+    torch.set_num_interop_threads(1)
+    if world > 1 and sys.platform.startswith("linux"):
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # rendezvous and traffic stay on loopback
+
+
 def _child(target: Callable[..., Any], setup: ChildSetup, args: tuple[Any, ...], conn: Any) -> None:
-    """Entry point of a spawned child: pin, size torch's thread pools, run `target`, send its result."""
+    """Entry point of a spawned child: prepare it (pinned, thread pools sized), run `target`, send its result."""
     try:
-        pin_current_process(list(setup.cores))  # before torch runs anything: its pools start lazily
-        torch.set_num_threads(setup.threads)
-        torch.set_num_interop_threads(1)
-        if setup.world > 1 and sys.platform.startswith("linux"):
-            os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # rendezvous and traffic stay on loopback
+        prepare_child(setup.cores, setup.threads, setup.world)
         conn.send(("ok", target(setup, *args)))
     except BaseException as exc:  # report, then exit: the parent raises PeerError
         detail = str(exc) if isinstance(exc, EdgetrainError) else f"{type(exc).__name__}: {exc}"
