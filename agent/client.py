@@ -21,8 +21,19 @@ from edgetrain.samehost import READ, WRITE, open_shared
 
 JOIN_DEADLINE_S = 15.0
 LONG_POLL_S = 20.0  # the server holds GetRound this long before answering WAIT
-SUBMIT_DEADLINE_S = 300.0  # a 5 MB update over a slow edge link, with room
+GET_ROUND_SLACK_S = 60.0  # beyond the long-poll and the weights' transfer time
+SUBMIT_DEADLINE_S = 300.0  # waiting for an upload slot, and slack, beyond the update's transfer time
 LEAVE_DEADLINE_S = 5.0
+# Calls that move tensors get time for their bytes on a link this slow (1 Mbit/s): a fixed deadline cut the
+# round's weights off mid-stream on slow edge links (20 MB in 80 s needs 2 Mbit/s), and a call that fails at the
+# same byte every time is retried forever.
+MIN_LINK_BYTES_PER_S = 125_000
+
+
+def transfer_seconds(nbytes: int) -> float:
+    """The time `nbytes` of tensors take on the slowest link the deadlines allow for."""
+    return nbytes / MIN_LINK_BYTES_PER_S
+
 
 log = logging.getLogger("edgetrain.agent")
 
@@ -111,7 +122,7 @@ class CoordinatorClient:
         t0 = time.perf_counter()
         stream = self._stub.GetRound(
             pb.RoundRequest(agent_id=self.agent_id, after_round=after_round, shared_memory=self.shared_memory),
-            timeout=LONG_POLL_S + 60.0,
+            timeout=LONG_POLL_S + GET_ROUND_SLACK_S + transfer_seconds(serde.nbytes(expected)),
             metadata=self._metadata(),
         )
         self._inflight = stream
@@ -195,7 +206,8 @@ class CoordinatorClient:
                 sent += size
                 yield pb.UpdateMessage(part=part)
 
-        future = self._stub.SubmitUpdate.future(messages(), timeout=SUBMIT_DEADLINE_S, metadata=self._metadata())
+        deadline = SUBMIT_DEADLINE_S + transfer_seconds(serde.nbytes(serde.spec_of(state)))
+        future = self._stub.SubmitUpdate.future(messages(), timeout=deadline, metadata=self._metadata())
         call.append(future)
         started.set()
         ack = future.result()

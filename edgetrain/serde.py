@@ -53,6 +53,11 @@ def spec_of(state: Mapping[str, torch.Tensor]) -> dict[str, TensorSpec]:
     return {k: TensorSpec(tuple(v.shape), v.dtype) for k, v in state.items()}
 
 
+def nbytes(spec: Mapping[str, TensorSpec]) -> int:
+    """Bytes of uncompressed tensor data a state of this spec holds."""
+    return sum(math.prod(s.shape) * s.dtype.itemsize for s in spec.values())
+
+
 def _numpy(t: torch.Tensor) -> np.ndarray[Any, Any]:
     """A contiguous CPU tensor's own memory as a flat numpy array (shared, not copied)."""
     if t.dtype == torch.bfloat16:  # numpy has no bfloat16: the same 2 bytes as int16

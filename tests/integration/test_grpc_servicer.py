@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator, Mapping
 
 import grpc
 import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from agent import client as client_module
+from agent.client import CoordinatorClient
+from coordinator.servicer import ServiceState
 from edgetrain import grpc_options, serde
 from edgetrain.proto import edgetrain_pb2 as pb
 from tests.integration.conftest import Service, make_service, small_state
@@ -207,6 +211,37 @@ def test_a_model_over_20_mb_goes_both_ways() -> None:
         assert svc.stub.SubmitUpdate(iter(update(agent_id, 0, 8, doubled)), metadata=md, timeout=30).accepted
         svc.engine.close_round()
         assert torch.equal(svc.engine.global_state["w"], big["w"] * 2)
+
+
+def test_a_slow_download_gets_time_for_its_bytes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The agent's GetRound deadline grows with the model: a fixed one cut slow links off mid-download."""
+    big = {"w": torch.randn(2_000_000)}  # 8 MB: 8 parts
+    original = ServiceState.round_messages
+
+    def slow_link(self: ServiceState, round_: int,
+                  state: Mapping[str, torch.Tensor]) -> Iterator[tuple[pb.RoundMessage, int]]:
+        for msg in original(self, round_, state):
+            time.sleep(0.2)  # 8 parts: 1.6 s on the wire
+            yield msg
+
+    monkeypatch.setattr(ServiceState, "round_messages", slow_link)
+    monkeypatch.setattr(client_module, "LONG_POLL_S", 0.0)
+    monkeypatch.setattr(client_module, "GET_ROUND_SLACK_S", 1.0)  # less than the download takes
+    for svc in make_service(big):
+        client = CoordinatorClient(f"127.0.0.1:{svc.port}")
+        client.shared_memory = False
+        try:
+            client.join(pb.JoinRequest(agent_name="a"))
+            svc.engine.open_round([(client.agent_id, 0.0, 1)])
+            monkeypatch.setattr(client_module, "MIN_LINK_BYTES_PER_S", 10**12)  # no time for the bytes
+            with pytest.raises(grpc.RpcError) as err:
+                client.get_round(-1, serde.spec_of(big))
+            assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            monkeypatch.setattr(client_module, "MIN_LINK_BYTES_PER_S", 4_000_000)  # 8 MB: 2 s more
+            rnd = client.get_round(-1, serde.spec_of(big))
+            assert rnd.state is not None and torch.equal(rnd.state["w"], big["w"])
+        finally:
+            client.close()
 
 
 def test_operator_token_is_required_but_health_checks_pass() -> None:
