@@ -22,7 +22,9 @@ from edgetrain.samehost import READ, WRITE, open_shared
 JOIN_DEADLINE_S = 15.0
 LONG_POLL_S = 20.0  # the server holds GetRound this long before answering WAIT
 GET_ROUND_SLACK_S = 60.0  # beyond the long-poll and the weights' transfer time
-SUBMIT_DEADLINE_S = 300.0  # waiting for an upload slot, and slack, beyond the update's transfer time
+# Waiting for an upload slot, and slack, beyond the update's transfer time; longer when the round's deadline is
+# further off (the coordinator lets an upload wait for a slot until then).
+SUBMIT_DEADLINE_S = 300.0
 LEAVE_DEADLINE_S = 5.0
 # Calls that move tensors get time for their bytes on a link this slow (1 Mbit/s): a fixed deadline cut the
 # round's weights off mid-stream on slow edge links (20 MB in 80 s needs 2 Mbit/s), and a call that fails at the
@@ -171,11 +173,13 @@ class CoordinatorClient:
 
     def submit(self, round_: int, num_samples: int, stats: pb.NodeStats, state: dict[str, torch.Tensor],
                wire_dtype: str = "float32", delta: bool = False, update_file: str = "",
-               written: tuple[Sequence[pb.TensorPart], int] | None = None) -> tuple[pb.UpdateAck, float, int]:
+               written: tuple[Sequence[pb.TensorPart], int] | None = None,
+               round_deadline: float = 0.0) -> tuple[pb.UpdateAck, float, int]:
         """Send one update (weights, or a delta against the round's weights); returns (ack, seconds, bytes).
 
         Into `update_file` when the coordinator named one (same host), else streamed; `written` (layout, size):
-        the update is in `update_file` already (the worker wrote it), only the header goes.
+        the update is in `update_file` already (the worker wrote it), only the header goes. `round_deadline`: the
+        round header's `deadline_unix` (the coordinator's clock: it can only lengthen the wait, never cut it).
         """
         self._end_round_stream()
         t0 = time.perf_counter()
@@ -190,7 +194,8 @@ class CoordinatorClient:
                 self.shared_memory = False
         if written is not None:
             header.layout.extend(written[0])
-            ack: pb.UpdateAck = self._stub.SubmitFile(header, timeout=SUBMIT_DEADLINE_S, metadata=self._metadata())
+            wait = max(SUBMIT_DEADLINE_S, round_deadline - time.time())
+            ack: pb.UpdateAck = self._stub.SubmitFile(header, timeout=wait, metadata=self._metadata())
             return ack, time.perf_counter() - t0, written[1]
         sent = 0
         call: list[grpc.Future] = []  # the call, once started (the messages are sent from gRPC's own thread)
@@ -206,7 +211,8 @@ class CoordinatorClient:
                 sent += size
                 yield pb.UpdateMessage(part=part)
 
-        deadline = SUBMIT_DEADLINE_S + transfer_seconds(serde.nbytes(serde.spec_of(state)))
+        deadline = max(SUBMIT_DEADLINE_S, round_deadline - time.time()) + transfer_seconds(
+            serde.nbytes(serde.spec_of(state)))
         future = self._stub.SubmitUpdate.future(messages(), timeout=deadline, metadata=self._metadata())
         call.append(future)
         started.set()

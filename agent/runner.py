@@ -187,7 +187,8 @@ class AgentRunner:
                 ack, upload_seconds, _ = client.submit(header.round, result.samples, stats, update,
                                                        spec.update_dtype, delta=feedback.active,
                                                        update_file=header.update_file,
-                                                       written=(written.layout, written.size) if written else None)
+                                                       written=(written.layout, written.size) if written else None,
+                                                       round_deadline=header.deadline_unix)
             except grpc.RpcError as err:
                 if err.code() in _REJOIN:
                     return "rejoin"

@@ -99,7 +99,7 @@ def memory_with_agents(agents: int, rounds: int, model: str = "mnist-cnn",
                        slots: tuple[int, int] | None = None) -> dict[str, float]:
     """Peak RSS growth of a coordinator serving `agents` agents for `rounds` rounds, against the model's size.
 
-    The growth is counted from a coordinator that has already served one round (of a 0.1 MB model, to one
+    The growth is counted from a coordinator that has already served two rounds (of a 0.1 MB model, to one
     agent): what the first calls fault in of gRPC's and torch's code (~2 MB of file pages, whatever the model
     or the number of agents) is not memory the agents make the coordinator use.
     """

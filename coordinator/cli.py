@@ -92,7 +92,7 @@ def make_app() -> typer.Typer:
         round_timeout: Annotated[float, typer.Option(help="A round's deadline in seconds.")] = 600.0,
         join_timeout: Annotated[float, typer.Option(help="Wait this long for --min-agents.")] = 600.0,
         eval_every: Annotated[int, typer.Option(help="Evaluate every N rounds.")] = 1,
-        checkpoint_every: Annotated[int, typer.Option(help="Checkpoint every N rounds (with --run-dir).")] = 1,
+        checkpoint_every: Annotated[int, typer.Option(help="Checkpoint every N rounds, and at the end.")] = 1,
         upload_slots: Annotated[int, typer.Option(help="Updates read at once (each ~2x the model).")] = UPLOAD_SLOTS,
         aggregator: Annotated[str, typer.Option(help="mean, median or trimmed-mean.")] = "mean",
         trim: Annotated[float, typer.Option(help="Trimmed mean: fraction cut at each end.")] = 0.2,

@@ -10,10 +10,9 @@ from edgetrain.errors import ConfigError
 from edgetrain.grpc_options import is_loopback
 from edgetrain.spec import DataLocation, RunSpec
 
-# Updates read at once. Each costs ~2x the model while it is read (its decode buffer, and gRPC's and protobuf's
-# copies of the parts on their way in): with 16 agents, 1 slot measured 7.0x the model in coordinator memory,
-# 2 slots 9.1-9.3x, at the same rounds/s on loopback (bench/core_perf.py --memory-slots). More slots let more
-# agents on slow links upload at once.
+# Updates read at once. Each costs ~2x the model in coordinator memory while it is read (its decode buffer, and
+# gRPC's and protobuf's copies of the parts on their way in; docs/performance.md, "Coordinator memory, fourth
+# pass"). More slots let more agents on slow links upload at once.
 UPLOAD_SLOTS = 2
 
 

@@ -486,13 +486,26 @@ def test_every_rpc_the_agent_makes_has_a_deadline() -> None:
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     client = CoordinatorClient(f"127.0.0.1:{port}")
+    big = {"w": torch.zeros(5_000_000)}  # 20 MB: 160 s at the 1 Mbit/s the deadlines allow for
+    submits = []
     try:
         client.join(pb.JoinRequest(agent_name="a"))
-        client.get_round(-1, {})
-        client.submit(0, 1, pb.NodeStats(), {"w": torch.zeros(3)})
+        client.get_round(-1, serde.spec_of(big))
+        client.submit(0, 1, pb.NodeStats(), big)
+        submits.append(recorder.deadlines["SubmitUpdate"])
+        client.submit(0, 1, pb.NodeStats(), big, round_deadline=time.time() + 1000)  # the round ends later
+        submits.append(recorder.deadlines["SubmitUpdate"])
         client.leave()
     finally:
         client.close()
         server.stop(None).wait()
-    assert set(recorder.deadlines) == {"Join", "GetRound", "SubmitUpdate", "Leave"}
-    assert all(d is not None and 0 < d <= 400 for d in recorder.deadlines.values()), recorder.deadlines
+    d = recorder.deadlines
+    assert set(d) == {"Join", "GetRound", "SubmitUpdate", "Leave"}
+    assert all(v is not None and v > 0 for v in d.values()), d
+
+    def about(got: float | None, want: float) -> bool:  # the wire rounds a timeout up to its unit (<= ~1%)
+        return got is not None and want - 10 < got <= want * 1.01 + 0.1
+
+    assert about(d["Join"], 15) and about(d["Leave"], 5), d
+    assert about(d["GetRound"], 20 + 60 + 160), d  # long-poll, slack, 20 MB at 1 Mbit/s
+    assert about(submits[0], 300 + 160) and about(submits[1], 1000 + 160), submits

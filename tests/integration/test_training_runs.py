@@ -169,6 +169,7 @@ def test_checkpoints_every_n_rounds_and_at_the_end(tmp_path: Path, monkeypatch: 
 
     def spy(self: Coordinator) -> None:
         saved.append(self.engine.completed_rounds)  # type: ignore[union-attr]
+        assert self._svc is not None and self._svc.upload_slots == 1  # the option reached the servicer
         original(self)
 
     monkeypatch.setattr(Coordinator, "_checkpoint", spy)
