@@ -13,11 +13,12 @@ import typer
 from coordinator.config import UPLOAD_SLOTS
 from edgetrain.cli_util import entry, read_token, setup_logging
 from edgetrain.errors import ConfigError
-from edgetrain.models import default_lr
+from edgetrain.models import DEFAULT_LR, MODELS, default_lr
 from edgetrain.spec import DataLocation, RunSpec
 
 DEFAULT_EPOCHS = 3.0  # when no stopping rule is given
-LR_HELP = "Learning rate (default: the model's: 1e-3, text-ngram 0.1)."
+LR_HELP = "Learning rate (default: the model's: {}).".format(", ".join(
+    [f"{DEFAULT_LR:g}"] + [f"{name} {m.lr:g}" for name, m in MODELS.items() if m.lr != DEFAULT_LR]))
 
 
 def _lr(lr: float | None, model: str) -> float:

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F  # noqa: N812
 
+from edgetrain.datasets.registry import TEXT_FEATURES
 from edgetrain.datasets.text import NGRAM_BUCKETS
 from edgetrain.errors import ConfigError
 
@@ -130,7 +131,7 @@ def _text_mlp(inp: ModelInput) -> nn.Module:
 
 
 DEFAULT_LR = 1e-3
-TOKENS = "tokens"
+TOKENS, NGRAMS = TEXT_FEATURES
 
 
 @dataclass(frozen=True)
@@ -152,7 +153,7 @@ MODELS: dict[str, ModelInfo] = {
     "text-gru": ModelInfo(lambda inp: TextGRU(inp.vocab_size, inp.num_classes)),
     # A mean over hundreds of sparse features moves each logit by lr / (features per text) per step, so the
     # linear model needs a larger learning rate than the rest.
-    "text-ngram": ModelInfo(lambda inp: TextNgram(inp.num_classes), lr=0.1, features="ngrams"),
+    "text-ngram": ModelInfo(lambda inp: TextNgram(inp.num_classes), lr=0.1, features=NGRAMS),
     "text-bag": ModelInfo(_text_mlp),
 }
 
