@@ -208,17 +208,26 @@ def main() -> None:
         for k in (int(x) for x in args.ks.split(",")):
             rounds = args.rounds if k == 8 else args.rounds * 4
             steps = rounds * k
+            ratios: list[float] = []
             for rep in range(args.repeats):
-                single = peer_rate(torch_single, [cores[:1]], spec, where, steps)
+                # torch 1x1 before and after the others: this machine's speed drifts over minutes (1x1 measured
+                # 1,060-1,450/s in one session), and a baseline taken once, first, biased each ratio by the drift
+                before = peer_rate(torch_single, [cores[:1]], spec, where, steps)
                 ddp = peer_rate(torch_ddp, [cores[:1], cores[1:2]], spec, where, steps)
                 one = edgetrain_rate(spec, where, 1, k, rounds)
                 two = edgetrain_rate(spec, where, 2, k, rounds)
+                after = peer_rate(torch_single, [cores[:1]], spec, where, steps)
+                single = (before + after) / 2
                 rate2, rate1 = two["samples_per_s"], one["samples_per_s"]
-                print(f"K={k} rep {rep}: torch 1x1 {single:.0f}/s | DDP 2x1 {ddp:.0f}/s ({ddp / single:.2f}x) | "
+                ratios.append(rate2 / single)
+                print(f"K={k} rep {rep}: torch 1x1 {single:.0f}/s ({before:.0f} before, {after:.0f} after) | "
+                      f"DDP 2x1 {ddp:.0f}/s ({ddp / single:.2f}x) | "
                       f"edgetrain 1 agent {rate1:.0f}/s | 2 agents {rate2:.0f}/s "
                       f"({rate2 / single:.2f}x torch 1x1, {rate2 / rate1:.2f}x 1 agent) | "
                       f"sync overhead median {two['sync_ms']:.1f} ms (p90 {two['sync_ms_p90']:.1f}), "
                       f"round {two['round_ms']:.0f} ms", flush=True)
+            print(f"K={k}: 2 agents vs torch 1x1, median of {len(ratios)}: {statistics.median(ratios):.2f}x",
+                  flush=True)
 
 
 if __name__ == "__main__":
