@@ -16,27 +16,70 @@ import ctypes.util
 import math
 import sys
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
 
 import numpy as np
 import torch
 
-_M_MMAP_THRESHOLD = -3  # from glibc's malloc.h
+_M_TRIM_THRESHOLD = -1  # from glibc's malloc.h
+_M_MMAP_THRESHOLD = -3
 _M_ARENA_MAX = -8
 MMAP_THRESHOLD = 128 * 1024  # glibc's own starting value: buffers this large go straight to mmap
+TRIM_THRESHOLD = 128 * 1024  # glibc's default: free memory above this at the heap's top goes back at once
 ARENA_MAX = 2
+
+
+# While the coordinator computes (evaluating the global model), buffers up to this size come from the heap: with
+# every activation a fresh mmap, evaluating text-cnn on the tweets' test split took 480 ms instead of 300 ms
+# (a third of the README job's wall time).
+COMPUTE_MMAP_THRESHOLD = 64 * 1024 * 1024
+_tuned = False
+
+
+def _glibc() -> Any:
+    """The C library's handle where it is glibc, else None (musl and others have no mallopt)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt, libc.malloc_trim  # noqa: B018 - both must exist
+    except (OSError, AttributeError):
+        return None
+    return libc
 
 
 def tune_malloc() -> bool:
     """Apply the settings where the C library is glibc; returns whether it did (a no-op elsewhere)."""
-    if not sys.platform.startswith("linux"):
+    global _tuned
+    libc = _glibc()
+    if libc is None:
         return False
+    ok = libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1
+    _tuned = bool(libc.mallopt(_M_ARENA_MAX, ARENA_MAX) == 1 and ok)
+    return _tuned
+
+
+@contextmanager
+def compute_heap() -> Iterator[None]:
+    """Within: large buffers come from the heap again (fast to reuse); after: the threshold is back, memory trimmed.
+
+    For compute between rounds in a process `tune_malloc` tuned (a no-op otherwise). Buffers other threads take
+    meanwhile (a late upload's parts) come from the heap too, and go back to the system with the trim.
+    """
+    libc = _glibc() if _tuned else None
+    if libc is None:
+        yield
+        return
+    libc.mallopt(_M_MMAP_THRESHOLD, COMPUTE_MMAP_THRESHOLD)
+    libc.mallopt(_M_TRIM_THRESHOLD, COMPUTE_MMAP_THRESHOLD)  # nor does the heap shrink and refault batch by batch
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):  # musl and others have no mallopt
-        return False
-    ok = mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1
-    return bool(mallopt(_M_ARENA_MAX, ARENA_MAX) == 1 and ok)
+        yield
+    finally:
+        libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+        libc.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD)
+        libc.malloc_trim(0)
 
 
 class Recycler:

@@ -53,3 +53,38 @@ def test_the_engine_sums_into_the_memory_of_a_global_model_nobody_holds_any_more
         assert engine.close_round().applied
     assert torch.equal(kept["w"], torch.full((64,), 3.0))
 
+
+
+def test_compute_heap_takes_large_buffers_from_the_heap_and_gives_them_back_after() -> None:
+    """The coordinator's tuned allocator maps every large buffer anew; within compute_heap it must not."""
+    import subprocess
+    import sys
+
+    code = """
+import numpy as np, psutil
+from edgetrain.memory import compute_heap, tune_malloc
+
+def on_heap(a):  # in the main thread, heap memory is the [heap] mapping; a buffer of its own is elsewhere
+    with open("/proc/self/maps") as f:
+        for line in f:
+            if line.rstrip().endswith("[heap]"):
+                lo, hi = (int(x, 16) for x in line.split()[0].split("-"))
+                return int(lo <= a.ctypes.data < hi)
+    return 0
+
+assert tune_malloc()
+a = np.ones(1 << 21, dtype=np.float32); tuned = on_heap(a); del a
+with compute_heap():
+    b = np.ones(1 << 21, dtype=np.float32); inside = on_heap(b)
+    held = psutil.Process().memory_info().rss
+    del b
+after = psutil.Process().memory_info().rss
+c = np.ones(1 << 21, dtype=np.float32); again = on_heap(c)
+print(tuned, inside, again, (held - after) // (1 << 20))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    tuned, inside, again, released_mb = (int(v) for v in out.stdout.split())
+    assert tuned == 0  # an 8 MiB buffer is a mapping of its own under the coordinator's settings ...
+    assert inside == 1  # ... but comes from the heap while computing ...
+    assert again == 0  # ... and the setting is back afterwards
+    assert released_mb >= 7  # the heap's 8 MiB went back to the system when compute_heap ended
