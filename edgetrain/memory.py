@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import math
 import sys
 import threading
@@ -38,6 +39,7 @@ COMPUTE_MMAP_THRESHOLD = 64 * 1024 * 1024
 _tuned = False
 
 
+@functools.cache
 def _glibc() -> Any:
     """The C library's handle where it is glibc, else None (musl and others have no mallopt)."""
     if not sys.platform.startswith("linux"):
