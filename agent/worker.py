@@ -154,7 +154,7 @@ def _main(setup: WorkerSetup, conn: Any) -> None:
                 batch_size=task.batch_size, perms=perms,
             )
             epoch = (task.sample_offset // setup.count) // max(1, len(shards[key]))
-            set_lr(optimizer, setup.spec.lr * setup.spec.lr_decay**epoch)
+            set_lr(optimizer, setup.spec.lr_at(epoch))
             step_times: list[float] = []
             result = train_steps(
                 model, optimizer, x, y, plan, seed=setup.spec.seed * 1_000_003 + task.round * 101 + setup.index,

@@ -19,7 +19,7 @@ sys.path.insert(0, str(ROOT))
 
 from coordinator.config import CoordinatorConfig  # noqa: E402
 from coordinator.run import Coordinator  # noqa: E402
-from edgetrain.models import count_parameters, default_lr  # noqa: E402
+from edgetrain.models import count_parameters  # noqa: E402
 from edgetrain.spec import RunSpec  # noqa: E402
 
 
@@ -32,7 +32,7 @@ def main() -> None:
     print(f"{'model':10} {'params':>9} {'MB/update':>9} {'compute s':>9} {'comm s':>7} {'ratio':>6} {'round s':>7} "
           f"{'accuracy':>8} {'macro-F1':>8}")
     for name in args.models.split(","):
-        spec = RunSpec(dataset="tweets", model=name, seed=0, lr=default_lr(name))
+        spec = RunSpec(dataset="tweets", model=name, seed=0)  # each model at its own default learning rate
         cfg = CoordinatorConfig(spec=spec, port=0, local_steps=args.local_steps, rounds=args.rounds, local_agents=2,
                                 eval_every=args.rounds, progress=False, round_timeout=600)
         coord = Coordinator(cfg)

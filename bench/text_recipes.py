@@ -46,7 +46,7 @@ def main() -> None:
     steps = n // spec.batch_size
     t0 = time.perf_counter()
     for epoch in range(args.epochs):
-        set_lr(opt, spec.lr * spec.lr_decay**epoch)
+        set_lr(opt, spec.lr_at(epoch))
         plan = batch_plan(torch.arange(n), seed=spec.seed, rank=0, start_sample=epoch * steps * spec.batch_size,
                           steps=steps, batch_size=spec.batch_size)
         train_steps(model, opt, x, y, plan, seed=epoch, class_weights=wl.class_weights())

@@ -13,17 +13,12 @@ import typer
 from coordinator.config import UPLOAD_SLOTS
 from edgetrain.cli_util import entry, read_token, setup_logging
 from edgetrain.errors import ConfigError
-from edgetrain.models import DEFAULT_LR, MODELS, default_lr
+from edgetrain.models import DEFAULT_LR, MODELS
 from edgetrain.spec import DataLocation, RunSpec
 
 DEFAULT_EPOCHS = 3.0  # when no stopping rule is given
 LR_HELP = "Learning rate (default: the model's: {}).".format(", ".join(
     [f"{DEFAULT_LR:g}"] + [f"{name} {m.lr:g}" for name, m in MODELS.items() if m.lr != DEFAULT_LR]))
-
-
-def _lr(lr: float | None, model: str) -> float:
-    """The user's learning rate, else the model's default."""
-    return lr if lr is not None else default_lr(model)
 
 
 # Options the bench commands share (one help text each).
@@ -125,7 +120,7 @@ def make_app() -> typer.Typer:
             epochs = DEFAULT_EPOCHS
         gpus = parse_gpus(local_gpus)
         spec = RunSpec(
-            dataset=dataset, model=model, seed=seed, batch_size=batch_size, lr=_lr(lr, model), optimizer=optimizer,
+            dataset=dataset, model=model, seed=seed, batch_size=batch_size, lr=lr, optimizer=optimizer,
             momentum=momentum, weight_decay=weight_decay, shard_scheme=shard_scheme, dirichlet_alpha=alpha,
             max_len=max_len, limit=limit, update_dtype=update_dtype, class_weighting=class_weighting,
             lr_decay=lr_decay,
@@ -201,7 +196,7 @@ def make_bench_app() -> typer.Typer:
         from coordinator import experiments as ex
 
         settings = ex.BenchSettings(dataset=dataset, model=model, data_dir=data_dir, limit=limit, epochs=epochs,
-                                    batch_size=batch_size, lr=_lr(lr, model), optimizer=optimizer, lr_decay=lr_decay,
+                                    batch_size=batch_size, lr=lr, optimizer=optimizer, lr_decay=lr_decay,
                                     seed=seed, repeats=repeats,
                                     quiet_wait=quiet_wait, max_other_load=max_other_load, retries=retries)
         report = ex.run_parallel(settings, agents=agents or None, local_steps=local_steps,
@@ -244,7 +239,7 @@ def make_bench_app() -> typer.Typer:
         from coordinator import experiments as ex
 
         settings = ex.BenchSettings(dataset=dataset, model=model, data_dir=data_dir, limit=limit, epochs=epochs,
-                                    batch_size=batch_size, lr=_lr(lr, model), optimizer=optimizer, lr_decay=lr_decay,
+                                    batch_size=batch_size, lr=lr, optimizer=optimizer, lr_decay=lr_decay,
                                     seed=seed, repeats=repeats,
                                     quiet_wait=quiet_wait, max_other_load=max_other_load, retries=retries)
         sets = ex.parse_affinity(affinity) if affinity else None

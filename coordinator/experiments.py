@@ -37,7 +37,6 @@ from rich.table import Table
 
 from edgetrain.cores import allowed_cores, format_cores, parse_cores, split_cores, validate_cores
 from edgetrain.errors import ConfigError, CoresError
-from edgetrain.models import DEFAULT_LR
 from edgetrain.peers import (
     ChildSetup,
     TrainJob,
@@ -64,7 +63,7 @@ class BenchSettings:
     limit: int = 0  # 0 = the whole data set
     epochs: float = 1.0  # passes over the training split, the same for every configuration
     batch_size: int = 64  # per worker (per process), as in `coordinator run`
-    lr: float = DEFAULT_LR
+    lr: float | None = None  # None: the model's own (RunSpec fills it in)
     optimizer: str = "adam"
     lr_decay: float = 0.7  # x per epoch of each worker's data, as `coordinator run` does (RunSpec's default)
     seed: int = 0
@@ -281,7 +280,7 @@ def edgetrain_serial(setup: ChildSetup, job: TrainJob) -> TrainOutcome:
         k = min(job.steps - done, max(1, next_epoch - done))
         if job.eval_every:
             k = min(k, job.eval_every - done % job.eval_every)
-        set_lr(optimizer, spec.lr * spec.lr_decay**epoch)
+        set_lr(optimizer, spec.lr_at(epoch))
         plan = batch_plan(shard, seed=spec.seed, rank=0, start_sample=done * batch, steps=k, batch_size=batch)
         train_steps(model, optimizer, train.x, train.y, plan, seed=spec.seed * 1_000_003 + done, device=device,
                     class_weights=weights)
@@ -817,8 +816,8 @@ def rich_table(title: str, headers: Sequence[str], cells: Sequence[Sequence[str]
 
 def _settings_line(s: BenchSettings, model: str) -> str:
     return (f"data set `{s.dataset}` (limit {s.limit or 'none'}), model `{model}`, {s.epochs:g} epoch(s), "
-            f"batch {s.batch_size} per worker, {s.optimizer} lr {s.lr:g} (x{s.lr_decay:g} per epoch), seed {s.seed}, "
-            f"{s.repeats} repeat(s)")
+            f"batch {s.batch_size} per worker, {s.optimizer} lr {s.spec().lr:g} (x{s.lr_decay:g} per epoch), "
+            f"seed {s.seed}, {s.repeats} repeat(s)")
 
 
 def parallel_markdown(report: ParallelReport, command: str = "") -> str:

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from edgetrain.errors import ConfigError
-from edgetrain.models import DEFAULT_LR
+from edgetrain.models import default_lr
 from edgetrain.proto import edgetrain_pb2 as pb
 from edgetrain.serde import UPDATE_DTYPES
 from edgetrain.training import OPTIMIZERS, TrainConfig
@@ -25,7 +25,7 @@ class RunSpec:
     data_fingerprint: str = ""
     seed: int = 0
     batch_size: int = 64
-    lr: float = DEFAULT_LR
+    lr: float | None = None  # None: the model's own (models.default_lr), filled in on construction
     optimizer: str = "adam"
     momentum: float = 0.0
     weight_decay: float = 0.0
@@ -38,6 +38,8 @@ class RunSpec:
     class_weighting: str = "none"  # "balanced": weigh the loss by inverse class frequency (for macro-recall)
 
     def __post_init__(self) -> None:
+        if self.lr is None:  # the value itself travels: every node builds the same optimizer
+            object.__setattr__(self, "lr", default_lr(self.model))
         self.train_config()  # validates batch size, lr, optimizer, momentum
         for name in ("seed", "batch_size", "max_len"):  # int32 on the wire
             if not 0 <= getattr(self, name) < 2**31:
@@ -60,10 +62,15 @@ class RunSpec:
         if self.update_dtype not in UPDATE_DTYPES:
             raise ConfigError(f"unknown update dtype {self.update_dtype!r}; choose from {', '.join(UPDATE_DTYPES)}")
 
+    def lr_at(self, epoch: int) -> float:
+        """The learning rate in (0-based) epoch `epoch` of a node's data: lr x lr_decay per completed epoch."""
+        assert self.lr is not None  # filled in by __post_init__
+        return self.lr * self.lr_decay**epoch
+
     def train_config(self) -> TrainConfig:
         return TrainConfig(
             batch_size=self.batch_size,
-            lr=self.lr,
+            lr=self.lr_at(0),
             optimizer=self.optimizer,
             momentum=self.momentum,
             weight_decay=self.weight_decay,

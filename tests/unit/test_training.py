@@ -117,3 +117,8 @@ def test_default_learning_rates() -> None:
 
     assert default_lr("text-ngram") == 0.1
     assert default_lr("") == default_lr("text-cnn") == DEFAULT_LR == RunSpec().lr
+    assert RunSpec(model="text-ngram").lr == 0.1  # a spec built in Python gets the model's rate, as the CLI does
+    assert RunSpec(model="text-ngram", lr=0.003).lr == 0.003
+    wire = RunSpec(model="text-ngram").to_proto()
+    assert wire.lr == 0.1 and RunSpec.from_proto(wire).lr == 0.1  # the value travels, not "the default"
+    assert RunSpec(lr=0.01, lr_decay=0.5).lr_at(2) == 0.0025
