@@ -183,6 +183,7 @@ class CoordinatorClient:
         """
         self._end_round_stream()
         t0 = time.perf_counter()
+        wait = max(SUBMIT_DEADLINE_S, round_deadline - time.time())  # for a slot, before any byte moves
         header = pb.UpdateHeader(agent_id=self.agent_id, round=round_, num_samples=num_samples, stats=stats,
                                  delta=delta)
         if written is None and update_file and self.shared_memory:
@@ -194,7 +195,6 @@ class CoordinatorClient:
                 self.shared_memory = False
         if written is not None:
             header.layout.extend(written[0])
-            wait = max(SUBMIT_DEADLINE_S, round_deadline - time.time())
             ack: pb.UpdateAck = self._stub.SubmitFile(header, timeout=wait, metadata=self._metadata())
             return ack, time.perf_counter() - t0, written[1]
         sent = 0
@@ -211,8 +211,7 @@ class CoordinatorClient:
                 sent += size
                 yield pb.UpdateMessage(part=part)
 
-        deadline = max(SUBMIT_DEADLINE_S, round_deadline - time.time()) + transfer_seconds(
-            serde.nbytes(serde.spec_of(state)))
+        deadline = wait + transfer_seconds(serde.nbytes(serde.spec_of(state)))
         future = self._stub.SubmitUpdate.future(messages(), timeout=deadline, metadata=self._metadata())
         call.append(future)
         started.set()

@@ -23,6 +23,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import psutil
 import torch
@@ -122,10 +123,11 @@ def _serve(agents: int, rounds: int, model: str, slots: tuple[int, int] | None =
     model_bytes = sum(v.numel() * v.element_size() for v in state.values())
     engine = RoundEngine(state, batch_size=64, local_steps=1, round_timeout=300)
     membership = Membership()
-    svc = ServiceState(engine, membership, RunSpec(dataset="mnist"), CoordinatorMetrics(CollectorRegistry()))
-    if slots is not None:  # strict bounds: no part goes without a send slot, however long it waits
-        svc = ServiceState(engine, membership, svc.spec, svc.metrics, upload_slots=slots[0], send_slots=slots[1],
-                           send_wait=None)
+    # with `slots`, strict bounds: no part goes without a send slot, however long it waits
+    strict: dict[str, Any] = {} if slots is None else {"upload_slots": slots[0], "send_slots": slots[1],
+                                                       "send_wait": None}
+    svc = ServiceState(engine, membership, RunSpec(dataset="mnist"), CoordinatorMetrics(CollectorRegistry()),
+                       **strict)
     server, port, _ = start_server(svc, "127.0.0.1", 0)
     proc = psutil.Process()
     gc.collect()

@@ -47,6 +47,10 @@ class TensorSpec:
     shape: tuple[int, ...]
     dtype: torch.dtype
 
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
 
 def spec_of(state: Mapping[str, torch.Tensor]) -> dict[str, TensorSpec]:
     """The names, shapes and dtypes a peer must send back for this state dict."""
@@ -55,7 +59,7 @@ def spec_of(state: Mapping[str, torch.Tensor]) -> dict[str, TensorSpec]:
 
 def nbytes(spec: Mapping[str, TensorSpec]) -> int:
     """Bytes of uncompressed tensor data a state of this spec holds."""
-    return sum(math.prod(s.shape) * s.dtype.itemsize for s in spec.values())
+    return sum(s.nbytes for s in spec.values())
 
 
 def _numpy(t: torch.Tensor) -> np.ndarray[Any, Any]:
@@ -181,7 +185,7 @@ class Arena:
         self._slots: dict[str, tuple[int, int]] = {}
         offset = 0
         for name, spec in expected.items():
-            size = math.prod(spec.shape) * spec.dtype.itemsize
+            size = spec.nbytes
             self._slots[name] = (offset, size)
             offset += -(-size // 64) * 64  # each tensor on a 64-byte boundary, as allocators give them
         self._memory = memoryview(bytearray(offset))
