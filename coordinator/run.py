@@ -156,7 +156,7 @@ class Coordinator:
             cursors=cursors,
         )
         self._svc = ServiceState(self.engine, self.membership, spec, self.metrics, on_join=self._joined,
-                                 upload_slots=cfg.upload_slots)
+                                 upload_slots=cfg.upload_slots, staging_dir=cfg.staging_dir)
         self._server, self.port, self.health = start_server(
             self._svc, cfg.host, cfg.port, token=cfg.token, tls_cert=cfg.tls_cert, tls_key=cfg.tls_key,
             tls_client_ca=cfg.tls_client_ca,
@@ -223,7 +223,9 @@ class Coordinator:
 
     def _evaluate(self, state: dict[str, torch.Tensor]) -> EvalResult:
         assert self._model is not None and self.workload is not None
-        self._model.load_state_dict(state)
+        # The model takes the global tensors themselves (nothing here trains it): a copy would keep a third
+        # model-sized buffer beside the global model and the running sum for the whole run.
+        self._model.load_state_dict(state, assign=True)
         test = self.workload.data.test
         with compute_heap():  # every activation a fresh mmap made this 1.6x slower (edgetrain.memory)
             return evaluate(self._model, test.x, test.y, self.workload.data.num_classes)

@@ -118,6 +118,10 @@ def test_local_run_pins_workers_reaches_accuracy_and_cleans_up(tmp_path: Path) -
         assert all(seen[k] == seen[agent_pid] for k in kids), (agent_pid, kids, seen)
     assert result.completed_rounds == 12
     assert result.final is not None
+    # the evaluation model holds the final global tensors themselves: no third model-sized copy in the coordinator
+    assert coord.engine is not None and coord._model is not None
+    evaluated = coord._model.state_dict()
+    assert all(evaluated[k].data_ptr() == v.data_ptr() for k, v in coord.engine.global_state.items())
     majority = float(torch.bincount(coord.workload.data.test.y).max()) / len(coord.workload.data.test.y)  # type: ignore[union-attr]
     assert result.final.accuracy > majority + 0.05, (result.final.accuracy, majority)
     assert set(result.nodes) == {"local-0", "local-1"}
