@@ -122,6 +122,9 @@ def _serve(agents: int, rounds: int, model: str, slots: tuple[int, int] | None =
     state = {k: v.clone() for k, v in build_model(model, ModelInput(10)).state_dict().items()}
     model_bytes = sum(v.numel() * v.element_size() for v in state.values())
     engine = RoundEngine(state, batch_size=64, local_steps=1, round_timeout=300)
+    # Nothing but the engine holds the initial weights, as in the coordinator (its evaluation model takes each
+    # global model's own tensors): they count in the baseline, and are freed once round 0's average replaces them.
+    del state
     membership = Membership()
     # with `slots`, strict bounds: no part goes without a send slot, however long it waits
     strict: dict[str, Any] = {} if slots is None else {"upload_slots": slots[0], "send_slots": slots[1],
@@ -161,6 +164,7 @@ def _serve(agents: int, rounds: int, model: str, slots: tuple[int, int] | None =
     stop.set()
     sampler.join()
     server.stop(None).wait()
+    svc.close()
     return {"model_mb": model_bytes / 1e6, "growth_mb": (peak - base) / 1e6, "ratio": (peak - base) / model_bytes,
             "anon_mb": (peak_anon - base_anon) / 1e6, "anon_ratio": (peak_anon - base_anon) / model_bytes,
             "rounds_per_s": rounds / elapsed}

@@ -40,7 +40,8 @@ class CoordinatorConfig:
     local_devices: tuple[str, ...] = ()  # GPUs as local workers: "cuda:0", ...
     run_dir: Path | None = None
     checkpoint_every: int = 1
-    upload_slots: int = UPLOAD_SLOTS  # updates read at once (coordinator memory ~2x the model each)
+    upload_slots: int = UPLOAD_SLOTS  # uploads taken at once; the others wait their turn before they send
+    staging_dir: Path | None = None  # where streamed updates wait until whole (None: the system's temp dir)
     resume: bool = False
     token: str | None = None
     tls_cert: Path | None = None
@@ -76,6 +77,8 @@ class CoordinatorConfig:
             raise ConfigError(f"--checkpoint-every must be at least 1, got {self.checkpoint_every}")
         if self.upload_slots < 1:
             raise ConfigError(f"--upload-slots must be at least 1, got {self.upload_slots}")
+        if self.staging_dir is not None and not self.staging_dir.is_dir():
+            raise ConfigError(f"--staging-dir {self.staging_dir} is not a directory")
         if self.tls_client_ca is not None and (self.local_agents or self.local_devices):
             raise ConfigError(
                 "local agents have no client certificate: --tls-client-ca (mutual TLS) needs remote agents")

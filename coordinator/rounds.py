@@ -126,11 +126,6 @@ class Outcome:
         return sum(c.samples for c in self.contributions.values())
 
 
-def finite(state: Mapping[str, torch.Tensor]) -> bool:
-    """Every floating tensor free of NaN and Inf."""
-    return all(serde.all_finite(t) for t in state.values())
-
-
 def balanced_steps(throughputs: list[float], local_steps: int) -> list[int]:
     """Split `local_steps * len(throughputs)` steps in proportion to each node's samples/s (at least 1 each).
 
@@ -286,7 +281,7 @@ class RoundEngine:
                     )
                 # Finite updates can still sum past float32's range (huge values times sample counts):
                 # such a round is not applied, so the global model is finite whatever agents send.
-                overflow = not finite(new_state)
+                overflow = not serde.finite(new_state)
                 applied = not overflow
             if applied:
                 self._global = new_state
@@ -382,22 +377,26 @@ class RoundEngine:
         return str(self.completed_rounds) if self._open else "none"
 
     def submit(
-        self, agent_id: str, round_: int, num_samples: int, tensors: Mapping[str, torch.Tensor],
+        self, agent_id: str, round_: int, num_samples: int,
+        tensors: Mapping[str, torch.Tensor | serde.Sliced],
         stats: dict[str, float] | None = None, *, checked_finite: bool = False,
     ) -> None:
         """Take a decoded, validated update into the round's aggregate (all checks repeated under the lock).
 
         `checked_finite`: the caller's decoder already refused NaN and Inf in exactly these tensors (~0.5 ms
-        per update not spent twice).
+        per update not spent twice). Staged tensors (serde.Stage: read a slice at a time) only for the mean.
         """
-        if not checked_finite and not finite(tensors):  # e.g. a delta that overflows once added to the weights
+        if not checked_finite and not serde.finite(tensors):  # e.g. a delta that overflows once added to the weights
             raise NonFiniteError("the update has NaN or Inf values (or overflows float32 as weights)")
         with self._cv:
             self._check(agent_id, round_, num_samples)
             if self.aggregator == "mean":
                 self._acc.add(tensors, num_samples)
             else:
-                self._kept.append((tensors, num_samples))
+                whole = {k: v for k, v in tensors.items() if isinstance(v, torch.Tensor)}
+                if len(whole) != len(tensors):
+                    raise TypeError(f"the {self.aggregator} aggregator keeps whole tensors, not staged ones")
+                self._kept.append((whole, num_samples))
             self._received[agent_id] = Contribution(agent_id, num_samples, dict(stats or {}), self._clock())
             self._cv.notify_all()
 

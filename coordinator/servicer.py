@@ -48,8 +48,9 @@ class ServiceState:
     spec: RunSpec
     metrics: CoordinatorMetrics
     long_poll: float = 20.0
-    # Decoding an update holds one model-sized buffer; at most this many at once keeps coordinator memory
-    # O(model) however many agents upload together (the others wait, and send nothing until told: paced uploads).
+    # Uploads taken at once (the others wait, and send nothing until told: paced uploads); each holds one update
+    # in a staging file (streamed) or a model-sized buffer (same-host file), so coordinator memory stays O(model)
+    # however many agents upload together.
     upload_slots: int = UPLOAD_SLOTS
     # Weight parts being handed to gRPC at once, over all agents' downloads: each costs ~2 part-sized copies
     # (serialised message, transport buffer) until its send completes. Unbounded, 16 agents starting a round
@@ -58,19 +59,20 @@ class ServiceState:
     send_wait: float | None = SEND_WAIT  # how long a part waits for a send slot before it goes anyway; None: no limit
     on_join: Any = None  # callback(agent, replaced) for the driver
     shm_root: Path | None = SHM_ROOT  # where to make the same-host files' directory; None = always stream
+    staging_dir: Path | None = None  # where streamed updates wait until whole (serde.Stage); None: the temp dir
 
     def __post_init__(self) -> None:
         self.uploads = threading.BoundedSemaphore(self.upload_slots)
         self.sends = threading.BoundedSemaphore(self.send_slots)
-        self._arenas: queue.SimpleQueue[serde.Arena] = queue.SimpleQueue()  # at most upload_slots of them
-        self._cache_lock = threading.Lock()
-        self._cached: tuple[int, list[tuple[pb.RoundMessage, int]]] = (-1, [])
+        self._arenas: queue.SimpleQueue[serde.Arena] = queue.SimpleQueue()  # at most upload_slots of each
+        self._stages: queue.SimpleQueue[serde.Stage] = queue.SimpleQueue()
+        self._files_lock = threading.Lock()
         self._files: SharedFiles | None = None
         self._files_tried = False
 
     def shared_files(self, create: bool = True) -> SharedFiles | None:
         """The same-host files' directory, made when an agent first offers shared memory (None: unavailable)."""
-        with self._cache_lock:
+        with self._files_lock:
             if create and not self._files_tried and self.shm_root is not None:
                 self._files_tried = True
                 self._files = SharedFiles.create(self.shm_root)
@@ -80,11 +82,13 @@ class ServiceState:
 
     def close(self) -> None:
         """Remove the same-host files' directory (also done at interpreter exit if never called)."""
-        with self._cache_lock:
+        with self._files_lock:
             self._files_tried = True  # none is made after this
             files, self._files = self._files, None
         if files is not None:
             files.close()
+        while not self._stages.empty():
+            self._stages.get_nowait().close()
 
     @contextmanager
     def arena(self) -> Iterator[serde.Arena | None]:
@@ -93,25 +97,36 @@ class ServiceState:
         The sample-weighted mean copies each update into its running sum, so the buffer is free again once
         `submit` returns; the robust aggregators keep every update, which then needs its own memory.
         """
+        with self._reused(self._arenas, lambda: serde.Arena(serde.spec_of(self.engine.global_state))) as arena:
+            yield arena
+
+    @contextmanager
+    def stage(self) -> Iterator[serde.Stage | None]:
+        """A reusable staging file for a streamed update (`arena`'s terms), or None where updates keep their memory."""
+        with self._reused(self._stages, lambda: serde.Stage(self.staging_dir)) as stage:
+            yield None if stage is None else stage.begin()
+
+    @contextmanager
+    def _reused(self, pool: queue.SimpleQueue[Any], make: Any) -> Iterator[Any]:
         if self.engine.aggregator != "mean":
             yield None
             return
         try:
-            arena = self._arenas.get_nowait()
+            item = pool.get_nowait()
         except queue.Empty:
-            arena = serde.Arena(serde.spec_of(self.engine.global_state))
+            item = make()
         try:
-            yield arena
+            yield item
         finally:
-            self._arenas.put(arena)
+            pool.put(item)
 
-    def round_messages(self, round_: int, state: Mapping[str, torch.Tensor]) -> list[tuple[pb.RoundMessage, int]]:
-        """The global weights as wire messages and their data sizes, encoded once per round for every stream."""
-        with self._cache_lock:
-            if self._cached[0] != round_:
-                self._cached = (-1, [])  # drop the old round's copy before making the new one
-                self._cached = (round_, [(pb.RoundMessage(part=p), n) for p, n in serde.encode_sized(state)])
-            return self._cached[1]
+    def weight_slices(self, round_: int, state: Mapping[str, torch.Tensor]) -> Iterator[serde.Slice]:
+        """What a download of round `round_`'s weights sends, part by part (views of `state`: nothing copied).
+
+        Each stream makes a part's message only once it holds a send slot, and drops it once sent: a copy of
+        the encoded weights kept for every stream cost the coordinator one model's size (bench/core_perf.py).
+        """
+        return serde.slices(state)
 
 
 _WILDCARDS = ("0.0.0.0", "::", "[::]", "")
@@ -231,16 +246,19 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
                 return
         yield pb.RoundMessage(header=header)
         sent = 0
-        for msg, size in self.s.round_messages(work.round, work.state):
-            sent += size
+        for layout, chunk, offset in self.s.weight_slices(work.round, work.state):
             # The sync server resumes this generator once gRPC has sent the part (or the call ended). Agents
             # that read slowly must not hold up everyone's download: past send_wait a part goes without a slot.
             slot = self.s.sends.acquire(timeout=self.s.send_wait)
             try:
+                msg = pb.RoundMessage()
+                serde.fill(msg.part, layout, chunk, offset)
                 yield msg
+                del msg  # not kept while this stream waits for its next slot
             finally:
                 if slot:
                     self.s.sends.release()
+            sent += len(chunk)
         self.s.metrics.bytes_out.labels(agent.name).inc(sent)
 
     def SubmitUpdate(self, request_iterator: Iterator[pb.UpdateMessage],  # noqa: N802
@@ -279,10 +297,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
                 raise rounds.LateUpdateError(f"the call for round {h.round} ended while it waited its turn")
             if not h.layout:  # a paced agent waits for this before it sends its parts
                 context.send_initial_metadata(())
-            with self.s.arena() as arena:
-                tensors, received = self._read_update(agent.agent_id, h, rest, arena)
-                if h.delta:
-                    tensors = apply_delta(self.s.engine.global_state, tensors)
+            with self._update(agent.agent_id, h, rest) as (tensors, received, checked):
                 stats = {
                     "compute_seconds": h.stats.compute_seconds,
                     "communication_seconds": h.stats.communication_seconds,
@@ -291,9 +306,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
                     "samples_per_second": h.stats.samples_per_second,
                     "bytes": float(received),
                 }
-                # the decoder checked the tensors' values; weights rebuilt from a delta are checked again
-                self.s.engine.submit(agent.agent_id, h.round, h.num_samples, tensors, stats,
-                                     checked_finite=not h.delta)
+                self.s.engine.submit(agent.agent_id, h.round, h.num_samples, tensors, stats, checked_finite=checked)
         finally:
             self.s.uploads.release()
         if math.isfinite(h.stats.samples_per_second) and 0 < h.stats.samples_per_second <= MAX_THROUGHPUT:
@@ -301,26 +314,46 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         self.s.metrics.accepted_update(agent.name, h.num_samples, stats, received)
         return pb.UpdateAck(accepted=True, detail=f"round {h.round}")
 
-    def _read_update(self, agent_id: str, h: pb.UpdateHeader, rest: Iterator[pb.UpdateMessage],
-                     into: serde.Arena | None) -> tuple[dict[str, torch.Tensor], int]:
-        """The update's tensors and byte count: from the file named for this agent and round, or from the stream."""
-        expected = serde.spec_of(self.s.engine.global_state)
+    @contextmanager
+    def _update(self, agent_id: str, h: pb.UpdateHeader, rest: Iterator[pb.UpdateMessage],
+                ) -> Iterator[tuple[Mapping[str, torch.Tensor | serde.Sliced], int, bool]]:
+        """The update's tensors, byte count and whether their values were checked, valid within the block.
+
+        From the file named for this agent and round (read into a reused buffer), or from the stream (written
+        to a staging file and read back from it a slice at a time: checked whole before any of it is used).
+        """
+        glob = self.s.engine.global_state
+        expected = serde.spec_of(glob)
         if h.layout:
             if next(rest, None) is not None:
                 raise rounds.MalformedError("an update in a file has nothing after its header")
             files = self.s.shared_files(create=False)
             if files is None:
                 raise rounds.MalformedError("this coordinator names no update files")
-            return files.read_update(agent_id, h.round, h.layout, expected, into)
-        asm = serde.Assembler(expected, into=into)
-        for msg in rest:
-            if not msg.HasField("part"):
-                raise rounds.MalformedError("a second header in one update stream")
-            data = msg.part.data  # each read of a bytes field makes a new copy: read it once
-            if len(data) > serde.PART_BYTES:
-                raise rounds.TooLargeError(f"a part of {len(data)} bytes; at most {serde.PART_BYTES}")
-            asm.add(msg.part, data)
-        return asm.finish(), asm.received_bytes
+            with self.s.arena() as arena:
+                tensors, received = files.read_update(agent_id, h.round, h.layout, expected, arena)
+                # the decoder checked the values; weights rebuilt from a delta are checked again by the engine
+                yield (apply_delta(glob, tensors), received, False) if h.delta else (tensors, received, True)
+            return
+        with self.s.stage() as stage:
+            asm = serde.Assembler(expected, into=stage, check_finite=stage is None)
+            for msg in rest:
+                if not msg.HasField("part"):
+                    raise rounds.MalformedError("a second header in one update stream")
+                data = msg.part.data  # each read of a bytes field makes a new copy: read it once
+                if len(data) > serde.PART_BYTES:
+                    raise rounds.TooLargeError(f"a part of {len(data)} bytes; at most {serde.PART_BYTES}")
+                asm.add(msg.part, data)
+                del msg, data  # not kept while the next part is awaited
+            if stage is None:  # robust aggregators: the update whole in memory
+                tensors = asm.finish()
+                yield (apply_delta(glob, tensors), asm.received_bytes, False) if h.delta else (
+                    tensors, asm.received_bytes, True)
+                return
+            staged = asm.finish_staged(stage, base=glob if h.delta else None)
+            if not serde.finite(staged):
+                raise rounds.NonFiniteError("the update has NaN or Inf values (or overflows float32 as weights)")
+            yield staged, asm.received_bytes, True
 
     def Leave(self, request: pb.LeaveRequest, context: grpc.ServicerContext) -> pb.LeaveReply:  # noqa: N802
         node = [UNKNOWN_NODE]

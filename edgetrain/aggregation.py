@@ -6,13 +6,14 @@ trimmed mean need every update at once (O(agents x model)), which is their known
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 
 from edgetrain.errors import ConfigError
+from edgetrain.serde import Sliced
 
 State = Mapping[str, torch.Tensor]
 AGGREGATORS = ("mean", "median", "trimmed-mean")
@@ -40,36 +41,48 @@ class RunningWeightedMean:
         self.total_weight = 0
         self.count = 0
 
-    def add(self, state: State, weight: int) -> None:
+    def add(self, state: Mapping[str, torch.Tensor | Sliced], weight: int) -> None:
         if weight <= 0:
             raise ValueError(f"weight must be positive, got {weight}")
         if self._done:
             raise RuntimeError("this running mean was already turned into its result")
         for name, t in state.items():
-            if not t.is_floating_point():
-                self._ints.setdefault(name, t.clone())
-                continue
+            if isinstance(t, torch.Tensor):
+                if not t.is_floating_point():
+                    self._ints.setdefault(name, t.clone())
+                    continue
+                if t.device.type != "cpu" or t.requires_grad:  # pragma: no cover - the coordinator holds CPU tensors
+                    self._add_torch(name, t, weight)
+                    continue
             acc = self._sum.get(name)
-            if t.device.type != "cpu" or t.requires_grad:  # pragma: no cover - the coordinator holds CPU tensors
-                if acc is None:
-                    self._sum[name] = t.detach().to("cpu", torch.float32) * weight
-                else:
-                    acc.add_(t.detach().to("cpu", torch.float32), alpha=weight)
-                continue
-            src = t.to(torch.float32).contiguous().numpy().reshape(-1)
-            self._add_numpy(name, t.shape, src, weight)
+            first = acc is None
+            if acc is None:
+                acc = self._sum[name] = self._empty(t.shape)
+            out = acc.numpy().reshape(-1)
+            slices: Iterable[tuple[int, np.ndarray[Any, Any]]]
+            if isinstance(t, torch.Tensor):
+                slices = [(0, t.to(torch.float32).contiguous().numpy().reshape(-1))]
+            else:
+                slices = t.slices()
+            for lo, src in slices:
+                self._add_numpy(out[lo : lo + src.size], src, weight, first)
         self.total_weight += weight
         self.count += 1
 
-    def _add_numpy(self, name: str, shape: torch.Size, src: np.ndarray[Any, Any], weight: int) -> None:
+    def _add_torch(self, name: str, t: torch.Tensor, weight: int) -> None:  # pragma: no cover - see add
+        acc = self._sum.get(name)
+        if acc is None:
+            self._sum[name] = t.detach().to("cpu", torch.float32) * weight
+        else:
+            acc.add_(t.detach().to("cpu", torch.float32), alpha=weight)
+
+    def _add_numpy(self, out: np.ndarray[Any, Any], src: np.ndarray[Any, Any], weight: int, first: bool) -> None:
+        """Set out to weight * src (a tensor's first update) or add that to it: the same per element in slices."""
         # Overflow to Inf is not an error here, as it is not in torch: the caller checks the average is finite.
         with np.errstate(over="ignore", invalid="ignore"):
-            acc = self._sum.get(name)
-            if acc is None:
-                acc = self._sum[name] = self._empty(shape)
-                np.multiply(src, np.float32(weight), out=acc.numpy().reshape(-1))
+            if first:
+                np.multiply(src, np.float32(weight), out=out)
                 return
-            out = acc.numpy().reshape(-1)
             if self._scratch.size < min(self._SLICE, src.size):
                 self._scratch = np.empty(min(self._SLICE, max(src.size, 1)), dtype=np.float32)
             for lo in range(0, src.size, self._SLICE):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 
-# Tensors travel in 1 MiB parts (edgetrain.serde.PART_BYTES), so 8 MiB leaves room for a part plus its header
+# Tensors travel in 128 KiB parts (edgetrain.serde.PART_BYTES), so 8 MiB leaves room for a part plus its header
 # and still refuses a message far larger than any honest one.
 MAX_MESSAGE_BYTES = 8 * 1024 * 1024
 

@@ -1,4 +1,4 @@
-"""state_dict <-> protobuf TensorPart streams: raw little-endian bytes, dtype, shape, 1 MiB parts. No pickle.
+"""state_dict <-> protobuf TensorPart streams: raw little-endian bytes, dtype, shape, 128 KiB parts. No pickle.
 
 Every encoder has its decoder here, and the decoder trusts nothing: names, dtypes, shapes, byte counts,
 part order and values are checked against what the receiver expects before anything is used.
@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import io
 import math
+import os
 import sys
+import tempfile
+import weakref
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, BinaryIO, Protocol
@@ -19,9 +22,11 @@ import torch
 from edgetrain.errors import NonFiniteError, WireError
 from edgetrain.proto import edgetrain_pb2 as pb
 
-# 1 MiB of tensor data per message keeps every message far below gRPC's 4 MB default cap,
-# whatever the model's size, without raising the cap for everyone.
-PART_BYTES = 1 << 20
+# 128 KiB of tensor data per message keeps every message far below gRPC's 4 MB default cap, whatever the model's
+# size, and bounds what each part in flight costs the coordinator: gRPC and protobuf copy a part ~4 times between
+# the socket and numpy. With 16 agents, 1 MiB parts cost it ~4x the MNIST CNN more than these; 64 KiB parts took
+# another 0.3x off but a quarter of the rounds per second (bench/core_perf.py, docs/performance.md).
+PART_BYTES = 1 << 17
 
 _TORCH_TO_WIRE: dict[torch.dtype, Any] = {  # values are pb.DType numbers
     torch.float32: pb.FLOAT32,
@@ -102,6 +107,9 @@ def encode(
     return (part for part, _ in encode_sized(state, wire_dtype=wire_dtype, part_bytes=part_bytes))
 
 
+Slice = tuple[pb.TensorPart, memoryview, int]  # a part's layout (no data), a view of its bytes, its offset
+
+
 def encode_sized(
     state: Mapping[str, torch.Tensor],
     *,
@@ -109,17 +117,37 @@ def encode_sized(
     part_bytes: int = PART_BYTES,
 ) -> Iterator[tuple[pb.TensorPart, int]]:
     """`encode`'s parts with the size of each one's data (reading `part.data` back would copy it)."""
+    for layout, chunk, offset in slices(state, wire_dtype=wire_dtype, part_bytes=part_bytes):
+        part = pb.TensorPart()
+        fill(part, layout, chunk, offset)
+        yield part, len(chunk)
+
+
+def slices(
+    state: Mapping[str, torch.Tensor],
+    *,
+    wire_dtype: str = "float32",
+    part_bytes: int = PART_BYTES,
+) -> Iterator[Slice]:
+    """Each part's layout (no data), a view of its bytes in the tensor and its offset: nothing is copied.
+
+    For a sender that makes each part only when it can send it (`fill`), so that no encoded part waits in
+    memory: the coordinator's downloads, many at once.
+    """
     for layout, raw in _wire_tensors(state, wire_dtype):
         offset = 0
         while True:  # at least one part, even for an empty tensor
             chunk = raw[offset : offset + part_bytes]
-            part = pb.TensorPart()
-            part.CopyFrom(layout)
-            part.offset, part.data = offset, chunk.tobytes()
-            yield part, len(chunk)
+            yield layout, chunk, offset
             offset += len(chunk)
             if offset >= len(raw):
                 break
+
+
+def fill(part: pb.TensorPart, layout: pb.TensorPart, chunk: memoryview, offset: int) -> None:
+    """Make `part` the part of `slices` given by (layout, chunk, offset): its one copy of the bytes."""
+    part.CopyFrom(layout)
+    part.offset, part.data = offset, chunk.tobytes()
 
 
 def write_raw(state: Mapping[str, torch.Tensor], f: BinaryIO, *, wire_dtype: str = "float32") -> list[pb.TensorPart]:
@@ -165,10 +193,26 @@ def roundtrip(t: torch.Tensor, wire_dtype: str) -> torch.Tensor:
     return _from_wire(wire, scale, t.dtype)
 
 
-class Buffers(Protocol):
-    """Where an Assembler puts a tensor's bytes: a writable view of `nbytes` for `name`, arriving as `dtype`."""
+class Region(Protocol):
+    """Where one tensor's bytes go: `region[start:end] = data`."""
 
-    def __call__(self, name: str, dtype: torch.dtype, nbytes: int) -> memoryview | bytearray: ...
+    def __setitem__(self, key: slice, data: bytes, /) -> None: ...
+
+
+class Sliced(Protocol):
+    """A floating tensor too big to hold twice, read back a slice at a time (an update waiting in a `Stage`)."""
+
+    shape: torch.Size
+
+    def slices(self) -> Iterator[tuple[int, np.ndarray[Any, np.dtype[np.float32]]]]:
+        """(element offset, float32 values) in order; each array valid until the next is asked for."""
+        ...
+
+
+class Buffers(Protocol):
+    """Where an Assembler puts a tensor's bytes: a writable region of `nbytes` for `name`, arriving as `dtype`."""
+
+    def __call__(self, name: str, dtype: torch.dtype, nbytes: int) -> memoryview | bytearray | Region: ...
 
 
 class Arena:
@@ -195,6 +239,99 @@ class Arena:
         if nbytes > size:
             return bytearray(nbytes)
         return self._memory[offset : offset + nbytes]
+
+
+class Stage:
+    """A reusable file where one streamed update waits, whole, until it is checked and added chunk by chunk.
+
+    The coordinator writes an update's parts here as they arrive instead of into a model-sized buffer; once every
+    part is in, `Assembler.finish_staged` hands out the tensors as `StagedTensor`s that read the file back a chunk
+    at a time. The update is checked whole before any of it is added to the round's sum (a NaN in its last part
+    adds nothing), and no model-sized buffer is held for it: the file's pages are the kernel's cache, written to
+    disk when memory is short. On a tmpfs they are memory again, as much as an `Arena`.
+
+    The file is unnamed (gone when closed or when the process dies). Whoever holds the Stage owns the file until
+    its tensors are no longer used; the next `begin` overwrites it.
+    """
+
+    CHUNK = 1 << 15  # elements per chunk read back: 128 KiB of float32, below torch's grain for parallel ops
+
+    def __init__(self, directory: str | os.PathLike[str] | None = None) -> None:
+        with tempfile.TemporaryFile(dir=directory) as f:
+            self._fd = os.dup(f.fileno())  # a plain descriptor, closed with the Stage or when it is collected
+        self.close = weakref.finalize(self, os.close, self._fd)
+        self._end = 0
+        self._read = bytearray(self.CHUNK * 8)  # the widest wire dtype (float64)
+        self._out = np.empty(self.CHUNK, dtype=np.float32)
+
+    def begin(self) -> Stage:
+        """Start a new update from the file's start."""
+        self._end = 0
+        return self
+
+    def __call__(self, name: str, dtype: torch.dtype, nbytes: int) -> _FileRegion:
+        region = _FileRegion(self._fd, self._end, nbytes)
+        self._end += nbytes
+        return region
+
+    def tensor(self, region: _FileRegion, wire: torch.dtype, shape: tuple[int, ...], scale: float,
+               dtype: torch.dtype, base: torch.Tensor | None) -> StagedTensor | torch.Tensor:
+        """A staged tensor of `dtype`; integer ones (counters, small) are read whole."""
+        if dtype.is_floating_point:
+            return StagedTensor(self, region, wire, shape, scale, base)
+        whole = bytearray(region.nbytes)
+        self._read_into(memoryview(whole), region.offset)
+        return _from_wire(_from_bytes(whole, wire, shape), scale, dtype)
+
+    def _read_into(self, view: memoryview, offset: int) -> None:
+        while view:
+            n = os.preadv(self._fd, [view], offset)
+            if n <= 0:
+                raise OSError(f"the staging file ended {len(view)} bytes early")
+            view, offset = view[n:], offset + n
+
+
+class _FileRegion:
+    def __init__(self, fd: int, offset: int, nbytes: int) -> None:
+        self.fd, self.offset, self.nbytes = fd, offset, nbytes
+
+    def __setitem__(self, key: slice, data: bytes, /) -> None:
+        view, at = memoryview(data), self.offset + key.start
+        while view:
+            n = os.pwrite(self.fd, view, at)
+            view, at = view[n:], at + n
+
+
+class StagedTensor:
+    """A floating tensor in a `Stage`'s file, read back as float32 a chunk at a time (`base` + it for a delta)."""
+
+    def __init__(self, stage: Stage, region: _FileRegion, wire: torch.dtype, shape: tuple[int, ...], scale: float,
+                 base: torch.Tensor | None) -> None:
+        self._stage, self._region, self._wire, self._scale = stage, region, wire, scale
+        self.shape = torch.Size(shape)
+        self._base = None if base is None else _numpy(base.detach().to(torch.float32).contiguous())
+
+    def slices(self) -> Iterator[tuple[int, np.ndarray[Any, np.dtype[np.float32]]]]:
+        """(element offset, float32 values): each array is only valid until the next one is asked for.
+
+        Values are exactly what `Assembler.finish` (and `apply_delta` for a delta) would have made of them.
+        """
+        stage, size = self._stage, self._wire.itemsize
+        numel = self.shape.numel()
+        for lo in range(0, numel, Stage.CHUNK):
+            n = min(Stage.CHUNK, numel - lo)
+            raw = memoryview(stage._read)[: n * size]
+            stage._read_into(raw, self._region.offset + lo * size)
+            if self._wire == torch.float32 and sys.byteorder == "little":
+                values = np.frombuffer(raw, dtype=np.float32)
+            else:  # the same conversion as a decode in memory, on one chunk
+                wide = _from_wire(_from_bytes(raw, self._wire, (n,)), self._scale, torch.float32)
+                values = wide.numpy()
+            if self._base is not None:
+                with np.errstate(over="ignore", invalid="ignore"):  # an overflow is an Inf, which `finite` refuses
+                    values = np.add(self._base[lo : lo + n], values, out=stage._out[:n])
+            yield lo, values
+
 
 
 def into_tensors(state: Mapping[str, torch.Tensor]) -> Buffers:
@@ -228,7 +365,7 @@ class Assembler:
         self._expected = expected
         self._check_finite = check_finite
         self._into = into
-        self._buffers: dict[str, memoryview | bytearray] = {}
+        self._buffers: dict[str, memoryview | bytearray | Region] = {}
         self._filled: dict[str, int] = {}
         self._meta: dict[str, tuple[int, tuple[int, ...], float]] = {}
         self._current: str | None = None
@@ -289,7 +426,10 @@ class Assembler:
             raise WireError(f"tensor {layout.name!r}: a file layout entry carries no data and no offset")
         self.add(layout)  # all of add's checks; sizes the buffer from the expected spec
         name = layout.name
-        view = memoryview(self._buffers[name])
+        buf = self._buffers[name]
+        if not isinstance(buf, (memoryview, bytearray)):
+            raise TypeError("add_file reads into memory, not into a Stage")
+        view = memoryview(buf)
         filled = 0
         while filled < len(view):
             n = f.readinto(view[filled:])
@@ -309,19 +449,52 @@ class Assembler:
             raise WireError(f"tensor {name!r}: {self._filled[name]} bytes, its shape needs {nbytes}")
 
     def finish(self) -> dict[str, torch.Tensor]:
-        self._close_current()
-        missing = [k for k in self._expected if k not in self._buffers]
-        if missing:
-            raise WireError(f"missing tensors: {', '.join(missing[:5])}")
+        self._check_complete()
         out: dict[str, torch.Tensor] = {}
         for name, spec in self._expected.items():
             wire, shape, scale = self._meta[name]
-            t = _from_wire(_from_bytes(self._buffers[name], _WIRE_TO_TORCH[wire], shape), scale, spec.dtype)
+            buf = self._buffers[name]
+            if not isinstance(buf, (memoryview, bytearray)):
+                raise TypeError("an update assembled into a Stage is read with finish_staged")
+            t = _from_wire(_from_bytes(buf, _WIRE_TO_TORCH[wire], shape), scale, spec.dtype)
             if self._check_finite and not all_finite(t):
                 raise NonFiniteError(f"tensor {name!r}: NaN or Inf values")
             out[name] = t
         self._buffers.clear()
         return out
+
+    def finish_staged(self, stage: Stage, base: Mapping[str, torch.Tensor] | None = None,
+                      ) -> dict[str, Sliced | torch.Tensor]:
+        """`finish` for an update assembled into `stage`: its floating tensors stay in the file (`StagedTensor`).
+
+        `base`: the update is a delta, and the tensors read back are base + delta. Values are not checked here:
+        `finite` reads them back for that (a staged update is checked whole before any of it is used).
+        """
+        self._check_complete()
+        out: dict[str, Sliced | torch.Tensor] = {}
+        for name, spec in self._expected.items():
+            wire, shape, scale = self._meta[name]
+            region = self._buffers[name]
+            if not isinstance(region, _FileRegion):
+                raise TypeError("finish_staged is for an Assembler writing into a Stage")
+            delta_base = base[name] if base is not None and spec.dtype.is_floating_point else None
+            out[name] = stage.tensor(region, _WIRE_TO_TORCH[wire], shape, scale, spec.dtype, delta_base)
+        self._buffers.clear()
+        return out
+
+    def _check_complete(self) -> None:
+        self._close_current()
+        missing = [k for k in self._expected if k not in self._buffers]
+        if missing:
+            raise WireError(f"missing tensors: {', '.join(missing[:5])}")
+
+
+def finite(state: Mapping[str, torch.Tensor | Sliced]) -> bool:
+    """Every floating tensor free of NaN and Inf (a staged one read back slice by slice)."""
+    return all(
+        all_finite(t) if isinstance(t, torch.Tensor) else all(_finite_array(v) for _, v in t.slices())
+        for t in state.values()
+    )
 
 
 _BF16_EXPONENT = 0x7F80  # bfloat16's exponent bits: all set means Inf or NaN
@@ -345,7 +518,10 @@ def all_finite(t: torch.Tensor) -> bool:
     if t.dtype == torch.bfloat16:  # numpy has no bfloat16: look at the exponent bits
         bits = t.contiguous().view(torch.int16).numpy()
         return not bool((np.bitwise_and(bits, _BF16_EXPONENT) == _BF16_EXPONENT).any())
-    arr = t.numpy().reshape(-1)
+    return _finite_array(t.numpy().reshape(-1))
+
+
+def _finite_array(arr: np.ndarray[Any, Any]) -> bool:
     with np.errstate(over="ignore", invalid="ignore"):
         if np.isfinite(np.add.reduce(arr)):
             return True

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 import pytest
@@ -46,13 +47,14 @@ def small_state() -> dict[str, torch.Tensor]:
             "bn.num_batches_tracked": torch.tensor(3)}
 
 
-def make_service(state: dict[str, torch.Tensor], token: str | None = None, **engine_kw: object) -> Iterator[Service]:
+def make_service(state: dict[str, torch.Tensor], token: str | None = None, staging_dir: Path | None = None,
+                 **engine_kw: object) -> Iterator[Service]:
     registry = CollectorRegistry()
     metrics = CoordinatorMetrics(registry)
     kw: dict[str, object] = {"batch_size": 4, "local_steps": 2, "round_timeout": 30.0, **engine_kw}
     engine = RoundEngine(state, **kw)  # type: ignore[arg-type]
     membership = Membership()
-    svc = ServiceState(engine, membership, RunSpec(dataset="tweets"), metrics, long_poll=1.0)
+    svc = ServiceState(engine, membership, RunSpec(dataset="tweets"), metrics, long_poll=1.0, staging_dir=staging_dir)
     server, port, _ = start_server(svc, "127.0.0.1", 0, token=token)
     channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=grpc_options.CLIENT)
     try:
@@ -61,6 +63,7 @@ def make_service(state: dict[str, torch.Tensor], token: str | None = None, **eng
         channel.close()
         engine.finish()
         server.stop(grace=None).wait()
+        svc.close()
 
 
 @pytest.fixture

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
 
 import grpc
 import pytest
@@ -146,6 +148,38 @@ def test_bad_updates_are_refused_counted_and_change_nothing(
     assert torch.allclose(service.engine.global_state["fc.weight"], trained["fc.weight"])
 
 
+
+def _open_files() -> list[str]:
+    targets = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            targets.append(os.readlink(f"/proc/self/fd/{fd}"))
+        except OSError:  # the listing's own descriptor, closed by now
+            continue
+    return targets
+
+def test_an_update_refused_at_its_last_part_adds_nothing_to_the_round(tmp_path: Path) -> None:
+    """A streamed update waits whole in a staging file: a NaN in its very last part leaves no trace in the sum."""
+    for svc in make_service(small_state(), staging_dir=tmp_path):
+        joined = open_round(svc, "a", "b")
+        (a_id, a_md), (b_id, b_md) = joined["a"], joined["b"]
+        trained = {k: (v * 2 if v.is_floating_point() else v) for k, v in small_state().items()}
+        assert svc.stub.SubmitUpdate(iter(update(a_id, 0, 8, trained, part_bytes=16)), metadata=a_md,
+                                     timeout=5).accepted
+        bad = update(b_id, 0, 8, {k: (v * 3 if v.is_floating_point() else v) for k, v in small_state().items()},
+                     part_bytes=16)
+        last = max(i for i, m in enumerate(bad) if m.HasField("part") and m.part.name == "fc.bias")
+        assert last > 3  # parts of both float tensors went before it
+        bad[last].part.data = b"\x00\x00\xc0\x7f" * (len(bad[last].part.data) // 4)  # float32 NaN
+        with pytest.raises(grpc.RpcError) as err:
+            svc.stub.SubmitUpdate(iter(bad), metadata=b_md, timeout=5)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert svc.refused("non_finite", "b") == 1.0
+        assert any(target.startswith(str(tmp_path)) for target in _open_files()), "staged in the directory given"
+        assert list(tmp_path.iterdir()) == []  # ...in files without a name
+        svc.engine.close_round()
+        assert snapshot(svc) == {k: v.numpy().tobytes() for k, v in trained.items()}  # a's update alone, exactly
+
 @pytest.mark.parametrize(
     ("round_", "samples", "code", "reason"),
     [
@@ -215,16 +249,15 @@ def test_a_model_over_20_mb_goes_both_ways() -> None:
 
 def test_a_slow_download_gets_time_for_its_bytes(monkeypatch: pytest.MonkeyPatch) -> None:
     """The agent's GetRound deadline grows with the model: a fixed one cut slow links off mid-download."""
-    big = {"w": torch.randn(2_000_000)}  # 8 MB: 8 parts
-    original = ServiceState.round_messages
+    big = {"w": torch.randn(2_000_000)}  # 8 MB
+    original = ServiceState.weight_slices
 
-    def slow_link(self: ServiceState, round_: int,
-                  state: Mapping[str, torch.Tensor]) -> Iterator[tuple[pb.RoundMessage, int]]:
-        for msg in original(self, round_, state):
-            time.sleep(0.2)  # 8 parts: 1.6 s on the wire
-            yield msg
+    def slow_link(self: ServiceState, round_: int, state: Mapping[str, torch.Tensor]) -> Iterator[serde.Slice]:
+        for part in original(self, round_, state):
+            time.sleep(1.6 * serde.PART_BYTES / 8e6)  # 1.6 s on the wire
+            yield part
 
-    monkeypatch.setattr(ServiceState, "round_messages", slow_link)
+    monkeypatch.setattr(ServiceState, "weight_slices", slow_link)
     monkeypatch.setattr(client_module, "LONG_POLL_S", 0.0)
     monkeypatch.setattr(client_module, "GET_ROUND_SLACK_S", 1.0)  # less than the download takes
     for svc in make_service(big):

@@ -1,3 +1,7 @@
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
 import pytest
 import torch
 
@@ -69,3 +73,29 @@ def test_running_mean_over_slices_matches_by_hand_and_is_spent_by_result() -> No
         acc.add(states[0], 1)  # the result owns the sum now
     with pytest.raises(RuntimeError):
         acc.result(states[0])
+
+
+class _InSlices:
+    """A tensor handed over a few elements at a time, as a staged update is (serde.Sliced)."""
+
+    def __init__(self, t: torch.Tensor, step: int) -> None:
+        self.shape, self._flat, self._step = t.shape, t.reshape(-1).numpy(), step
+
+    def slices(self) -> Iterator[tuple[int, np.ndarray[Any, np.dtype[np.float32]]]]:
+        for lo in range(0, self._flat.size, self._step):
+            yield lo, self._flat[lo : lo + self._step].copy()  # a fresh array each time, like a reused buffer
+
+
+def test_running_mean_takes_an_update_in_slices_to_the_same_bits_as_whole() -> None:
+    g = torch.Generator().manual_seed(3)
+    states = [{"w": torch.randn(1000, generator=g), "m": torch.randn(3, 50, generator=g), "n": torch.tensor(i)}
+              for i in range(3)]
+    weights = [64, 3, 17]
+    whole, sliced = agg.RunningWeightedMean(), agg.RunningWeightedMean()
+    for i, (s, w) in enumerate(zip(states, weights, strict=True)):
+        whole.add(s, w)
+        # the first update sliced too: its slices start the sum, the later ones add to it
+        sliced.add({"w": _InSlices(s["w"], 333 + i), "m": _InSlices(s["m"], 7), "n": s["n"]}, w)
+    a, b = whole.result(states[0]), sliced.result(states[0])
+    assert {k: v.numpy().tobytes() for k, v in a.items()} == {k: v.numpy().tobytes() for k, v in b.items()}
+    assert b["m"].shape == (3, 50) and int(b["n"]) == 0
