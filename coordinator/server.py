@@ -25,8 +25,9 @@ MAX_WORKERS = 64
 # Each update stream buffers what its flow-control window lets in, even while it waits for an upload slot
 # (ServiceState.upload_slots). With BDP probing the window grows to megabytes, so 16 agents uploading together
 # held ~5 MB each in gRPC's buffers: bench/core_perf.py measured the coordinator's peak RSS growth at 26x the
-# model. A fixed 1 MiB stream window (one tensor part) halved it (14.6x); 256 KiB went to 12x but slowed every
-# upload by ~4 ms, 1 MiB costs uploads nothing measurable and downloads of 4.8 MB ~3 ms on loopback.
+# model. A fixed 1 MiB stream window (then one tensor part; eight of today's 128 KiB parts) halved it (14.6x);
+# 256 KiB went to 12x but slowed every upload by ~4 ms, 1 MiB costs uploads nothing measurable and downloads of
+# 4.8 MB ~3 ms on loopback.
 FLOW_CONTROL = [
     ("grpc.http2.bdp_probe", 0),
     ("grpc.http2.lookahead_bytes", 1 << 20),

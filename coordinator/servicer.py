@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import logging
 import math
-import queue
 import re
+import tempfile
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import grpc
 import torch
@@ -23,8 +23,9 @@ from coordinator.metrics import CoordinatorMetrics
 from coordinator.shm import SharedFiles
 from edgetrain import grpc_options, serde
 from edgetrain.compression import apply_delta
-from edgetrain.errors import NonFiniteError, WireError
+from edgetrain.errors import ConfigError, NonFiniteError, WireError
 from edgetrain.grpc_options import address_host, is_loopback
+from edgetrain.memory import in_memory_fs
 from edgetrain.proto import edgetrain_pb2 as pb
 from edgetrain.proto import edgetrain_pb2_grpc as pb_grpc
 from edgetrain.samehost import SHM_ROOT
@@ -64,8 +65,9 @@ class ServiceState:
     def __post_init__(self) -> None:
         self.uploads = threading.BoundedSemaphore(self.upload_slots)
         self.sends = threading.BoundedSemaphore(self.send_slots)
-        self._arenas: queue.SimpleQueue[serde.Arena] = queue.SimpleQueue()  # at most upload_slots of each
-        self._stages: queue.SimpleQueue[serde.Stage] = queue.SimpleQueue()
+        # at most upload_slots of each at once: reused upload after upload
+        self._arenas = _Pool(lambda: serde.Arena(serde.spec_of(self.engine.global_state)))
+        self._stages = _Pool(lambda: serde.Stage(self.staging_dir), lambda stage: stage.close())
         self._files_lock = threading.Lock()
         self._files: SharedFiles | None = None
         self._files_tried = False
@@ -81,14 +83,13 @@ class ServiceState:
             return self._files
 
     def close(self) -> None:
-        """Remove the same-host files' directory (also done at interpreter exit if never called)."""
+        """Remove the same-host files' directory and close the staging files (also at interpreter exit)."""
         with self._files_lock:
             self._files_tried = True  # none is made after this
             files, self._files = self._files, None
         if files is not None:
             files.close()
-        while not self._stages.empty():
-            self._stages.get_nowait().close()
+        self._stages.close()
 
     @contextmanager
     def arena(self) -> Iterator[serde.Arena | None]:
@@ -97,36 +98,99 @@ class ServiceState:
         The sample-weighted mean copies each update into its running sum, so the buffer is free again once
         `submit` returns; the robust aggregators keep every update, which then needs its own memory.
         """
-        with self._reused(self._arenas, lambda: serde.Arena(serde.spec_of(self.engine.global_state))) as arena:
-            yield arena
-
-    @contextmanager
-    def stage(self) -> Iterator[serde.Stage | None]:
-        """A reusable staging file for a streamed update (`arena`'s terms), or None where updates keep their memory."""
-        with self._reused(self._stages, lambda: serde.Stage(self.staging_dir)) as stage:
-            yield None if stage is None else stage.begin()
-
-    @contextmanager
-    def _reused(self, pool: queue.SimpleQueue[Any], make: Any) -> Iterator[Any]:
         if self.engine.aggregator != "mean":
             yield None
             return
+        with self._arenas.take() as arena:
+            yield arena
+
+    @contextmanager
+    def stage(self) -> Iterator[serde.Stage]:
+        """A reusable staging file for a streamed update (`arena`'s terms), emptied again when the block ends."""
+        with self._stages.take() as stage:
+            try:
+                yield stage.begin()
+            finally:
+                stage.end()
+
+    def prepare_staging(self) -> None:
+        """Make the first staging file now: a directory that cannot take one stops the start, not every upload."""
+        where = str(self.staging_dir or tempfile.gettempdir())
         try:
-            item = pool.get_nowait()
-        except queue.Empty:
-            item = make()
+            with self._stages.take():
+                pass
+        except OSError as err:
+            raise ConfigError(f"cannot make staging files in {where}: {err.strerror or err}") from err
+        if in_memory_fs(where):
+            log.warning("staging directory %s is in memory (tmpfs): each upload being taken holds ~1 model of "
+                        "RAM there; --staging-dir on a disk keeps it out", where)
+
+    def staged_bytes(self) -> int:
+        """Bytes of streamed updates in the staging files now (page cache or disk: outside this process's RSS)."""
+        return sum(stage.staged_bytes() for stage in self._stages.made())
+
+    def weight_slices(self, state: Mapping[str, torch.Tensor]) -> Iterator[serde.Slice]:
+        """What a download of the round's weights sends, part by part (views of `state`: nothing copied).
+
+        Each stream makes a part's message only once it holds a send slot: a copy of the encoded weights kept
+        for every stream cost the coordinator one model's size (bench/core_perf.py).
+        """
+        return serde.slices(state)
+
+
+_T = TypeVar("_T")
+
+
+class _Pool(Generic[_T]):
+    """Objects reused by whoever holds an upload slot: one is made when none is free and kept for the next."""
+
+    def __init__(self, make: Callable[[], _T], discard: Callable[[_T], object] = lambda _: None) -> None:
+        self._make, self._discard = make, discard
+        self._lock = threading.Lock()
+        self._free: list[_T] = []
+        self._made: list[_T] = []
+        self._closed = False
+
+    @contextmanager
+    def take(self) -> Iterator[_T]:
+        with self._lock:
+            item = self._free.pop() if self._free else None
+        if item is None:
+            item = self._make()
+            with self._lock:
+                self._made.append(item)
         try:
             yield item
         finally:
-            pool.put(item)
+            with self._lock:
+                closed = self._closed
+                if not closed:
+                    self._free.append(item)
+            if closed:  # given back after close: nobody takes it again
+                self._discard(item)
 
-    def weight_slices(self, round_: int, state: Mapping[str, torch.Tensor]) -> Iterator[serde.Slice]:
-        """What a download of round `round_`'s weights sends, part by part (views of `state`: nothing copied).
+    def made(self) -> list[_T]:
+        with self._lock:
+            return list(self._made)
 
-        Each stream makes a part's message only once it holds a send slot, and drops it once sent: a copy of
-        the encoded weights kept for every stream cost the coordinator one model's size (bench/core_perf.py).
-        """
-        return serde.slices(state)
+    def close(self) -> None:
+        """Discard the free ones now, the others as they come back."""
+        with self._lock:
+            self._closed = True
+            free, self._free = self._free, []
+        for item in free:
+            self._discard(item)
+
+
+def _read_parts(asm: serde.Assembler, rest: Iterator[pb.UpdateMessage]) -> None:
+    for msg in rest:
+        if not msg.HasField("part"):
+            raise rounds.MalformedError("a second header in one update stream")
+        data = msg.part.data  # each read of a bytes field makes a new copy: read it once
+        if len(data) > serde.MAX_PART_BYTES:
+            raise rounds.TooLargeError(f"a part of {len(data)} bytes; at most {serde.MAX_PART_BYTES}")
+        asm.add(msg.part, data)
+        del msg, data  # not kept while the next part is awaited
 
 
 _WILDCARDS = ("0.0.0.0", "::", "[::]", "")
@@ -246,15 +310,17 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
                 return
         yield pb.RoundMessage(header=header)
         sent = 0
-        for layout, chunk, offset in self.s.weight_slices(work.round, work.state):
+        for layout, chunk, offset in self.s.weight_slices(work.state):
             # The sync server resumes this generator once gRPC has sent the part (or the call ended). Agents
             # that read slowly must not hold up everyone's download: past send_wait a part goes without a slot.
+            # Parts in memory: one per send slot, plus the last one sent on each stream (gRPC's sync server keeps
+            # it until this generator gives the next: grpc/_server.py), each ~2 part-sized copies.
             slot = self.s.sends.acquire(timeout=self.s.send_wait)
             try:
                 msg = pb.RoundMessage()
                 serde.fill(msg.part, layout, chunk, offset)
                 yield msg
-                del msg  # not kept while this stream waits for its next slot
+                del msg
             finally:
                 if slot:
                     self.s.sends.release()
@@ -319,8 +385,8 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
                 ) -> Iterator[tuple[Mapping[str, torch.Tensor | serde.Sliced], int, bool]]:
         """The update's tensors, byte count and whether their values were checked, valid within the block.
 
-        From the file named for this agent and round (read into a reused buffer), or from the stream (written
-        to a staging file and read back from it a slice at a time: checked whole before any of it is used).
+        From the file named for this agent and round (read into a reused buffer), or from the stream: written to
+        a staging file and read back from it a slice at a time, checked whole before any of it is used.
         """
         glob = self.s.engine.global_state
         expected = serde.spec_of(glob)
@@ -332,28 +398,33 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
                 raise rounds.MalformedError("this coordinator names no update files")
             with self.s.arena() as arena:
                 tensors, received = files.read_update(agent_id, h.round, h.layout, expected, arena)
-                # the decoder checked the values; weights rebuilt from a delta are checked again by the engine
-                yield (apply_delta(glob, tensors), received, False) if h.delta else (tensors, received, True)
+                yield self._whole(glob, tensors, received, h.delta)
             return
-        with self.s.stage() as stage:
-            asm = serde.Assembler(expected, into=stage, check_finite=stage is None)
-            for msg in rest:
-                if not msg.HasField("part"):
-                    raise rounds.MalformedError("a second header in one update stream")
-                data = msg.part.data  # each read of a bytes field makes a new copy: read it once
-                if len(data) > serde.PART_BYTES:
-                    raise rounds.TooLargeError(f"a part of {len(data)} bytes; at most {serde.PART_BYTES}")
-                asm.add(msg.part, data)
-                del msg, data  # not kept while the next part is awaited
-            if stage is None:  # robust aggregators: the update whole in memory
-                tensors = asm.finish()
-                yield (apply_delta(glob, tensors), asm.received_bytes, False) if h.delta else (
-                    tensors, asm.received_bytes, True)
-                return
-            staged = asm.finish_staged(stage, base=glob if h.delta else None)
-            if not serde.finite(staged):
-                raise rounds.NonFiniteError("the update has NaN or Inf values (or overflows float32 as weights)")
-            yield staged, asm.received_bytes, True
+        # staged: the mean (the robust aggregators keep every update whole), over float32 weights (the sum's dtype)
+        if self.s.engine.aggregator != "mean" or any(
+                s.dtype != torch.float32 for s in expected.values() if s.dtype.is_floating_point):
+            with self.s.arena() as arena:
+                asm = serde.Assembler(expected, into=arena)
+                _read_parts(asm, rest)
+                yield self._whole(glob, asm.finish(), asm.received_bytes, h.delta)
+            return
+        try:
+            with self.s.stage() as stage:
+                asm = serde.Assembler(expected, into=stage, check_finite=False)
+                _read_parts(asm, rest)
+                staged = asm.finish_staged(stage, base=glob if h.delta else None)
+                if not serde.finite(staged):
+                    raise rounds.NonFiniteError("the update has NaN or Inf values (or overflows float32 as weights)")
+                yield staged, asm.received_bytes, True
+        except OSError as err:
+            log.warning("cannot stage an update in %s: %s", self.s.staging_dir or "the temp dir", err)
+            raise rounds.StagingError(f"the coordinator could not stage this update ({err})") from err
+
+    @staticmethod
+    def _whole(glob: Mapping[str, torch.Tensor], tensors: dict[str, torch.Tensor], received: int,
+               delta: bool) -> tuple[Mapping[str, torch.Tensor | serde.Sliced], int, bool]:
+        # the decoder checked the values; weights rebuilt from a delta are checked again by the engine
+        return (apply_delta(glob, tensors), received, False) if delta else (tensors, received, True)
 
     def Leave(self, request: pb.LeaveRequest, context: grpc.ServicerContext) -> pb.LeaveReply:  # noqa: N802
         node = [UNKNOWN_NODE]

@@ -7,13 +7,15 @@ trimmed mean need every update at once (O(agents x model)), which is their known
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from edgetrain.errors import ConfigError
-from edgetrain.serde import Sliced
+
+if TYPE_CHECKING:
+    from edgetrain.serde import Sliced
 
 State = Mapping[str, torch.Tensor]
 AGGREGATORS = ("mean", "median", "trimmed-mean")
@@ -38,14 +40,31 @@ class RunningWeightedMean:
         self._ints: dict[str, torch.Tensor] = {}
         self._scratch = np.empty(0, dtype=np.float32)
         self._done = False
+        self.spoiled = False  # part of an update went in and the rest failed: no result from this sum
         self.total_weight = 0
         self.count = 0
 
     def add(self, state: Mapping[str, torch.Tensor | Sliced], weight: int) -> None:
+        """Add weight * state.
+
+        A Sliced tensor is read while it is added: if reading fails, the sum holds part of the update and is
+        `spoiled` (no result: the caller runs the round again).
+        """
         if weight <= 0:
             raise ValueError(f"weight must be positive, got {weight}")
         if self._done:
             raise RuntimeError("this running mean was already turned into its result")
+        if self.spoiled:
+            raise RuntimeError("this running mean holds part of an update that failed while it was added")
+        try:
+            self._add(state, weight)
+        except BaseException:
+            self.spoiled = True
+            raise
+        self.total_weight += weight
+        self.count += 1
+
+    def _add(self, state: Mapping[str, torch.Tensor | Sliced], weight: int) -> None:
         for name, t in state.items():
             if isinstance(t, torch.Tensor):
                 if not t.is_floating_point():
@@ -66,8 +85,6 @@ class RunningWeightedMean:
                 slices = t.slices()
             for lo, src in slices:
                 self._add_numpy(out[lo : lo + src.size], src, weight, first)
-        self.total_weight += weight
-        self.count += 1
 
     def _add_torch(self, name: str, t: torch.Tensor, weight: int) -> None:  # pragma: no cover - see add
         acc = self._sum.get(name)
@@ -100,6 +117,8 @@ class RunningWeightedMean:
             raise ValueError("no updates to average")
         if self._done:
             raise RuntimeError("this running mean was already turned into its result")
+        if self.spoiled:
+            raise RuntimeError("this running mean holds part of an update that failed while it was added")
         self._done = True
         out: dict[str, torch.Tensor] = {}
         for name, ref in like.items():

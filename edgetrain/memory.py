@@ -1,7 +1,7 @@
 """Keep resident memory close to live memory in processes that stream many megabyte-sized buffers.
 
 glibc raises its mmap threshold each time a large mmapped block is freed (up to 32 MB), after which the
-1 MiB tensor parts and gRPC buffers come from per-thread heap arenas that keep freed memory. With many agents
+tensor parts and gRPC buffers come from per-thread heap arenas that keep freed memory. With many agents
 streaming at once the coordinator's RSS then grows ~40x the model (measured by bench/core_perf.py); a fixed
 threshold (which also turns the adjustment off) and two arenas keep it near what is really in use.
 The price is latency: every megabyte buffer is then a fresh mmap (page faults, zeroing); measured on a 2-agent
@@ -15,6 +15,7 @@ import ctypes
 import ctypes.util
 import functools
 import math
+import os
 import sys
 import threading
 from collections.abc import Iterator
@@ -82,6 +83,28 @@ def compute_heap() -> Iterator[None]:
         libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
         libc.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD)
         libc.malloc_trim(0)
+
+
+_MEMORY_FILESYSTEMS = ("tmpfs", "ramfs")
+
+
+def in_memory_fs(path: str | os.PathLike[str]) -> bool:
+    """Whether files under `path` live in RAM (a tmpfs or ramfs), by the mount it is on; False where unknown."""
+    target = os.path.realpath(path)
+    best, kind = "", ""
+    try:
+        with open("/proc/self/mounts") as f:
+            for line in f:
+                fields = line.split()
+                if len(fields) < 3:
+                    continue
+                mount = fields[1].replace("\\040", " ")
+                inside = target == mount or target.startswith(mount.rstrip("/") + "/")
+                if inside and len(mount) >= len(best):
+                    best, kind = mount, fields[2]
+    except OSError:
+        return False
+    return kind in _MEMORY_FILESYSTEMS
 
 
 class Recycler:

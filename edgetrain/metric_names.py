@@ -55,4 +55,5 @@ REFUSAL_REASONS = (
     "non_finite",  # NaN or Inf
     "bad_sample_count",  # <= 0 or more than the round asked for
     "too_large",  # message over the size limit
+    "staging",  # the coordinator could not write or read back a streamed update (its staging directory)
 )

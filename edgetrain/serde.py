@@ -24,9 +24,11 @@ from edgetrain.proto import edgetrain_pb2 as pb
 
 # 128 KiB of tensor data per message keeps every message far below gRPC's 4 MB default cap, whatever the model's
 # size, and bounds what each part in flight costs the coordinator: gRPC and protobuf copy a part ~4 times between
-# the socket and numpy. With 16 agents, 1 MiB parts cost it ~4x the MNIST CNN more than these; 64 KiB parts took
-# another 0.3x off but a quarter of the rounds per second (bench/core_perf.py, docs/performance.md).
+# the socket and numpy. With 16 agents of the MNIST CNN, 1 MiB -> 256 KiB took 1.7x the model off the coordinator's
+# peak, 256 -> 128 KiB another 0.5x; 64 KiB another 0.3x, but a quarter of the rounds per second
+# (bench/core_perf.py; docs/performance.md, "Coordinator memory, fifth pass").
 PART_BYTES = 1 << 17
+MAX_PART_BYTES = 1 << 20  # the most a receiver takes in one part (senders before 128 KiB parts sent 1 MiB)
 
 _TORCH_TO_WIRE: dict[torch.dtype, Any] = {  # values are pb.DType numbers
     torch.float32: pb.FLOAT32,
@@ -242,68 +244,81 @@ class Arena:
 
 
 class Stage:
-    """A reusable file where one streamed update waits, whole, until it is checked and added chunk by chunk.
+    """A reusable file where one streamed update waits, whole, until it is checked and added slice by slice.
 
     The coordinator writes an update's parts here as they arrive instead of into a model-sized buffer; once every
-    part is in, `Assembler.finish_staged` hands out the tensors as `StagedTensor`s that read the file back a chunk
-    at a time. The update is checked whole before any of it is added to the round's sum (a NaN in its last part
-    adds nothing), and no model-sized buffer is held for it: the file's pages are the kernel's cache, written to
-    disk when memory is short. On a tmpfs they are memory again, as much as an `Arena`.
+    part is in, `Assembler.finish_staged` hands out its floating tensors as `StagedTensor`s that read the file
+    back a slice at a time. The update is checked whole before any of it is added to the round's sum (a NaN in
+    its last part adds nothing). `end` empties the file again: its pages are in the kernel's page cache only
+    while an update is in it, and, in a directory on disk, can be written out when memory is short. On a tmpfs
+    they are memory as much as an `Arena` would be, but only while an update is in them.
 
-    The file is unnamed (gone when closed or when the process dies). Whoever holds the Stage owns the file until
-    its tensors are no longer used; the next `begin` overwrites it.
+    The file has no name (it goes when the Stage is closed or collected, or the process dies). Whoever holds
+    the Stage owns the file until its tensors are no longer used. Staged tensors are float32 (the sum's dtype):
+    the coordinator stages updates only for models whose floating tensors are all float32.
     """
 
-    CHUNK = 1 << 15  # elements per chunk read back: 128 KiB of float32, below torch's grain for parallel ops
+    CHUNK = 1 << 15  # elements per slice read back: 128 KiB of float32
 
     def __init__(self, directory: str | os.PathLike[str] | None = None) -> None:
         with tempfile.TemporaryFile(dir=directory) as f:
-            self._fd = os.dup(f.fileno())  # a plain descriptor, closed with the Stage or when it is collected
-        self.close = weakref.finalize(self, os.close, self._fd)
+            self.fd = os.dup(f.fileno())  # a plain descriptor, closed with the Stage or when it is collected
+        self.close = weakref.finalize(self, os.close, self.fd)
         self._end = 0
         self._read = bytearray(self.CHUNK * 8)  # the widest wire dtype (float64)
         self._out = np.empty(self.CHUNK, dtype=np.float32)
 
     def begin(self) -> Stage:
-        """Start a new update from the file's start."""
+        """Start a new update at the file's start."""
         self._end = 0
         return self
 
+    def end(self) -> None:
+        """Drop the update's bytes (the page cache's pages go back at once, none is written to disk)."""
+        os.ftruncate(self.fd, 0)
+        self._end = 0
+
+    def staged_bytes(self) -> int:
+        """Bytes of the file in the page cache or on disk now."""
+        return os.fstat(self.fd).st_blocks * 512
+
     def __call__(self, name: str, dtype: torch.dtype, nbytes: int) -> _FileRegion:
-        region = _FileRegion(self._fd, self._end, nbytes)
+        region = _FileRegion(self, self._end, nbytes)
         self._end += nbytes
         return region
 
     def tensor(self, region: _FileRegion, wire: torch.dtype, shape: tuple[int, ...], scale: float,
                dtype: torch.dtype, base: torch.Tensor | None) -> StagedTensor | torch.Tensor:
-        """A staged tensor of `dtype`; integer ones (counters, small) are read whole."""
+        """A staged float32 tensor; integer ones (counters, small) are read whole."""
         if dtype.is_floating_point:
+            if dtype != torch.float32:
+                raise TypeError(f"a staged tensor is float32 (the sum's dtype), not {dtype}")
             return StagedTensor(self, region, wire, shape, scale, base)
         whole = bytearray(region.nbytes)
-        self._read_into(memoryview(whole), region.offset)
+        self.read_into(memoryview(whole), region.offset)
         return _from_wire(_from_bytes(whole, wire, shape), scale, dtype)
 
-    def _read_into(self, view: memoryview, offset: int) -> None:
+    def read_into(self, view: memoryview, offset: int) -> None:
         while view:
-            n = os.preadv(self._fd, [view], offset)
+            n = os.preadv(self.fd, [view], offset)
             if n <= 0:
                 raise OSError(f"the staging file ended {len(view)} bytes early")
             view, offset = view[n:], offset + n
 
 
 class _FileRegion:
-    def __init__(self, fd: int, offset: int, nbytes: int) -> None:
-        self.fd, self.offset, self.nbytes = fd, offset, nbytes
+    def __init__(self, stage: Stage, offset: int, nbytes: int) -> None:
+        self.stage, self.offset, self.nbytes = stage, offset, nbytes
 
     def __setitem__(self, key: slice, data: bytes, /) -> None:
         view, at = memoryview(data), self.offset + key.start
         while view:
-            n = os.pwrite(self.fd, view, at)
+            n = os.pwrite(self.stage.fd, view, at)
             view, at = view[n:], at + n
 
 
 class StagedTensor:
-    """A floating tensor in a `Stage`'s file, read back as float32 a chunk at a time (`base` + it for a delta)."""
+    """A float32 tensor in a `Stage`'s file, read back a slice at a time (`base` + it for a delta)."""
 
     def __init__(self, stage: Stage, region: _FileRegion, wire: torch.dtype, shape: tuple[int, ...], scale: float,
                  base: torch.Tensor | None) -> None:
@@ -314,24 +329,41 @@ class StagedTensor:
     def slices(self) -> Iterator[tuple[int, np.ndarray[Any, np.dtype[np.float32]]]]:
         """(element offset, float32 values): each array is only valid until the next one is asked for.
 
-        Values are exactly what `Assembler.finish` (and `apply_delta` for a delta) would have made of them.
+        Bit for bit what `Assembler.finish` (and `apply_delta` for a delta) make of the same bytes: float16 and
+        bfloat16 widen exactly, int8 is float32(value) * float32(scale) as torch computes it. Into the Stage's
+        own buffers: nothing is allocated per slice.
         """
         stage, size = self._stage, self._wire.itemsize
         numel = self.shape.numel()
-        for lo in range(0, numel, Stage.CHUNK):
-            n = min(Stage.CHUNK, numel - lo)
+        for lo in range(0, numel, stage.CHUNK):
+            n = min(stage.CHUNK, numel - lo)
             raw = memoryview(stage._read)[: n * size]
-            stage._read_into(raw, self._region.offset + lo * size)
-            if self._wire == torch.float32 and sys.byteorder == "little":
-                values = np.frombuffer(raw, dtype=np.float32)
-            else:  # the same conversion as a decode in memory, on one chunk
-                wide = _from_wire(_from_bytes(raw, self._wire, (n,)), self._scale, torch.float32)
-                values = wide.numpy()
+            stage.read_into(raw, self._region.offset + lo * size)
+            out = stage._out[:n]
+            values = _widen(raw, self._wire, self._scale, out)
             if self._base is not None:
                 with np.errstate(over="ignore", invalid="ignore"):  # an overflow is an Inf, which `finite` refuses
-                    values = np.add(self._base[lo : lo + n], values, out=stage._out[:n])
+                    values = np.add(self._base[lo : lo + n], values, out=out)
             yield lo, values
 
+
+def _widen(raw: memoryview, wire: torch.dtype, scale: float,
+           out: np.ndarray[Any, np.dtype[np.float32]]) -> np.ndarray[Any, np.dtype[np.float32]]:
+    """Little-endian wire values as float32, in `out` unless they are float32 already (then a view of `raw`)."""
+    if sys.byteorder != "little":  # pragma: no cover - big-endian hosts only
+        np.copyto(out, _from_wire(_from_bytes(raw, wire, (len(out),)), scale, torch.float32).numpy())
+        return out
+    if wire == torch.float32:
+        return np.frombuffer(raw, dtype=np.float32)
+    if wire == torch.float16:
+        np.copyto(out, np.frombuffer(raw, dtype=np.float16))
+    elif wire == torch.bfloat16:  # the 16 high bits of a float32
+        np.left_shift(np.frombuffer(raw, dtype=np.uint16), np.uint32(16), out=out.view(np.uint32))
+    elif wire == torch.int8:
+        np.multiply(np.frombuffer(raw, dtype=np.int8), np.float32(scale), out=out)
+    else:
+        np.copyto(out, np.frombuffer(raw, dtype=np.float64), casting="same_kind")
+    return out
 
 
 def into_tensors(state: Mapping[str, torch.Tensor]) -> Buffers:

@@ -231,7 +231,7 @@ def oracle(fz: Fuzz, msgs: list[pb.UpdateMessage], session: str, taken: set[str]
     if h.round != fz.engine.current_round or name in taken or not 0 < h.num_samples <= 8:
         return None
     rest = msgs[1:]
-    if any(not m.HasField("part") or len(m.part.data) > serde.PART_BYTES for m in rest):
+    if any(not m.HasField("part") or len(m.part.data) > serde.MAX_PART_BYTES for m in rest):
         return None
     try:
         tensors = serde.decode([m.part for m in rest], serde.spec_of(fz.engine.global_state))

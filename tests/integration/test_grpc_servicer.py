@@ -14,6 +14,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from agent import client as client_module
 from agent.client import CoordinatorClient
+from coordinator.rounds import RoundEngine
 from coordinator.servicer import ServiceState
 from edgetrain import grpc_options, serde
 from edgetrain.proto import edgetrain_pb2 as pb
@@ -109,7 +110,7 @@ def _two_headers(msgs: Messages) -> Messages:
 
 
 def _oversized(msgs: Messages) -> Messages:
-    msgs[1].part.data = b"\x00" * (serde.PART_BYTES + 4)
+    msgs[1].part.data = b"\x00" * (serde.MAX_PART_BYTES + 4)
     return msgs
 
 
@@ -179,6 +180,40 @@ def test_an_update_refused_at_its_last_part_adds_nothing_to_the_round(tmp_path: 
         assert list(tmp_path.iterdir()) == []  # ...in files without a name
         svc.engine.close_round()
         assert snapshot(svc) == {k: v.numpy().tobytes() for k, v in trained.items()}  # a's update alone, exactly
+
+
+def test_an_update_the_coordinator_cannot_stage_is_refused_unavailable_and_counted(tmp_path: Path) -> None:
+    """The staging directory is gone: UNAVAILABLE (the agent retries), counted, the model untouched."""
+    gone = tmp_path / "gone"
+    for svc in make_service(small_state(), staging_dir=gone):
+        agent_id, md = open_round(svc, "a")["a"]
+        before = snapshot(svc)
+        with pytest.raises(grpc.RpcError) as err:
+            svc.stub.SubmitUpdate(iter(update(agent_id, 0, 8, small_state())), metadata=md, timeout=5)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "stage" in (err.value.details() or "")
+        assert svc.refused("staging") == 1.0
+        gone.mkdir()  # back: the same agent's update goes through
+        assert svc.stub.SubmitUpdate(iter(update(agent_id, 0, 8, small_state())), metadata=md, timeout=5).accepted
+        svc.engine.close_round()
+        assert snapshot(svc) == before  # the one update taken was the model itself
+
+
+def test_a_staging_directory_that_cannot_take_files_stops_the_start(tmp_path: Path) -> None:
+    from prometheus_client import CollectorRegistry
+
+    from coordinator.membership import Membership
+    from coordinator.metrics import CoordinatorMetrics
+    from edgetrain.errors import ConfigError
+    from edgetrain.spec import RunSpec
+
+    engine = RoundEngine(small_state(), batch_size=4, local_steps=1, round_timeout=5)
+    svc = ServiceState(engine, Membership(), RunSpec(dataset="tweets"), CoordinatorMetrics(CollectorRegistry()),
+                       staging_dir=tmp_path / "missing")
+    with pytest.raises(ConfigError, match="cannot make staging files in .*missing"):
+        svc.prepare_staging()
+    svc.staging_dir = tmp_path
+    svc.prepare_staging()
+    svc.close()
 
 @pytest.mark.parametrize(
     ("round_", "samples", "code", "reason"),
@@ -252,8 +287,8 @@ def test_a_slow_download_gets_time_for_its_bytes(monkeypatch: pytest.MonkeyPatch
     big = {"w": torch.randn(2_000_000)}  # 8 MB
     original = ServiceState.weight_slices
 
-    def slow_link(self: ServiceState, round_: int, state: Mapping[str, torch.Tensor]) -> Iterator[serde.Slice]:
-        for part in original(self, round_, state):
+    def slow_link(self: ServiceState, state: Mapping[str, torch.Tensor]) -> Iterator[serde.Slice]:
+        for part in original(self, state):
             time.sleep(1.6 * serde.PART_BYTES / 8e6)  # 1.6 s on the wire
             yield part
 

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import gc
+import subprocess
+from pathlib import Path
 
+import pytest
 import torch
 
 from coordinator.rounds import RoundEngine
@@ -88,3 +91,17 @@ print(tuned, inside, again, (held - after) // (1 << 20))
     assert inside == 1  # ... but comes from the heap while computing ...
     assert again == 0  # ... and the setting is back afterwards
     assert released_mb >= 7  # the heap's 8 MiB went back to the system when compute_heap ended
+
+
+def test_in_memory_fs_tells_a_tmpfs_from_a_disk(tmp_path: Path) -> None:
+    from edgetrain.memory import in_memory_fs
+
+    def fs_type(path: str | Path) -> str:  # coreutils' answer, from statfs(2)
+        return subprocess.run(["stat", "-f", "-c", "%T", str(path)], capture_output=True, text=True,
+                              check=True).stdout.strip()
+
+    if fs_type("/dev/shm") != "tmpfs":
+        pytest.skip("no tmpfs at /dev/shm here")
+    assert in_memory_fs("/dev/shm") and in_memory_fs("/dev/shm/not-made-yet")
+    assert not in_memory_fs("/proc")
+    assert in_memory_fs(tmp_path) == (fs_type(tmp_path) in ("tmpfs", "ramfs"))

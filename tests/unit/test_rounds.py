@@ -1,5 +1,8 @@
 import threading
+from collections.abc import Iterator
+from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
@@ -137,3 +140,51 @@ def test_balanced_steps_survive_absurd_throughputs() -> None:
     assert balanced_steps([1e308, 1.0], 4) == [8, 1]  # the slow node still gets its one step
     assert balanced_steps([1e308, 1e308], 4) == [4, 4]
     assert balanced_steps([float("inf"), float("nan"), 2.0], 2) == [2, 2, 2]
+
+
+class _FailsAfter:
+    """An update read back slice by slice (serde.Sliced) whose storage fails after `good` slices."""
+
+    def __init__(self, values: torch.Tensor, good: int) -> None:
+        self.shape, self._flat, self._good = values.shape, values.reshape(-1).numpy(), good
+
+    def slices(self) -> Iterator[tuple[int, np.ndarray[Any, np.dtype[np.float32]]]]:
+        for i in range(self._flat.size):
+            if i == self._good:
+                raise OSError(5, "Input/output error")
+            yield i, self._flat[i : i + 1]
+
+
+def test_an_update_that_fails_while_it_is_added_spoils_the_round_which_runs_again() -> None:
+    eng = _engine()
+    eng.open_round([("a", 0.0, 1), ("b", 0.0, 1), ("c", 0.0, 1)])
+    eng.submit("a", 0, 4, _update(1.0))
+    failing = {"w": _FailsAfter(torch.full((3,), 5.0), good=1), "n": torch.tensor(1)}
+    with pytest.raises(rounds.StagingError):  # checking it reads it too: refused, nothing added
+        eng.submit("b", 0, 4, failing)
+    assert eng.global_state["w"].sum() == 0
+    with pytest.raises(rounds.StagingError):  # checked before (as the servicer does): one value went in, then it failed
+        eng.submit("b", 0, 4, failing, checked_finite=True)
+    with pytest.raises(rounds.StagingError):  # nothing more goes into a spoiled sum
+        eng.submit("c", 0, 4, _update(2.0))
+    assert eng.wait_for_updates() is False  # at once: the round will not be applied, whoever sends now
+    out = eng.close_round(min_updates=1)
+    assert not out.applied and out.spoiled and eng.completed_rounds == 0
+    assert torch.equal(eng.global_state["w"], torch.zeros(3))
+    eng.open_round([("a", 0.0, 1), ("b", 0.0, 1)])  # run again: a fresh sum, nothing of b's half update
+    eng.submit("a", 0, 4, _update(1.0))
+    eng.submit("b", 0, 4, _update(3.0))
+    out = eng.close_round()
+    assert out.applied and torch.equal(eng.global_state["w"], torch.full((3,), 2.0))
+
+
+def test_a_running_mean_whose_add_failed_gives_no_result() -> None:
+    from edgetrain.aggregation import RunningWeightedMean
+
+    acc = RunningWeightedMean()
+    acc.add({"w": torch.ones(3)}, 1)
+    with pytest.raises(OSError):
+        acc.add({"w": _FailsAfter(torch.full((3,), 5.0), good=2)}, 1)
+    assert acc.spoiled and acc.count == 1
+    with pytest.raises(RuntimeError, match="failed while it was added"):
+        acc.result({"w": torch.zeros(3)})
