@@ -278,8 +278,9 @@ class RoundEngine:
             self._open = False
             contributions = dict(self._received)
             missing = sorted(set(self._assignments) - set(contributions))
-            self._missed.update(dict.fromkeys(missing, self.completed_rounds))
             spoiled = self.aggregator == "mean" and self._acc.spoiled
+            if not spoiled:  # a spoiled round closes early and runs again at once: updates on their way count there
+                self._missed.update(dict.fromkeys(missing, self.completed_rounds))
             applied = len(contributions) >= max(1, min_updates) and not spoiled
             overflow = False
             if applied:
@@ -334,6 +335,7 @@ class RoundEngine:
                     return Work("FINISHED")
                 if (
                     self._open
+                    and not (self.aggregator == "mean" and self._acc.spoiled)  # about to close and run again
                     and (after_round < self.completed_rounds or self._rerun_for(agent_id))
                     and agent_id in self._assignments
                     and agent_id not in self._received

@@ -281,8 +281,8 @@ class Coordinator:
                     names = {a.agent_id: a.name for a in live}
                     engine.wait_for_updates(self.stop)
                     outcome = engine.close_round(min_updates=min(cfg.min_agents, len(live)))
-                    if not self.stop.is_set():  # a round cut short by a stop is nobody's fault
-                        self._bench(outcome, names)
+                    if not self.stop.is_set() and not outcome.spoiled:  # a round cut short by a stop or by
+                        self._bench(outcome, names)  # a staged update's failed read is nobody's fault
                         if outcome.missing:
                             self.metrics.rounds_short.inc()
                     self.metrics.agents.set(len(self.membership))

@@ -8,7 +8,7 @@ import re
 import tempfile
 import threading
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Generic, TypeVar
@@ -107,11 +107,20 @@ class ServiceState:
     @contextmanager
     def stage(self) -> Iterator[serde.Stage]:
         """A reusable staging file for a streamed update (`arena`'s terms), emptied again when the block ends."""
-        with self._stages.take() as stage:
+        with ExitStack() as stack:
+            try:
+                stage = stack.enter_context(self._stages.take())
+            except OSError as err:
+                log.warning("cannot make a staging file in %s: %s", self.staging_dir or tempfile.gettempdir(), err)
+                raise rounds.StagingError(f"the coordinator could not make a staging file ({err})") from err
             try:
                 yield stage.begin()
             finally:
-                stage.end()
+                try:
+                    stage.end()
+                except OSError as err:  # whatever the block did stands; this file is not used again
+                    log.warning("cannot empty a staging file: %s", err)
+                    self._stages.drop(stage)
 
     def prepare_staging(self) -> None:
         """Make the first staging file now: a directory that cannot take one stops the start, not every upload."""
@@ -149,6 +158,7 @@ class _Pool(Generic[_T]):
         self._lock = threading.Lock()
         self._free: list[_T] = []
         self._made: list[_T] = []
+        self._dropped: list[_T] = []
         self._closed = False
 
     @contextmanager
@@ -163,11 +173,19 @@ class _Pool(Generic[_T]):
             yield item
         finally:
             with self._lock:
-                closed = self._closed
-                if not closed:
+                keep = not self._closed and all(d is not item for d in self._dropped)
+                if keep:
                     self._free.append(item)
-            if closed:  # given back after close: nobody takes it again
+                else:  # given back after close, or dropped: nobody takes it again
+                    self._made = [m for m in self._made if m is not item]
+                    self._dropped = [d for d in self._dropped if d is not item]
+            if not keep:
                 self._discard(item)
+
+    def drop(self, item: _T) -> None:
+        """Discard `item` (taken now) when it is given back instead of keeping it."""
+        with self._lock:
+            self._dropped.append(item)
 
     def made(self) -> list[_T]:
         with self._lock:
@@ -178,8 +196,27 @@ class _Pool(Generic[_T]):
         with self._lock:
             self._closed = True
             free, self._free = self._free, []
+            self._made = [m for m in self._made if all(m is not f for f in free)]
         for item in free:
             self._discard(item)
+
+
+class Outgoing:
+    """A serialised RoundMessage that gives its bytes up once, to gRPC (`serialize_round`)."""
+
+    __slots__ = ("_data",)
+
+    def __init__(self, data: bytes) -> None:
+        self._data = data
+
+    def take(self) -> bytes:
+        data, self._data = self._data, b""
+        return data
+
+
+def serialize_round(message: pb.RoundMessage | Outgoing) -> bytes:
+    """GetRound's response serializer: weight parts come serialised already, and keep nothing once taken."""
+    return message.take() if isinstance(message, Outgoing) else message.SerializeToString()
 
 
 def _read_parts(asm: serde.Assembler, rest: Iterator[pb.UpdateMessage]) -> None:
@@ -275,7 +312,8 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
                                 spec=self.s.spec.to_proto(), paced_uploads=True)
         raise AssertionError("unreachable")  # pragma: no cover - abort raised
 
-    def GetRound(self, request: pb.RoundRequest, context: grpc.ServicerContext) -> Iterator[pb.RoundMessage]:  # noqa: N802
+    def GetRound(self, request: pb.RoundRequest,  # noqa: N802
+                 context: grpc.ServicerContext) -> Iterator[pb.RoundMessage | Outgoing]:
         node = [UNKNOWN_NODE]
         with self._refusals(context, node):
             agent = self._agent(request.agent_id, context)
@@ -313,14 +351,16 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         for layout, chunk, offset in self.s.weight_slices(work.state):
             # The sync server resumes this generator once gRPC has sent the part (or the call ended). Agents
             # that read slowly must not hold up everyone's download: past send_wait a part goes without a slot.
-            # Parts in memory: one per send slot, plus the last one sent on each stream (gRPC's sync server keeps
-            # it until this generator gives the next: grpc/_server.py), each ~2 part-sized copies.
+            # Parts in memory: one per send slot, serialised (gRPC's sync server keeps the last object yielded on
+            # each stream until this generator gives the next: an Outgoing, emptied as gRPC took its bytes).
             slot = self.s.sends.acquire(timeout=self.s.send_wait)
             try:
                 msg = pb.RoundMessage()
                 serde.fill(msg.part, layout, chunk, offset)
-                yield msg
+                out = Outgoing(msg.SerializeToString())
                 del msg
+                yield out
+                del out
             finally:
                 if slot:
                     self.s.sends.release()
@@ -408,17 +448,18 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
                 _read_parts(asm, rest)
                 yield self._whole(glob, asm.finish(), asm.received_bytes, h.delta)
             return
-        try:
-            with self.s.stage() as stage:
+        with self.s.stage() as stage:
+            try:
                 asm = serde.Assembler(expected, into=stage, check_finite=False)
                 _read_parts(asm, rest)
                 staged = asm.finish_staged(stage, base=glob if h.delta else None)
-                if not serde.finite(staged):
-                    raise rounds.NonFiniteError("the update has NaN or Inf values (or overflows float32 as weights)")
-                yield staged, asm.received_bytes, True
-        except OSError as err:
-            log.warning("cannot stage an update in %s: %s", self.s.staging_dir or "the temp dir", err)
-            raise rounds.StagingError(f"the coordinator could not stage this update ({err})") from err
+                finite = serde.finite(staged)
+            except OSError as err:
+                log.warning("cannot stage an update in %s: %s", self.s.staging_dir or tempfile.gettempdir(), err)
+                raise rounds.StagingError(f"the coordinator could not stage this update ({err})") from err
+            if not finite:
+                raise rounds.NonFiniteError("the update has NaN or Inf values (or overflows float32 as weights)")
+            yield staged, asm.received_bytes, True
 
     @staticmethod
     def _whole(glob: Mapping[str, torch.Tensor], tensors: dict[str, torch.Tensor], received: int,

@@ -16,6 +16,7 @@ import ctypes.util
 import functools
 import math
 import os
+import re
 import sys
 import threading
 from collections.abc import Iterator
@@ -98,7 +99,7 @@ def in_memory_fs(path: str | os.PathLike[str]) -> bool:
                 fields = line.split()
                 if len(fields) < 3:
                     continue
-                mount = fields[1].replace("\\040", " ")
+                mount = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), fields[1])  # "\040": a space
                 inside = target == mount or target.startswith(mount.rstrip("/") + "/")
                 if inside and len(mount) >= len(best):
                     best, kind = mount, fields[2]

@@ -355,14 +355,17 @@ def _widen(raw: memoryview, wire: torch.dtype, scale: float,
         return out
     if wire == torch.float32:
         return np.frombuffer(raw, dtype=np.float32)
-    if wire == torch.float16:
-        np.copyto(out, np.frombuffer(raw, dtype=np.float16))
-    elif wire == torch.bfloat16:  # the 16 high bits of a float32
-        np.left_shift(np.frombuffer(raw, dtype=np.uint16), np.uint32(16), out=out.view(np.uint32))
-    elif wire == torch.int8:
-        np.multiply(np.frombuffer(raw, dtype=np.int8), np.float32(scale), out=out)
-    else:
-        np.copyto(out, np.frombuffer(raw, dtype=np.float64), casting="same_kind")
+    with np.errstate(over="ignore", invalid="ignore"):  # an overflow is an Inf, which `finite` refuses
+        if wire == torch.float16:
+            np.copyto(out, np.frombuffer(raw, dtype=np.float16))
+        elif wire == torch.bfloat16:  # the 16 high bits of a float32: widened first (numpy 1.x shifts in uint16)
+            bits = out.view(np.uint32)
+            np.copyto(bits, np.frombuffer(raw, dtype=np.uint16))
+            np.left_shift(bits, np.uint32(16), out=bits)
+        elif wire == torch.int8:
+            np.multiply(np.frombuffer(raw, dtype=np.int8), np.float32(scale), out=out)
+        else:
+            np.copyto(out, np.frombuffer(raw, dtype=np.float64), casting="same_kind")
     return out
 
 

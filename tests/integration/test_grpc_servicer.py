@@ -190,7 +190,7 @@ def test_an_update_the_coordinator_cannot_stage_is_refused_unavailable_and_count
         before = snapshot(svc)
         with pytest.raises(grpc.RpcError) as err:
             svc.stub.SubmitUpdate(iter(update(agent_id, 0, 8, small_state())), metadata=md, timeout=5)
-        assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "stage" in (err.value.details() or "")
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "staging" in (err.value.details() or "")
         assert svc.refused("staging") == 1.0
         gone.mkdir()  # back: the same agent's update goes through
         assert svc.stub.SubmitUpdate(iter(update(agent_id, 0, 8, small_state())), metadata=md, timeout=5).accepted

@@ -168,12 +168,13 @@ def test_an_update_that_fails_while_it_is_added_spoils_the_round_which_runs_agai
     with pytest.raises(rounds.StagingError):  # nothing more goes into a spoiled sum
         eng.submit("c", 0, 4, _update(2.0))
     assert eng.wait_for_updates() is False  # at once: the round will not be applied, whoever sends now
+    assert eng.get_work("c", -1, timeout=0).status == "WAIT"  # nor is it handed out any more
     out = eng.close_round(min_updates=1)
     assert not out.applied and out.spoiled and eng.completed_rounds == 0
     assert torch.equal(eng.global_state["w"], torch.zeros(3))
     eng.open_round([("a", 0.0, 1), ("b", 0.0, 1)])  # run again: a fresh sum, nothing of b's half update
     eng.submit("a", 0, 4, _update(1.0))
-    eng.submit("b", 0, 4, _update(3.0))
+    eng.submit("b", 0, 4, _update(3.0))  # not "late": a round that closed spoiled missed nobody
     out = eng.close_round()
     assert out.applied and torch.equal(eng.global_state["w"], torch.full((3,), 2.0))
 
