@@ -1,10 +1,11 @@
 """Protocol load: N agents against a real coordinator on loopback; prints figures (a benchmark, not a test).
 
 The coordinator is the real one (`python -m coordinator run`, a child process, so its memory is its own);
-the agents are N threads in this process, each with its own channel, doing what an agent does on the wire:
-Join, long-poll GetRound, decode the weights, send a real-size update back (the weights nudged; no training,
-so the load is the protocol's). Reports whether every round completed and every agent heard FINISHED (no
-deadlock), rounds/s, p50/p95 round time, and the coordinator's peak RSS growth against the model's size.
+the agents are N threads in this process, each the agents' own client with its own channel, streaming as from
+another host: Join, long-poll GetRound, decode the weights, send a real-size update back when the coordinator
+has an upload slot for it (the weights nudged; no training, so the load is the protocol's). Reports whether
+every round completed and every agent heard FINISHED (no deadlock), rounds/s, p50/p95 round time, and the
+coordinator's peak RSS growth against the model's size.
 
     python bench/load.py                              # 32 agents, 10 rounds, text-cnn on tweets
     python bench/load.py --agents 64 --model text-bag
@@ -23,20 +24,18 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
-import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import grpc  # noqa: E402
 
-from edgetrain import grpc_options, serde  # noqa: E402
+from agent.client import CoordinatorClient  # noqa: E402
+from edgetrain import serde  # noqa: E402
 from edgetrain.proto import edgetrain_pb2 as pb  # noqa: E402
-from edgetrain.proto import edgetrain_pb2_grpc as pb_grpc  # noqa: E402
 from edgetrain.spec import RunSpec  # noqa: E402
 from edgetrain.training import state_of  # noqa: E402
 from edgetrain.workload import load_workload  # noqa: E402
@@ -57,38 +56,28 @@ class Agent(threading.Thread):
         self.error = ""
 
     def run(self) -> None:
-        channel = grpc.insecure_channel(f"127.0.0.1:{self.port}", options=grpc_options.CLIENT)
-        stub = pb_grpc.CoordinatorStub(channel)  # type: ignore[no-untyped-call]
+        # the agents' own client (paced uploads, deadlines, decoding), streaming as from another host
+        client = CoordinatorClient(f"127.0.0.1:{self.port}")
+        client.shared_memory = False
         try:
-            reply = stub.Join(pb.JoinRequest(agent_name=self.name), timeout=30)
-            md = [(grpc_options.SESSION_METADATA, reply.session_token)]
+            client.join(pb.JoinRequest(agent_name=self.name))
             after = -1
             while True:
-                msgs = list(stub.GetRound(pb.RoundRequest(agent_id=reply.agent_id, after_round=after), metadata=md,
-                                          timeout=300))
-                h = msgs[0].header
+                rnd = client.get_round(after, self.expected)
+                h = rnd.header
                 if h.status == pb.FINISHED:
                     self.finished = True
                     return
-                if h.status != pb.WORK:
+                if h.status != pb.WORK or rnd.state is None:
                     continue
-                state = serde.decode([m.part for m in msgs[1:]], self.expected)
-                state = {k: v + 1e-3 if v.is_floating_point() else v for k, v in state.items()}
-
-                def stream(state: dict[str, torch.Tensor] = state,
-                           h: pb.RoundHeader = h) -> Iterator[pb.UpdateMessage]:
-                    yield pb.UpdateMessage(header=pb.UpdateHeader(agent_id=reply.agent_id, round=h.round,
-                                                                  num_samples=h.local_steps * h.batch_size))
-                    for part in serde.encode(state):
-                        yield pb.UpdateMessage(part=part)
-
-                stub.SubmitUpdate(stream(), metadata=md, timeout=300)
+                state = {k: v + 1e-3 if v.is_floating_point() else v for k, v in rnd.state.items()}
+                client.submit(h.round, h.local_steps * h.batch_size, pb.NodeStats(), state)
                 self.rounds += 1
                 after = h.round
         except grpc.RpcError as err:
             self.error = f"{err.code().name}: {err.details()}"
         finally:
-            channel.close()
+            client.close()
 
 
 def main() -> int:
