@@ -133,10 +133,21 @@ class Recycler:
             for i in range(len(mine)):
                 if _references(mine, i) <= self._free:
                     return torch.from_numpy(mine[i]).view(shape)
-            buf = np.empty(n, dtype=np.float32)
+            buf = _aligned(n)
             if len(mine) < self._keep:
                 mine.append(buf)
         return torch.from_numpy(buf).view(shape)
+
+
+def _aligned(n: int) -> np.ndarray[tuple[int], np.dtype[np.float32]]:
+    """A float32 array of n values from a 64-byte boundary, as torch allocates (numpy's are 16-byte aligned).
+
+    The coordinator evaluates on these tensors: text-cnn on the tweets' test split took 201-204 ms on numpy's
+    alignment against 195-196 ms on a copy in torch's memory, and 196-200 ms on these (medians of 6, noisy machine).
+    """
+    raw = np.empty(n + 16, dtype=np.float32)
+    skip = (-raw.ctypes.data % 64) // 4
+    return raw[skip : skip + n]
 
 
 def _references(buffers: list[np.ndarray[tuple[int], np.dtype[np.float32]]], i: int) -> int:

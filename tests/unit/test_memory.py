@@ -105,3 +105,10 @@ def test_in_memory_fs_tells_a_tmpfs_from_a_disk(tmp_path: Path) -> None:
     assert in_memory_fs("/dev/shm") and in_memory_fs("/dev/shm/not-made-yet")
     assert not in_memory_fs("/proc")
     assert in_memory_fs(tmp_path) == (fs_type(tmp_path) in ("tmpfs", "ramfs"))
+
+
+def test_recycled_buffers_start_on_64_byte_boundaries_like_torchs() -> None:
+    rec = Recycler()
+    for n in (1, 3, 17, 1000, 300_001):
+        t = rec.empty((n,))
+        assert t.data_ptr() % 64 == 0 and t.numel() == n
