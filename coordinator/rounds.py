@@ -263,7 +263,7 @@ class RoundEngine:
                 pending = self._expected - set(self._received)
                 if not pending:
                     return True
-                if self.aggregator == "mean" and self._acc.spoiled:  # the round runs again whatever comes now
+                if self._acc.spoiled:  # the round runs again whatever comes now
                     return False
                 remaining = self._deadline - self._clock()
                 if remaining <= 0 or (stop is not None and stop.is_set()):
@@ -278,7 +278,7 @@ class RoundEngine:
             self._open = False
             contributions = dict(self._received)
             missing = sorted(set(self._assignments) - set(contributions))
-            spoiled = self.aggregator == "mean" and self._acc.spoiled
+            spoiled = self._acc.spoiled  # only the mean reads staged updates while it adds them
             if not spoiled:  # a spoiled round closes early and runs again at once: updates on their way count there
                 self._missed.update(dict.fromkeys(missing, self.completed_rounds))
             applied = len(contributions) >= max(1, min_updates) and not spoiled
@@ -335,7 +335,7 @@ class RoundEngine:
                     return Work("FINISHED")
                 if (
                     self._open
-                    and not (self.aggregator == "mean" and self._acc.spoiled)  # about to close and run again
+                    and not self._acc.spoiled  # about to close and run again
                     and (after_round < self.completed_rounds or self._rerun_for(agent_id))
                     and agent_id in self._assignments
                     and agent_id not in self._received

@@ -452,14 +452,11 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             try:
                 asm = serde.Assembler(expected, into=stage, check_finite=False)
                 _read_parts(asm, rest)
-                staged = asm.finish_staged(stage, base=glob if h.delta else None)
-                finite = serde.finite(staged)
+                staged = asm.finish_staged(base=glob if h.delta else None)
             except OSError as err:
                 log.warning("cannot stage an update in %s: %s", self.s.staging_dir or tempfile.gettempdir(), err)
                 raise rounds.StagingError(f"the coordinator could not stage this update ({err})") from err
-            if not finite:
-                raise rounds.NonFiniteError("the update has NaN or Inf values (or overflows float32 as weights)")
-            yield staged, asm.received_bytes, True
+            yield staged, asm.received_bytes, False  # the engine reads it back whole to check it, then to add it
 
     @staticmethod
     def _whole(glob: Mapping[str, torch.Tensor], tensors: dict[str, torch.Tensor], received: int,

@@ -498,9 +498,8 @@ class Assembler:
         self._buffers.clear()
         return out
 
-    def finish_staged(self, stage: Stage, base: Mapping[str, torch.Tensor] | None = None,
-                      ) -> dict[str, Sliced | torch.Tensor]:
-        """`finish` for an update assembled into `stage`: its floating tensors stay in the file (`StagedTensor`).
+    def finish_staged(self, base: Mapping[str, torch.Tensor] | None = None) -> dict[str, Sliced | torch.Tensor]:
+        """`finish` for an update assembled into a `Stage`: its floating tensors stay in the file (`StagedTensor`).
 
         `base`: the update is a delta, and the tensors read back are base + delta. Values are not checked here:
         `finite` reads them back for that (a staged update is checked whole before any of it is used).
@@ -513,7 +512,7 @@ class Assembler:
             if not isinstance(region, _FileRegion):
                 raise TypeError("finish_staged is for an Assembler writing into a Stage")
             delta_base = base[name] if base is not None and spec.dtype.is_floating_point else None
-            out[name] = stage.tensor(region, _WIRE_TO_TORCH[wire], shape, scale, spec.dtype, delta_base)
+            out[name] = region.stage.tensor(region, _WIRE_TO_TORCH[wire], shape, scale, spec.dtype, delta_base)
         self._buffers.clear()
         return out
 

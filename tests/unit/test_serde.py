@@ -154,7 +154,7 @@ def _staged(state: dict[str, torch.Tensor], wire: str, stage: serde.Stage,
     asm = serde.Assembler(serde.spec_of(state), into=stage.begin(), check_finite=False)
     for part in serde.encode(state, wire_dtype=wire, part_bytes=1000):  # parts that do not line up with chunks
         asm.add(part)
-    return asm.finish_staged(stage, base=base)
+    return asm.finish_staged(base=base)
 
 
 def _read_back(t: serde.Sliced | torch.Tensor) -> bytes:
