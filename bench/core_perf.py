@@ -3,7 +3,9 @@
 Prints figures (a benchmark, not a test). On a 2-core machine, MNIST CNN, batch 64 per worker:
 
 1. samples/s of 2 agents x 1 core against 1 process x 1 core, at K=8 and K=1, with plain PyTorch (1 process,
-   1 core) and torch DDP over gloo (2 processes x 1 core) measured in the same run on the same cores;
+   1 core) and torch DDP over gloo (2 processes x 1 core) measured in the same run on the same cores, and
+   the ceiling: two plain 1x1 processes side by side that never synchronise (what the two cores give at all,
+   that minute), with the per-step times that explain the gap;
 2. synchronisation overhead per round: round wall time minus the slowest agent's compute (median, warm-up
    round excluded);
 3. coordinator memory with 16 agents of that model (in-process clients in a separate process): peak RSS
@@ -50,9 +52,13 @@ def edgetrain_rate(spec: RunSpec, where: DataLocation, agents: int, k: int, roun
     # wall time from round 0's end to the last timed round's end: the driver's work between rounds counts too
     wall = result.history[-2]["elapsed_seconds"] - result.history[0]["elapsed_seconds"]
     overheads = [r["sync_overhead_seconds"] for r in hist]
+    # each agent's compute per step, and per round the slowest agent's (what a synchronous round waits for)
+    steps = [n["compute_seconds"] / k for r in hist for n in r["nodes"].values()]
+    slowest = [max(n["compute_seconds"] for n in r["nodes"].values()) / k for r in hist]
     return {"samples_per_s": samples / wall, "sync_ms": 1e3 * statistics.median(overheads),
             "sync_ms_p90": 1e3 * sorted(overheads)[int(0.9 * (len(overheads) - 1))],
-            "round_ms": 1e3 * statistics.median(r["duration_seconds"] for r in hist)}
+            "round_ms": 1e3 * statistics.median(r["duration_seconds"] for r in hist),
+            "step_ms": 1e3 * statistics.median(steps), "slowest_step_ms": 1e3 * statistics.median(slowest)}
 
 
 def peer_rate(target: object, groups: list[list[int]], spec: RunSpec, where: DataLocation, steps: int) -> float:
@@ -224,6 +230,8 @@ def main() -> None:
                 # torch 1x1 before and after the others: this machine's speed drifts over minutes (1x1 measured
                 # 1,060-1,450/s in one session), and a baseline taken once, first, biased each ratio by the drift
                 before = peer_rate(torch_single, [cores[:1]], spec, where, steps)
+                # the ceiling: two plain 1x1 processes side by side that never wait for each other
+                free = peer_rate(torch_single, [cores[:1], cores[1:2]], spec, where, steps)
                 ddp = peer_rate(torch_ddp, [cores[:1], cores[1:2]], spec, where, steps)
                 one = edgetrain_rate(spec, where, 1, k, rounds)
                 two = edgetrain_rate(spec, where, 2, k, rounds)
@@ -232,11 +240,14 @@ def main() -> None:
                 rate2, rate1 = two["samples_per_s"], one["samples_per_s"]
                 ratios.append(rate2 / single)
                 print(f"K={k} rep {rep}: torch 1x1 {single:.0f}/s ({before:.0f} before, {after:.0f} after) | "
+                      f"2 unsynchronised 1x1 {free:.0f}/s ({free / single:.2f}x: the ceiling) | "
                       f"DDP 2x1 {ddp:.0f}/s ({ddp / single:.2f}x) | "
                       f"edgetrain 1 agent {rate1:.0f}/s | 2 agents {rate2:.0f}/s "
-                      f"({rate2 / single:.2f}x torch 1x1, {rate2 / rate1:.2f}x 1 agent) | "
+                      f"({rate2 / single:.2f}x torch 1x1, {rate2 / free:.2f}x the ceiling, {rate2 / rate1:.2f}x 1 agent) | "
                       f"sync overhead median {two['sync_ms']:.1f} ms (p90 {two['sync_ms_p90']:.1f}), "
-                      f"round {two['round_ms']:.0f} ms", flush=True)
+                      f"round {two['round_ms']:.0f} ms | step: 1x1 alone {1e3 * spec.batch_size / single:.1f} ms, "
+                      f"unsynchronised {2e3 * spec.batch_size / free:.1f} ms, agents {two['step_ms']:.1f} ms "
+                      f"(slowest per round {two['slowest_step_ms']:.1f} ms)", flush=True)
             print(f"K={k}: 2 agents vs torch 1x1, median of {len(ratios)}: {statistics.median(ratios):.2f}x",
                   flush=True)
 
