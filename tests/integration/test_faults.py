@@ -7,6 +7,7 @@ fixed free port so the agents can reconnect to the same address.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -382,6 +383,56 @@ def test_with_min_agents_2_a_short_round_is_rerun_with_the_restarted_agent_and_t
     assert a.accepted == [0, 1, 1, 2, 3]  # round 1 twice: the first copy was dropped with the short round
     assert b2.accepted == [1, 2, 3]
     assert all(set(r["nodes"]) == {"a", "b"} for r in result.history)
+
+
+
+def test_a_round_spoiled_by_an_update_that_fails_to_read_back_runs_again_and_benches_nobody(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A streamed update's staging file fails (an I/O error) while the coordinator adds it to the round's sum: the
+    round closes at once without being applied and runs again with the same agents. Nobody is taken out of the
+    rounds nor counted short for it (it was nobody's fault), and the failed update is refused as "staging"."""
+    original = serde.StagedTensor.slices
+    failures: list[int] = []
+
+    def slices(self: serde.StagedTensor) -> Any:
+        seen = self.__dict__.setdefault("_reads", [0])
+        seen[0] += 1
+        if seen[0] == 2 and not failures:  # its first read checked it whole; the second adds it
+            failures.append(1)
+            raise OSError(errno.EIO, "Input/output error")
+        return original(self)
+
+    monkeypatch.setattr(serde.StagedTensor, "slices", slices)
+    cfg = CoordinatorConfig(spec=SPEC, port=0, local_steps=1, rounds=3, min_agents=2, round_timeout=30,
+                            eval_every=10_000, progress=False, join_timeout=30)
+    with drive(cfg) as d:
+        engine = d.coord.engine
+        assert engine is not None
+        expected = serde.spec_of(engine.global_state)
+        agents = [RawAgent(d.coord.port, name) for name in ("a", "b")]
+        done = threading.Event()
+        try:
+            threads = []
+            for agent in agents:
+                agent.client.shared_memory = False  # streamed: staged before it is added
+                agent.join()
+                threads.append(_thread(lambda agent=agent: agent.train_until_finished(expected, done)))
+            d.start()
+            result = d.join(30)
+            for t in threads:
+                t.join(10)
+        finally:
+            done.set()
+            for agent in agents:
+                agent.close()
+    assert failures  # the fault did happen
+    assert result.completed_rounds == 3 and [r["round"] for r in result.history] == [0, 1, 2]
+    assert all(set(r["nodes"]) == {"a", "b"} for r in result.history)
+    stale = grpc.StatusCode.FAILED_PRECONDITION  # the other agent's update, if it came after the close
+    refused = [(agent.name, code) for agent in agents for _, code, _ in agent.refusals if code != stale]
+    assert refused and refused[0][1] == grpc.StatusCode.UNAVAILABLE
+    assert d.value("edgetrain_updates_refused_total", node=refused[0][0], reason="staging") >= 1
+    assert d.value("edgetrain_rounds_closed_short_total") == 0  # not benched: a short round would count
 
 
 # --------------------------------------------------------------------------------------------- coordinator killed
