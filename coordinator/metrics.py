@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from edgetrain import metric_names as m
+
+if TYPE_CHECKING:
+    from coordinator.rounds import NodeReport
 
 # Rounds last from tens of milliseconds (tiny models, K=1) to minutes (big models on slow boards).
 ROUND_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
@@ -44,16 +49,16 @@ class CoordinatorMetrics:
         self.rounds_short = _counter(m.ROUNDS_SHORT, "Rounds closed at the deadline without every update.", [],
                                      registry)
 
-    def accepted_update(self, node: str, samples: int, stats: dict[str, float], nbytes: int) -> None:
+    def accepted_update(self, node: str, samples: int, stats: NodeReport, nbytes: int) -> None:
         self.accepted.labels(node).inc()
         self.node_samples.labels(node).inc(samples)
         self.bytes_in.labels(node).inc(nbytes)
-        self.compute.labels(node).set(stats.get("compute_seconds", 0.0))
-        self.compute_hist.labels(node).observe(stats.get("compute_seconds", 0.0))
-        self.communication.labels(node).set(stats.get("communication_seconds", 0.0))
-        self.throughput.labels(node).set(stats.get("samples_per_second", 0.0))
-        self.node_loss.labels(node).set(stats.get("loss", 0.0))
-        self.node_accuracy.labels(node).set(stats.get("accuracy", 0.0))
+        self.compute.labels(node).set(stats.compute_seconds)
+        self.compute_hist.labels(node).observe(stats.compute_seconds)
+        self.communication.labels(node).set(stats.communication_seconds)
+        self.throughput.labels(node).set(stats.samples_per_second)
+        self.node_loss.labels(node).set(stats.loss)
+        self.node_accuracy.labels(node).set(stats.accuracy)
 
     def node_admitted(self, node: str) -> None:
         """Create the node's counters at zero, so rates and "refused by reason" panels have data from the start."""

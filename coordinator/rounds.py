@@ -104,13 +104,28 @@ class Work:
     deadline: float = 0.0
 
 
+@dataclass(frozen=True)
+class NodeReport:
+    """An agent's own figures for one update (as it sent them), and the tensor bytes the coordinator received.
+
+    The round log and the summary table keep them under these field names.
+    """
+
+    compute_seconds: float = 0.0
+    communication_seconds: float = 0.0
+    loss: float = 0.0
+    accuracy: float = 0.0
+    samples_per_second: float = 0.0
+    bytes: float = 0.0
+
+
 @dataclass
 class Contribution:
     """An accepted update's bookkeeping (its tensors are already in the accumulator)."""
 
     agent_id: str
     samples: int
-    stats: dict[str, float]
+    stats: NodeReport
     received_at: float
 
 
@@ -392,7 +407,7 @@ class RoundEngine:
     def submit(
         self, agent_id: str, round_: int, num_samples: int,
         tensors: Mapping[str, torch.Tensor | serde.Sliced],
-        stats: dict[str, float] | None = None, *, checked_finite: bool = False,
+        stats: NodeReport | None = None, *, checked_finite: bool = False,
     ) -> None:
         """Take a decoded, validated update into the round's aggregate (all checks repeated under the lock).
 
@@ -420,7 +435,7 @@ class RoundEngine:
                 if len(whole) != len(tensors):
                     raise TypeError(f"the {self.aggregator} aggregator keeps whole tensors, not staged ones")
                 self._kept.append((whole, num_samples))
-            self._received[agent_id] = Contribution(agent_id, num_samples, dict(stats or {}), self._clock())
+            self._received[agent_id] = Contribution(agent_id, num_samples, stats or NodeReport(), self._clock())
             self._cv.notify_all()
 
     def snapshot(self) -> dict[str, Any]:

@@ -370,11 +370,11 @@ class Coordinator:
             s = nodes.setdefault(name, NodeSummary(name))
             s.rounds += 1
             s.samples += c.samples
-            s.compute_seconds += c.stats.get("compute_seconds", 0.0)
-            s.communication_seconds += c.stats.get("communication_seconds", 0.0)
-            s.last_accuracy = c.stats.get("accuracy", 0.0)
-            s.last_loss = c.stats.get("loss", 0.0)
-            per_node[name] = {"samples": c.samples, **c.stats}
+            s.compute_seconds += c.stats.compute_seconds
+            s.communication_seconds += c.stats.communication_seconds
+            s.last_accuracy = c.stats.accuracy
+            s.last_loss = c.stats.loss
+            per_node[name] = {"samples": c.samples, **asdict(c.stats)}
         slowest = max((n["compute_seconds"] for n in per_node.values()), default=0.0)
         return {
             "round": outcome.round,

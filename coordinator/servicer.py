@@ -404,14 +404,10 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             if not h.layout:  # a paced agent waits for this before it sends its parts
                 context.send_initial_metadata(())
             with self._update(agent.agent_id, h, rest) as (tensors, received, checked):
-                stats = {
-                    "compute_seconds": h.stats.compute_seconds,
-                    "communication_seconds": h.stats.communication_seconds,
-                    "loss": h.stats.loss,
-                    "accuracy": h.stats.accuracy,
-                    "samples_per_second": h.stats.samples_per_second,
-                    "bytes": float(received),
-                }
+                stats = rounds.NodeReport(
+                    compute_seconds=h.stats.compute_seconds, communication_seconds=h.stats.communication_seconds,
+                    loss=h.stats.loss, accuracy=h.stats.accuracy, samples_per_second=h.stats.samples_per_second,
+                    bytes=float(received))
                 self.s.engine.submit(agent.agent_id, h.round, h.num_samples, tensors, stats, checked_finite=checked)
         finally:
             self.s.uploads.release()

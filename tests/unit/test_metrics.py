@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -13,11 +14,11 @@ from prometheus_client import REGISTRY, CollectorRegistry
 
 from agent.metrics import STEP_BUCKETS, AgentMetrics
 from coordinator.metrics import ROUND_BUCKETS, CoordinatorMetrics
+from coordinator.rounds import NodeReport
 from edgetrain import metric_names as m
 
 CORES = sorted(os.sched_getaffinity(0))
-STATS = {"compute_seconds": 1.5, "communication_seconds": 0.25, "samples_per_second": 400.0, "loss": 0.7,
-         "accuracy": 0.6}
+STATS = NodeReport(compute_seconds=1.5, communication_seconds=0.25, samples_per_second=400.0, loss=0.7, accuracy=0.6)
 
 
 def sample(registry: CollectorRegistry, name: str, **labels: str) -> float | None:
@@ -64,8 +65,8 @@ def test_unlabelled_coordinator_series_exist_from_the_start(coord: CoordinatorMe
 def test_accepted_update_sets_the_node_figures(coord: CoordinatorMetrics) -> None:
     reg = coord.registry
     coord.accepted_update("agent-a", 256, STATS, 4096)
-    coord.accepted_update("agent-a", 128, dict(STATS, compute_seconds=0.5, accuracy=0.8), 4000)
-    coord.accepted_update("agent-b", 64, {}, 10)  # stats missing: zeros, not an error
+    coord.accepted_update("agent-a", 128, dataclasses.replace(STATS, compute_seconds=0.5, accuracy=0.8), 4000)
+    coord.accepted_update("agent-b", 64, NodeReport(), 10)  # an agent that sent no figures: zeros
     assert sample(reg, m.UPDATES_ACCEPTED, node="agent-a") == 2
     assert sample(reg, m.NODE_SAMPLES, node="agent-a") == 384
     assert sample(reg, m.NODE_RECEIVED_BYTES, node="agent-a") == 8096
