@@ -72,6 +72,52 @@ def read_file(path: Path, what: str) -> bytes:
         raise ConfigError(f"cannot read the {what} {path}: {exc.strerror}") from exc
 
 
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+
+
 def setup_logging(level: str) -> None:
+    if level.lower() not in LOG_LEVELS:
+        raise ConfigError(f"--log-level takes {', '.join(LOG_LEVELS)}, not {level!r}")
     logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
+
+
+def output_folder(path: Path, option: str) -> Path:
+    """The folder an option names for results, made now: a wrong one is refused before any work, not after it."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except FileExistsError as exc:
+        raise ConfigError(f"{option} {path}: not a folder (a file of that name is there)") from exc
+    except OSError as exc:
+        raise ConfigError(f"{option} {path}: cannot make the folder ({exc.strerror})") from exc
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ConfigError(f"{option} {path}: the folder is not writable")
+    return path
+
+
+def check_tls_pair(cert: Path, key: Path, cert_option: str, key_option: str) -> None:
+    """A PEM certificate and the private key that goes with it, or a ConfigError naming the options.
+
+    gRPC reads them only when it binds or connects, and then logs its own lines and fails with no reason given.
+    """
+    import ssl
+
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(cert, key)
+    except ssl.SSLError as exc:
+        why = ("the key does not belong to the certificate" if exc.reason == "KEY_VALUES_MISMATCH"
+               else "not a PEM certificate and its private key")
+        raise ConfigError(f"{cert_option} {cert}, {key_option} {key}: {why}") from exc
+    except OSError as exc:
+        raise ConfigError(f"{cert_option} {cert}, {key_option} {key}: {exc.strerror}") from exc
+
+
+def check_tls_ca(ca: Path, option: str) -> None:
+    """A PEM file of CA certificates, or a ConfigError naming the option."""
+    import ssl
+
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cafile=ca)
+    except OSError as exc:
+        why = exc.strerror if not isinstance(exc, ssl.SSLError) else "no PEM certificate in it"
+        raise ConfigError(f"{option} {ca}: not a CA certificate file ({why})") from exc
