@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -95,5 +96,8 @@ def load(run_dir: Path) -> Checkpoint:
             cursors={str(k): int(v) for k, v in json.loads(raw["cursors"]).items()},
             meta=json.loads(raw["meta"]),
         )
-    except (KeyError, ValueError, RuntimeError, OSError, TypeError) as exc:
-        raise CheckpointError(f"cannot read checkpoint {path}: {exc}") from exc
+    except pickle.UnpicklingError as exc:  # torch's message suggests loading it unsafely: not said here
+        raise CheckpointError(f"cannot read checkpoint {path}: not a file of tensors torch loads safely") from exc
+    except (KeyError, ValueError, RuntimeError, OSError, TypeError, EOFError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"cannot read checkpoint {path} ({first}): is it an edgetrain checkpoint?") from exc

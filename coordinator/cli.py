@@ -11,7 +11,7 @@ from typing import Annotated, Optional
 import typer
 
 from coordinator.config import UPLOAD_SLOTS
-from edgetrain.cli_util import entry, read_token, setup_logging
+from edgetrain.cli_util import entry, output_folder, read_token, setup_logging
 from edgetrain.errors import ConfigError
 from edgetrain.models import DEFAULT_LR, MODELS
 from edgetrain.spec import DataLocation, RunSpec
@@ -50,6 +50,12 @@ def parse_gpus(text: str) -> tuple[str, ...]:
         ids = [int(t) for t in text.split(",")]
     except ValueError as exc:
         raise ConfigError(f"--local-gpus takes ids like 0,1 or 'all', not {text!r}") from exc
+    import torch
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    missing = [i for i in ids if not 0 <= i < count]
+    if missing:
+        raise ConfigError(f"--local-gpus {text}: torch sees {count} CUDA device(s) here, so no cuda:{missing[0]}")
     return tuple(f"cuda:{i}" for i in ids)
 
 
@@ -59,7 +65,8 @@ def make_app() -> typer.Typer:
 
     @app.command()
     def run(
-        dataset: Annotated[str, typer.Option(help="tweets, tweeteval-sentiment, mnist, mnist-5k, csv.")] = "tweets",
+        dataset: Annotated[str, typer.Option(
+            help="tweets, tweeteval-sentiment, mnist, mnist-5k, csv, tsv.")] = "tweets",
         model: Annotated[str, typer.Option(help="Model name (default: the data set's).")] = "",
         data_dir: Annotated[Optional[Path], typer.Option(help="Folder with the data set's files.")] = None,  # noqa: UP045
         data_path: Annotated[Optional[Path], typer.Option(help="A csv/tsv file (datasets csv, tsv).")] = None,  # noqa: UP045
@@ -78,7 +85,8 @@ def make_app() -> typer.Typer:
         epochs: Annotated[Optional[float], typer.Option(help="Stop after this many passes over the data.")] = None,  # noqa: UP045
         target_accuracy: Annotated[Optional[float], typer.Option(help="Stop at this test accuracy (0-1).")] = None,  # noqa: UP045
         min_agents: Annotated[int, typer.Option(help="Agents to wait for (default: the local ones, or 1).")] = 0,
-        local_agents: Annotated[int, typer.Option(help="Start N agents here, pinned to disjoint cores.")] = 0,
+        local_agents: Annotated[int, typer.Option(
+            help="Start N agents here, pinned to disjoint cores (more agents than cores share them).")] = 0,
         local_workers: Annotated[int, typer.Option(help="Workers per local agent.")] = 1,
         local_gpus: Annotated[str, typer.Option(help="GPUs as local workers: 0,1 or all.")] = "",
         host: Annotated[str, typer.Option(help="Address to serve gRPC on.")] = "127.0.0.1",
@@ -109,7 +117,7 @@ def make_app() -> typer.Typer:
         tls_client_ca: Annotated[Optional[Path], typer.Option(help="Require client certs from this CA.")] = None,  # noqa: UP045
         insecure: Annotated[bool, typer.Option(help="Allow plaintext on a non-loopback address.")] = False,
         progress: Annotated[bool, typer.Option(help="Show a live progress bar.")] = True,
-        log_level: Annotated[str, typer.Option(help="debug, info, warning, error.")] = "warning",
+        log_level: Annotated[str, typer.Option(help="debug, info, warning, error or critical.")] = "warning",
     ) -> int:
         """Run a training: wait for agents, run synchronous rounds, evaluate, checkpoint, print a summary."""
         from rich.console import Console
@@ -135,7 +143,8 @@ def make_app() -> typer.Typer:
             round_timeout=round_timeout, eval_every=eval_every, checkpoint_every=checkpoint_every,
             upload_slots=upload_slots, staging_dir=staging_dir, aggregator=aggregator, trim=trim, balance=balance,
             local_agents=local_agents, local_workers=local_workers, local_devices=gpus,
-            run_dir=run_dir or Path("runs") / f"{dataset}-{time.strftime('%Y%m%d-%H%M%S')}", resume=resume,
+            run_dir=run_dir or (None if resume else Path("runs") / f"{dataset}-{time.strftime('%Y%m%d-%H%M%S')}"),
+            resume=resume,
             token=read_token(token_env, token_file), tls_cert=tls_cert, tls_key=tls_key,
             tls_client_ca=tls_client_ca, insecure=insecure, progress=progress,
         )
@@ -158,7 +167,7 @@ def make_app() -> typer.Typer:
         """Turn a run's rounds.jsonl into PNG plots: accuracy vs time per node, round-time breakdown."""
         from coordinator.report import write_report
 
-        for path in write_report(run_dir, out or run_dir):
+        for path in write_report(run_dir, output_folder(out, "--out") if out is not None else run_dir):
             typer.echo(str(path))
         return 0
 
@@ -201,9 +210,10 @@ def make_bench_app() -> typer.Typer:
                                     batch_size=batch_size, lr=lr, optimizer=optimizer, lr_decay=lr_decay,
                                     seed=seed, repeats=repeats,
                                     quiet_wait=quiet_wait, max_other_load=max_other_load, retries=retries)
+        folder = output_folder(out or Path("runs") / f"bench-parallel-{dataset}-{time.strftime('%Y%m%d-%H%M%S')}",
+                               "--out")
         report = ex.run_parallel(settings, agents=agents or None, local_steps=local_steps,
                                  target_accuracy=target_accuracy, progress=progress)
-        folder = out or Path("runs") / f"bench-parallel-{dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
         paths = ex.write_parallel(report, folder, command=" ".join(["coordinator", *sys.argv[1:]]))
         console = ex.console()
         console.print(ex.rich_table(f"bench parallel: {dataset}, {report.facts.model}",
@@ -246,8 +256,9 @@ def make_bench_app() -> typer.Typer:
                                     quiet_wait=quiet_wait, max_other_load=max_other_load, retries=retries)
         sets = ex.parse_affinity(affinity) if affinity else None
         layouts = ex.parse_layouts(layout) if layout else None
+        folder = output_folder(out or Path("runs") / f"bench-affinity-{dataset}-{time.strftime('%Y%m%d-%H%M%S')}",
+                               "--out")
         report = ex.run_affinity(settings, sets=sets, layouts=layouts, progress=progress)
-        folder = out or Path("runs") / f"bench-affinity-{dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
         paths = ex.write_affinity(report, folder, command=" ".join(["coordinator", *sys.argv[1:]]))
         console = ex.console()
         console.print(ex.rich_table(f"bench affinity: {dataset}, {report.facts.model}",

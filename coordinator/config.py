@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from edgetrain.aggregation import AGGREGATORS
+from edgetrain.cli_util import check_tls_ca, check_tls_pair
 from edgetrain.errors import ConfigError
 from edgetrain.grpc_options import is_loopback
 from edgetrain.spec import DataLocation, RunSpec
@@ -87,12 +88,20 @@ class CoordinatorConfig:
             raise ConfigError(f"unknown aggregator {self.aggregator!r}; choose from {', '.join(AGGREGATORS)}")
         if not 0 <= self.port < 65536:
             raise ConfigError(f"port {self.port} out of range")
+        if self.metrics_port is not None and not 0 <= self.metrics_port < 65536:
+            raise ConfigError(f"--metrics-port {self.metrics_port} out of range")
         if not self.round_timeout > 0 or not self.join_timeout > 0:
             raise ConfigError("timeouts must be positive")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ConfigError("--tls-cert and --tls-key go together")
         if self.tls_client_ca is not None and self.tls_cert is None:
             raise ConfigError("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
+        if self.tls_cert is not None and self.tls_key is not None:
+            check_tls_pair(self.tls_cert, self.tls_key, "--tls-cert", "--tls-key")
+        if self.tls_client_ca is not None:
+            check_tls_ca(self.tls_client_ca, "--tls-client-ca")
+        if self.resume and self.run_dir is None:
+            raise ConfigError("--resume needs --run-dir: the folder of the run to go on with")
         if not is_loopback(self.host) and self.tls_cert is None and not self.insecure:
             raise ConfigError(
                 f"refusing to serve on {self.host} without TLS: pass --tls-cert/--tls-key, or --insecure "

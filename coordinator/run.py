@@ -26,6 +26,7 @@ from coordinator.metrics import CoordinatorMetrics
 from coordinator.rounds import Outcome, RoundEngine
 from coordinator.server import start_server
 from coordinator.servicer import ServiceState
+from edgetrain.cli_util import output_folder
 from edgetrain.cores import allowed_cores, format_cores, split_cores
 from edgetrain.errors import ConfigError, EdgetrainError
 from edgetrain.httpmetrics import MetricsServer
@@ -133,6 +134,8 @@ class Coordinator:
 
     def _start(self) -> None:
         cfg = self.cfg
+        if cfg.run_dir is not None:
+            self._check_run_dir(cfg.run_dir)  # before the data loads: a wrong folder is said at once
         self.workload = load_workload(cfg.spec, cfg.where, progress=cfg.progress)
         spec = self.workload.spec
         # only ever evaluated, on the global tensors themselves (`_evaluate`): nothing may write to its parameters
@@ -140,9 +143,8 @@ class Coordinator:
         state = state_of(self._model)
         completed, cursors = 0, {}
         if cfg.run_dir is not None:
-            cfg.run_dir.mkdir(parents=True, exist_ok=True)
             checkpoint.remove_stale_temps(cfg.run_dir)  # a coordinator killed mid-write leaves one
-            if cfg.resume and (cfg.run_dir / checkpoint.LATEST).exists():
+            if cfg.resume:
                 ck = checkpoint.load(cfg.run_dir)
                 same_data = ck.meta.get("fingerprint") == spec.data_fingerprint
                 if not same_data or ck.meta.get("model") != self.workload.model_name:
@@ -169,6 +171,18 @@ class Coordinator:
                                                 json_routes={"/sd": self.service_discovery})
         self._spawn_local_agents()
 
+    def _check_run_dir(self, run_dir: Path) -> None:
+        """The run's folder made, holding a checkpoint to go on from with --resume, and no earlier run without it."""
+        if self.cfg.resume:
+            if not (run_dir / checkpoint.LATEST).is_file():
+                raise ConfigError(f"--resume: {run_dir} has no {checkpoint.LATEST} to go on from")
+            return
+        output_folder(run_dir, "--run-dir")
+        held = [name for name in (LOG, checkpoint.LATEST, checkpoint.MODEL) if (run_dir / name).exists()]
+        if held:
+            raise ConfigError(f"--run-dir {run_dir} holds a run already ({', '.join(held)}): pass --resume to go on "
+                              "with it, or name another folder")
+
     def _joined(self, agent: Agent, replaced: Agent | None) -> None:
         self.metrics.agents.set(len(self.membership))
 
@@ -187,6 +201,13 @@ class Coordinator:
         if n == 0:
             return
         groups = local_core_groups(n)
+        cores = sorted({c for g in groups for c in g})
+        if n > len(cores):
+            log.warning("%d local agents on %d core(s) (%s): they share cores, round-robin", n, len(cores),
+                        format_cores(cores))
+        if cfg.local_workers > min(len(g) for g in groups):
+            log.warning("--local-workers %d: a local agent has %d core(s); it runs one worker per core",
+                        cfg.local_workers, min(len(g) for g in groups))
         host = "127.0.0.1" if cfg.host in ("0.0.0.0", "::", "") else cfg.host
         for i, cores in enumerate(groups):
             device = devices[i - cfg.local_agents] if i >= cfg.local_agents else "cpu"

@@ -77,7 +77,7 @@ LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
 def setup_logging(level: str) -> None:
     if level.lower() not in LOG_LEVELS:
-        raise ConfigError(f"--log-level takes {', '.join(LOG_LEVELS)}, not {level!r}")
+        raise ConfigError(f"--log-level takes {', '.join(LOG_LEVELS[:-1])} or {LOG_LEVELS[-1]}, not {level!r}")
     logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
 

@@ -82,9 +82,12 @@ def load_dataset(
     data_path = Path(data_path).expanduser() if data_path is not None else None
     takes_dir = name in ("mnist", "tweeteval-sentiment")
     if data_dir is not None and not takes_dir:
-        raise DatasetError(f"{name} does not read a data dir; data_dir is for mnist and tweeteval-sentiment")
+        raise DatasetError(f"{name} does not read a folder; --data-dir is for mnist and tweeteval-sentiment")
     if data_path is not None and takes_dir:
-        raise DatasetError(f"{name} does not read a single file; pass data_dir instead of data_path")
+        raise DatasetError(f"{name} does not read a single file; pass --data-dir instead of --data-path")
+    if data_dir is not None and not data_dir.is_dir():
+        what = "is not a folder" if data_dir.exists() else "does not exist"
+        raise DatasetError(f"{name}: --data-dir {data_dir} {what}")
     if data_path is not None and not data_path.is_file():
         raise DatasetError(f"{name}: data file {data_path} does not exist")
     cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()

@@ -36,8 +36,10 @@ def test_unknown_name_lists_valid_names() -> None:
     [
         ("tweets", {"max_len": 0}, "max_len must be at least 1"),
         ("tweets", {"limit": 0}, "limit must be at least 1"),
-        ("tweets", {"data_dir": Path("/tmp")}, "tweets does not read a data dir"),
-        ("mnist", {"data_path": Path("/tmp/x.csv")}, "pass data_dir instead"),
+        ("tweets", {"data_dir": Path("/tmp")}, "tweets does not read a folder"),
+        ("mnist", {"data_path": Path("/tmp/x.csv")}, "pass --data-dir instead of --data-path"),
+        ("mnist", {"data_dir": Path("/nonexistent")}, "mnist: --data-dir /nonexistent does not exist"),
+        ("tweeteval-sentiment", {"data_dir": Path("/etc/hostname")}, "--data-dir /etc/hostname is not a folder"),
     ],
 )
 def test_bad_options(name: str, kwargs: dict[str, object], match: str) -> None:

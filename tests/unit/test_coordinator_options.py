@@ -1,0 +1,131 @@
+"""The coordinator's CLI refuses bad options and unusable folders in one line, before any work and losing nothing."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+QUICK = ("--dataset", "tweets", "--model", "text-bag", "--limit", "300", "--port", "0", "--no-progress")
+
+
+def _run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, timeout=180, cwd=cwd)
+
+
+def _one_line_error(proc: subprocess.CompletedProcess[str], message: str) -> None:
+    assert proc.returncode == 1, proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("coordinator: error: ") and message in lines[0], lines[0]
+
+
+def _pem_pair(folder: Path, name: str) -> tuple[Path, Path]:
+    cert, key = folder / f"{name}.pem", folder / f"{name}.key"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+                    "-keyout", str(key), "-out", str(cert), "-days", "1", "-subj", f"/CN={name}"],
+                   check=True, capture_output=True, timeout=60)
+    return cert, key
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("--log-level", "loud"), "--log-level takes debug, info, warning, error or critical, not 'loud'"),
+        (("--metrics-port", "99999"), "--metrics-port 99999 out of range"),
+        (("--resume",), "--resume needs --run-dir"),
+        (("--weight-decay", "-1"), "weight decay must be zero or positive and finite, got -1.0"),
+        (("--lr", "inf"), "learning rate must be positive and finite, got inf"),
+        (("--dataset", "mnist", "--data-dir", "/nonexistent"), "mnist: --data-dir /nonexistent does not exist"),
+        (("--dataset", "mnist", "--data-path", "x.csv"), "pass --data-dir instead of --data-path"),
+    ],
+)
+def test_bad_values_are_one_line(args: tuple[str, ...], message: str) -> None:
+    _one_line_error(_run("coordinator", "run", "--rounds", "1", *QUICK, *args), message)
+
+
+def test_gpus_torch_cannot_see_are_refused_before_anything_starts() -> None:
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA devices")
+    _one_line_error(_run("coordinator", "run", "--rounds", "1", *QUICK, "--local-gpus", "0"),
+                    "--local-gpus 0: torch sees 0 CUDA device(s) here, so no cuda:0")
+
+
+def test_tls_files_that_are_no_certificate_or_do_not_match_are_named(tmp_path: Path) -> None:
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("not a certificate\n")
+    cert_a, _ = _pem_pair(tmp_path, "a")
+    _, key_b = _pem_pair(tmp_path, "b")
+    base = ("coordinator", "run", "--rounds", "1", *QUICK)
+    _one_line_error(_run(*base, "--tls-cert", str(garbage), "--tls-key", str(garbage)),
+                    f"--tls-cert {garbage}, --tls-key {garbage}: not a PEM certificate and its private key")
+    _one_line_error(_run(*base, "--tls-cert", str(cert_a), "--tls-key", str(key_b)),
+                    "the key does not belong to the certificate")
+    _one_line_error(_run(*base, "--tls-cert", str(cert_a), "--tls-key", str(tmp_path / "missing.key")),
+                    "No such file or directory")
+
+
+def test_a_run_dir_that_cannot_be_a_folder_is_refused(tmp_path: Path) -> None:
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    base = ("coordinator", "run", "--rounds", "1", *QUICK)
+    _one_line_error(_run(*base, "--run-dir", str(afile)), f"--run-dir {afile}: not a folder")
+    _one_line_error(_run(*base, "--run-dir", str(afile / "sub")), f"--run-dir {afile / 'sub'}: cannot make the folder")
+
+
+def test_resume_without_a_checkpoint_is_refused_and_makes_no_folder(tmp_path: Path) -> None:
+    typo = tmp_path / "typo"
+    _one_line_error(_run("coordinator", "run", "--rounds", "1", *QUICK, "--resume", "--run-dir", str(typo)),
+                    f"--resume: {typo} has no checkpoint.pt to go on from")
+    assert not typo.exists()
+
+
+def test_a_second_run_into_a_run_dir_is_refused_unless_resumed_and_loses_nothing(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    first = _run("coordinator", "run", "--rounds", "1", *QUICK, "--local-agents", "1", "--run-dir", str(run_dir))
+    assert first.returncode == 0, first.stderr
+    kept = {p.name: p.read_bytes() for p in run_dir.iterdir()}
+    assert {"rounds.jsonl", "checkpoint.pt", "model.pt"} <= set(kept)
+    again = _run("coordinator", "run", "--rounds", "1", *QUICK, "--local-agents", "1", "--run-dir", str(run_dir))
+    _one_line_error(again, f"--run-dir {run_dir} holds a run already (rounds.jsonl, checkpoint.pt, model.pt): "
+                           "pass --resume")
+    assert {p.name: p.read_bytes() for p in run_dir.iterdir()} == kept
+    resumed = _run("coordinator", "run", "--rounds", "2", *QUICK, "--local-agents", "1", "--run-dir", str(run_dir),
+                   "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert len((run_dir / "rounds.jsonl").read_text().splitlines()) == 2  # round 0 kept, round 1 added
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    (b"garbage\n", "not a file of tensors torch loads safely"),
+    (b"", "(EOFError): is it an edgetrain checkpoint?"),
+])
+def test_a_checkpoint_that_is_not_one_is_one_line(tmp_path: Path, content: bytes, message: str) -> None:
+    (tmp_path / "checkpoint.pt").write_bytes(content)
+    proc = _run("coordinator", "run", "--rounds", "2", *QUICK, "--run-dir", str(tmp_path), "--resume")
+    _one_line_error(proc, f"cannot read checkpoint {tmp_path / 'checkpoint.pt'}")
+    assert message in proc.stderr
+
+
+@pytest.mark.parametrize("command", [
+    ("bench", "affinity", "--dataset", "tweets", "--model", "text-bag", "--limit", "200", "--affinity", "1",
+     "--epochs", "0.1", "--no-progress"),
+    ("bench", "parallel", "--dataset", "tweets", "--model", "text-bag", "--limit", "200", "--epochs", "0.1",
+     "--no-progress"),
+])
+def test_a_bench_out_that_cannot_be_a_folder_is_refused_before_it_trains(tmp_path: Path,
+                                                                        command: tuple[str, ...]) -> None:
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    _one_line_error(_run("coordinator", *command, "--out", str(afile)), f"--out {afile}: not a folder")
+
+
+def test_a_report_out_that_cannot_be_a_folder_is_refused(tmp_path: Path) -> None:
+    runs = tmp_path / "run"
+    runs.mkdir()  # no log in it: --out is checked first
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    _one_line_error(_run("coordinator", "report", str(runs), "--out", str(afile)), f"--out {afile}: not a folder")
