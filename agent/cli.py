@@ -12,6 +12,7 @@ import typer
 
 from edgetrain.cli_util import entry, read_token, setup_logging
 from edgetrain.cores import parse_cores
+from edgetrain.errors import EdgetrainError
 from edgetrain.spec import DataLocation
 
 
@@ -41,7 +42,7 @@ def make_app() -> typer.Typer:
         tls_cert: Annotated[Optional[Path], typer.Option(help="Client certificate (mutual TLS).")] = None,  # noqa: UP045
         tls_key: Annotated[Optional[Path], typer.Option(help="Client key (mutual TLS).")] = None,  # noqa: UP045
         give_up_after: Annotated[Optional[float], typer.Option(help="Give up if unreachable for N s.")] = None,  # noqa: UP045
-        log_level: Annotated[str, typer.Option(help="debug, info, warning, error.")] = "info",
+        log_level: Annotated[str, typer.Option(help="debug, info, warning, error or critical.")] = "info",
     ) -> int:
         """Join a coordinator and train until it says the run is over (SIGINT/SIGTERM leave cleanly)."""
         from agent.config import AgentConfig
@@ -57,7 +58,10 @@ def make_app() -> typer.Typer:
         runner = AgentRunner(cfg, threading.Event())
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: runner.interrupt())
-        return runner.run()
+        code = runner.run()
+        if code != 0 and runner.failure:
+            raise EdgetrainError(runner.failure)  # run_app prints it as the one error line and exits 1
+        return code
 
     return app
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
 import re
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from edgetrain.cli_util import check_tls_ca, check_tls_pair
 from edgetrain.cores import split_cores, validate_cores
 from edgetrain.errors import ConfigError
 from edgetrain.spec import DataLocation
@@ -48,6 +50,14 @@ class AgentConfig:
             raise ConfigError(f"metrics port {self.metrics_port} out of range")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ConfigError("--tls-cert and --tls-key go together (mutual TLS)")
+        # gRPC reads these only when it connects, logs lines of its own and then reports the coordinator as
+        # unreachable: a bad file is said here, before any of that
+        if self.tls_ca is not None:
+            check_tls_ca(self.tls_ca, "--tls-ca")
+        if self.tls_cert is not None and self.tls_key is not None:
+            check_tls_pair(self.tls_cert, self.tls_key, "--tls-cert", "--tls-key")
+        if self.give_up_after is not None and not (math.isfinite(self.give_up_after) and self.give_up_after > 0):
+            raise ConfigError(f"--give-up-after must be a positive number of seconds, got {self.give_up_after:g}")
 
     @property
     def core_groups(self) -> list[list[int]]:

@@ -41,7 +41,11 @@ def _read(path: Path | None, what: str) -> bytes | None:
 
 
 class AgentRunner:
-    """Runs until the coordinator says FINISHED or `stop` is set. `run()` returns a process exit code."""
+    """Runs until the coordinator says FINISHED or `stop` is set. `run()` returns a process exit code.
+
+    When it returns 1 because the coordinator is gone or refused the agent, `failure` says so in one line; the
+    runner does not log it, so that the CLI's `edge-agent: error:` line is the only one.
+    """
 
     def __init__(self, cfg: AgentConfig, stop: threading.Event | None = None,
                  registry: CollectorRegistry | None = None) -> None:
@@ -53,6 +57,7 @@ class AgentRunner:
         self.rounds_trained = 0
         self.ready = threading.Event()  # set once workers are up (tests wait on it)
         self._client_ref: CoordinatorClient | None = None
+        self.failure: str | None = None  # why run() returned 1, in one line (the CLI prints it)
 
     def interrupt(self) -> None:
         """Stop soon and leave cleanly (safe to call from a signal handler)."""
@@ -110,8 +115,7 @@ class AgentRunner:
         except grpc.RpcError as err:
             if self.stop.is_set():
                 return 0
-            what = "unreachable" if err.code() in _RETRY else "refused"  # gave up retrying, or a real refusal
-            log.error("coordinator %s: %s %s", what, err.code().name, err.details())
+            self.failure = self._failure(err)
             return 1
         finally:
             client.leave()
@@ -120,6 +124,15 @@ class AgentRunner:
                 self.pool.stop()
             if self.metrics_server is not None:
                 self.metrics_server.close()
+
+    def _failure(self, err: grpc.RpcError) -> str:
+        """One line for the RPC error that ended the run: gave up retrying, or a real refusal."""
+        details = " ".join((err.details() or "").split())  # gRPC's details may span lines
+        if err.code() in _RETRY:
+            waited = (f" for {self.cfg.give_up_after:g} s (--give-up-after)" if self.cfg.give_up_after is not None
+                      else "")
+            return f"coordinator {self.cfg.coordinator} unreachable{waited}: {err.code().name} {details}".rstrip()
+        return f"coordinator refused: {err.code().name} {details}".rstrip()
 
     def _train(self, client: CoordinatorClient, spec: RunSpec, metrics: AgentMetrics) -> str:
         """Train rounds until FINISHED ("finished"), stop, or the session is gone ("rejoin")."""

@@ -1,7 +1,10 @@
 """A CLI given bad options says what is wrong in one line and exits non-zero."""
 
+import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -59,3 +62,62 @@ def test_a_busy_port_is_one_line_not_a_second_coordinator() -> None:
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert lines[-1] == f"coordinator: error: cannot listen on 127.0.0.1:{port}: the port is in use or not allowed"
     assert "Traceback" not in proc.stderr
+
+
+def _one_error_line(proc: subprocess.CompletedProcess[str]) -> str:
+    assert proc.returncode != 0, proc.stderr
+    assert "Traceback" not in proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, proc.stderr
+    return lines[0]
+
+
+def _self_signed(folder: Path, stem: str) -> tuple[Path, Path]:
+    cert, key = folder / f"{stem}-cert.pem", folder / f"{stem}-key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+                    "-keyout", str(key), "-out", str(cert), "-days", "1", "-subj", "/CN=x"],
+                   check=True, capture_output=True, timeout=60)
+    return cert, key
+
+
+_AGENT = ("agent", "start", "--coordinator", "127.0.0.1:1", "--cores", "0", "--give-up-after", "2")
+
+
+def test_an_agent_given_a_file_that_is_no_ca_says_so_before_grpc_does(tmp_path: Path) -> None:
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("garbage\n")
+    line = _one_error_line(_run(*_AGENT, "--tls-ca", str(garbage)))
+    assert line == f"edge-agent: error: --tls-ca {garbage}: not a CA certificate file (no PEM certificate in it)"
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="makes certificates with openssl")
+def test_an_agent_given_a_key_of_another_certificate_says_so(tmp_path: Path) -> None:
+    cert, _ = _self_signed(tmp_path, "first")
+    _, key = _self_signed(tmp_path, "second")
+    line = _one_error_line(_run(*_AGENT, "--tls-ca", str(cert), "--tls-cert", str(cert), "--tls-key", str(key)))
+    assert line == (f"edge-agent: error: --tls-cert {cert}, --tls-key {key}: "
+                    "the key does not belong to the certificate")
+
+
+@pytest.mark.parametrize("level", ["info", "critical"])
+def test_an_agent_that_gives_up_on_the_coordinator_says_so_in_one_line(level: str) -> None:
+    line = _one_error_line(_run("agent", "start", "--coordinator", "127.0.0.1:1", "--cores", "0",
+                                "--give-up-after", "1", "--log-level", level))
+    assert line.startswith("edge-agent: error: coordinator 127.0.0.1:1 unreachable for 1 s (--give-up-after): "
+                           "UNAVAILABLE "), line
+
+
+@pytest.mark.parametrize("seconds", ["-1", "0", "nan", "inf"])
+def test_give_up_after_must_be_a_positive_number_of_seconds(seconds: str) -> None:
+    line = _one_error_line(_run("agent", "start", "--coordinator", "127.0.0.1:1", "--cores", "0",
+                                "--give-up-after", seconds))
+    assert line == f"edge-agent: error: --give-up-after must be a positive number of seconds, got {seconds}"
+
+
+def test_the_agents_log_level_help_names_every_level_it_takes() -> None:
+    proc = subprocess.run([sys.executable, "-m", "agent", "start", "--help"], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "COLUMNS": "200", "NO_COLOR": "1"})
+    assert proc.returncode == 0, proc.stderr
+    assert "debug, info, warning, error or critical." in proc.stdout
+    line = _one_error_line(_run(*_AGENT, "--log-level", "verbose"))
+    assert line.startswith("edge-agent: error: --log-level takes ") and "critical" in line and "'verbose'" in line
