@@ -129,9 +129,9 @@ class AgentRunner:
         """One line for the RPC error that ended the run: gave up retrying, or a real refusal."""
         details = " ".join((err.details() or "").split())  # gRPC's details may span lines
         if err.code() in _RETRY:
-            waited = (f" for {self.cfg.give_up_after:g} s (--give-up-after)" if self.cfg.give_up_after is not None
-                      else "")
-            return f"coordinator {self.cfg.coordinator} unreachable{waited}: {err.code().name} {details}".rstrip()
+            gave_up = (f"; gave up (--give-up-after {self.cfg.give_up_after:g} s)" if self.cfg.give_up_after is not None
+                       else "")
+            return f"coordinator {self.cfg.coordinator} unreachable{gave_up}: {err.code().name} {details}".rstrip()
         return f"coordinator refused: {err.code().name} {details}".rstrip()
 
     def _train(self, client: CoordinatorClient, spec: RunSpec, metrics: AgentMetrics) -> str:

@@ -90,6 +90,8 @@ def load(run_dir: Path) -> Checkpoint:
         raise CheckpointError(f"no checkpoint at {path}")
     try:
         raw = torch.load(path, map_location="cpu", weights_only=True)  # no arbitrary unpickling
+        if not isinstance(raw, dict):
+            raise TypeError(f"it holds a {type(raw).__name__}, not a checkpoint's fields")
         return Checkpoint(
             completed_rounds=int(raw["completed_rounds"]),
             state=dict(raw["state"]),
@@ -98,6 +100,6 @@ def load(run_dir: Path) -> Checkpoint:
         )
     except pickle.UnpicklingError as exc:  # torch's message suggests loading it unsafely: not said here
         raise CheckpointError(f"cannot read checkpoint {path}: not a file of tensors torch loads safely") from exc
-    except (KeyError, ValueError, RuntimeError, OSError, TypeError, EOFError) as exc:
+    except (KeyError, ValueError, RuntimeError, OSError, TypeError, EOFError, AttributeError, IndexError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(f"cannot read checkpoint {path} ({first}): is it an edgetrain checkpoint?") from exc

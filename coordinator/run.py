@@ -126,10 +126,14 @@ class Coordinator:
     # ---- set-up
     def start(self) -> None:
         """Load the workload, serve, start local agents; on any failure undo what was started."""
+        made = self.cfg.run_dir is not None and not self.cfg.run_dir.exists()
         try:
             self._start()
         except BaseException:
             self.close()
+            if made and self.cfg.run_dir is not None and self.cfg.run_dir.is_dir() \
+                    and not any(self.cfg.run_dir.iterdir()):
+                self.cfg.run_dir.rmdir()  # a folder this start made and nothing went into
             raise
 
     def _start(self) -> None:
@@ -144,13 +148,15 @@ class Coordinator:
         completed, cursors = 0, {}
         if cfg.run_dir is not None:
             checkpoint.remove_stale_temps(cfg.run_dir)  # a coordinator killed mid-write leaves one
-            if cfg.resume:
+            if cfg.resume and (cfg.run_dir / checkpoint.LATEST).exists():
                 ck = checkpoint.load(cfg.run_dir)
                 same_data = ck.meta.get("fingerprint") == spec.data_fingerprint
                 if not same_data or ck.meta.get("model") != self.workload.model_name:
                     raise ConfigError(f"checkpoint in {cfg.run_dir} is from another data set or model")
                 state, completed, cursors = ck.state, ck.completed_rounds, ck.cursors
                 self.console.print(f"resuming from round {completed} ({cfg.run_dir / checkpoint.LATEST})")
+            elif cfg.resume:  # the run stopped before its first checkpoint: round 0 again
+                self.console.print(f"resuming from round 0 ({cfg.run_dir} has no checkpoint yet)")
             if cfg.resume:
                 trim_log(cfg.run_dir / LOG, completed)
         self.engine = RoundEngine(
@@ -172,13 +178,13 @@ class Coordinator:
         self._spawn_local_agents()
 
     def _check_run_dir(self, run_dir: Path) -> None:
-        """The run's folder made, holding a checkpoint to go on from with --resume, and no earlier run without it."""
+        """With --resume, a folder holding a run; without, the folder made, holding no earlier run."""
+        held = [name for name in (LOG, checkpoint.LATEST, checkpoint.MODEL) if (run_dir / name).exists()]
         if self.cfg.resume:
-            if not (run_dir / checkpoint.LATEST).is_file():
-                raise ConfigError(f"--resume: {run_dir} has no {checkpoint.LATEST} to go on from")
+            if LOG not in held and checkpoint.LATEST not in held:
+                raise ConfigError(f"--resume: {run_dir} holds no run to go on with (no {checkpoint.LATEST}, no {LOG})")
             return
         output_folder(run_dir, "--run-dir")
-        held = [name for name in (LOG, checkpoint.LATEST, checkpoint.MODEL) if (run_dir / name).exists()]
         if held:
             raise ConfigError(f"--run-dir {run_dir} holds a run already ({', '.join(held)}): pass --resume to go on "
                               "with it, or name another folder")
@@ -264,8 +270,7 @@ class Coordinator:
         history: list[dict[str, Any]] = []
         nodes: dict[str, NodeSummary] = {}
         overheads: list[float] = []
-        mode = "a" if cfg.resume else "w"  # a fresh run in an old folder starts a fresh log
-        log_file = open(cfg.run_dir / LOG, mode) if cfg.run_dir is not None else None  # noqa: SIM115
+        log_file = None  # opened with the first round's record: a run that never trains leaves no log
         final: EvalResult | None = None
         samples_total = sum(engine.cursors.values())  # every sample trained so far, a resumed run's included
         stopped_by = "stop"
@@ -327,7 +332,9 @@ class Coordinator:
                     record["elapsed_seconds"] = time.perf_counter() - t_start
                     self.metrics.elapsed.set(record["elapsed_seconds"])
                     history.append(record)
-                    if log_file is not None:
+                    if cfg.run_dir is not None:
+                        if log_file is None:
+                            log_file = open(cfg.run_dir / LOG, "a" if cfg.resume else "w")  # noqa: SIM115
                         log_file.write(json.dumps(record) + "\n")
                         log_file.flush()
                     if cfg.run_dir is not None and engine.completed_rounds % cfg.checkpoint_every == 0:

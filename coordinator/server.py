@@ -123,8 +123,8 @@ def start_server(
     try:
         bound = server.add_secure_port(address, creds) if creds is not None else server.add_insecure_port(address)
     except RuntimeError as exc:  # grpcio raises this when the port is taken or not ours to bind
-        raise ConfigError(f"cannot listen on {address}: the port is in use, or the host is not an address of this "
-                          "machine") from exc
+        raise ConfigError(f"cannot listen on {address}: the port is in use or needs privileges (below 1024), or the "
+                          "host is not an address of this machine") from exc
     server.start()
     for service in ("", SERVICE_NAME):
         health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)

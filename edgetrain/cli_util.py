@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import ssl
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -72,11 +73,11 @@ def read_file(path: Path, what: str) -> bytes:
         raise ConfigError(f"cannot read the {what} {path}: {exc.strerror}") from exc
 
 
-LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")  # logging's "warn" and "fatal" are taken too
 
 
 def setup_logging(level: str) -> None:
-    if level.lower() not in LOG_LEVELS:
+    if level.upper() not in logging.getLevelNamesMapping() or level.upper() == "NOTSET":
         raise ConfigError(f"--log-level takes {', '.join(LOG_LEVELS[:-1])} or {LOG_LEVELS[-1]}, not {level!r}")
     logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
@@ -100,24 +101,39 @@ def check_tls_pair(cert: Path, key: Path, cert_option: str, key_option: str) -> 
 
     gRPC reads them only when it binds or connects, and then logs its own lines and fails with no reason given.
     """
-    import ssl
+    class Encrypted(Exception):
+        pass
+
+    def no_passphrase() -> str:  # OpenSSL asks only for an encrypted key; on a terminal it would prompt
+        raise Encrypted
 
     try:
-        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(cert, key)
-    except ssl.SSLError as exc:
-        why = ("the key does not belong to the certificate" if exc.reason == "KEY_VALUES_MISMATCH"
-               else "not a PEM certificate and its private key")
+        _tls_context(server=True).load_cert_chain(cert, key, password=no_passphrase)
+    except Encrypted as exc:
+        raise ConfigError(f"{key_option} {key}: the key is encrypted; gRPC needs it unencrypted (PEM)") from exc
+    except OSError as exc:  # ssl.SSLError is one too
+        if isinstance(exc, ssl.SSLError):
+            why = ("the key does not belong to the certificate" if exc.reason == "KEY_VALUES_MISMATCH"
+                   else "not a PEM certificate and its private key")
+        else:
+            why = exc.strerror or str(exc)
         raise ConfigError(f"{cert_option} {cert}, {key_option} {key}: {why}") from exc
-    except OSError as exc:
-        raise ConfigError(f"{cert_option} {cert}, {key_option} {key}: {exc.strerror}") from exc
+
+
+def _tls_context(server: bool) -> ssl.SSLContext:
+    """A context to parse PEM files with, at OpenSSL's security level 0.
+
+    A small key or an old digest, which gRPC takes (it has its own policy), is then not called malformed here.
+    """
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER if server else ssl.PROTOCOL_TLS_CLIENT)
+    ctx.set_ciphers("DEFAULT:@SECLEVEL=0")
+    return ctx
 
 
 def check_tls_ca(ca: Path, option: str) -> None:
     """A PEM file of CA certificates, or a ConfigError naming the option."""
-    import ssl
-
     try:
-        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cafile=ca)
+        _tls_context(server=False).load_verify_locations(cafile=ca)
     except OSError as exc:
         why = exc.strerror if not isinstance(exc, ssl.SSLError) else "no PEM certificate in it"
         raise ConfigError(f"{option} {ca}: not a CA certificate file ({why})") from exc

@@ -60,8 +60,8 @@ def test_a_busy_port_is_one_line_not_a_second_coordinator() -> None:
         proc = _run("coordinator", "run", "--rounds", "1", "--port", str(port), "--dataset", "tweets", "--limit", "300")
     assert proc.returncode == 1, proc.stderr
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
-    assert lines[-1] == (f"coordinator: error: cannot listen on 127.0.0.1:{port}: the port is in use, or the host is "
-                         "not an address of this machine")
+    assert lines[-1] == (f"coordinator: error: cannot listen on 127.0.0.1:{port}: the port is in use or needs "
+                         "privileges (below 1024), or the host is not an address of this machine")
     assert "Traceback" not in proc.stderr
 
 
@@ -104,7 +104,7 @@ def test_an_agent_given_a_key_of_another_certificate_says_so(tmp_path: Path) -> 
 def test_an_agent_that_gives_up_on_the_coordinator_says_so_in_one_line(level: str) -> None:
     line = _one_error_line(_run("agent", "start", "--coordinator", "127.0.0.1:1", "--cores", "0",
                                 "--give-up-after", "1", "--log-level", level))
-    assert line.startswith("edge-agent: error: coordinator 127.0.0.1:1 unreachable for 1 s (--give-up-after): "
+    assert line.startswith("edge-agent: error: coordinator 127.0.0.1:1 unreachable; gave up (--give-up-after 1 s): "
                            "UNAVAILABLE "), line
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -23,12 +24,18 @@ def _one_line_error(proc: subprocess.CompletedProcess[str], message: str) -> Non
     assert lines[0].startswith("coordinator: error: ") and message in lines[0], lines[0]
 
 
-def _pem_pair(folder: Path, name: str) -> tuple[Path, Path]:
+EC_KEY = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1")
+
+
+def _pem_pair(folder: Path, name: str, *key_args: str) -> tuple[Path, Path]:
     cert, key = folder / f"{name}.pem", folder / f"{name}.key"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-                    "-keyout", str(key), "-out", str(cert), "-days", "1", "-subj", f"/CN={name}"],
+    subprocess.run(["openssl", "req", "-x509", *(key_args or (*EC_KEY, "-nodes")), "-keyout", str(key),
+                    "-out", str(cert), "-days", "1", "-subj", f"/CN={name}"],
                    check=True, capture_output=True, timeout=60)
     return cert, key
+
+
+needs_openssl = pytest.mark.skipif(shutil.which("openssl") is None, reason="makes certificates with openssl")
 
 
 @pytest.mark.parametrize(
@@ -43,8 +50,9 @@ def _pem_pair(folder: Path, name: str) -> tuple[Path, Path]:
         (("--dataset", "mnist", "--data-path", "x.csv"), "pass --data-dir instead of --data-path"),
     ],
 )
-def test_bad_values_are_one_line(args: tuple[str, ...], message: str) -> None:
-    _one_line_error(_run("coordinator", "run", "--rounds", "1", *QUICK, *args), message)
+def test_bad_values_are_one_line(args: tuple[str, ...], message: str, tmp_path: Path) -> None:
+    _one_line_error(_run("coordinator", "run", "--rounds", "1", *QUICK, *args, cwd=tmp_path), message)
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())  # no empty run folder left
 
 
 def test_gpus_torch_cannot_see_are_refused_before_anything_starts() -> None:
@@ -54,6 +62,7 @@ def test_gpus_torch_cannot_see_are_refused_before_anything_starts() -> None:
                     "--local-gpus 0: torch sees 0 CUDA device(s) here, so no cuda:0")
 
 
+@needs_openssl
 def test_tls_files_that_are_no_certificate_or_do_not_match_are_named(tmp_path: Path) -> None:
     garbage = tmp_path / "garbage.pem"
     garbage.write_text("not a certificate\n")
@@ -66,6 +75,20 @@ def test_tls_files_that_are_no_certificate_or_do_not_match_are_named(tmp_path: P
                     "the key does not belong to the certificate")
     _one_line_error(_run(*base, "--tls-cert", str(cert_a), "--tls-key", str(tmp_path / "missing.key")),
                     "No such file or directory")
+    cert_e, key_e = _pem_pair(tmp_path, "e", *EC_KEY, "-passout", "pass:secret")
+    proc = subprocess.run([sys.executable, "-m", "coordinator", "run", "--rounds", "1", *QUICK, "--tls-cert",
+                           str(cert_e), "--tls-key", str(key_e)], capture_output=True, text=True, timeout=180,
+                          stdin=subprocess.DEVNULL)
+    _one_line_error(proc, f"--tls-key {key_e}: the key is encrypted; gRPC needs it unencrypted")  # and no prompt
+
+
+@needs_openssl
+def test_a_small_rsa_key_gRPC_takes_is_not_called_malformed(tmp_path: Path) -> None:
+    from edgetrain.cli_util import check_tls_ca, check_tls_pair
+
+    cert, key = _pem_pair(tmp_path, "small", "-newkey", "rsa:1024", "-nodes")
+    check_tls_pair(cert, key, "--tls-cert", "--tls-key")  # OpenSSL's default security level 2 refuses it
+    check_tls_ca(cert, "--tls-ca")
 
 
 def test_a_run_dir_that_cannot_be_a_folder_is_refused(tmp_path: Path) -> None:
@@ -76,11 +99,34 @@ def test_a_run_dir_that_cannot_be_a_folder_is_refused(tmp_path: Path) -> None:
     _one_line_error(_run(*base, "--run-dir", str(afile / "sub")), f"--run-dir {afile / 'sub'}: cannot make the folder")
 
 
-def test_resume_without_a_checkpoint_is_refused_and_makes_no_folder(tmp_path: Path) -> None:
+def test_resume_where_there_is_no_run_is_refused_and_makes_no_folder(tmp_path: Path) -> None:
     typo = tmp_path / "typo"
     _one_line_error(_run("coordinator", "run", "--rounds", "1", *QUICK, "--resume", "--run-dir", str(typo)),
-                    f"--resume: {typo} has no checkpoint.pt to go on from")
+                    f"--resume: {typo} holds no run to go on with (no checkpoint.pt, no rounds.jsonl)")
     assert not typo.exists()
+
+
+def test_a_start_that_fails_leaves_no_folder_and_one_that_never_trained_leaves_no_log(tmp_path: Path) -> None:
+    new = tmp_path / "new"
+    _one_line_error(_run("coordinator", "run", "--rounds", "1", *QUICK, "--run-dir", str(new), "--dataset", "mnist",
+                         "--data-dir", str(tmp_path / "nothing")), "does not exist")
+    assert not new.exists()
+    _one_line_error(_run("coordinator", "run", "--rounds", "1", *QUICK, "--run-dir", str(new), "--join-timeout", "0.5"),
+                    "only 0 of --min-agents 1 ready")
+    assert list(new.iterdir()) == []  # nothing trained, nothing logged: the folder takes a new run as it is
+
+
+def test_a_run_that_stopped_before_its_first_checkpoint_is_resumed_from_round_0(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "rounds.jsonl").write_text('{"round": 0}\n{"round": 1, "torn')  # killed before any checkpoint
+    _one_line_error(_run("coordinator", "run", "--rounds", "1", *QUICK, "--run-dir", str(run_dir)),
+                    "holds a run already (rounds.jsonl): pass --resume")
+    resumed = _run("coordinator", "run", "--rounds", "1", *QUICK, "--local-agents", "1", "--run-dir", str(run_dir),
+                   "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming from round 0" in resumed.stdout + resumed.stderr
+    assert [line[:12] for line in (run_dir / "rounds.jsonl").read_text().splitlines()] == ['{"round": 0,']
 
 
 def test_a_second_run_into_a_run_dir_is_refused_unless_resumed_and_loses_nothing(tmp_path: Path) -> None:
@@ -102,9 +148,13 @@ def test_a_second_run_into_a_run_dir_is_refused_unless_resumed_and_loses_nothing
 @pytest.mark.parametrize(("content", "message"), [
     (b"garbage\n", "not a file of tensors torch loads safely"),
     (b"", "(EOFError): is it an edgetrain checkpoint?"),
+    (None, "it holds a Tensor, not a checkpoint's fields"),
 ])
-def test_a_checkpoint_that_is_not_one_is_one_line(tmp_path: Path, content: bytes, message: str) -> None:
-    (tmp_path / "checkpoint.pt").write_bytes(content)
+def test_a_checkpoint_that_is_not_one_is_one_line(tmp_path: Path, content: bytes | None, message: str) -> None:
+    if content is None:
+        torch.save(torch.zeros(3), tmp_path / "checkpoint.pt")  # tensors, but not a checkpoint
+    else:
+        (tmp_path / "checkpoint.pt").write_bytes(content)
     proc = _run("coordinator", "run", "--rounds", "2", *QUICK, "--run-dir", str(tmp_path), "--resume")
     _one_line_error(proc, f"cannot read checkpoint {tmp_path / 'checkpoint.pt'}")
     assert message in proc.stderr
