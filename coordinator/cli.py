@@ -11,7 +11,7 @@ from typing import Annotated, Optional
 import typer
 
 from coordinator.config import UPLOAD_SLOTS
-from edgetrain.cli_util import entry, output_folder, read_token, setup_logging
+from edgetrain.cli_util import entry, new_folder_kept_only_if_used, output_folder, read_token, setup_logging
 from edgetrain.errors import ConfigError
 from edgetrain.models import DEFAULT_LR, MODELS
 from edgetrain.spec import DataLocation, RunSpec
@@ -167,8 +167,9 @@ def make_app() -> typer.Typer:
         """Turn a run's rounds.jsonl into PNG plots: accuracy vs time per node, round-time breakdown."""
         from coordinator.report import write_report
 
-        for path in write_report(run_dir, output_folder(out, "--out") if out is not None else run_dir):
-            typer.echo(str(path))
+        with new_folder_kept_only_if_used(out):
+            for path in write_report(run_dir, output_folder(out, "--out") if out is not None else run_dir):
+                typer.echo(str(path))
         return 0
 
     app.add_typer(make_bench_app(), name="bench")
@@ -210,10 +211,11 @@ def make_bench_app() -> typer.Typer:
                                     batch_size=batch_size, lr=lr, optimizer=optimizer, lr_decay=lr_decay,
                                     seed=seed, repeats=repeats,
                                     quiet_wait=quiet_wait, max_other_load=max_other_load, retries=retries)
-        folder = output_folder(out or Path("runs") / f"bench-parallel-{dataset}-{time.strftime('%Y%m%d-%H%M%S')}",
-                               "--out")
-        report = ex.run_parallel(settings, agents=agents or None, local_steps=local_steps,
-                                 target_accuracy=target_accuracy, progress=progress)
+        folder = out or Path("runs") / f"bench-parallel-{dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
+        with new_folder_kept_only_if_used(folder):
+            output_folder(folder, "--out")
+            report = ex.run_parallel(settings, agents=agents or None, local_steps=local_steps,
+                                     target_accuracy=target_accuracy, progress=progress)
         paths = ex.write_parallel(report, folder, command=" ".join(["coordinator", *sys.argv[1:]]))
         console = ex.console()
         console.print(ex.rich_table(f"bench parallel: {dataset}, {report.facts.model}",
@@ -256,9 +258,10 @@ def make_bench_app() -> typer.Typer:
                                     quiet_wait=quiet_wait, max_other_load=max_other_load, retries=retries)
         sets = ex.parse_affinity(affinity) if affinity else None
         layouts = ex.parse_layouts(layout) if layout else None
-        folder = output_folder(out or Path("runs") / f"bench-affinity-{dataset}-{time.strftime('%Y%m%d-%H%M%S')}",
-                               "--out")
-        report = ex.run_affinity(settings, sets=sets, layouts=layouts, progress=progress)
+        folder = out or Path("runs") / f"bench-affinity-{dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
+        with new_folder_kept_only_if_used(folder):
+            output_folder(folder, "--out")
+            report = ex.run_affinity(settings, sets=sets, layouts=layouts, progress=progress)
         paths = ex.write_affinity(report, folder, command=" ".join(["coordinator", *sys.argv[1:]]))
         console = ex.console()
         console.print(ex.rich_table(f"bench affinity: {dataset}, {report.facts.model}",

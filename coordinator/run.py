@@ -26,7 +26,7 @@ from coordinator.metrics import CoordinatorMetrics
 from coordinator.rounds import Outcome, RoundEngine
 from coordinator.server import start_server
 from coordinator.servicer import ServiceState
-from edgetrain.cli_util import output_folder
+from edgetrain.cli_util import new_folder_kept_only_if_used, output_folder
 from edgetrain.cores import allowed_cores, format_cores, split_cores
 from edgetrain.errors import ConfigError, EdgetrainError
 from edgetrain.httpmetrics import MetricsServer
@@ -126,14 +126,11 @@ class Coordinator:
     # ---- set-up
     def start(self) -> None:
         """Load the workload, serve, start local agents; on any failure undo what was started."""
-        made = self.cfg.run_dir is not None and not self.cfg.run_dir.exists()
         try:
-            self._start()
+            with new_folder_kept_only_if_used(self.cfg.run_dir):
+                self._start()
         except BaseException:
             self.close()
-            if made and self.cfg.run_dir is not None and self.cfg.run_dir.is_dir() \
-                    and not any(self.cfg.run_dir.iterdir()):
-                self.cfg.run_dir.rmdir()  # a folder this start made and nothing went into
             raise
 
     def _start(self) -> None:

@@ -6,7 +6,8 @@ import logging
 import os
 import ssl
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import typer
@@ -94,6 +95,18 @@ def output_folder(path: Path, option: str) -> Path:
     if not os.access(path, os.W_OK | os.X_OK):
         raise ConfigError(f"{option} {path}: the folder is not writable")
     return path
+
+
+@contextmanager
+def new_folder_kept_only_if_used(path: Path | None) -> Iterator[None]:
+    """If the block fails, remove `path` when it did not exist before and is still empty (nothing of it is kept)."""
+    made = path is not None and not path.exists()
+    try:
+        yield
+    except BaseException:
+        if made and path is not None and path.is_dir() and not any(path.iterdir()):
+            path.rmdir()
+        raise
 
 
 def check_tls_pair(cert: Path, key: Path, cert_option: str, key_option: str) -> None:

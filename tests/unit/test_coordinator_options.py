@@ -179,3 +179,13 @@ def test_a_report_out_that_cannot_be_a_folder_is_refused(tmp_path: Path) -> None
     afile = tmp_path / "afile"
     afile.write_text("x")
     _one_line_error(_run("coordinator", "report", str(runs), "--out", str(afile)), f"--out {afile}: not a folder")
+
+
+def test_a_bench_or_report_that_fails_leaves_no_empty_out_folder(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    bench = _run("coordinator", "bench", "affinity", "--dataset", "tweets", "--model", "text-bag", "--limit", "200",
+                 "--affinity", "4096", "--no-progress", "--out", str(out))
+    _one_line_error(bench, "affinity 4096 needs 4096 cores")
+    assert not out.exists()
+    _one_line_error(_run("coordinator", "report", str(tmp_path), "--out", str(out)), "no rounds.jsonl")
+    assert not out.exists()
