@@ -225,6 +225,8 @@ class Coordinator:
                 cmd += ["--data-path", str(w.data_path)]
             if w.cache_dir is not None:
                 cmd += ["--cache-dir", str(w.cache_dir)]
+            if not w.download:
+                cmd.append("--no-download")
             if cfg.token:
                 cmd += ["--token-env", "EDGETRAIN_TOKEN"]
             if cfg.tls_cert is not None:

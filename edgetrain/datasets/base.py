@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,6 +24,24 @@ FINGERPRINT_VERSION = 1
 
 class DatasetFormatError(DatasetError):
     """A data file exists but its content is malformed (bad header, column count, value...)."""
+
+
+def csv_records(reader: Iterator[list[str]], source: object) -> Iterator[tuple[int, list[str]]]:
+    """(line the record starts on, its fields) for each record of a `csv.reader`.
+
+    A `csv.Error` (an unclosed quote, a field over the size limit) is a DatasetFormatError at the line where the
+    failing record starts, not where the parser gave up (often the end of the file).
+    """
+    line = 1
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as exc:
+            raise DatasetFormatError(f"{source}: line {line}: {exc}") from None
+        yield line, row
+        line = reader.line_num + 1  # type: ignore[attr-defined]
 
 
 class DownloadError(DatasetError):

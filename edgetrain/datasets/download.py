@@ -170,7 +170,10 @@ def _transfer(url: str, part: Path, offset: int, *, progress: bool, timeout: flo
     headers = {"User-Agent": _USER_AGENT, "Accept-Encoding": "identity"}
     if offset:
         headers["Range"] = f"bytes={offset}-"
-    request = urllib.request.Request(url, headers=headers)
+    try:
+        request = urllib.request.Request(url, headers=headers)
+    except ValueError as exc:  # no scheme: a mirror or URL set in the environment
+        raise DownloadError(f"{url}: not a URL ({exc})") from None
     try:
         response = urllib.request.urlopen(request, timeout=timeout)
     except urllib.error.HTTPError as exc:

@@ -89,7 +89,8 @@ def load_dataset(
         what = "is not a folder" if data_dir.exists() else "does not exist"
         raise DatasetError(f"{name}: --data-dir {data_dir} {what}")
     if data_path is not None and not data_path.is_file():
-        raise DatasetError(f"{name}: data file {data_path} does not exist")
+        what = "is not a file" if data_path.exists() else "does not exist"
+        raise DatasetError(f"{name}: --data-path {data_path} {what}")
     cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
 
     if name == "tweets":

@@ -10,13 +10,16 @@ from pathlib import Path
 
 import numpy as np
 
-from edgetrain.datasets.base import DatasetFormatError
+from edgetrain.datasets.base import DatasetFormatError, csv_records
 from edgetrain.datasets.idx import read_maybe_gzip
 from edgetrain.datasets.mnist import parse_pixel_rows
 from edgetrain.errors import DatasetError
 
 # A first row whose first column is one of these (case-insensitive) is a header, not data.
 HEADER_LABELS = frozenset({"label", "labels", "class", "category", "sentiment", "target", "y"})
+# More different labels than this, and than half the rows, is texts read as labels (a file with the label last);
+# in a file of at least this many rows, a first row whose label occurs nowhere else is an unnamed header.
+MANY_CLASSES = 20
 TEXT_COLUMNS = 2
 IMAGE_COLUMNS = 1 + 28 * 28
 CLASSES_SUFFIX = ".classes.txt"
@@ -87,35 +90,39 @@ def read_table(path: Path, *, delimiter: str, classes: Sequence[str] | None = No
     rows: list[list[str]] = []
     lines: list[int] = []
     width = 0
-    line = 1
-    try:
-        for row in reader:
-            start, line = line, reader.line_num + 1
-            if not row or (len(row) == 1 and not row[0].strip()):
+    for start, row in csv_records(reader, path):
+        if not row or (len(row) == 1 and not row[0].strip()):
+            continue
+        if not width:
+            width = len(row)
+            if width not in (TEXT_COLUMNS, IMAGE_COLUMNS):
+                raise DatasetFormatError(
+                    f"{path}: line {start}: {width} columns; expected {TEXT_COLUMNS} (label, text) "
+                    f"or {IMAGE_COLUMNS} (label and 784 pixels)"
+                )
+            if row[0].strip().lower() in HEADER_LABELS:
                 continue
-            if not width:
-                width = len(row)
-                if width not in (TEXT_COLUMNS, IMAGE_COLUMNS):
-                    raise DatasetFormatError(
-                        f"{path}: line {start}: {width} columns; expected {TEXT_COLUMNS} (label, text) "
-                        f"or {IMAGE_COLUMNS} (label and 784 pixels)"
-                    )
-                if row[0].strip().lower() in HEADER_LABELS:
-                    continue
-            if len(row) != width:
-                raise DatasetFormatError(f"{path}: line {start}: {len(row)} columns, expected {width}")
-            if not row[0].strip():
-                raise DatasetFormatError(f"{path}: line {start}: empty label")
-            rows.append(row)
-            lines.append(start)
-    except csv.Error as exc:
-        raise DatasetFormatError(f"{path}: line {reader.line_num}: {exc}") from None
+        if len(row) != width:
+            raise DatasetFormatError(f"{path}: line {start}: {len(row)} columns, expected {width}")
+        if not row[0].strip():
+            raise DatasetFormatError(f"{path}: line {start}: empty label")
+        rows.append(row)
+        lines.append(start)
     if not rows:
         raise DatasetFormatError(f"{path}: no data rows (only a header)")
 
     names = [row[0].strip() for row in rows]
     if classes is None:
         distinct = set(names)
+        if len(rows) >= MANY_CLASSES and names.count(names[0]) == 1 and not _is_int(names[0]):
+            raise DatasetFormatError(
+                f"{path}: line {lines[0]}: label {names[0]!r} occurs on no other line; if this line is a header, "
+                f"name its first column 'label' (or {', '.join(sorted(HEADER_LABELS - {'label'}))})"
+            )
+        if len(distinct) > max(MANY_CLASSES, len(rows) // 2):
+            raise DatasetFormatError(
+                f"{path}: {len(distinct)} different labels in {len(rows)} rows: the label must be the first column"
+            )
         order = sorted(distinct, key=int) if all(_is_int(n) for n in distinct) else sorted(distinct)
         class_names = tuple(order)
     else:

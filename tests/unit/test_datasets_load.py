@@ -169,6 +169,14 @@ def test_tweets_options_change_the_fingerprint(tmp_path: Path) -> None:
             b'sentiment,confidence,text\r\npositive,1,"two\r\nlines"\r\nneutral,1\r\n',
             "line 4: 2 columns, expected 3",
         ),
+        (  # a stray quote: refused where it starts, not a field that swallows the rest of the file
+            b'sentiment,confidence,text\r\npositive,1,ok\r\npositive,1,"oops\r\n' + b"neutral,1,fine\r\n" * 50,
+            "line 3: unexpected end of data",
+        ),
+        (
+            b"sentiment,confidence,text\r\npositive,1," + b"x" * 200_000 + b"\r\n",
+            "line 2: field larger than field limit",
+        ),
     ],
 )
 def test_tweets_file_errors(tmp_path: Path, content: bytes, match: str) -> None:

@@ -135,3 +135,25 @@ def test_csv_needs_a_file(tmp_path: Path) -> None:
 def test_too_small_to_split(tmp_path: Path) -> None:
     with pytest.raises(DatasetError, match=r"csv: 3 examples are too few for a 10% test split"):
         load_dataset("csv", data_path=write(tmp_path / "d.csv", "a,x\nb,y\na,z\n"))
+
+
+def test_a_header_it_does_not_know_is_not_read_as_a_class(tmp_path: Path) -> None:
+    rows = "".join(f"{'neg' if i % 2 else 'pos'},text {i}\n" for i in range(40))
+    path = write(tmp_path / "h.csv", "tweet_sentiment,tweet_text\n" + rows)
+    with pytest.raises(DatasetFormatError, match=r"h.csv: line 1: label 'tweet_sentiment' occurs on no other line; "
+                                                 r"if this line is a header, name its first column 'label'"):
+        read_table(path, delimiter=",")
+    assert read_table(write(tmp_path / "ok.csv", "label,text\n" + rows), delimiter=",").classes == ("neg", "pos")
+
+
+def test_a_file_with_the_label_last_is_refused(tmp_path: Path) -> None:
+    rows = "".join(f"text {i},{'neg' if i % 2 else 'pos'}\n" for i in range(40))
+    path = write(tmp_path / "last.csv", "text 0,neg\n" + rows)  # its first "label" occurs twice: no header
+    with pytest.raises(DatasetFormatError, match=r"40 different labels in 41 rows: the label must be the first column"):
+        read_table(path, delimiter=",")
+
+
+def test_an_unclosed_quote_is_reported_where_its_record_starts(tmp_path: Path) -> None:
+    path = write(tmp_path / "q.csv", "a,x\nb,\"oops\n" + "c,y\n" * 50)
+    with pytest.raises(DatasetFormatError, match=r"q.csv: line 2: unexpected end of data"):
+        read_table(path, delimiter=",")
