@@ -177,14 +177,15 @@ class Coordinator:
     def _check_run_dir(self, run_dir: Path) -> None:
         """With --resume, a folder holding a run; without, the folder made, holding no earlier run."""
         held = [name for name in (LOG, checkpoint.LATEST, checkpoint.MODEL) if (run_dir / name).exists()]
+        resumable = LOG in held or checkpoint.LATEST in held
         if self.cfg.resume:
-            if LOG not in held and checkpoint.LATEST not in held:
+            if not resumable:
                 raise ConfigError(f"--resume: {run_dir} holds no run to go on with (no {checkpoint.LATEST}, no {LOG})")
             return
         output_folder(run_dir, "--run-dir")
         if held:
-            raise ConfigError(f"--run-dir {run_dir} holds a run already ({', '.join(held)}): pass --resume to go on "
-                              "with it, or name another folder")
+            advice = "pass --resume to go on with it, or name another folder" if resumable else "name another folder"
+            raise ConfigError(f"--run-dir {run_dir} holds a run already ({', '.join(held)}): {advice}")
 
     def _joined(self, agent: Agent, replaced: Agent | None) -> None:
         self.metrics.agents.set(len(self.membership))

@@ -189,3 +189,9 @@ def test_a_bench_or_report_that_fails_leaves_no_empty_out_folder(tmp_path: Path)
     assert not out.exists()
     _one_line_error(_run("coordinator", "report", str(tmp_path), "--out", str(out)), "no rounds.jsonl")
     assert not out.exists()
+
+
+def test_a_folder_holding_only_a_final_model_is_not_offered_to_resume(tmp_path: Path) -> None:
+    (tmp_path / "model.pt").write_bytes(b"x")
+    proc = _run("coordinator", "run", "--rounds", "1", *QUICK, "--run-dir", str(tmp_path))
+    _one_line_error(proc, f"--run-dir {tmp_path} holds a run already (model.pt): name another folder")
