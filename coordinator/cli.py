@@ -5,13 +5,14 @@ from __future__ import annotations
 import signal
 import threading
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
 from coordinator.config import UPLOAD_SLOTS
-from edgetrain.cli_util import entry, new_folder_kept_only_if_used, output_folder, read_token, setup_logging
+from edgetrain.cli_util import entry, made_output_folder, read_token, setup_logging
 from edgetrain.errors import ConfigError
 from edgetrain.models import DEFAULT_LR, MODELS
 from edgetrain.spec import DataLocation, RunSpec
@@ -167,8 +168,8 @@ def make_app() -> typer.Typer:
         """Turn a run's rounds.jsonl into PNG plots: accuracy vs time per node, round-time breakdown."""
         from coordinator.report import write_report
 
-        with new_folder_kept_only_if_used(out):
-            for path in write_report(run_dir, output_folder(out, "--out") if out is not None else run_dir):
+        with made_output_folder(out, "--out") if out is not None else nullcontext(run_dir) as folder:
+            for path in write_report(run_dir, folder):
                 typer.echo(str(path))
         return 0
 
@@ -212,8 +213,7 @@ def make_bench_app() -> typer.Typer:
                                     seed=seed, repeats=repeats,
                                     quiet_wait=quiet_wait, max_other_load=max_other_load, retries=retries)
         folder = out or Path("runs") / f"bench-parallel-{dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
-        with new_folder_kept_only_if_used(folder):
-            output_folder(folder, "--out")
+        with made_output_folder(folder, "--out"):
             report = ex.run_parallel(settings, agents=agents or None, local_steps=local_steps,
                                      target_accuracy=target_accuracy, progress=progress)
         paths = ex.write_parallel(report, folder, command=" ".join(["coordinator", *sys.argv[1:]]))
@@ -259,8 +259,7 @@ def make_bench_app() -> typer.Typer:
         sets = ex.parse_affinity(affinity) if affinity else None
         layouts = ex.parse_layouts(layout) if layout else None
         folder = out or Path("runs") / f"bench-affinity-{dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
-        with new_folder_kept_only_if_used(folder):
-            output_folder(folder, "--out")
+        with made_output_folder(folder, "--out"):
             report = ex.run_affinity(settings, sets=sets, layouts=layouts, progress=progress)
         paths = ex.write_affinity(report, folder, command=" ".join(["coordinator", *sys.argv[1:]]))
         console = ex.console()

@@ -205,13 +205,14 @@ class Coordinator:
         if n == 0:
             return
         groups = local_core_groups(n)
-        cores = sorted({c for g in groups for c in g})
-        if n > len(cores):
-            log.warning("%d local agents on %d core(s) (%s): they share cores, round-robin", n, len(cores),
-                        format_cores(cores))
-        if cfg.local_workers > min(len(g) for g in groups):
+        used = sorted({c for g in groups for c in g})
+        if n > len(used):
+            log.warning("%d local agents on %d core(s) (%s): they share cores, round-robin", n, len(used),
+                        format_cores(used))
+        fewest = min(len(g) for g in groups)
+        if cfg.local_workers > fewest:
             log.warning("--local-workers %d: a local agent has %d core(s); it runs one worker per core",
-                        cfg.local_workers, min(len(g) for g in groups))
+                        cfg.local_workers, fewest)
         host = "127.0.0.1" if cfg.host in ("0.0.0.0", "::", "") else cfg.host
         for i, cores in enumerate(groups):
             device = devices[i - cfg.local_agents] if i >= cfg.local_agents else "cpu"

@@ -109,6 +109,13 @@ def new_folder_kept_only_if_used(path: Path | None) -> Iterator[None]:
         raise
 
 
+@contextmanager
+def made_output_folder(path: Path, option: str) -> Iterator[Path]:
+    """`output_folder` for a block of work: if the block fails, a folder it made is removed again while empty."""
+    with new_folder_kept_only_if_used(path):
+        yield output_folder(path, option)
+
+
 def check_tls_pair(cert: Path, key: Path, cert_option: str, key_option: str) -> None:
     """A PEM certificate and the private key that goes with it, or a ConfigError naming the options.
 
