@@ -5,7 +5,8 @@ Prints figures (a benchmark, not a test). On a 2-core machine, MNIST CNN, batch 
 1. samples/s of 2 agents x 1 core against 1 process x 1 core, at K=8 and K=1, with plain PyTorch (1 process,
    1 core) and torch DDP over gloo (2 processes x 1 core) measured in the same run on the same cores, and
    the ceiling: two plain 1x1 processes side by side that never synchronise (what the two cores give at all,
-   that minute), with the per-step times that explain the gap;
+   that minute), and the synchronous bound: the same pair waiting for each other every K steps and exchanging
+   nothing (no synchronous scheme can beat it), with the per-step times that explain the gap;
 2. synchronisation overhead per round: round wall time minus the slowest agent's compute (median, warm-up
    round excluded);
 3. coordinator memory with 16 agents of that model (in-process clients in a separate process): peak RSS
@@ -38,7 +39,7 @@ from coordinator.config import CoordinatorConfig  # noqa: E402
 from coordinator.run import Coordinator  # noqa: E402
 from edgetrain.cores import allowed_cores  # noqa: E402
 from edgetrain.memory import tune_malloc  # noqa: E402
-from edgetrain.peers import TrainJob, combine, run_pinned, torch_ddp, torch_single  # noqa: E402
+from edgetrain.peers import TrainJob, combine, run_pinned, torch_ddp, torch_lockstep, torch_single  # noqa: E402
 from edgetrain.spec import DataLocation, RunSpec  # noqa: E402
 
 
@@ -61,8 +62,10 @@ def edgetrain_rate(spec: RunSpec, where: DataLocation, agents: int, k: int, roun
             "step_ms": 1e3 * statistics.median(steps), "slowest_step_ms": 1e3 * statistics.median(slowest)}
 
 
-def peer_rate(target: object, groups: list[list[int]], spec: RunSpec, where: DataLocation, steps: int) -> float:
-    outcomes = run_pinned(target, groups, TrainJob(spec=spec, where=where, steps=steps))  # type: ignore[arg-type]
+def peer_rate(target: object, groups: list[list[int]], spec: RunSpec, where: DataLocation, steps: int,
+              sync_every: int = 1) -> float:
+    job = TrainJob(spec=spec, where=where, steps=steps, sync_every=sync_every)
+    outcomes = run_pinned(target, groups, job)  # type: ignore[arg-type]
     o = combine(outcomes)
     return o.samples / o.train_seconds
 
@@ -225,32 +228,37 @@ def main() -> None:
         for k in (int(x) for x in args.ks.split(",")):
             rounds = args.rounds if k == 8 else args.rounds * 4
             steps = rounds * k
-            ratios: list[float] = []
+            ratios: dict[str, list[float]] = {"edgetrain": [], "bound": [], "DDP": [], "ceiling": []}
             for rep in range(args.repeats):
                 # torch 1x1 before and after the others: this machine's speed drifts over minutes (1x1 measured
                 # 1,060-1,450/s in one session), and a baseline taken once, first, biased each ratio by the drift
                 before = peer_rate(torch_single, [cores[:1]], spec, where, steps)
                 # the ceiling: two plain 1x1 processes side by side that never wait for each other
                 free = peer_rate(torch_single, [cores[:1], cores[1:2]], spec, where, steps)
+                # the lock-step bound: the same pair waiting for each other every k steps, exchanging nothing
+                lock = peer_rate(torch_lockstep, [cores[:1], cores[1:2]], spec, where, steps, sync_every=k)
                 ddp = peer_rate(torch_ddp, [cores[:1], cores[1:2]], spec, where, steps)
                 one = edgetrain_rate(spec, where, 1, k, rounds)
                 two = edgetrain_rate(spec, where, 2, k, rounds)
                 after = peer_rate(torch_single, [cores[:1]], spec, where, steps)
                 single = (before + after) / 2
                 rate2, rate1 = two["samples_per_s"], one["samples_per_s"]
-                ratios.append(rate2 / single)
+                for name, rate in (("edgetrain", rate2), ("bound", lock), ("DDP", ddp), ("ceiling", free)):
+                    ratios[name].append(rate / single)
                 print(f"K={k} rep {rep}: torch 1x1 {single:.0f}/s ({before:.0f} before, {after:.0f} after) | "
                       f"2 unsynchronised 1x1 {free:.0f}/s ({free / single:.2f}x: the ceiling) | "
+                      f"lock-step pair {lock:.0f}/s ({lock / single:.2f}x: the synchronous bound) | "
                       f"DDP 2x1 {ddp:.0f}/s ({ddp / single:.2f}x) | "
                       f"edgetrain 1 agent {rate1:.0f}/s | 2 agents {rate2:.0f}/s "
                       f"({rate2 / single:.2f}x torch 1x1, {rate2 / free:.2f}x the ceiling, "
+                      f"{rate2 / lock:.2f}x the bound, "
                       f"{rate2 / rate1:.2f}x 1 agent) | "
                       f"sync overhead median {two['sync_ms']:.1f} ms (p90 {two['sync_ms_p90']:.1f}), "
                       f"round {two['round_ms']:.0f} ms | step: 1x1 alone {1e3 * spec.batch_size / single:.1f} ms, "
                       f"unsynchronised {2e3 * spec.batch_size / free:.1f} ms, agents {two['step_ms']:.1f} ms "
                       f"(slowest per round {two['slowest_step_ms']:.1f} ms)", flush=True)
-            print(f"K={k}: 2 agents vs torch 1x1, median of {len(ratios)}: {statistics.median(ratios):.2f}x",
-                  flush=True)
+            print(f"K={k}: vs torch 1x1, median of {args.repeats}: "
+                  + ", ".join(f"{name} {statistics.median(r):.2f}x" for name, r in ratios.items()), flush=True)
 
 
 if __name__ == "__main__":

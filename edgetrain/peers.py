@@ -5,6 +5,9 @@ batch and cores:
 
 * `torch_single`: one process, a `DataLoader` over a `TensorDataset`, the usual loop.
 * `torch_ddp`: `DistributedDataParallel` over gloo on loopback, a `DistributedSampler` per rank.
+* `torch_lockstep`: DDP's processes and shards without DDP: every `sync_every` steps the ranks only wait for
+  each other (a gloo barrier), exchanging nothing. No synchronous data-parallel scheme can beat it on the same
+  cores: it is the bound that waiting for the slower rank alone sets. Each rank scores its own model.
 
 Both run inside `run_pinned`, which starts `spawn` children (gRPC and OpenMP do not survive fork),
 pins each to its own cores with `sched_setaffinity` and sets torch's thread count to match before any
@@ -66,8 +69,11 @@ class TrainJob:
     eval_every: int = 0
     target_accuracy: float | None = None
     device: str = "cpu"
+    sync_every: int = 1  # torch_lockstep's steps between barriers (the K of a synchronous round)
 
     def __post_init__(self) -> None:
+        if self.sync_every < 1:
+            raise ConfigError(f"sync_every must be at least 1, got {self.sync_every}")
         if self.steps < 1:
             raise ConfigError(f"a training job needs at least one step, got {self.steps}")
         if self.eval_every < 0:
@@ -86,6 +92,7 @@ class TrainOutcome:
     cores: tuple[int, ...]  # the affinity the kernel reports for this child
     threads: int  # torch.get_num_threads() in this child
     evals: tuple[tuple[float, float], ...] = ()  # (seconds, accuracy) of every evaluation
+    barriers: int = 0  # torch_lockstep: the barriers this rank passed while training
 
 
 # ---------------------------------------------------------------------------- pinned children
@@ -221,7 +228,8 @@ def torch_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: t
     return torch_correct(model, x, y, device) / max(1, len(y))
 
 
-def _torch_train(setup: ChildSetup, job: TrainJob, distributed: bool) -> TrainOutcome:
+def _torch_train(setup: ChildSetup, job: TrainJob, mode: str) -> TrainOutcome:
+    """The plain loop of `mode`: "single", "ddp" or "lockstep" (see the module's docstring)."""
     import torch.distributed as dist
     from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, RandomSampler, Sampler, TensorDataset
 
@@ -232,9 +240,11 @@ def _torch_train(setup: ChildSetup, job: TrainJob, distributed: bool) -> TrainOu
     device = torch.device(job.device)
     net = workload.new_model().to(device)
     model: nn.Module = net
+    distributed = mode in ("ddp", "lockstep")  # a gloo group; each rank trains its own shard
     if distributed:
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{setup.dist_port}", rank=setup.rank,
                                 world_size=setup.world)
+    if mode == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 
         model = DistributedDataParallel(net)
@@ -263,7 +273,7 @@ def _torch_train(setup: ChildSetup, job: TrainJob, distributed: bool) -> TrainOu
         def evaluate(t0: float) -> None:
             nonlocal eval_seconds, time_to_target, accuracy
             e0 = time.perf_counter()
-            if distributed:  # every rank scores its slice of the test split on its own cores; counts are summed
+            if mode == "ddp":  # every rank scores its slice of the test split on its own cores; counts are summed
                 r, w = setup.rank, setup.world
                 correct = torch.tensor([float(torch_correct(net, test_x[r::w], test_y[r::w], device))])
                 dist.all_reduce(correct)
@@ -280,7 +290,7 @@ def _torch_train(setup: ChildSetup, job: TrainJob, distributed: bool) -> TrainOu
         if distributed:
             dist.barrier()
         t0 = time.perf_counter()
-        step, epoch = 0, 0
+        step, epoch, barriers = 0, 0, 0
         while step < job.steps:
             if isinstance(base, DistributedSampler):
                 base.set_epoch(epoch)
@@ -291,6 +301,9 @@ def _torch_train(setup: ChildSetup, job: TrainJob, distributed: bool) -> TrainOu
                 loss.backward()  # type: ignore[no-untyped-call]
                 optimizer.step()
                 step += 1
+                if mode == "lockstep" and (step % job.sync_every == 0 or step == job.steps):
+                    dist.barrier()  # wait for the slower rank, as a synchronous round does
+                    barriers += 1
                 if step >= job.steps:
                     break
                 if job.eval_every and step % job.eval_every == 0:
@@ -305,7 +318,7 @@ def _torch_train(setup: ChildSetup, job: TrainJob, distributed: bool) -> TrainOu
         return TrainOutcome(
             seconds=seconds, train_seconds=seconds - eval_seconds, samples=job.steps * spec.batch_size,
             accuracy=accuracy, time_to_target=time_to_target, cores=tuple(allowed_cores()),
-            threads=torch.get_num_threads(), evals=tuple(evals),
+            threads=torch.get_num_threads(), evals=tuple(evals), barriers=barriers,
         )
     finally:
         if distributed and dist.is_initialized():
@@ -314,12 +327,17 @@ def _torch_train(setup: ChildSetup, job: TrainJob, distributed: bool) -> TrainOu
 
 def torch_single(setup: ChildSetup, job: TrainJob) -> TrainOutcome:
     """Plain PyTorch in one process: `DataLoader` + `loss.backward()` + `optimizer.step()`."""
-    return _torch_train(setup, job, distributed=False)
+    return _torch_train(setup, job, "single")
 
 
 def torch_ddp(setup: ChildSetup, job: TrainJob) -> TrainOutcome:
     """One rank of `DistributedDataParallel` over gloo: gradients all-reduced every step."""
-    return _torch_train(setup, job, distributed=True)
+    return _torch_train(setup, job, "ddp")
+
+
+def torch_lockstep(setup: ChildSetup, job: TrainJob) -> TrainOutcome:
+    """One rank of the lock-step bound: DDP's shards, no DDP, a barrier every `job.sync_every` steps."""
+    return _torch_train(setup, job, "lockstep")
 
 
 def combine(outcomes: Sequence[TrainOutcome]) -> TrainOutcome:

@@ -16,6 +16,7 @@ import pytest
 from coordinator.cli import make_app
 from edgetrain.cli_util import run_app
 from edgetrain.cores import allowed_cores
+from edgetrain.errors import ConfigError
 
 N_CORES = len(allowed_cores())
 TINY = ["--limit", "600", "--epochs", "1", "--repeats", "2", "--no-progress"]
@@ -130,3 +131,19 @@ def test_every_loop_trains_the_planned_steps_and_evaluates_on_cadence() -> None:
         assert out.time_to_target == out.evals[0][0]
         assert out.cores == tuple(allowed_cores()[:1]) and out.threads == 1
         assert 0 < out.train_seconds < out.seconds
+
+
+@pytest.mark.skipif(N_CORES < 2, reason="the lock-step pair needs two cores")
+def test_lockstep_pair_waits_every_sync_every_steps_on_its_own_shards() -> None:
+    from edgetrain.peers import TrainJob, run_pinned, torch_lockstep
+    from edgetrain.spec import RunSpec
+
+    cores = allowed_cores()
+    job = TrainJob(RunSpec(dataset="tweets", limit=600), steps=10, sync_every=4)
+    outs = run_pinned(torch_lockstep, [cores[:1], cores[1:2]], job)
+    for rank, out in enumerate(outs):
+        assert out.barriers == 3  # after steps 4 and 8, and the last
+        assert out.samples == 10 * 64
+        assert out.cores == (cores[rank],) and out.threads == 1
+    with pytest.raises(ConfigError, match="sync_every"):
+        TrainJob(RunSpec(dataset="tweets", limit=600), sync_every=0)
