@@ -17,7 +17,7 @@ from coordinator import checkpoint
 from coordinator.config import CoordinatorConfig
 from coordinator.run import Coordinator, RunResult
 from edgetrain.cores import read_affinity
-from edgetrain.spec import RunSpec
+from edgetrain.spec import DataLocation, RunSpec
 from edgetrain.training import batch_plan
 from edgetrain.workload import load_workload
 
@@ -60,8 +60,10 @@ def test_two_agents_k1_sgd_equal_serial_sgd_on_the_union_of_their_batches(tmp_pa
 
 def test_local_run_pins_workers_reaches_accuracy_and_cleans_up(tmp_path: Path) -> None:
     spec = RunSpec(dataset="tweets", limit=6000, seed=1)
-    cfg = CoordinatorConfig(spec=spec, port=0, local_steps=8, rounds=12, local_agents=2, eval_every=4,
-                            run_dir=tmp_path, progress=False, round_timeout=120)
+    # the embedded corpus needs no download: --no-download must reach the local agents all the same
+    cfg = CoordinatorConfig(spec=spec, where=DataLocation(cache_dir=tmp_path / "cache", download=False), port=0,
+                            local_steps=8, rounds=12, local_agents=2, eval_every=4, run_dir=tmp_path / "run",
+                            progress=False, round_timeout=120)
     coord = Coordinator(cfg)
     threads_before = threading.active_count()
     out: list[RunResult] = []
@@ -76,6 +78,9 @@ def test_local_run_pins_workers_reaches_accuracy_and_cleans_up(tmp_path: Path) -
     runner = threading.Thread(target=target)
     coord.start()
     agents = [psutil.Process(p.pid) for p in coord.local_agents]
+    for agent in agents:  # where the coordinator found its data, so do its agents, and nowhere else
+        args = agent.cmdline()
+        assert "--no-download" in args and args[args.index("--cache-dir") + 1] == str(tmp_path / "cache"), args
     runner.start()
     seen: dict[int, list[int]] = {}
     workers: set[int] = set()
@@ -126,7 +131,8 @@ def test_local_run_pins_workers_reaches_accuracy_and_cleans_up(tmp_path: Path) -
     assert result.final.accuracy > majority + 0.05, (result.final.accuracy, majority)
     assert set(result.nodes) == {"local-0", "local-1"}
     assert all(n.samples == 12 * 8 * 64 for n in result.nodes.values())
-    assert (tmp_path / "checkpoint.pt").exists() and (tmp_path / "rounds.jsonl").exists()
+    assert (tmp_path / "run" / "checkpoint.pt").exists() and (tmp_path / "run" / "rounds.jsonl").exists()
+    assert not (tmp_path / "cache").exists()  # nothing was fetched
     # the same-host files' directory was used and is gone, every process gone, no thread left behind
     assert files is not None and not files.dir.exists()
     for proc in agents:
