@@ -6,6 +6,7 @@ import csv
 import importlib.metadata
 import io
 import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +15,8 @@ from edgetrain.datasets.base import DatasetFormatError, DownloadError, csv_recor
 from edgetrain.datasets.download import atomic_write_bytes, bytes_digest, download_file, file_digest, locked
 from edgetrain.datasets.idx import read_maybe_gzip
 from edgetrain.errors import ChecksumError, DatasetError
+
+log = logging.getLogger("edgetrain.datasets")
 
 SENTIMENT_CLASSES: tuple[str, ...] = ("negative", "neutral", "positive")
 
@@ -217,23 +220,28 @@ def tweeteval_url() -> str:
     return os.environ.get("EDGETRAIN_TWEETEVAL_URL") or TWEETEVAL_URL
 
 
-def _check_manifest(folder: Path) -> None:
+def _damaged(folder: Path) -> tuple[list[str], DatasetError | None]:
+    """The cached files that no longer match the manifest (all of them when it is unreadable), and why."""
     manifest_path = folder / MANIFEST
     try:
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
         recorded: dict[str, str] = {name: entry["sha256"] for name, entry in manifest["files"].items()}
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise DatasetError(f"{manifest_path}: unreadable manifest ({exc}); delete {folder} to download again") from None
+        return list(TWEETEVAL_FILES), DatasetError(f"{manifest_path}: unreadable manifest ({exc})")
+    damaged: list[str] = []
+    error: DatasetError | None = None
     for name in TWEETEVAL_FILES:
         path = folder / name
         if name not in recorded or not path.is_file():
-            raise DatasetError(f"{path}: missing from the cache; delete {folder} to download again")
+            damaged.append(name)
+            error = error or DatasetError(f"{path}: missing from the cache")
+            continue
         got = file_digest(path)
         if got != recorded[name]:
-            raise ChecksumError(
-                f"{path}: sha256 is {got} but {MANIFEST} recorded {recorded[name]} at download; "
-                f"delete {folder} to download again"
-            )
+            damaged.append(name)
+            error = error or ChecksumError(
+                f"{path}: sha256 is {got} but {MANIFEST} recorded {recorded[name]} at download")
+    return damaged, error
 
 
 def fetch_tweeteval(cache_dir: Path, *, download: bool, progress: bool) -> Path:
@@ -242,12 +250,16 @@ def fetch_tweeteval(cache_dir: Path, *, download: bool, progress: bool) -> Path:
     TweetEval publishes no checksums: after a download the files are parsed (counts and
     labels must be consistent), then their sha256 is recorded in ``MANIFEST.json``, which is
     written last, atomically. A folder without a manifest is incomplete. On reuse every
-    file must still match the manifest.
+    file must still match the manifest; one that does not was damaged in the cache and is downloaded again
+    (with downloads off, the error says to delete the folder).
     """
     folder = cache_dir / "tweeteval-sentiment"
     if (folder / MANIFEST).is_file():
-        _check_manifest(folder)
-        return folder
+        damaged, error = _damaged(folder)
+        if error is None:
+            return folder
+        if not download:
+            raise type(error)(f"{error}; delete {folder} to download again")
     offline_hint = (
         "pass data_dir (--data-dir) holding TweetEval's {train,val,test}_{text,labels}.txt "
         "or label<TAB>text {train,val,test}.tsv.gz files"
@@ -256,9 +268,14 @@ def fetch_tweeteval(cache_dir: Path, *, download: bool, progress: bool) -> Path:
         raise DatasetError(f"tweeteval-sentiment is not in the cache ({folder}) and download is off; {offline_hint}")
     base = tweeteval_url().rstrip("/") + "/"
     with locked(folder):
-        if (folder / MANIFEST).is_file():  # another process finished while we waited
-            _check_manifest(folder)
-            return folder
+        if (folder / MANIFEST).is_file():  # another process finished (or mended it) while we waited
+            damaged, error = _damaged(folder)
+            if error is None:
+                return folder
+            log.warning("tweeteval-sentiment: %s; downloading %s again", error, ", ".join(damaged))
+            (folder / MANIFEST).unlink(missing_ok=True)  # the folder is incomplete until a new one is written
+            for name in damaged:
+                (folder / name).unlink(missing_ok=True)
         for name in TWEETEVAL_FILES:
             if not (folder / name).is_file():  # complete files survive an interrupted run
                 try:

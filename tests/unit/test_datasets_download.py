@@ -317,9 +317,20 @@ def test_tweeteval_download_manifest_and_reuse(tweeteval_server: FileServer, tmp
     before = len(tweeteval_server.requests)
     again = load_dataset("tweeteval-sentiment", cache_dir=tmp_path, download=False)
     assert again.fingerprint == data.fingerprint and len(tweeteval_server.requests) == before
+    # a file damaged in the cache: offline, the error says what to do; online, that file alone comes again
     (folder / "test_labels.txt").write_bytes(b"0\n1\n1\n")
-    with pytest.raises(ChecksumError, match=r"test_labels.txt: sha256 .* MANIFEST.json recorded"):
-        load_dataset("tweeteval-sentiment", cache_dir=tmp_path)
+    with pytest.raises(ChecksumError, match=r"test_labels.txt: sha256 .* MANIFEST.json recorded .*delete .* again"):
+        load_dataset("tweeteval-sentiment", cache_dir=tmp_path, download=False)
+    before = len(tweeteval_server.requests)
+    mended = load_dataset("tweeteval-sentiment", cache_dir=tmp_path)
+    assert mended.fingerprint == data.fingerprint
+    assert [path for path, _ in tweeteval_server.requests[before:]] == ["/te/test_labels.txt"]
+    assert json.loads((folder / MANIFEST).read_text()) == manifest
+    # an unreadable manifest: nothing can be trusted, everything comes again
+    (folder / MANIFEST).write_text("{")
+    before = len(tweeteval_server.requests)
+    assert load_dataset("tweeteval-sentiment", cache_dir=tmp_path).fingerprint == data.fingerprint
+    assert sorted(path for path, _ in tweeteval_server.requests[before:]) == sorted(f"/te/{n}" for n in TWEETEVAL_FILES)
 
 
 def test_tweeteval_resumes_after_interruption(tweeteval_server: FileServer, tmp_path: Path) -> None:
