@@ -5,6 +5,7 @@ from __future__ import annotations
 import secrets
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 
@@ -27,9 +28,14 @@ class Agent:
 
 
 class Membership:
-    """Thread-safe registry of live agents."""
+    """Thread-safe registry of live agents.
 
-    def __init__(self) -> None:
+    `on_leave(agent, name_gone)` runs after an agent is removed (it left, or was forgotten), outside the lock;
+    `name_gone` is False when a newer record holds its name. An agent replaced by a restart does not leave.
+    """
+
+    def __init__(self, on_leave: Callable[[Agent, bool], None] | None = None) -> None:
+        self._on_leave = on_leave
         self._lock = threading.Lock()
         self._by_id: dict[str, Agent] = {}
         self._by_name: dict[str, str] = {}
@@ -69,9 +75,12 @@ class Membership:
     def remove(self, agent_id: str) -> Agent | None:
         with self._lock:
             agent = self._by_id.pop(agent_id, None)
-            if agent is not None and self._by_name.get(agent.name) == agent_id:
+            name_gone = agent is not None and self._by_name.get(agent.name) == agent_id
+            if agent is not None and name_gone:
                 del self._by_name[agent.name]
-            return agent
+        if agent is not None and self._on_leave is not None:
+            self._on_leave(agent, name_gone)
+        return agent
 
     def live(self, ready_only: bool = False) -> list[Agent]:
         """Live agents in admission order (only those ready to train, if asked)."""

@@ -11,8 +11,10 @@ from edgetrain import metric_names as m
 if TYPE_CHECKING:
     from coordinator.rounds import NodeReport
 
-# Rounds last from tens of milliseconds (tiny models, K=1) to minutes (big models on slow boards).
-ROUND_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+# Rounds and a node's compute in one take from a millisecond (tiny models, K=1) to minutes (big models on slow
+# boards).
+ROUND_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
+                 300.0, 600.0)
 
 
 def _counter(name: str, doc: str, labels: list[str], registry: CollectorRegistry) -> Counter:
@@ -44,8 +46,8 @@ class CoordinatorMetrics:
         self.accepted = _counter(m.UPDATES_ACCEPTED, "Updates accepted.", node, registry)
         self.refused = _counter(m.UPDATES_REFUSED, "Updates and requests refused, by reason.", [m.NODE, m.REASON],
                                 registry)
-        self.bytes_in = _counter(m.NODE_RECEIVED_BYTES, "Tensor bytes received from a node.", node, registry)
-        self.bytes_out = _counter(m.NODE_SENT_BYTES, "Tensor bytes sent to a node.", node, registry)
+        self.bytes_in = _counter(m.NODE_RECEIVED_BYTES, "Tensor bytes of a node's accepted updates.", node, registry)
+        self.bytes_out = _counter(m.NODE_SENT_BYTES, "Tensor bytes of the weights handed to a node.", node, registry)
         self.rounds_short = _counter(m.ROUNDS_SHORT, "Rounds closed at the deadline without every update.", [],
                                      registry)
 
@@ -59,6 +61,19 @@ class CoordinatorMetrics:
         self.throughput.labels(node).set(stats.samples_per_second)
         self.node_loss.labels(node).set(stats.loss)
         self.node_accuracy.labels(node).set(stats.accuracy)
+
+    def node_left(self, node: str, connected: int) -> None:
+        """A node left or was forgotten: drop its last-value gauges, which would go on claiming its last round.
+
+        A sum of throughputs would count it forever. Its counters and histogram stay: they are history, and
+        rates over them fall to zero by themselves.
+        """
+        self.agents.set(connected)
+        for gauge in (self.compute, self.communication, self.throughput, self.node_loss, self.node_accuracy):
+            try:
+                gauge.remove(node)
+            except KeyError:  # it never sent an update
+                pass
 
     def node_admitted(self, node: str) -> None:
         """Create the node's counters at zero, so rates and "refused by reason" panels have data from the start."""

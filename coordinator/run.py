@@ -111,7 +111,7 @@ class Coordinator:
         self.metrics = CoordinatorMetrics(self.registry)
         self.stop = stop or threading.Event()
         self.console = console or Console(stderr=True)
-        self.membership = Membership()
+        self.membership = Membership(on_leave=self._left)
         self.workload: Workload | None = None
         self.engine: RoundEngine | None = None
         self.port = 0
@@ -189,6 +189,12 @@ class Coordinator:
 
     def _joined(self, agent: Agent, replaced: Agent | None) -> None:
         self.metrics.agents.set(len(self.membership))
+
+    def _left(self, agent: Agent, name_gone: bool) -> None:
+        if name_gone:
+            self.metrics.node_left(agent.name, len(self.membership))
+        else:  # a restart under the same name holds the node's series now
+            self.metrics.agents.set(len(self.membership))
 
     def service_discovery(self) -> list[dict[str, Any]]:
         """Prometheus http_sd: one target group per agent that serves /metrics."""

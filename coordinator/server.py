@@ -12,8 +12,9 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from coordinator.metrics import CoordinatorMetrics
-from coordinator.servicer import UNKNOWN_NODE, CoordinatorServicer, ServiceState, serialize_round
+from coordinator.servicer import CoordinatorServicer, ServiceState, serialize_round
 from edgetrain import grpc_options
+from edgetrain import metric_names as m
 from edgetrain.cli_util import read_file
 from edgetrain.errors import ConfigError
 from edgetrain.proto import edgetrain_pb2_grpc as pb_grpc
@@ -56,7 +57,7 @@ class TokenInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
         given = str(md.get(grpc_options.TOKEN_METADATA, ""))
         if secrets.compare_digest(given.encode(), self._expected.encode()):
             return continuation(handler_call_details)
-        self._metrics.refused_update(UNKNOWN_NODE, "unauthenticated")
+        self._metrics.refused_update(m.UNKNOWN_NODE, "unauthenticated")
         if method.endswith("/SubmitUpdate"):
             return self._deny_stream_in
         if method.endswith("/GetRound"):

@@ -26,6 +26,7 @@ from edgetrain.compression import apply_delta
 from edgetrain.errors import ConfigError, NonFiniteError, WireError
 from edgetrain.grpc_options import address_host, is_loopback
 from edgetrain.memory import in_memory_fs
+from edgetrain.metric_names import UNKNOWN_NODE
 from edgetrain.proto import edgetrain_pb2 as pb
 from edgetrain.proto import edgetrain_pb2_grpc as pb_grpc
 from edgetrain.samehost import SHM_ROOT
@@ -34,7 +35,6 @@ from edgetrain.spec import RunSpec
 log = logging.getLogger("edgetrain.coordinator")
 
 _STATUS = {code.name: code for code in grpc.StatusCode}
-UNKNOWN_NODE = "unknown"  # `node` label for refusals before we know who is calling (bounded label set)
 MAX_THROUGHPUT = 1e9  # samples/s: far above any real node, and small enough that sums of them stay finite
 SEND_WAIT = 0.5  # seconds a weight part waits for a send slot before it goes anyway
 AGENT_NAME = re.compile(r"[A-Za-z0-9_.:-]{1,128}")  # what agent/config.py allows

@@ -42,6 +42,10 @@ CORE_CPU = f"{PREFIX}_agent_core_cpu_usage_ratio"  # gauge{core}: busy fraction 
 AGENT_MEMORY = f"{PREFIX}_agent_memory_bytes"  # gauge: RSS of the agent and its workers
 AGENT_ROUNDS = f"{PREFIX}_agent_rounds_total"  # counter: rounds trained
 
+# The `node` of refusals that come before the caller is known (no valid session yet): one value, not the
+# caller's claim, so the label set stays bounded. Dashboards list it apart from the nodes.
+UNKNOWN_NODE = "unknown"
+
 # Why an update is refused: the `reason` label's whole value set.
 REFUSAL_REASONS = (
     "unauthenticated",  # no or bad token / session

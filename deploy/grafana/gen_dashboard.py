@@ -35,6 +35,7 @@ DASHBOARD_UID = "edgetrain-training"
 DS: dict[str, str] = {"type": "prometheus", "uid": DATASOURCE_UID}
 
 NODE = f'{m.NODE}=~"$node"'  # the only way panels use the template variable
+NODE_OR_UNKNOWN = f'{m.NODE}=~"$node|{m.UNKNOWN_NODE}"'  # refusals before the caller is known, whatever is selected
 RATE = "$__rate_interval"
 
 Panel = dict[str, Any]
@@ -191,7 +192,8 @@ def quantiles(metric: str, by: str = "", sel: str = "") -> list[dict[str, Any]]:
 def node_variable() -> dict[str, Any]:
     # Every series that names a node: the coordinator's per-node figures and (labelled through
     # /sd) every agent's own series, so an agent shows up as soon as it is scraped.
-    definition = f'label_values({{__name__=~"{m.PREFIX}_.*", {m.NODE}!=""}}, {m.NODE})'
+    # Not the refusals' "unknown", which is no node (the refusals panel always shows it).
+    definition = f'label_values({{__name__=~"{m.PREFIX}_.*", {m.NODE}!="", {m.NODE}!="{m.UNKNOWN_NODE}"}}, {m.NODE})'
     return {
         "name": "node",
         "label": "Node",
@@ -416,9 +418,11 @@ def panels() -> list[Panel]:
     ps.append(
         timeseries(
             "Refused updates by reason",
-            targets((f"sum by ({m.REASON}) (rate({m.UPDATES_REFUSED}{{{NODE}}}[{RATE}]))", "{{reason}}")),
+            targets((f"sum by ({m.REASON}) (rate({m.UPDATES_REFUSED}{{{NODE_OR_UNKNOWN}}}[{RATE}]))", "{{reason}}")),
             "suffix: updates/s",
-            "Updates refused per second, by reason (see REFUSAL_REASONS in edgetrain/metric_names.py).",
+            "Updates refused per second, by reason (see REFUSAL_REASONS in edgetrain/metric_names.py). Refusals "
+            f"before the caller is known (no valid session: unauthenticated, unknown agent) count as node "
+            f"\"{m.UNKNOWN_NODE}\" and are always shown here.",
         )
     )
     ps.append(
@@ -443,7 +447,8 @@ def panels() -> list[Panel]:
                 ),
             ),
             "Bps",
-            "Bytes per second between the coordinator and each node (weights down, updates up).",
+            "Tensor bytes per second between the coordinator and each node: weights down, accepted updates up "
+            "(refused uploads are not counted; a local agent's go through same-host files).",
         )
     )
 

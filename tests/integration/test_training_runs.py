@@ -16,6 +16,7 @@ from torch.nn import functional as F  # noqa: N812
 from coordinator import checkpoint
 from coordinator.config import CoordinatorConfig
 from coordinator.run import Coordinator, RunResult
+from edgetrain import metric_names as m
 from edgetrain.cores import read_affinity
 from edgetrain.spec import DataLocation, RunSpec
 from edgetrain.training import batch_plan
@@ -233,6 +234,9 @@ def test_agent_leaves_cleanly_on_sigterm(tmp_path: Path) -> None:
         while coord.engine.completed_rounds < 2 and time.monotonic() < deadline:
             time.sleep(0.1)
         assert coord.engine.completed_rounds >= 2
+        value = coord.registry.get_sample_value
+        assert value(m.AGENTS_CONNECTED) == 1
+        assert value(m.NODE_THROUGHPUT, {m.NODE: "leaver"}) > 0
         children = psutil.Process(agent.pid).children(recursive=True)
         agent.send_signal(signal.SIGTERM)
         assert agent.wait(timeout=30) == 0
@@ -240,6 +244,11 @@ def test_agent_leaves_cleanly_on_sigterm(tmp_path: Path) -> None:
         while len(coord.membership) and time.monotonic() < deadline:  # it said Leave
             time.sleep(0.1)
         assert len(coord.membership) == 0
+        # the metrics say so: nobody connected, and its last round's figures are no longer claimed as current
+        assert value(m.AGENTS_CONNECTED) == 0
+        for gauge in (m.NODE_THROUGHPUT, m.NODE_COMPUTE, m.NODE_COMMUNICATION, m.NODE_LOSS, m.NODE_ACCURACY):
+            assert value(gauge, {m.NODE: "leaver"}) is None, gauge
+        assert value(m.UPDATES_ACCEPTED, {m.NODE: "leaver"}) >= 2  # its history stays
         gone, alive = psutil.wait_procs(children, timeout=10)
         assert not alive, alive  # its workers went with it
     finally:

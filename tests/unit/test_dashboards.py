@@ -254,7 +254,15 @@ def test_per_node_panels_filter_by_node() -> None:
             continue
         names = {re.sub(r"_(bucket|sum|count|info)$", "", n) for n in metric_identifiers(expr)}
         if names & per_node:
-            assert '=~"$node"' in expr, f"{title!r} ignores $node: {expr}"
+            assert '=~"$node"' in expr or f'=~"$node|{m.UNKNOWN_NODE}"' in expr, f"{title!r} ignores $node: {expr}"
+
+
+def test_unknown_is_no_node_but_its_refusals_are_always_shown() -> None:
+    d = dashboard()
+    (variable,) = [v for v in d["templating"]["list"] if v["name"] == "node"]
+    assert f'{m.NODE}!="{m.UNKNOWN_NODE}"' in variable["query"]
+    (expr,) = [e for t, e in queries(d) if t == "Refused updates by reason"]
+    assert f'{m.NODE}=~"$node|{m.UNKNOWN_NODE}"' in expr
 
 
 def test_every_metric_in_a_query_is_in_metric_names() -> None:
