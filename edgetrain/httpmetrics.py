@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import socket
 import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -11,6 +13,40 @@ from typing import Any
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from edgetrain.errors import ConfigError
+
+
+def host_port(host: str, port: int) -> str:
+    """`host` and `port` as "host:port", an IPv6 host in brackets ("[::1]:9101"): as Prometheus and URLs take it."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _family(host: str, port: int) -> socket.AddressFamily:
+    """The address family to bind `host` with: IPv6 for an IPv6 address, or a name that has only IPv6 ones."""
+    if not host:  # "" is http.server's IPv4 wildcard
+        return socket.AF_INET
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (OSError, UnicodeError) as exc:  # UnicodeError: a label too long to be a host name
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else "not a valid host name"
+        raise ConfigError(f"cannot serve /metrics on {host_port(host, port)}: {reason}") from exc
+    families = {info[0] for info in infos}
+    # A name with both kinds binds IPv4, as it always did (and as "localhost" is mostly meant)
+    return socket.AF_INET if socket.AF_INET in families or not families else socket.AF_INET6
+
+
+class _HTTPServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+
+class _HTTPServer6(_HTTPServer):
+    address_family = socket.AF_INET6
+
+    def server_bind(self) -> None:
+        # "::" serves IPv4 clients too (as `python -m http.server` does), whatever the OS's default: the
+        # coordinator advertises a wildcard bind at the address the agent's calls come from, IPv4 or IPv6.
+        with contextlib.suppress(AttributeError, OSError):
+            self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        super().server_bind()
 
 
 class MetricsServer:
@@ -39,11 +75,13 @@ class MetricsServer:
             def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - quiet scrapes
                 return
 
+        if host.startswith("[") and host.endswith("]"):  # "[::1]", as in a URL
+            host = host[1:-1]
+        server_class = _HTTPServer6 if _family(host, port) == socket.AF_INET6 else _HTTPServer
         try:
-            self._httpd = ThreadingHTTPServer((host, port), Handler)
+            self._httpd = server_class((host, port), Handler)
         except OSError as exc:
-            raise ConfigError(f"cannot serve /metrics on {host}:{port}: {exc.strerror}") from exc
-        self._httpd.daemon_threads = True
+            raise ConfigError(f"cannot serve /metrics on {host_port(host, port)}: {exc.strerror}") from exc
         self._thread = threading.Thread(target=self._httpd.serve_forever, name="metrics-http", daemon=True)
         self._thread.start()
 
@@ -53,8 +91,8 @@ class MetricsServer:
 
     @property
     def address(self) -> str:
-        host = str(self._httpd.server_address[0])
-        return f"{host}:{self.port}"
+        """The bound "host:port" ("[::1]:9101" for IPv6): a Prometheus target, or the authority of a URL."""
+        return host_port(str(self._httpd.server_address[0]), self.port)
 
     def close(self) -> None:
         self._httpd.shutdown()
