@@ -140,7 +140,10 @@ class AgentRunner:
         expected = serde.spec_of(self.pool.shared)
         feedback = ErrorFeedback(spec.update_dtype)  # compressed updates travel as deltas with error feedback
         after = -1
-        upload_seconds = 0.0
+        # An update's upload can only be timed once it has been sent, and the wire message has no separate upload
+        # figure: so each update reports this round's download plus this node's previous upload (of the last update
+        # the coordinator took; 0 for the first since joining). The upload part lags one update behind.
+        previous_upload_seconds = 0.0
         delays = None
         failing_since = 0.0
         while not self.stop.is_set():
@@ -186,7 +189,7 @@ class AgentRunner:
                 written = None
             stats = pb.NodeStats(
                 compute_seconds=result.seconds,
-                communication_seconds=rnd.download_seconds + upload_seconds,
+                communication_seconds=rnd.download_seconds + previous_upload_seconds,  # see above
                 loss=result.loss,
                 accuracy=result.accuracy,
                 samples_per_second=result.samples / result.seconds if result.seconds > 0 else 0.0,
@@ -197,11 +200,10 @@ class AgentRunner:
             else:
                 update = self.pool.shared
             try:
-                ack, upload_seconds, _ = client.submit(header.round, result.samples, stats, update,
-                                                       spec.update_dtype, delta=feedback.active,
-                                                       update_file=header.update_file,
-                                                       written=(written.layout, written.size) if written else None,
-                                                       round_deadline=header.deadline_unix)
+                ack, previous_upload_seconds, _ = client.submit(
+                    header.round, result.samples, stats, update, spec.update_dtype, delta=feedback.active,
+                    update_file=header.update_file, written=(written.layout, written.size) if written else None,
+                    round_deadline=header.deadline_unix)
             except grpc.RpcError as err:
                 if err.code() in _REJOIN:
                     return "rejoin"
