@@ -358,7 +358,8 @@ def panels() -> list[Panel]:
             ),
             "s",
             "Last round's time on this node as the node measured it, stacked: local compute, then "
-            "communication (download + upload). One panel per selected node.",
+            "communication (this round's download + the node's previous upload: an update cannot carry its own "
+            "upload time, so that part lags one round). One panel per selected node.",
             w=8,
             stack=True,
             repeat="node",
