@@ -212,6 +212,18 @@ def test_an_epochs_run_logs_its_final_evaluation(tmp_path: Path) -> None:
     assert [r["round"] for r in logged] == [0, 1]
     assert "accuracy" not in logged[0]  # eval_every=1000: only the last round is evaluated
     assert result.final is not None and logged[-1]["accuracy"] == result.final.accuracy
+    # `coordinator report` on this real log (its own tests use hand-made records: they must have a real log's shape)
+    from coordinator.report import write_report
+    from tests.unit.test_report import assert_sensible_png, make_records
+
+    made = make_records()
+    assert set(made[-1]) == set(logged[-1]) and set(made[0]) - set(logged[0]) <= {"accuracy", "loss", "macro_f1",
+                                                                                  "macro_recall"}
+    assert set(made[0]["nodes"]["agent-a"]) == set(logged[0]["nodes"]["local-0"])
+    paths = write_report(tmp_path, tmp_path / "report")
+    assert [p.name for p in paths] == ["accuracy.png", "round_time.png"]
+    for path in paths:
+        assert_sensible_png(path)
 
 
 def test_agent_leaves_cleanly_on_sigterm(tmp_path: Path) -> None:

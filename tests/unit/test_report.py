@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 def node(samples: int, compute: float, comm: float, acc: float) -> dict[str, float]:
     return {"samples": samples, "compute_seconds": compute, "communication_seconds": comm, "loss": 1.0 - acc,
-            "accuracy": acc, "samples_per_second": samples / compute}
+            "accuracy": acc, "samples_per_second": samples / compute, "bytes": 4_000_000.0}
 
 
 def make_records(rounds: int = 8, eval_every: int = 2, start_round: int = 0) -> list[dict[str, Any]]:
