@@ -175,10 +175,13 @@ def test_http_errors_and_refused_connections(server: FileServer, tmp_path: Path)
     assert listing(tmp_path) == []
 
 
-def test_progress_bar_path(server: FileServer, tmp_path: Path) -> None:
+def test_progress_bar_shows_the_file_and_its_bytes(
+        server: FileServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     server.files["/blob"] = BLOB
     download_file(f"{server.base_url}/blob", tmp_path / "blob", progress=True)
     assert (tmp_path / "blob").read_bytes() == BLOB
+    shown = capsys.readouterr().out
+    assert "blob" in shown and f"{len(BLOB) / 1000:.1f}/{len(BLOB) / 1000:.1f} kB" in shown, shown
 
 
 def test_default_cache_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
