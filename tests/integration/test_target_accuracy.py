@@ -1,0 +1,56 @@
+"""`--target-accuracy`: the run stops at the first evaluation that reaches the target, and says when.
+
+A real coordinator (in-process, gRPC on loopback, port 0) and a real local agent process.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from coordinator import checkpoint
+from coordinator.config import CoordinatorConfig
+from coordinator.run import LOG, Coordinator
+from edgetrain.spec import RunSpec
+from edgetrain.training import evaluate
+from edgetrain.workload import load_workload
+
+# text-ngram on 2,000 tweets, 4 local steps a round: the untrained model says "negative" to everything (the
+# majority class, 43.4% of the test split); seed 3 reaches 0.57-0.61 in the first rounds, not monotonically,
+# and 0.62 a few rounds later.
+SPEC = RunSpec(dataset="tweets", model="text-ngram", limit=2000, seed=3)
+TARGET = 0.62
+BUDGET = 100  # rounds: far more than the target needs, and a bound on how long a broken stop runs
+
+
+def test_the_run_stops_at_the_first_evaluation_that_reaches_the_target(tmp_path: Path) -> None:
+    wl = load_workload(SPEC)
+    test = wl.data.test
+    majority = float(torch.bincount(test.y).max()) / len(test.y)
+    untrained = evaluate(wl.new_model(), test.x, test.y, wl.data.num_classes).accuracy
+    assert max(majority, untrained) < TARGET  # not reached before any training
+
+    run_dir = tmp_path / "run"
+    cfg = CoordinatorConfig(spec=SPEC, port=0, local_steps=4, rounds=BUDGET, target_accuracy=TARGET,
+                            local_agents=1, eval_every=1, run_dir=run_dir, progress=False, round_timeout=120)
+    result = Coordinator(cfg).run()
+
+    assert result.stopped_by == "target", result.stopped_by
+    logged = [json.loads(line) for line in (run_dir / LOG).read_text().splitlines()]
+    assert [r["round"] for r in logged] == list(range(result.completed_rounds))
+    assert 2 <= result.completed_rounds < BUDGET  # some evaluation before the last one did not reach it
+    accuracies = [r["accuracy"] for r in logged]  # every round was evaluated
+    assert all(a < TARGET for a in accuracies[:-1]), accuracies  # no earlier round reached it ...
+    assert accuracies[-1] >= TARGET, accuracies  # ... and the run stopped at the first that did
+    assert result.final is not None and result.final.accuracy == accuracies[-1]
+
+    # time to target: the elapsed seconds logged for the round that reached it, within the run's wall time
+    assert result.time_to_target is not None
+    assert result.time_to_target == logged[-1]["elapsed_seconds"] == result.history[-1]["elapsed_seconds"]
+    assert logged[-2]["elapsed_seconds"] < result.time_to_target <= result.wall_seconds
+
+    # the stop is checkpointed like any end of a run: the round that reached the target included
+    assert checkpoint.load(run_dir).completed_rounds == result.completed_rounds
+    assert (run_dir / checkpoint.MODEL).exists()
