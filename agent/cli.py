@@ -27,7 +27,7 @@ def make_app() -> typer.Typer:
     def start(
         coordinator: Annotated[str, typer.Option(help="Coordinator address HOST:PORT.")],
         cores: Annotated[str, typer.Option(help="Cores to pin to, as for taskset: 0-3,8 or 0-10:2.")],
-        name: Annotated[str, typer.Option(help="Stable node name (default: host name).")] = "",
+        name: Annotated[Optional[str], typer.Option(help="Stable node name (default: host name).")] = None,  # noqa: UP045
         workers: Annotated[int, typer.Option(help="Training processes, each on its own core group.")] = 1,
         device: Annotated[str, typer.Option(help="cpu or cuda:N.")] = "cpu",
         data_dir: Annotated[Optional[Path], typer.Option(help="Folder with the data set's files.")] = None,  # noqa: UP045
@@ -50,7 +50,8 @@ def make_app() -> typer.Typer:
 
         setup_logging(log_level)
         cfg = AgentConfig(
-            coordinator=coordinator, cores=parse_cores(cores), name=name or socket.gethostname(), workers=workers,
+            coordinator=coordinator, cores=parse_cores(cores), workers=workers,
+            name=socket.gethostname() if name is None else name,  # an empty --name is refused, not the host's
             device=device, where=DataLocation(data_dir, data_path, cache_dir, not no_download),
             metrics_host=metrics_host, metrics_port=metrics_port, token=read_token(token_env, token_file),
             tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key, give_up_after=give_up_after,

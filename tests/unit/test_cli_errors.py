@@ -24,6 +24,21 @@ def _run(*args: str) -> subprocess.CompletedProcess[str]:
         (("agent", "start", "--cores", "0"), 2, "Missing option '--coordinator'"),
         (("agent", "start", "--coordinator", "127.0.0.1:1", "--cores", "0", "--workers", "two"), 2,
          "Invalid value for '--workers'"),
+        (("agent", "start", "--coordinator", "127.0.0.1:1", "--cores", "0", "--give-up-after", "2",
+          "--token-file", "/nonexistent.token"), 1,
+         "cannot read token file /nonexistent.token: No such file or directory"),
+        (("agent", "start", "--coordinator", "127.0.0.1:1", "--cores", "0", "--give-up-after", "2",
+          "--token-file", "/dev/null"), 1, "token file /dev/null is empty"),
+        (("agent", "start", "--coordinator", "127.0.0.1:1", "--cores", "0", "--give-up-after", "2",
+          "--tls-cert", "/nonexistent.pem"), 1, "--tls-cert and --tls-key go together"),
+        (("agent", "start", "--coordinator", "127.0.0.1:1", "--cores", "0", "--give-up-after", "2",
+          "--device", "tpu"), 1, "device 'tpu': use cpu or cuda:N"),
+        (("agent", "start", "--coordinator", "127.0.0.1:1", "--cores", "0", "--give-up-after", "2",
+          "--name", "a/b"), 1, "agent name 'a/b': use 1-128 letters, digits, '_', '.', ':' or '-'"),
+        (("agent", "start", "--coordinator", "127.0.0.1:1", "--cores", "0", "--give-up-after", "2",
+          "--name", "n" * 129), 1, f"agent name {'n' * 129!r}: use 1-128 letters"),
+        (("agent", "start", "--coordinator", "127.0.0.1:1", "--cores", "0", "--give-up-after", "2",
+          "--name", ""), 1, "agent name '': use 1-128 letters"),  # not quietly the host name
         (("coordinator", "run", "--rounds", "0"), 1, "--rounds must be at least 1"),
         (("coordinator", "run", "--rounds", "1", "--optimizer", "lion"), 1, "unknown optimizer 'lion'"),
         (("coordinator", "run", "--rounds", "1", "--dataset", "imagenet"), 1, "imagenet"),
@@ -46,6 +61,7 @@ def test_bad_options_give_one_line_and_a_nonzero_exit(args: tuple[str, ...], cod
     assert proc.returncode == code, proc.stderr
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("edge-agent: error: " if args[0] == "agent" else "coordinator: error: "), lines[0]
     assert message in lines[0]
     assert "Traceback" not in proc.stderr
 
@@ -63,6 +79,26 @@ def test_a_busy_port_is_one_line_not_a_second_coordinator() -> None:
     assert lines[-1] == (f"coordinator: error: cannot listen on 127.0.0.1:{port}: the port is in use or needs "
                          "privileges (below 1024), or the host is not an address of this machine")
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("command", [
+    ("coordinator", "run", "--rounds", "1", "--port", "0", "--dataset", "tweets", "--model", "text-bag", "--limit",
+     "300", "--no-progress", "--join-timeout", "2"),
+    ("agent", "start", "--coordinator", "127.0.0.1:1", "--cores", "0", "--give-up-after", "2"),
+])
+def test_a_busy_metrics_port_is_one_line(command: tuple[str, ...], tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        proc = subprocess.run([sys.executable, "-m", *command, "--metrics-port", str(port)], capture_output=True,
+                              text=True, timeout=120, cwd=tmp_path)
+    prog = "edge-agent" if command[0] == "agent" else "coordinator"
+    assert _one_error_line(proc) == f"{prog}: error: cannot serve /metrics on 127.0.0.1:{port}: Address already in use"
+    assert proc.returncode == 1
+    assert [p for p in tmp_path.rglob("*") if p.name != "runs"] == []  # no run folder left behind
 
 
 def _one_error_line(proc: subprocess.CompletedProcess[str]) -> str:

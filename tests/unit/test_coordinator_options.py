@@ -48,10 +48,19 @@ needs_openssl = pytest.mark.skipif(shutil.which("openssl") is None, reason="make
         (("--lr", "inf"), "learning rate must be positive and finite, got inf"),
         (("--dataset", "mnist", "--data-dir", "/nonexistent"), "mnist: --data-dir /nonexistent does not exist"),
         (("--dataset", "mnist", "--data-path", "x.csv"), "pass --data-dir instead of --data-path"),
+        (("--token-file", "/nonexistent.token"),
+         "cannot read token file /nonexistent.token: No such file or directory"),
+        (("--token-file", "/dev/null"), "token file /dev/null is empty"),
+        (("--tls-client-ca", "/dev/null"), "--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key"),
+        (("--aggregator", "max"), "unknown aggregator 'max'; choose from mean, median, trimmed-mean"),
+        (("--shard-scheme", "round-robin"), "unknown shard scheme 'round-robin'; choose from iid, dirichlet"),
+        (("--update-dtype", "int4"), "unknown update dtype 'int4'; choose from float32, float16, bfloat16, int8"),
     ],
 )
 def test_bad_values_are_one_line(args: tuple[str, ...], message: str, tmp_path: Path) -> None:
-    _one_line_error(_run("coordinator", "run", "--rounds", "1", *QUICK, *args, cwd=tmp_path), message)
+    # --join-timeout: a bad value taken by mistake ends in a few seconds (waiting for agents), not at the timeout
+    _one_line_error(_run("coordinator", "run", "--rounds", "1", *QUICK, "--join-timeout", "2", *args, cwd=tmp_path),
+                    message)
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())  # no empty run folder left
 
 
@@ -143,6 +152,24 @@ def test_a_second_run_into_a_run_dir_is_refused_unless_resumed_and_loses_nothing
                    "--resume")
     assert resumed.returncode == 0, resumed.stderr
     assert len((run_dir / "rounds.jsonl").read_text().splitlines()) == 2  # round 0 kept, round 1 added
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run_dir = tmp_path_factory.mktemp("finished") / "run"
+    done = _run("coordinator", "run", "--rounds", "1", *QUICK, "--local-agents", "1", "--run-dir", str(run_dir))
+    assert done.returncode == 0, done.stderr
+    return run_dir
+
+
+@pytest.mark.parametrize("other", [("--limit", "200"), ("--model", "text-cnn")], ids=["data", "model"])
+def test_resume_onto_a_checkpoint_of_another_data_set_or_model_is_refused_and_loses_nothing(
+        finished_run: Path, other: tuple[str, ...]) -> None:
+    kept = {p.name: p.read_bytes() for p in finished_run.iterdir()}
+    proc = _run("coordinator", "run", "--rounds", "2", *QUICK, *other, "--run-dir", str(finished_run), "--resume",
+                "--join-timeout", "2")
+    _one_line_error(proc, f"checkpoint in {finished_run} is from another data set or model")
+    assert {p.name: p.read_bytes() for p in finished_run.iterdir()} == kept  # the log is not trimmed either
 
 
 @pytest.mark.parametrize(("content", "message"), [
