@@ -257,6 +257,8 @@ def test_unknown_agent_and_bad_session_are_refused(service: Service) -> None:
     with pytest.raises(grpc.RpcError) as err:
         list(service.stub.GetRound(pb.RoundRequest(agent_id="nobody"), metadata=md, timeout=5))
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    assert service.refused("unknown_agent", "unknown") == 1.0  # the caller's claim is no label
+    assert service.refused("unknown_agent", "nobody") == 0.0
     bad = [(grpc_options.SESSION_METADATA, "forged")]
     with pytest.raises(grpc.RpcError) as err:
         service.stub.SubmitUpdate(iter(update(agent_id, 0, 8, small_state())), metadata=bad, timeout=5)
@@ -267,6 +269,24 @@ def test_unknown_agent_and_bad_session_are_refused(service: Service) -> None:
     with pytest.raises(grpc.RpcError) as err:
         service.stub.SubmitUpdate(iter(update(agent_id, 0, 8, small_state())), metadata=md, timeout=5)
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    assert service.refused("unknown_agent", "unknown") == 2.0
+
+
+def test_an_agent_that_joined_after_the_round_opened_is_refused_for_it(service: Service) -> None:
+    a_id, a_md = open_round(service, "a")["a"]
+    b_reply, b_md = service.join("b")  # round 0 is open already: b takes part from round 1
+    before = snapshot(service)
+    doubled = {k: (v * 2 if v.is_floating_point() else v) for k, v in small_state().items()}
+    with pytest.raises(grpc.RpcError) as err:
+        service.stub.SubmitUpdate(iter(update(b_reply.agent_id, 0, 8, doubled)), metadata=b_md, timeout=5)
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION, err.value.details()
+    assert service.refused("not_participant", "b") == 1.0
+    assert service.refused("stale_round", "b") == 0.0
+    assert snapshot(service) == before
+    # a's update alone makes the round: b's left nothing in it
+    assert service.stub.SubmitUpdate(iter(update(a_id, 0, 8, small_state())), metadata=a_md, timeout=5).accepted
+    assert service.engine.close_round().applied
+    assert snapshot(service) == before
 
 
 def test_a_model_over_20_mb_goes_both_ways() -> None:
