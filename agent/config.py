@@ -11,6 +11,7 @@ from pathlib import Path
 from edgetrain.cli_util import check_tls_ca, check_tls_pair
 from edgetrain.cores import split_cores, validate_cores
 from edgetrain.errors import ConfigError
+from edgetrain.metric_names import agent_name_problem
 from edgetrain.spec import DataLocation
 
 _ADDRESS = re.compile(r"^(\[[0-9a-fA-F:]+\]|[A-Za-z0-9_.-]+):(\d{1,5})$")
@@ -37,8 +38,9 @@ class AgentConfig:
         m = _ADDRESS.match(self.coordinator)
         if not m or not 0 < int(m.group(2)) < 65536:
             raise ConfigError(f"coordinator address {self.coordinator!r} is not HOST:PORT")
-        if not self.name or len(self.name) > 128 or not re.fullmatch(r"[A-Za-z0-9_.:-]+", self.name):
-            raise ConfigError(f"agent name {self.name!r}: use 1-128 letters, digits, '_', '.', ':' or '-'")
+        problem = agent_name_problem(self.name)
+        if problem is not None:
+            raise ConfigError(f"agent name {self.name!r}: {problem}")
         validate_cores(self.cores)
         if self.workers < 1:
             raise ConfigError(f"--workers must be at least 1, got {self.workers}")

@@ -30,8 +30,9 @@ class Agent:
 class Membership:
     """Thread-safe registry of live agents.
 
-    `on_leave(agent, name_gone)` runs after an agent is removed (it left, or was forgotten), outside the lock;
-    `name_gone` is False when a newer record holds its name. An agent replaced by a restart does not leave.
+    `on_leave(agent, name_gone)` runs when an agent is removed (it left, or was forgotten), under the registry's
+    lock, so no admission comes between (it must not call back into the registry); `name_gone` is False when a
+    newer record holds its name. An agent replaced by a restart does not leave.
     """
 
     def __init__(self, on_leave: Callable[[Agent, bool], None] | None = None) -> None:
@@ -78,8 +79,8 @@ class Membership:
             name_gone = agent is not None and self._by_name.get(agent.name) == agent_id
             if agent is not None and name_gone:
                 del self._by_name[agent.name]
-        if agent is not None and self._on_leave is not None:
-            self._on_leave(agent, name_gone)
+            if agent is not None and self._on_leave is not None:
+                self._on_leave(agent, name_gone)
         return agent
 
     def live(self, ready_only: bool = False) -> list[Agent]:

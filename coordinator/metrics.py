@@ -62,13 +62,12 @@ class CoordinatorMetrics:
         self.node_loss.labels(node).set(stats.loss)
         self.node_accuracy.labels(node).set(stats.accuracy)
 
-    def node_left(self, node: str, connected: int) -> None:
+    def node_left(self, node: str) -> None:
         """A node left or was forgotten: drop its last-value gauges, which would go on claiming its last round.
 
         A sum of throughputs would count it forever. Its counters and histogram stay: they are history, and
         rates over them fall to zero by themselves.
         """
-        self.agents.set(connected)
         for gauge in (self.compute, self.communication, self.throughput, self.node_loss, self.node_accuracy):
             try:
                 gauge.remove(node)

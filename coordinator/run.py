@@ -112,6 +112,7 @@ class Coordinator:
         self.stop = stop or threading.Event()
         self.console = console or Console(stderr=True)
         self.membership = Membership(on_leave=self._left)
+        self.metrics.agents.set_function(lambda: len(self.membership))  # read at each scrape: always current
         self.workload: Workload | None = None
         self.engine: RoundEngine | None = None
         self.port = 0
@@ -161,7 +162,7 @@ class Coordinator:
             aggregator=cfg.aggregator, trim=cfg.trim, balance=cfg.balance, completed_rounds=completed,
             cursors=cursors,
         )
-        self._svc = ServiceState(self.engine, self.membership, spec, self.metrics, on_join=self._joined,
+        self._svc = ServiceState(self.engine, self.membership, spec, self.metrics,
                                  upload_slots=cfg.upload_slots, staging_dir=cfg.staging_dir)
         if cfg.aggregator == "mean":
             self._svc.prepare_staging()
@@ -187,14 +188,9 @@ class Coordinator:
             advice = "pass --resume to go on with it, or name another folder" if resumable else "name another folder"
             raise ConfigError(f"--run-dir {run_dir} holds a run already ({', '.join(held)}): {advice}")
 
-    def _joined(self, agent: Agent, replaced: Agent | None) -> None:
-        self.metrics.agents.set(len(self.membership))
-
     def _left(self, agent: Agent, name_gone: bool) -> None:
-        if name_gone:
-            self.metrics.node_left(agent.name, len(self.membership))
-        else:  # a restart under the same name holds the node's series now
-            self.metrics.agents.set(len(self.membership))
+        if name_gone:  # else a restart under the same name holds the node's series now
+            self.metrics.node_left(agent.name)
 
     def service_discovery(self) -> list[dict[str, Any]]:
         """Prometheus http_sd: one target group per agent that serves /metrics."""
@@ -318,7 +314,6 @@ class Coordinator:
                         self._bench(outcome, names)  # a staged update's failed read is nobody's fault
                         if outcome.missing:
                             self.metrics.rounds_short.inc()
-                    self.metrics.agents.set(len(self.membership))
                     if not outcome.applied:
                         why = ("an average that overflows float32 (model kept)" if outcome.overflow
                                else "an update that failed while it was being added" if outcome.spoiled

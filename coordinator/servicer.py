@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 import tempfile
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Generic, TypeVar
+from typing import Generic, TypeVar
 
 import grpc
 import torch
@@ -26,7 +25,7 @@ from edgetrain.compression import apply_delta
 from edgetrain.errors import ConfigError, NonFiniteError, WireError
 from edgetrain.grpc_options import address_host, is_loopback
 from edgetrain.memory import in_memory_fs
-from edgetrain.metric_names import UNKNOWN_NODE
+from edgetrain.metric_names import UNKNOWN_NODE, agent_name_problem
 from edgetrain.proto import edgetrain_pb2 as pb
 from edgetrain.proto import edgetrain_pb2_grpc as pb_grpc
 from edgetrain.samehost import SHM_ROOT
@@ -37,7 +36,6 @@ log = logging.getLogger("edgetrain.coordinator")
 _STATUS = {code.name: code for code in grpc.StatusCode}
 MAX_THROUGHPUT = 1e9  # samples/s: far above any real node, and small enough that sums of them stay finite
 SEND_WAIT = 0.5  # seconds a weight part waits for a send slot before it goes anyway
-AGENT_NAME = re.compile(r"[A-Za-z0-9_.:-]{1,128}")  # what agent/config.py allows
 
 
 @dataclass
@@ -58,7 +56,6 @@ class ServiceState:
     # together held ~30 MB of them in the coordinator (bench/core_perf.py, memory part).
     send_slots: int = 4
     send_wait: float | None = SEND_WAIT  # how long a part waits for a send slot before it goes anyway; None: no limit
-    on_join: Any = None  # callback(agent, replaced) for the driver
     shm_root: Path | None = SHM_ROOT  # where to make the same-host files' directory; None = always stream
     staging_dir: Path | None = None  # where streamed updates wait until whole (serde.Stage); None: the temp dir
 
@@ -286,8 +283,9 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         node = [UNKNOWN_NODE]
         with self._refusals(context, node):
             name = request.agent_name
-            if not AGENT_NAME.fullmatch(name):  # it becomes a metric label and goes into logs
-                raise rounds.MalformedError("agent_name must be 1-128 letters, digits, '_', '.', ':' or '-'")
+            problem = agent_name_problem(name)
+            if problem is not None:  # it becomes a metric label and goes into logs
+                raise rounds.MalformedError(f"agent_name: {problem}")
             if not (math.isfinite(request.throughput) and 0 <= request.throughput <= MAX_THROUGHPUT):
                 raise rounds.MalformedError(f"throughput must be a number in 0..{MAX_THROUGHPUT:g} samples/s")
             if not 0 <= request.workers <= max(1, len(request.cores)):
@@ -305,8 +303,6 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             self.s.metrics.node_admitted(name)
             if replaced is not None:
                 self.s.engine.forget(replaced.agent_id)
-            if self.s.on_join is not None:
-                self.s.on_join(agent, replaced)
             log.info("agent %s joined (%s, cores %s)", name, agent.device, list(agent.cores))
             return pb.JoinReply(agent_id=agent.agent_id, session_token=agent.session_token,
                                 spec=self.s.spec.to_proto(), paced_uploads=True)

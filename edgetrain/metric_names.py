@@ -6,6 +6,8 @@ counters end in _total, bounded label sets (node = an agent's name; reason from 
 
 from __future__ import annotations
 
+import re
+
 PREFIX = "edgetrain"
 
 # ---- labels
@@ -45,6 +47,16 @@ AGENT_ROUNDS = f"{PREFIX}_agent_rounds_total"  # counter: rounds trained
 # The `node` of refusals that come before the caller is known (no valid session yet): one value, not the
 # caller's claim, so the label set stays bounded. Dashboards list it apart from the nodes.
 UNKNOWN_NODE = "unknown"
+_AGENT_NAME = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
+
+
+def agent_name_problem(name: str) -> str | None:
+    """Why `name` cannot name an agent (it becomes the `node` label and goes into logs), or None if it can."""
+    if not _AGENT_NAME.fullmatch(name):
+        return "use 1-128 letters, digits, '_', '.', ':' or '-'"
+    if name == UNKNOWN_NODE:
+        return f"{UNKNOWN_NODE!r} is reserved (it counts refusals before the caller is known)"
+    return None
 
 # Why an update is refused: the `reason` label's whole value set.
 REFUSAL_REASONS = (

@@ -9,7 +9,7 @@ batch and cores:
   each other (a gloo barrier), exchanging nothing. No synchronous data-parallel scheme can beat it on the same
   cores: it is the bound that waiting for the slower rank alone sets. Each rank scores its own model.
 
-Both run inside `run_pinned`, which starts `spawn` children (gRPC and OpenMP do not survive fork),
+All three run inside `run_pinned`, which starts `spawn` children (gRPC and OpenMP do not survive fork),
 pins each to its own cores with `sched_setaffinity` and sets torch's thread count to match before any
 torch work runs. The training loops here use nothing of edgetrain but the data and the model (so all
 methods start from the same weights on the same tensors).
@@ -355,6 +355,7 @@ def combine(outcomes: Sequence[TrainOutcome]) -> TrainOutcome:
         cores=tuple(sorted(cores)),
         threads=first.threads,
         evals=first.evals,
+        barriers=first.barriers,  # every rank passes the same ones
     )
 
 

@@ -77,17 +77,22 @@ def _fetch(name: str, cache_dir: Path, *, download: bool, progress: bool) -> Pat
             f"mnist: {target} is not in the cache and download is off; pass data_dir (--data-dir) "
             "holding the four IDX files (.gz or raw)"
         )
-    errors: list[DatasetError] = []
     with locked(target.parent):
-        if target.is_file():  # another process finished it while we waited
-            return target
-        for base in mnist_mirrors():
-            url = f"{base.rstrip('/')}/{name}.gz"
-            try:
-                download_file(url, target, verify=_verify_raw_md5(name), progress=progress)
-                return target
-            except (DownloadError, ChecksumError, DatasetFormatError) as exc:
-                errors.append(exc)
+        if not target.is_file():  # else another process finished it while we waited
+            _download(name, target, progress=progress)
+    return target
+
+
+def _download(name: str, target: Path, *, progress: bool) -> None:
+    """Download `name` into `target` from the first mirror that serves it intact (the caller holds the lock)."""
+    errors: list[DatasetError] = []
+    for base in mnist_mirrors():
+        url = f"{base.rstrip('/')}/{name}.gz"
+        try:
+            download_file(url, target, verify=_verify_raw_md5(name), progress=progress)
+            return
+        except (DownloadError, ChecksumError, DatasetFormatError) as exc:
+            errors.append(exc)
     # A checksum failure on every mirror is worth its own type: the data, not the network, is wrong.
     kind = ChecksumError if errors and all(isinstance(e, ChecksumError) for e in errors) else DownloadError
     raise kind(
@@ -140,15 +145,20 @@ def load_mnist_raw(
             raise
         # Downloads are verified before they enter the cache: a cached file that fails now was damaged there
         # (a disk error, a hand edit). Fetch it again rather than fail every run until someone deletes it.
-        damaged = [path for name, path in paths.items() if not _intact(name, path)]
-        if not damaged:
-            raise
         if not download:
+            if all(_intact(name, path) for name, path in paths.items()):
+                raise
             raise type(exc)(f"{exc}; it is a damaged cached download: delete it to download again") from exc
-        for path in damaged:
-            log.warning("mnist: the cached %s is damaged; downloading it again", path)
-            path.unlink(missing_ok=True)
-        paths = {name: _fetch(name, cache_dir, download=True, progress=progress) for name in paths}
+        with locked(cache_dir / "mnist"):  # judged again under the lock: another process may have mended it
+            for name, path in paths.items():
+                if _intact(name, path):
+                    continue
+                log.warning("mnist: the cached %s is damaged; downloading it again", path)
+                try:
+                    path.unlink(missing_ok=True)
+                except OSError as err:
+                    raise DatasetError(f"{path}: damaged, and cannot be removed ({err.strerror})") from exc
+                _download(name, path, progress=progress)
         return _load_splits(paths)
 
 

@@ -12,7 +12,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edgetrain.datasets.base import DatasetFormatError, DownloadError, csv_records
-from edgetrain.datasets.download import atomic_write_bytes, bytes_digest, download_file, file_digest, locked
+from edgetrain.datasets.download import (
+    atomic_write_bytes,
+    bytes_digest,
+    download_file,
+    file_digest,
+    locked,
+    sha256_verifier,
+)
 from edgetrain.datasets.idx import read_maybe_gzip
 from edgetrain.errors import ChecksumError, DatasetError
 
@@ -220,14 +227,17 @@ def tweeteval_url() -> str:
     return os.environ.get("EDGETRAIN_TWEETEVAL_URL") or TWEETEVAL_URL
 
 
-def _damaged(folder: Path) -> tuple[list[str], DatasetError | None]:
-    """The cached files that no longer match the manifest (all of them when it is unreadable), and why."""
+def _damaged(folder: Path) -> tuple[list[str], DatasetError | None, dict[str, str]]:
+    """The cached files that no longer match the manifest (all of them when it is unreadable), and why.
+
+    Also the sha256 the manifest recorded for each file (none when it is unreadable).
+    """
     manifest_path = folder / MANIFEST
     try:
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
         recorded: dict[str, str] = {name: entry["sha256"] for name, entry in manifest["files"].items()}
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        return list(TWEETEVAL_FILES), DatasetError(f"{manifest_path}: unreadable manifest ({exc})")
+        return list(TWEETEVAL_FILES), DatasetError(f"{manifest_path}: unreadable manifest ({exc})"), {}
     damaged: list[str] = []
     error: DatasetError | None = None
     for name in TWEETEVAL_FILES:
@@ -241,7 +251,7 @@ def _damaged(folder: Path) -> tuple[list[str], DatasetError | None]:
             damaged.append(name)
             error = error or ChecksumError(
                 f"{path}: sha256 is {got} but {MANIFEST} recorded {recorded[name]} at download")
-    return damaged, error
+    return damaged, error, recorded
 
 
 def fetch_tweeteval(cache_dir: Path, *, download: bool, progress: bool) -> Path:
@@ -255,7 +265,7 @@ def fetch_tweeteval(cache_dir: Path, *, download: bool, progress: bool) -> Path:
     """
     folder = cache_dir / "tweeteval-sentiment"
     if (folder / MANIFEST).is_file():
-        damaged, error = _damaged(folder)
+        _, error, _ = _damaged(folder)
         if error is None:
             return folder
         if not download:
@@ -267,19 +277,22 @@ def fetch_tweeteval(cache_dir: Path, *, download: bool, progress: bool) -> Path:
     if not download:
         raise DatasetError(f"tweeteval-sentiment is not in the cache ({folder}) and download is off; {offline_hint}")
     base = tweeteval_url().rstrip("/") + "/"
+    recorded: dict[str, str] = {}  # a mended file must come back as the manifest recorded it
     with locked(folder):
         if (folder / MANIFEST).is_file():  # another process finished (or mended it) while we waited
-            damaged, error = _damaged(folder)
+            damaged, error, recorded = _damaged(folder)
             if error is None:
                 return folder
             log.warning("tweeteval-sentiment: %s; downloading %s again", error, ", ".join(damaged))
-            (folder / MANIFEST).unlink(missing_ok=True)  # the folder is incomplete until a new one is written
+            if not recorded:  # unreadable: nothing to hold new files to, and the folder is incomplete until a
+                (folder / MANIFEST).unlink(missing_ok=True)  # new one is written
             for name in damaged:
                 (folder / name).unlink(missing_ok=True)
         for name in TWEETEVAL_FILES:
             if not (folder / name).is_file():  # complete files survive an interrupted run
                 try:
-                    download_file(base + name, folder / name, progress=progress)
+                    verify = sha256_verifier(recorded[name]) if name in recorded else None
+                    download_file(base + name, folder / name, verify=verify, progress=progress)
                 except DownloadError as exc:
                     raise DownloadError(f"tweeteval-sentiment: {exc}; {offline_hint}") from None
         try:

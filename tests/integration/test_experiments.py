@@ -135,7 +135,7 @@ def test_every_loop_trains_the_planned_steps_and_evaluates_on_cadence() -> None:
 
 @pytest.mark.skipif(N_CORES < 2, reason="the lock-step pair needs two cores")
 def test_lockstep_pair_waits_every_sync_every_steps_on_its_own_shards() -> None:
-    from edgetrain.peers import TrainJob, run_pinned, torch_lockstep
+    from edgetrain.peers import TrainJob, combine, run_pinned, torch_lockstep
     from edgetrain.spec import RunSpec
 
     cores = allowed_cores()
@@ -145,5 +145,6 @@ def test_lockstep_pair_waits_every_sync_every_steps_on_its_own_shards() -> None:
         assert out.barriers == 3  # after steps 4 and 8, and the last
         assert out.samples == 10 * 64
         assert out.cores == (cores[rank],) and out.threads == 1
+    assert combine(outs).barriers == 3 and combine(outs).samples == 2 * 10 * 64
     with pytest.raises(ConfigError, match="sync_every"):
         TrainJob(RunSpec(dataset="tweets", limit=600), sync_every=0)

@@ -345,8 +345,8 @@ def other_request(fz: Fuzz, data: st.DataObject) -> int:
         throughput = data.draw(st.floats(), label="throughput")
         workers = data.draw(st.integers(-(2**31), 2**31 - 1), label="workers")
         cores = data.draw(st.lists(st.integers(-(2**31), 2**31 - 1), max_size=4), label="cores")
-        valid = (bool(AGENT_NAME.fullmatch(name)) and math.isfinite(throughput) and 0 <= throughput <= MAX_THROUGHPUT
-                 and 0 <= workers <= max(1, len(cores)))
+        valid = (bool(AGENT_NAME.fullmatch(name)) and name != "unknown" and math.isfinite(throughput)
+                 and 0 <= throughput <= MAX_THROUGHPUT and 0 <= workers <= max(1, len(cores)))
         fz.counts["joins"] += 1
         try:
             fz.stub.Join(pb.JoinRequest(agent_name=name, throughput=throughput, workers=workers, cores=cores,

@@ -12,17 +12,24 @@ import torch
 
 from coordinator import checkpoint
 from coordinator.config import CoordinatorConfig
-from coordinator.run import LOG, Coordinator
+from coordinator.run import LOG, Coordinator, RunResult
 from edgetrain.spec import RunSpec
 from edgetrain.training import evaluate
 from edgetrain.workload import load_workload
 
 # text-ngram on 2,000 tweets, 4 local steps a round: the untrained model says "negative" to everything (the
-# majority class, 43.4% of the test split); seed 3 reaches 0.57-0.61 in the first rounds, not monotonically,
-# and 0.62 a few rounds later.
+# majority class, 43.4% of the test split) and the first rounds climb, not monotonically (seed 3 here: 0.567,
+# 0.606, 0.581, 0.636). The target is taken from a first run without one, so a torch build or CPU whose numbers
+# differ a little still gives a target that is reached, and not in round 0.
 SPEC = RunSpec(dataset="tweets", model="text-ngram", limit=2000, seed=3)
-TARGET = 0.62
+SCOUT = 8  # rounds of the first run
 BUDGET = 100  # rounds: far more than the target needs, and a bound on how long a broken stop runs
+
+
+def _run(run_dir: Path, rounds: int, target: float | None) -> RunResult:
+    cfg = CoordinatorConfig(spec=SPEC, port=0, local_steps=4, rounds=rounds, target_accuracy=target,
+                            local_agents=1, eval_every=1, run_dir=run_dir, progress=False, round_timeout=120)
+    return Coordinator(cfg).run()
 
 
 def test_the_run_stops_at_the_first_evaluation_that_reaches_the_target(tmp_path: Path) -> None:
@@ -30,12 +37,13 @@ def test_the_run_stops_at_the_first_evaluation_that_reaches_the_target(tmp_path:
     test = wl.data.test
     majority = float(torch.bincount(test.y).max()) / len(test.y)
     untrained = evaluate(wl.new_model(), test.x, test.y, wl.data.num_classes).accuracy
-    assert max(majority, untrained) < TARGET  # not reached before any training
+    scout = [r["accuracy"] for r in _run(tmp_path / "scout", SCOUT, None).history]
+    # the best accuracy after round 0 that is a new high: reached by training, and not at the first evaluation
+    TARGET = max(scout[1:])  # noqa: N806
+    assert TARGET > max(majority, untrained, scout[0]), scout
 
     run_dir = tmp_path / "run"
-    cfg = CoordinatorConfig(spec=SPEC, port=0, local_steps=4, rounds=BUDGET, target_accuracy=TARGET,
-                            local_agents=1, eval_every=1, run_dir=run_dir, progress=False, round_timeout=120)
-    result = Coordinator(cfg).run()
+    result = _run(run_dir, BUDGET, TARGET)
 
     assert result.stopped_by == "target", result.stopped_by
     logged = [json.loads(line) for line in (run_dir / LOG).read_text().splitlines()]

@@ -39,6 +39,8 @@ def _run(*args: str) -> subprocess.CompletedProcess[str]:
           "--name", "n" * 129), 1, f"agent name {'n' * 129!r}: use 1-128 letters"),
         (("agent", "start", "--coordinator", "127.0.0.1:1", "--cores", "0", "--give-up-after", "2",
           "--name", ""), 1, "agent name '': use 1-128 letters"),  # not quietly the host name
+        (("agent", "start", "--coordinator", "127.0.0.1:1", "--cores", "0", "--give-up-after", "2",
+          "--name", "unknown"), 1, "agent name 'unknown': 'unknown' is reserved"),  # refusals' node label
         (("coordinator", "run", "--rounds", "0"), 1, "--rounds must be at least 1"),
         (("coordinator", "run", "--rounds", "1", "--optimizer", "lion"), 1, "unknown optimizer 'lion'"),
         (("coordinator", "run", "--rounds", "1", "--dataset", "imagenet"), 1, "imagenet"),

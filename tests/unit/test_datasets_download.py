@@ -329,6 +329,14 @@ def test_tweeteval_download_manifest_and_reuse(tweeteval_server: FileServer, tmp
     assert mended.fingerprint == data.fingerprint
     assert [path for path, _ in tweeteval_server.requests[before:]] == ["/te/test_labels.txt"]
     assert json.loads((folder / MANIFEST).read_text()) == manifest
+    # the source now serves other bytes (another mirror): a mended file must be what the manifest recorded
+    (folder / "test_labels.txt").write_bytes(b"0\n1\n1\n")
+    tweeteval_server.files["/te/test_labels.txt"] = b"1\n1\n1\n"
+    with pytest.raises(ChecksumError, match="test_labels.txt: sha256 is"):
+        load_dataset("tweeteval-sentiment", cache_dir=tmp_path)
+    assert MANIFEST in listing(folder) and "test_labels.txt" not in listing(folder)  # the pin stays; no bad file
+    tweeteval_server.files["/te/test_labels.txt"] = tweeteval_files()["test_labels.txt"]
+    assert load_dataset("tweeteval-sentiment", cache_dir=tmp_path).fingerprint == data.fingerprint
     # an unreadable manifest: nothing can be trusted, everything comes again
     (folder / MANIFEST).write_text("{")
     before = len(tweeteval_server.requests)
