@@ -298,3 +298,13 @@ def test_a_poisoned_update_cannot_move_a_robust_aggregate_out_of_the_honest_rang
             _send(svc, joined[name], state)
         svc.engine.close_round()
         assert float(svc.engine.global_state["fc.weight"].abs().min()) > 1e28
+
+
+def test_no_agent_can_join_as_the_refusals_node(service: Service) -> None:
+    """'unknown' counts refusals before the caller is known: an agent of that name would hide among them."""
+    with pytest.raises(grpc.RpcError) as err:
+        service.join("unknown")
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "reserved" in (err.value.details() or "")
+    assert len(service.membership) == 0 and service.refused("malformed", "unknown") == 1
+    reply, _ = service.join("unknown-2")  # a name that only starts so is anybody's
+    assert reply.agent_id
