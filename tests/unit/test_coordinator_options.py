@@ -93,11 +93,40 @@ def test_tls_files_that_are_no_certificate_or_do_not_match_are_named(tmp_path: P
 
 @needs_openssl
 def test_a_small_rsa_key_gRPC_takes_is_not_called_malformed(tmp_path: Path) -> None:
-    from edgetrain.cli_util import check_tls_ca, check_tls_pair
+    """A 1024-bit RSA pair (self-signed, so also its own CA) that OpenSSL's default level refuses but gRPC serves."""
+    import ssl
 
-    cert, key = _pem_pair(tmp_path, "small", "-newkey", "rsa:1024", "-nodes")
-    check_tls_pair(cert, key, "--tls-cert", "--tls-key")  # OpenSSL's default security level 2 refuses it
+    from prometheus_client import CollectorRegistry
+
+    from agent.client import CoordinatorClient, TLSFiles
+    from coordinator.membership import Membership
+    from coordinator.metrics import CoordinatorMetrics
+    from coordinator.rounds import RoundEngine
+    from coordinator.server import start_server
+    from coordinator.servicer import ServiceState
+    from edgetrain.cli_util import check_tls_ca, check_tls_pair
+    from edgetrain.proto import edgetrain_pb2 as pb
+    from edgetrain.spec import RunSpec
+
+    cert, key = _pem_pair(tmp_path, "small", "-newkey", "rsa:1024", "-nodes",
+                          "-addext", "subjectAltName=IP:127.0.0.1")
+    with pytest.raises(ssl.SSLError):  # the premise: a default context refuses the pair
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(cert, key)
+    check_tls_pair(cert, key, "--tls-cert", "--tls-key")
     check_tls_ca(cert, "--tls-ca")
+    # ...and gRPC takes them: a TLS server as the coordinator starts it, and an agent's Join trusting that CA.
+    engine = RoundEngine({"w": torch.zeros(2)}, batch_size=4, local_steps=1, round_timeout=30.0)
+    membership = Membership()
+    state = ServiceState(engine, membership, RunSpec(dataset="tweets"), CoordinatorMetrics(CollectorRegistry()))
+    server, port, _ = start_server(state, "127.0.0.1", 0, tls_cert=cert, tls_key=key)
+    client = CoordinatorClient(f"127.0.0.1:{port}", tls=TLSFiles(ca=cert.read_bytes()))
+    try:
+        reply = client.join(pb.JoinRequest(agent_name="small-key", cores=[0], workers=1), give_up_after=0)
+    finally:
+        client.close()
+        engine.finish()
+        server.stop(grace=None).wait()
+    assert reply.agent_id and [a.name for a in membership.live()] == ["small-key"]
 
 
 def test_a_run_dir_that_cannot_be_a_folder_is_refused(tmp_path: Path) -> None:
