@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import os
-import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -19,6 +18,7 @@ from coordinator.servicer import ServiceState
 from edgetrain import grpc_options, serde
 from edgetrain.proto import edgetrain_pb2 as pb
 from tests.integration.conftest import Service, make_service, small_state
+from tests.integration.relay import Relay
 
 Messages = list[pb.UpdateMessage]
 
@@ -159,6 +159,12 @@ def _open_files() -> list[str]:
             continue
     return targets
 
+
+def _staged_in(directory: Path) -> int:
+    """Files this process holds open in `directory` (staging files have no name: "#inode (deleted)")."""
+    return sum(os.path.dirname(target) == str(directory) for target in _open_files())
+
+
 def test_an_update_refused_at_its_last_part_adds_nothing_to_the_round(tmp_path: Path) -> None:
     """A streamed update waits whole in a staging file: a NaN in its very last part leaves no trace in the sum."""
     for svc in make_service(small_state(), staging_dir=tmp_path):
@@ -213,7 +219,12 @@ def test_a_staging_directory_that_cannot_take_files_stops_the_start(tmp_path: Pa
         svc.prepare_staging()
     svc.staging_dir = tmp_path
     svc.prepare_staging()
+    # the start goes on with one staging file made in the directory given, without a name there...
+    assert _staged_in(tmp_path) == 1 and list(tmp_path.iterdir()) == []
+    with svc.stage():  # ...and kept: the first upload takes it instead of making another
+        assert _staged_in(tmp_path) == 1
     svc.close()
+    assert _staged_in(tmp_path) == 0  # closed with the service
 
 @pytest.mark.parametrize(
     ("round_", "samples", "code", "reason"),
@@ -305,31 +316,29 @@ def test_a_model_over_20_mb_goes_both_ways() -> None:
 def test_a_slow_download_gets_time_for_its_bytes(monkeypatch: pytest.MonkeyPatch) -> None:
     """The agent's GetRound deadline grows with the model: a fixed one cut slow links off mid-download."""
     big = {"w": torch.randn(2_000_000)}  # 8 MB
-    original = ServiceState.weight_slices
-
-    def slow_link(self: ServiceState, state: Mapping[str, torch.Tensor]) -> Iterator[serde.Slice]:
-        for part in original(self, state):
-            time.sleep(1.6 * serde.PART_BYTES / 8e6)  # 1.6 s on the wire
-            yield part
-
-    monkeypatch.setattr(ServiceState, "weight_slices", slow_link)
+    nbytes = serde.nbytes(serde.spec_of(big))
+    rate = nbytes / 2  # the link takes 2 s for the weights
     monkeypatch.setattr(client_module, "LONG_POLL_S", 0.0)
     monkeypatch.setattr(client_module, "GET_ROUND_SLACK_S", 1.0)  # less than the download takes
     for svc in make_service(big):
-        client = CoordinatorClient(f"127.0.0.1:{svc.port}")
-        client.shared_memory = False
-        try:
-            client.join(pb.JoinRequest(agent_name="a"))
-            svc.engine.open_round([(client.agent_id, 0.0, 1)])
-            monkeypatch.setattr(client_module, "MIN_LINK_BYTES_PER_S", 10**12)  # no time for the bytes
-            with pytest.raises(grpc.RpcError) as err:
-                client.get_round(-1, serde.spec_of(big))
-            assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-            monkeypatch.setattr(client_module, "MIN_LINK_BYTES_PER_S", 1_000_000)  # 8 MB: 8 s more
-            rnd = client.get_round(-1, serde.spec_of(big))
-            assert rnd.state is not None and torch.equal(rnd.state["w"], big["w"])
-        finally:
-            client.close()
+        with Relay(svc.port, down_bytes_per_s=rate) as link:
+            client = CoordinatorClient(f"127.0.0.1:{link.port}")
+            client.shared_memory = False
+            try:
+                client.join(pb.JoinRequest(agent_name="a"))
+                svc.engine.open_round([(client.agent_id, 0.0, 1)])
+                monkeypatch.setattr(client_module, "MIN_LINK_BYTES_PER_S", 10**12)  # no time for the bytes
+                with pytest.raises(grpc.RpcError) as err:
+                    client.get_round(-1, serde.spec_of(big))
+                assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+                assert link.down_bytes < nbytes  # cut off mid-download: the link was what took the time
+                # time for the bytes on a link 8x slower than this one (what the cut-off stream left queued goes
+                # first): 16 s more
+                monkeypatch.setattr(client_module, "MIN_LINK_BYTES_PER_S", rate / 8)
+                rnd = client.get_round(-1, serde.spec_of(big))
+                assert rnd.state is not None and torch.equal(rnd.state["w"], big["w"])
+            finally:
+                client.close()
 
 
 def test_operator_token_is_required_but_health_checks_pass() -> None:
