@@ -257,12 +257,15 @@ class Coordinator:
     def _evaluate(self, state: dict[str, torch.Tensor]) -> EvalResult:
         assert self._model is not None and self.workload is not None
         # The model takes the global tensors themselves (it is only evaluated, without gradients): a copy kept a
-        # third model-sized buffer beside the global model and the running sum for the whole run. With
-        # --eval-every N > 1 it keeps the last evaluated global model alive until the next evaluation.
+        # third model-sized buffer beside the global model and the running sum for the whole run. It lets go of
+        # them afterwards: with --eval-every N > 1 it kept an old global model alive until the next evaluation.
         self._model.load_state_dict(state, assign=True)
         test = self.workload.data.test
-        with compute_heap():  # every activation a fresh mmap made this 1.6x slower (edgetrain.memory)
-            return evaluate(self._model, test.x, test.y, self.workload.data.num_classes)
+        try:
+            with compute_heap():  # every activation a fresh mmap made this 1.6x slower (edgetrain.memory)
+                return evaluate(self._model, test.x, test.y, self.workload.data.num_classes)
+        finally:
+            self._model.to("meta")  # shapes only, no storage: the next evaluation assigns tensors again
 
     def run(self) -> RunResult:
         if self.engine is None:

@@ -124,10 +124,17 @@ def test_local_run_pins_workers_reaches_accuracy_and_cleans_up(tmp_path: Path) -
         assert all(seen[k] == seen[agent_pid] for k in kids), (agent_pid, kids, seen)
     assert result.completed_rounds == 12
     assert result.final is not None
-    # the evaluation model holds the final global tensors themselves: no third model-sized copy in the coordinator
+    # the evaluation model evaluates the global tensors themselves (no third model-sized copy in the
+    # coordinator) and holds none of them afterwards (an old global model is not kept alive between evaluations)
     assert coord.engine is not None and coord._model is not None
-    evaluated = coord._model.state_dict()
-    assert all(evaluated[k].data_ptr() == v.data_ptr() for k, v in coord.engine.global_state.items())
+    assert all(t.device.type == "meta" for t in coord._model.state_dict().values())
+    seen: dict[str, int] = {}
+    coord._model.register_forward_pre_hook(lambda m, _: seen.update(
+        (k, v.data_ptr()) for k, v in m.state_dict().items()))
+    glob = coord.engine.global_state
+    assert coord._evaluate(glob).accuracy == result.final.accuracy
+    assert seen == {k: v.data_ptr() for k, v in glob.items()}
+    assert all(t.device.type == "meta" for t in coord._model.state_dict().values())
     majority = float(torch.bincount(coord.workload.data.test.y).max()) / len(coord.workload.data.test.y)  # type: ignore[union-attr]
     assert result.final.accuracy > majority + 0.05, (result.final.accuracy, majority)
     assert set(result.nodes) == {"local-0", "local-1"}
