@@ -14,8 +14,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import psutil
@@ -24,16 +22,9 @@ import torch
 
 from coordinator import checkpoint
 from edgetrain.samehost import DIR_PREFIX, SHM_ROOT
+from tests.integration.test_faults import wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def wait_for(cond: Callable[[], bool], timeout: float, what: str, poll: float = 0.1) -> None:
-    end = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(poll)
 
 
 def session_members(sid: int) -> list[psutil.Process]:
