@@ -30,12 +30,12 @@ class Agent:
 class Membership:
     """Thread-safe registry of live agents.
 
-    `on_leave(agent, name_gone)` runs when an agent is removed (it left, or was forgotten), under the registry's
-    lock, so no admission comes between (it must not call back into the registry); `name_gone` is False when a
-    newer record holds its name. An agent replaced by a restart does not leave.
+    `on_leave(agent)` runs when an agent is removed (it left, or was forgotten), under the registry's lock, so
+    no admission under its name comes between (it must not call back into the registry). An agent replaced by a
+    restart under its name does not leave: the new record takes its place.
     """
 
-    def __init__(self, on_leave: Callable[[Agent, bool], None] | None = None) -> None:
+    def __init__(self, on_leave: Callable[[Agent], None] | None = None) -> None:
         self._on_leave = on_leave
         self._lock = threading.Lock()
         self._by_id: dict[str, Agent] = {}
@@ -76,11 +76,12 @@ class Membership:
     def remove(self, agent_id: str) -> Agent | None:
         with self._lock:
             agent = self._by_id.pop(agent_id, None)
-            name_gone = agent is not None and self._by_name.get(agent.name) == agent_id
-            if agent is not None and name_gone:
+            if agent is None:
+                return None
+            if self._by_name.get(agent.name) == agent_id:
                 del self._by_name[agent.name]
-            if agent is not None and self._on_leave is not None:
-                self._on_leave(agent, name_gone)
+            if self._on_leave is not None:
+                self._on_leave(agent)
         return agent
 
     def live(self, ready_only: bool = False) -> list[Agent]:

@@ -21,7 +21,7 @@ from rich.table import Table
 
 from coordinator import checkpoint
 from coordinator.config import CoordinatorConfig
-from coordinator.membership import Agent, Membership
+from coordinator.membership import Membership
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.rounds import Outcome, RoundEngine
 from coordinator.server import start_server
@@ -111,7 +111,7 @@ class Coordinator:
         self.metrics = CoordinatorMetrics(self.registry)
         self.stop = stop or threading.Event()
         self.console = console or Console(stderr=True)
-        self.membership = Membership(on_leave=self._left)
+        self.membership = Membership(on_leave=lambda agent: self.metrics.node_left(agent.name))
         self.metrics.agents.set_function(lambda: len(self.membership))  # read at each scrape: always current
         self.workload: Workload | None = None
         self.engine: RoundEngine | None = None
@@ -187,10 +187,6 @@ class Coordinator:
         if held:
             advice = "pass --resume to go on with it, or name another folder" if resumable else "name another folder"
             raise ConfigError(f"--run-dir {run_dir} holds a run already ({', '.join(held)}): {advice}")
-
-    def _left(self, agent: Agent, name_gone: bool) -> None:
-        if name_gone:  # else a restart under the same name holds the node's series now
-            self.metrics.node_left(agent.name)
 
     def service_discovery(self) -> list[dict[str, Any]]:
         """Prometheus http_sd: one target group per agent that serves /metrics."""
