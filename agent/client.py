@@ -93,7 +93,7 @@ class CoordinatorClient:
 
     def join(self, request: pb.JoinRequest, stop: threading.Event | None = None,
              give_up_after: float | None = None) -> pb.JoinReply:
-        """Join, retrying with backoff while the coordinator is not (yet) there (UNAVAILABLE only)."""
+        """Join, retrying with backoff while the coordinator is not (yet) there or asks to wait (too many Joins)."""
         start = time.monotonic()
         for delay in backoff_delays():
             try:
@@ -103,7 +103,8 @@ class CoordinatorClient:
                 self.paced_uploads = reply.paced_uploads
                 return reply
             except grpc.RpcError as err:
-                if err.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                if err.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
+                                      grpc.StatusCode.RESOURCE_EXHAUSTED):
                     raise
                 if give_up_after is not None and time.monotonic() - start + delay > give_up_after:
                     raise

@@ -11,7 +11,7 @@ from pathlib import Path
 from edgetrain.cli_util import check_tls_ca, check_tls_pair
 from edgetrain.cores import split_cores, validate_cores
 from edgetrain.errors import ConfigError
-from edgetrain.metric_names import agent_name_problem
+from edgetrain.metric_names import agent_name_problem, device_problem
 from edgetrain.spec import DataLocation
 
 _ADDRESS = re.compile(r"^(\[[0-9a-fA-F:]+\]|[A-Za-z0-9_.-]+):(\d{1,5})$")
@@ -46,8 +46,9 @@ class AgentConfig:
             raise ConfigError(f"--workers must be at least 1, got {self.workers}")
         if self.workers > len(self.cores):
             raise ConfigError(f"--workers {self.workers} needs at least as many cores; --cores gives {len(self.cores)}")
-        if not (self.device == "cpu" or re.fullmatch(r"cuda(:\d+)?", self.device)):
-            raise ConfigError(f"device {self.device!r}: use cpu or cuda:N")
+        problem = device_problem(self.device)
+        if problem is not None:
+            raise ConfigError(f"device {self.device!r}: {problem}")
         if self.metrics_port is not None and not 0 <= self.metrics_port < 65536:
             raise ConfigError(f"metrics port {self.metrics_port} out of range")
         if (self.tls_cert is None) != (self.tls_key is None):

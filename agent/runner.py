@@ -28,12 +28,13 @@ log = logging.getLogger("edgetrain.agent")
 
 # Errors after which the agent joins again (the coordinator restarted, or replaced this session).
 _REJOIN = (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNAUTHENTICATED)
-# Errors worth waiting out: the coordinator is restarting or the link dropped. DEADLINE_EXCEEDED is here on
-# purpose: GetRound is an idempotent long-poll read (the server answers WAIT well inside its deadline, so a
+# Errors worth waiting out: the coordinator is restarting or the link dropped, or it is busy (RESOURCE_EXHAUSTED:
+# a limit of coordinator/admission.py, e.g. this agent's open calls, cleared once they end). DEADLINE_EXCEEDED is
+# here on purpose: GetRound is an idempotent long-poll read (the server answers WAIT well inside its deadline, so a
 # timeout means a stalled link or a slow weights download), and asking again is safe. An update is never sent
 # twice as such: after a failed SubmitUpdate the agent asks for work again, and trains the round again only
 # if the coordinator did not take the first copy (a second copy that lands is refused ALREADY_EXISTS).
-_RETRY = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+_RETRY = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED)
 
 
 def _read(path: Path | None, what: str) -> bytes | None:

@@ -11,6 +11,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from coordinator.admission import Limits
 from coordinator.config import UPLOAD_SLOTS
 from edgetrain.cli_util import entry, made_output_folder, read_token, setup_logging
 from edgetrain.errors import ConfigError
@@ -99,6 +100,10 @@ def make_app() -> typer.Typer:
         eval_every: Annotated[int, typer.Option(help="Evaluate every N rounds.")] = 1,
         checkpoint_every: Annotated[int, typer.Option(help="Checkpoint every N rounds, and at the end.")] = 1,
         upload_slots: Annotated[int, typer.Option(help="Uploads taken at once; the others wait.")] = UPLOAD_SLOTS,
+        max_agents: Annotated[int, typer.Option(help="Agents admitted at once (docs/security.md, Limits).")] = (
+            Limits.max_agents),
+        sd_any_host: Annotated[bool, typer.Option(
+            help="List agents' /metrics on any host they name in /sd (default: only their own address).")] = False,
         staging_dir: Annotated[Optional[Path], typer.Option(  # noqa: UP045
             help="Where uploads wait until whole (default: the temp dir).")] = None,
         aggregator: Annotated[str, typer.Option(help="mean, median or trimmed-mean.")] = "mean",
@@ -148,6 +153,7 @@ def make_app() -> typer.Typer:
             resume=resume,
             token=read_token(token_env, token_file), tls_cert=tls_cert, tls_key=tls_key,
             tls_client_ca=tls_client_ca, insecure=insecure, progress=progress,
+            limits=Limits(max_agents=max_agents, any_metrics_host=sd_any_host),
         )
         console = Console()
         stop = threading.Event()

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from coordinator.admission import Limits
 from edgetrain.aggregation import AGGREGATORS
 from edgetrain.cli_util import check_tls_ca, check_tls_pair
 from edgetrain.errors import ConfigError
@@ -51,6 +52,7 @@ class CoordinatorConfig:
     tls_client_ca: Path | None = None  # mutual TLS: agents must present a certificate signed by this CA
     insecure: bool = False
     progress: bool = True
+    limits: Limits = field(default_factory=Limits)  # what one client may hold (docs/security.md, "Limits")
 
     def __post_init__(self) -> None:
         if self.local_steps < 1:

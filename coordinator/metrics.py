@@ -63,15 +63,22 @@ class CoordinatorMetrics:
         self.node_accuracy.labels(node).set(stats.accuracy)
 
     def node_left(self, node: str) -> None:
-        """A node left or was forgotten: drop its last-value gauges, which would go on claiming its last round.
+        """A node left or was evicted: drop every series labelled with it.
 
-        A sum of throughputs would count it forever. Its counters and histogram stay: they are history, and
-        rates over them fall to zero by themselves.
+        Its last-value gauges would go on claiming its last round (a sum of throughputs would count it forever),
+        and agents that come and go under new names would grow /metrics without bound. Rates over its counters
+        end with it; sums over nodes then count the nodes that are in (docs/monitoring.md).
         """
-        for gauge in (self.compute, self.communication, self.throughput, self.node_loss, self.node_accuracy):
+        for metric in (self.compute, self.communication, self.throughput, self.node_loss, self.node_accuracy,
+                       self.compute_hist, self.node_samples, self.accepted, self.bytes_in, self.bytes_out):
             try:
-                gauge.remove(node)
-            except KeyError:  # it never sent an update
+                metric.remove(node)
+            except KeyError:  # it never sent an update, or never got weights
+                pass
+        for reason in m.REFUSAL_REASONS:
+            try:
+                self.refused.remove(node, reason)
+            except KeyError:
                 pass
 
     def node_admitted(self, node: str) -> None:

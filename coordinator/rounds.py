@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from coordinator.admission import Limits
 from edgetrain import aggregation, serde
 from edgetrain.errors import EdgetrainError
 from edgetrain.memory import Recycler
@@ -73,6 +74,22 @@ class UnauthenticatedError(RefusedError):
 
 class TooLargeError(RefusedError):
     reason, status = "too_large", "RESOURCE_EXHAUSTED"
+
+
+class TooManyCallsError(RefusedError):
+    reason, status = "too_many_calls", "RESOURCE_EXHAUSTED"
+
+
+class StreamTimeoutError(RefusedError):
+    reason, status = "stream_timeout", "DEADLINE_EXCEEDED"
+
+
+class RateLimitedError(RefusedError):
+    reason, status = "rate_limited", "RESOURCE_EXHAUSTED"
+
+
+class TooManyAgentsError(RefusedError):
+    reason, status = "too_many_agents", "RESOURCE_EXHAUSTED"
 
 
 class StagingError(RefusedError):
@@ -179,6 +196,7 @@ class RoundEngine:
         completed_rounds: int = 0,
         cursors: dict[str, int] | None = None,
         clock: Callable[[], float] = time.time,
+        limits: Limits | None = None,
     ) -> None:
         if aggregator not in aggregation.AGGREGATORS:
             raise ValueError(f"unknown aggregator {aggregator!r}")
@@ -193,6 +211,7 @@ class RoundEngine:
         self.completed_rounds = completed_rounds  # also the number of the next round to run
         self.cursors: dict[str, int] = dict(cursors or {})  # "world/rank" -> samples consumed
         self._clock = clock
+        self.limits = limits or Limits()
         self._open = False
         self._finished = False
         self._assignments: dict[str, Assignment] = {}
@@ -211,6 +230,13 @@ class RoundEngine:
         # (until they are handed new work), not just "stale".
         self._missed: dict[str, int] = {}  # agent_id -> round it missed
         self.told_finished: set[str] = set()  # agents that heard FINISHED (the driver waits a little for the rest)
+        # Who the open round still waits for (see `_waived`): when each participant fetched its weights, and each
+        # agent's measured round time per local step (fetch to update, its link included), kept across rounds.
+        self._fetched_at: dict[str, float] = {}
+        self._per_step: dict[str, float] = {}
+        self._late_fetch: dict[str, tuple[float, int]] = {}  # the last round's missing: (fetched at, its steps)
+        self._measured: dict[str, float] = {}  # the open round's participants measured when it opened
+        self.on_close: list[Callable[[int], None]] = []  # called with a round's number once it closed
 
     # ---- read side
     @property
@@ -253,6 +279,9 @@ class RoundEngine:
                     max_samples=k * self.batch_size * max(1, workers),
                 )
             self._expected = set(self._assignments)
+            self._fetched_at = {}
+            # measured before the round opened: an update taken in this round measures its agent for the next
+            self._measured = {a: self._per_step[a] for a in self._expected if a in self._per_step}
             self._received = {}
             self._acc = self._new_mean()
             self._kept = []
@@ -269,21 +298,74 @@ class RoundEngine:
             self._expected.discard(agent_id)
             self._handed.pop(agent_id, None)
             self._missed.pop(agent_id, None)
+            self._per_step.pop(agent_id, None)
+            self._late_fetch.pop(agent_id, None)
             self._cv.notify_all()
 
     def wait_for_updates(self, stop: threading.Event | None = None) -> bool:
-        """Block until every expected participant has sent, or the deadline passes. True if all sent."""
+        """Block until every participant the round still waits for has sent, or the deadline passes.
+
+        True if every participant sent. The round stops waiting for some by itself (`_waived`): ghosts that never
+        fetch, measured agents far past their usual time, and unmeasured ones once the measured are in.
+        """
         with self._cv:
             while True:
-                pending = self._expected - set(self._received)
+                now = self._clock()
+                waived, wake = self._waived(now)
+                pending = self._expected - set(self._received) - waived
                 if not pending:
-                    return True
+                    return not (self._expected - set(self._received))
                 if self._acc.spoiled:  # the round runs again whatever comes now
                     return False
-                remaining = self._deadline - self._clock()
+                remaining = self._deadline - now
                 if remaining <= 0 or (stop is not None and stop.is_set()):
                     return False
-                self._cv.wait(timeout=min(remaining, 0.5))
+                self._cv.wait(timeout=max(0.001, min(remaining, 0.5, wake - now)))
+
+    def _waived(self, now: float) -> tuple[set[str], float]:
+        """Participants the open round no longer waits for at `now`, and when that set next changes.
+
+        - Not fetched `fetch_grace_seconds` after the round opened: a ghost (an agent that polls fetches at once).
+        - Measured (an earlier update gave its time per step): past max(min_wait, slack x that time x its steps).
+        - Unmeasured (new, or it missed its last round): once every measured participant is in or waived, after
+          a grace of `probation_grace_ratio` of the round so far. With no measured participant (a run's first
+          round) the round waits for them until its deadline, as it always did.
+        Their updates are still taken while the round is open; their first one, even late, measures them.
+        """
+        lim = self.limits
+        waived: set[str] = set()
+        wake = float("inf")
+        measured_done = self._opened_at
+        unmeasured = []
+        measured_pending = False
+        for agent_id in self._expected - set(self._received):
+            fetched = self._fetched_at.get(agent_id)
+            if fetched is None:
+                end = self._opened_at + lim.fetch_grace_seconds
+            elif agent_id in self._measured:
+                steps = self._assignments[agent_id].local_steps
+                end = fetched + max(lim.min_wait_seconds, lim.slack * self._measured[agent_id] * steps)
+            else:
+                unmeasured.append(agent_id)
+                continue
+            if now >= end:
+                waived.add(agent_id)
+                measured_done = max(measured_done, end)
+            else:
+                wake = min(wake, end)
+                measured_pending = measured_pending or fetched is not None
+        for agent_id in self._received:
+            if agent_id in self._measured:
+                measured_done = max(measured_done, self._received[agent_id].received_at)
+        has_measured = bool(self._measured)
+        if unmeasured and has_measured and not measured_pending:
+            so_far = measured_done - self._opened_at
+            end = measured_done + max(lim.min_grace_seconds, lim.probation_grace_ratio * so_far)
+            if now >= end:
+                waived.update(unmeasured)
+            else:
+                wake = min(wake, end)
+        return waived, wake
 
     def close_round(self, min_updates: int = 1) -> Outcome:
         """Close the open round: aggregate if at least `min_updates` arrived, else keep the model."""
@@ -329,8 +411,14 @@ class RoundEngine:
             )
             self._acc = self._new_mean()  # drop the accumulator's memory now
             self._kept = []
+            for agent_id in missing:  # measured again by its next update: until then it is on probation
+                self._per_step.pop(agent_id, None)
+            self._late_fetch = {a: (self._fetched_at[a], self._assignments[a].local_steps)
+                                for a in missing if a in self._fetched_at}
             self._cv.notify_all()
-            return outcome
+        for listener in self.on_close:
+            listener(outcome.round)
+        return outcome
 
     def finish(self) -> None:
         """Tell every waiting agent that training is over."""
@@ -340,11 +428,17 @@ class RoundEngine:
             self._cv.notify_all()
 
     # ---- agent side
-    def get_work(self, agent_id: str, after_round: int, timeout: float) -> Work:
-        """Long-poll: WORK once a round after `after_round` is open for this agent; WAIT on timeout."""
+    def get_work(self, agent_id: str, after_round: int, timeout: float,
+                 gone: Callable[[], bool] | None = None) -> Work:
+        """Long-poll: WORK once a round after `after_round` is open for this agent; WAIT on timeout.
+
+        `gone()` true: the caller went away (WAIT at once; work handed to nobody would look fetched).
+        """
         end = time.monotonic() + max(0.0, timeout)
         with self._cv:
             while True:
+                if gone is not None and gone():
+                    return Work("WAIT", round=self.completed_rounds)
                 if self._finished:
                     self.told_finished.add(agent_id)
                     return Work("FINISHED")
@@ -356,6 +450,7 @@ class RoundEngine:
                     and agent_id not in self._received
                 ):
                     self._handed[agent_id] = self._opening
+                    self._fetched_at[agent_id] = self._clock()
                     self._missed.pop(agent_id, None)
                     return Work(
                         "WORK",
@@ -369,6 +464,16 @@ class RoundEngine:
                     return Work("WAIT", round=self.completed_rounds)
                 self._cv.wait(timeout=remaining)
 
+    def busy(self) -> set[str]:
+        """Participants of the open round whose update is not in yet (never evicted as idle)."""
+        with self._cv:
+            return (self._expected - set(self._received)) if self._open else set()
+
+    def wake(self) -> None:
+        """Wake every long-poll to look again (one of them may have lost its caller)."""
+        with self._cv:
+            self._cv.notify_all()
+
     def _new_mean(self) -> aggregation.RunningWeightedMean:
         return aggregation.RunningWeightedMean(self._recycler.empty)
 
@@ -379,7 +484,38 @@ class RoundEngine:
     def precheck(self, agent_id: str, round_: int, num_samples: int) -> Assignment:
         """Refuse early (before any tensor is read) what `submit` would refuse anyway."""
         with self._cv:
-            return self._check(agent_id, round_, num_samples)
+            try:
+                return self._check(agent_id, round_, num_samples)
+            except LateUpdateError:
+                self._measure_late(agent_id)
+                raise
+
+    def awaiting(self, agent_id: str) -> None:
+        """Refuse an update stream before its first message when nothing from this agent could be taken now.
+
+        A stream that waits for its header holds a server thread: only a participant whose update the open round
+        still lacks may hold one.
+        """
+        with self._cv:
+            if self._open and agent_id in self._assignments and agent_id not in self._received:
+                return
+            if agent_id in self._missed:
+                self._measure_late(agent_id)
+                missed = self._missed[agent_id]
+                raise LateUpdateError(f"round {missed} closed at its deadline before this update arrived")
+            if not self._open:
+                raise StaleRoundError("no round is open")
+            if agent_id in self._received:
+                raise DuplicateUpdateError(f"an update for round {self.completed_rounds} from this agent was "
+                                           "already taken")
+            raise NotParticipantError(f"agent takes part from the next round, not round {self.completed_rounds}")
+
+    def _measure_late(self, agent_id: str) -> None:
+        """A late update still tells how long its agent takes: rounds wait for it from then on (not past slack)."""
+        fetched = self._late_fetch.get(agent_id)
+        if fetched is not None:
+            at, steps = fetched
+            self._per_step[agent_id] = max(self._clock() - at, 1e-6) / max(1, steps)
 
     def _check(self, agent_id: str, round_: int, num_samples: int) -> Assignment:
         if not self._open or round_ != self.completed_rounds:
@@ -435,7 +571,14 @@ class RoundEngine:
                 if len(whole) != len(tensors):
                     raise TypeError(f"the {self.aggregator} aggregator keeps whole tensors, not staged ones")
                 self._kept.append((whole, num_samples))
-            self._received[agent_id] = Contribution(agent_id, num_samples, stats or NodeReport(), self._clock())
+            now = self._clock()
+            self._received[agent_id] = Contribution(agent_id, num_samples, stats or NodeReport(), now)
+            fetched = self._fetched_at.get(agent_id)
+            if fetched is not None:
+                steps = max(1, self._assignments[agent_id].local_steps)
+                seconds = max(now - fetched, 1e-6) / steps
+                old = self._per_step.get(agent_id)
+                self._per_step[agent_id] = seconds if old is None else 0.5 * (old + seconds)
             self._cv.notify_all()
 
     def snapshot(self) -> dict[str, Any]:

@@ -111,7 +111,8 @@ class Coordinator:
         self.metrics = CoordinatorMetrics(self.registry)
         self.stop = stop or threading.Event()
         self.console = console or Console(stderr=True)
-        self.membership = Membership(on_leave=lambda agent: self.metrics.node_left(agent.name))
+        self.membership = Membership(on_leave=lambda agent: self.metrics.node_left(agent.name),
+                                     max_agents=cfg.limits.max_agents)
         self.metrics.agents.set_function(lambda: len(self.membership))  # read at each scrape: always current
         self.workload: Workload | None = None
         self.engine: RoundEngine | None = None
@@ -121,7 +122,6 @@ class Coordinator:
         self._server: Any = None
         self._svc: ServiceState | None = None
         self._model: torch.nn.Module | None = None
-        self._benched: dict[str, float] = {}  # agent_id -> when it missed a round (it is not ready since)
         self.health: Any = None  # grpc_health HealthServicer: SERVING while the run goes, NOT_SERVING after
 
     # ---- set-up
@@ -160,10 +160,10 @@ class Coordinator:
         self.engine = RoundEngine(
             state, batch_size=spec.batch_size, local_steps=cfg.local_steps, round_timeout=cfg.round_timeout,
             aggregator=cfg.aggregator, trim=cfg.trim, balance=cfg.balance, completed_rounds=completed,
-            cursors=cursors,
+            cursors=cursors, limits=cfg.limits,
         )
         self._svc = ServiceState(self.engine, self.membership, spec, self.metrics,
-                                 upload_slots=cfg.upload_slots, staging_dir=cfg.staging_dir)
+                                 upload_slots=cfg.upload_slots, staging_dir=cfg.staging_dir, limits=cfg.limits)
         if cfg.aggregator == "mean":
             self._svc.prepare_staging()
         self._server, self.port, self.health = start_server(
@@ -237,7 +237,10 @@ class Coordinator:
     # ---- the loop
     def _wait_for_agents(self) -> None:
         end = time.monotonic() + self.cfg.join_timeout
+        assert self._svc is not None
+        self._svc.sweep()
         while self.membership.ready_count() < self.cfg.min_agents:
+            self._svc.sweep()
             if self.stop.is_set():
                 return
             dead = [p for p in self.local_agents if p.poll() not in (None, 0)]
@@ -363,30 +366,16 @@ class Coordinator:
     def _bench(self, outcome: Outcome, names: dict[str, str]) -> None:
         """Take agents that sent nothing out of the next rounds (the world shrinks; shards are reassigned).
 
-        A straggler stays admitted: its late update is refused as "late" and its next GetRound makes it ready
-        again. A dead agent never asks again and is forgotten once unseen for `_gone_after()` seconds; a
-        restart under the same name replaces it at once.
+        A straggler stays admitted: its late update is refused as "late" (and measures it, so rounds wait for it
+        from then on) and its next GetRound makes it ready again. One that stays quiet is evicted by the sweep
+        (coordinator/admission.py, Limits.idle_seconds); a restart under the same name replaces it at once.
         """
-        now = time.monotonic()
         for agent_id in outcome.missing:
             agent = self.membership.get(agent_id)
             if agent is not None:
                 agent.ready = False
-                self._benched[agent_id] = now
             log.warning("round %d closed without an update from %s (%s)", outcome.round, names.get(agent_id, agent_id),
                         "left or replaced" if agent is None else "out of the rounds until it asks for work again")
-        for agent_id, since in list(self._benched.items()):
-            agent = self.membership.get(agent_id)
-            if agent is None or agent.ready:  # left, replaced by a restart, or back
-                del self._benched[agent_id]
-            elif now - max(since, agent.last_seen) > self._gone_after():
-                del self._benched[agent_id]
-                self.membership.remove(agent_id)
-                log.warning("agent %s unseen for %.0f s; forgotten", agent.name, self._gone_after())
-
-    def _gone_after(self) -> float:
-        # A live agent calls at least once per long-poll (20 s) when idle, and once per round when busy.
-        return max(2 * self.cfg.round_timeout, 60.0)
 
     def _record(self, outcome: Outcome, names: dict[str, str], nodes: dict[str, NodeSummary],
                 t_start: float) -> dict[str, Any]:

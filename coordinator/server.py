@@ -12,7 +12,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from coordinator.metrics import CoordinatorMetrics
-from coordinator.servicer import CoordinatorServicer, ServiceState, serialize_round
+from coordinator.servicer import CoordinatorServicer, Oversize, ServiceState, serialize_round
 from edgetrain import grpc_options
 from edgetrain import metric_names as m
 from edgetrain.cli_util import read_file
@@ -33,6 +33,25 @@ FLOW_CONTROL = [
     ("grpc.http2.bdp_probe", 0),
     ("grpc.http2.lookahead_bytes", 1 << 20),
 ]
+# gRPC refuses a message over its receive limit before any handler sees it, so nothing could count it. The
+# transport takes up to twice our limit; our deserializer refuses what is over MAX_MESSAGE_BYTES as too_large,
+# counted. Past this cap gRPC still refuses on its own (RESOURCE_EXHAUSTED, uncounted: it offers no hook).
+RECEIVE_CAP = 2 * grpc_options.MAX_MESSAGE_BYTES
+SERVER_OPTIONS = [
+    *[(k, v) for k, v in grpc_options.SERVER if k != "grpc.max_receive_message_length"],
+    ("grpc.max_receive_message_length", RECEIVE_CAP),
+    # Streams one connection may have open: an agent uses 3 at most (a long-poll, the last round's stream, an
+    # upload); local agents and agents behind one NAT each have their own connection.
+    ("grpc.max_concurrent_streams", 128),
+    *FLOW_CONTROL,
+]
+
+
+def _sized(deserialize: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+    def read(data: bytes) -> Any:
+        return Oversize(len(data)) if len(data) > grpc_options.MAX_MESSAGE_BYTES else deserialize(data)
+
+    return read
 
 
 class TokenInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
@@ -86,7 +105,8 @@ def _add_servicer(servicer: CoordinatorServicer, server: grpc.Server) -> None:
     """
     got = _Handlers()
     pb_grpc.add_CoordinatorServicer_to_server(servicer, got)  # type: ignore[no-untyped-call]
-    handlers = dict(got.handlers)
+    handlers = {name: h._replace(request_deserializer=_sized(h.request_deserializer))
+                for name, h in got.handlers.items()}
     handlers["GetRound"] = handlers["GetRound"]._replace(response_serializer=serialize_round)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
     server.add_registered_method_handlers(SERVICE_NAME, handlers)
@@ -106,7 +126,7 @@ def start_server(
     interceptors = [TokenInterceptor(token, state.metrics)] if token else []
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=MAX_WORKERS, thread_name_prefix="grpc"),
-        options=[*grpc_options.SERVER, *FLOW_CONTROL],
+        options=SERVER_OPTIONS,
         interceptors=interceptors,
     )
     _add_servicer(CoordinatorServicer(state), server)

@@ -6,9 +6,10 @@ import logging
 import math
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Generic, TypeVar
 
@@ -16,16 +17,18 @@ import grpc
 import torch
 
 from coordinator import rounds
+from coordinator.admission import CallCounts, JoinRate, Limits, Watchdog, join_problem, metrics_address
 from coordinator.config import UPLOAD_SLOTS
-from coordinator.membership import Agent, Membership
+from coordinator.membership import Agent, FullError, Membership
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.shm import SharedFiles
 from edgetrain import grpc_options, serde
 from edgetrain.compression import apply_delta
+from edgetrain.cores import format_cores
 from edgetrain.errors import ConfigError, NonFiniteError, WireError
 from edgetrain.grpc_options import address_host, is_loopback
 from edgetrain.memory import in_memory_fs
-from edgetrain.metric_names import UNKNOWN_NODE, agent_name_problem
+from edgetrain.metric_names import UNKNOWN_NODE
 from edgetrain.proto import edgetrain_pb2 as pb
 from edgetrain.proto import edgetrain_pb2_grpc as pb_grpc
 from edgetrain.samehost import SHM_ROOT
@@ -58,6 +61,7 @@ class ServiceState:
     send_wait: float | None = SEND_WAIT  # how long a part waits for a send slot before it goes anyway; None: no limit
     shm_root: Path | None = SHM_ROOT  # where to make the same-host files' directory; None = always stream
     staging_dir: Path | None = None  # where streamed updates wait until whole (serde.Stage); None: the temp dir
+    limits: Limits = field(default_factory=Limits)  # what one client may hold (coordinator/admission.py)
 
     def __post_init__(self) -> None:
         self.uploads = threading.BoundedSemaphore(self.upload_slots)
@@ -68,6 +72,46 @@ class ServiceState:
         self._files_lock = threading.Lock()
         self._files: SharedFiles | None = None
         self._files_tried = False
+        self.calls = CallCounts(self.limits.calls_per_agent)
+        self.upload_calls = CallCounts(1)  # one upload per agent at a time: two would hold two upload slots
+        self.joins = JoinRate(self.limits.joins_per_second, self.limits.join_burst)
+        self.watchdog = Watchdog()
+        self._reading_lock = threading.Lock()
+        self._reading: dict[int, tuple[int, _Stream]] = {}  # update streams reading parts: id -> (round, stream)
+        self.engine.on_close.append(self._round_closed)
+        self._swept_at = 0.0
+
+    def _round_closed(self, round_: int) -> None:
+        """End the update streams still reading parts for a round that closed: they hold slots for nothing."""
+        with self._reading_lock:
+            ending = [stream for r, stream in self._reading.values() if r == round_]
+        for stream in ending:
+            stream.end_now(f"round {round_} closed while this update was still arriving", rounds.StaleRoundError)
+
+    def reading(self, round_: int, stream: _Stream | None) -> None:
+        """`stream` waits for a slot or reads parts for `round_`: its round's close ends it."""
+        if stream is not None:
+            with self._reading_lock:
+                self._reading[id(stream)] = (round_, stream)
+
+    def read(self, stream: _Stream | None) -> None:
+        """`stream` is read whole (or failed): a close no longer ends it (it may be being added)."""
+        if stream is not None:
+            with self._reading_lock:
+                self._reading.pop(id(stream), None)
+
+    def sweep(self, every: float = 1.0) -> None:
+        """Evict agents that never polled or went quiet (Limits); at most once per `every` seconds."""
+        now = time.monotonic()
+        if now - self._swept_at < every:
+            return
+        self._swept_at = now
+        lim = self.limits
+        for agent in self.membership.sweep(first_poll=lim.first_poll_seconds, idle=lim.idle_seconds,
+                                           busy=self.engine.busy(), open_calls=self.calls.open_calls, now=now):
+            self.engine.forget(agent.agent_id)
+            log.warning("agent %s evicted: %s", agent.name, "it never asked for a round" if not agent.polled
+                        else f"no call for {lim.idle_seconds:g} s")
 
     def shared_files(self, create: bool = True) -> SharedFiles | None:
         """The same-host files' directory, made when an agent first offers shared memory (None: unavailable)."""
@@ -81,6 +125,7 @@ class ServiceState:
 
     def close(self) -> None:
         """Remove the same-host files' directory and close the staging files (also at interpreter exit)."""
+        self.watchdog.close()
         with self._files_lock:
             self._files_tried = True  # none is made after this
             files, self._files = self._files, None
@@ -216,6 +261,67 @@ def serialize_round(message: pb.RoundMessage | Outgoing) -> bytes:
     return message.take() if isinstance(message, Outgoing) else message.SerializeToString()
 
 
+class Oversize:
+    """What a request deserializer gives for a message over MAX_MESSAGE_BYTES (server.py): refused and counted."""
+
+    __slots__ = ("size",)
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+
+def end_call(context: grpc.ServicerContext, code: grpc.StatusCode, details: str) -> None:
+    """End a call from outside its handler thread (which may be blocked reading it), with a status.
+
+    gRPC's Python API cancels without a status (the client reads CANCELLED); its call object takes one, and the
+    client then reads why. tests/integration/test_hostile.py pins the status, so a gRPC that drops this fails
+    there, not silently.
+    """
+    call = getattr(getattr(context, "_rpc_event", None), "call", None)
+    try:
+        call.cancel(code.value[0], details)  # type: ignore[union-attr]
+    except Exception:  # noqa: BLE001 - no such call object in this gRPC: end it without the status
+        context.cancel()
+
+
+class _Stream:
+    """An update stream's deadline: its watchdog timer ends the call when it runs out, with `error`'s status."""
+
+    def __init__(self, context: grpc.ServicerContext, state: ServiceState, seconds: float, why: str) -> None:
+        self.context, self.why = context, why
+        self.error: type[rounds.RefusedError] = rounds.StreamTimeoutError
+        self.timer = state.watchdog.arm(seconds, lambda: end_call(context, _STATUS[self.error.status], self.why))
+
+    def expect(self, seconds: float, why: str) -> None:
+        self.why = why
+        self.timer.reset(seconds)
+
+    def end_now(self, why: str, error: type[rounds.RefusedError]) -> None:
+        self.error = error
+        self.expect(0.0, why)
+
+    def check(self) -> None:
+        """Raise the refusal the timer ended the call with, if it did (its reads then ended early)."""
+        if self.timer.fired:
+            raise self.error(self.why)
+
+
+def _parts(rest: Iterator[pb.UpdateMessage | Oversize], stream: _Stream, gap: float,
+           ) -> Iterator[pb.UpdateMessage]:
+    """The stream's messages after its header, each due within `gap` seconds of the one before."""
+    stream.expect(gap, f"no update part for {gap:g} s")
+    try:
+        for msg in rest:
+            if isinstance(msg, Oversize):
+                raise rounds.TooLargeError(f"a message of {msg.size} bytes; at most {grpc_options.MAX_MESSAGE_BYTES}")
+            stream.expect(gap, f"no update part for {gap:g} s")
+            yield msg
+    except grpc.RpcError:
+        stream.check()
+        raise
+    stream.check()
+
+
 def _read_parts(asm: serde.Assembler, rest: Iterator[pb.UpdateMessage]) -> None:
     for msg in rest:
         if not msg.HasField("part"):
@@ -225,25 +331,6 @@ def _read_parts(asm: serde.Assembler, rest: Iterator[pb.UpdateMessage]) -> None:
             raise rounds.TooLargeError(f"a part of {len(data)} bytes; at most {serde.MAX_PART_BYTES}")
         asm.add(msg.part, data)
         del msg, data  # not kept while the next part is awaited
-
-
-_WILDCARDS = ("0.0.0.0", "::", "[::]", "")
-
-
-def advertised_address(metrics_address: str, peer: str) -> str:
-    """An agent bound to a wildcard address is scraped at the address its gRPC calls come from.
-
-    `peer` is gRPC's form: "ipv4:10.0.0.7:51234" or "ipv6:[fd00::7]:51234".
-    """
-    if not metrics_address or ":" not in metrics_address:
-        return metrics_address
-    host, _, port = metrics_address.rpartition(":")
-    if host not in _WILDCARDS:
-        return metrics_address
-    kind, _, rest = peer.partition(":")
-    if kind in ("ipv4", "ipv6"):
-        return f"{rest.rpartition(':')[0]}:{port}"
-    return metrics_address
 
 
 def _wire_reason(err: WireError) -> rounds.RefusedError:
@@ -279,49 +366,92 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             raise rounds.UnauthenticatedError("missing or wrong session token for this agent")
         return agent
 
-    def Join(self, request: pb.JoinRequest, context: grpc.ServicerContext) -> pb.JoinReply:  # noqa: N802
+    def _session(self, context: grpc.ServicerContext) -> Agent:
+        """The agent whose session the call carries, before anything blocks (a stream's header may never come)."""
+        token = dict(context.invocation_metadata()).get(grpc_options.SESSION_METADATA, "")
+        agent = self.s.membership.by_session(str(token))
+        if agent is None:
+            raise rounds.UnauthenticatedError("an update stream needs the session of a joined agent: join first")
+        return agent
+
+    @contextmanager
+    def _call(self, agent: Agent) -> Iterator[None]:
+        """Count a call against its agent's limit (Limits.calls_per_agent): past it, refuse rather than wait."""
+        with self.s.calls.hold(agent.agent_id) as ok:
+            if not ok:
+                raise rounds.TooManyCallsError(f"this agent has {self.s.calls.limit} calls open already")
+            yield
+
+    def Join(self, request: pb.JoinRequest | Oversize, context: grpc.ServicerContext) -> pb.JoinReply:  # noqa: N802
         node = [UNKNOWN_NODE]
         with self._refusals(context, node):
-            name = request.agent_name
-            problem = agent_name_problem(name)
-            if problem is not None:  # it becomes a metric label and goes into logs
-                raise rounds.MalformedError(f"agent_name: {problem}")
+            if isinstance(request, Oversize):
+                raise rounds.TooLargeError(f"a Join of {request.size} bytes")
+            if not self.s.joins.allow(address_host(context.peer())):
+                raise rounds.RateLimitedError(f"more than {self.s.limits.joins_per_second:g} Joins a second from "
+                                              "this address: try again shortly")
+            name, cores, device = request.agent_name, list(request.cores), request.device or "cpu"
+            problem = join_problem(name, cores, device, request.workers, request.data_fingerprint)
+            if problem is not None:  # every field becomes a label, a log line or a scrape target
+                raise rounds.MalformedError(problem)
             if not (math.isfinite(request.throughput) and 0 <= request.throughput <= MAX_THROUGHPUT):
                 raise rounds.MalformedError(f"throughput must be a number in 0..{MAX_THROUGHPUT:g} samples/s")
-            if not 0 <= request.workers <= max(1, len(request.cores)):
-                # workers scale the most samples an update may claim: more than its cores would let one agent
-                # outweigh everyone in the average
-                raise rounds.MalformedError("workers must be between 1 and the number of cores the agent declares")
-            agent, replaced = self.s.membership.admit(
-                name,
-                cores=tuple(request.cores),
-                device=request.device or "cpu",
-                workers=max(1, request.workers),
-                throughput=request.throughput,
-                metrics_address=advertised_address(request.metrics_address, context.peer()),
-            )
+            address, problem = metrics_address(request.metrics_address, context.peer(),
+                                               self.s.limits.any_metrics_host)
+            if problem is not None:
+                raise rounds.MalformedError(problem)
+            self.s.sweep()
+            try:
+                agent, replaced = self.s.membership.admit(
+                    name, cores=tuple(cores), device=device, workers=max(1, request.workers),
+                    throughput=request.throughput, metrics_address=address)
+            except FullError as err:
+                raise rounds.TooManyAgentsError(str(err)) from err
             self.s.metrics.node_admitted(name)
             if replaced is not None:
                 self.s.engine.forget(replaced.agent_id)
-            log.info("agent %s joined (%s, cores %s)", name, agent.device, list(agent.cores))
+            log.info("agent %s joined (%s, cores %s)", name, agent.device, format_cores(sorted(agent.cores)))
             return pb.JoinReply(agent_id=agent.agent_id, session_token=agent.session_token,
                                 spec=self.s.spec.to_proto(), paced_uploads=True)
         raise AssertionError("unreachable")  # pragma: no cover - abort raised
 
-    def GetRound(self, request: pb.RoundRequest,  # noqa: N802
+    def GetRound(self, request: pb.RoundRequest | Oversize,  # noqa: N802
                  context: grpc.ServicerContext) -> Iterator[pb.RoundMessage | Outgoing]:
         node = [UNKNOWN_NODE]
         with self._refusals(context, node):
+            if isinstance(request, Oversize):
+                raise rounds.TooLargeError(f"a round request of {request.size} bytes")
             agent = self._agent(request.agent_id, context)
             node[0] = agent.name
-        agent.ready = True
+            call = self._call(agent)
+            call.__enter__()
+        try:
+            yield from self._round(agent, request, context)
+        finally:
+            call.__exit__(None, None, None)
+
+    def _round(self, agent: Agent, request: pb.RoundRequest,
+               context: grpc.ServicerContext) -> Iterator[pb.RoundMessage | Outgoing]:
+        answered = threading.Event()
+        gone = threading.Event()
+
+        def ended() -> None:  # the call ended: unanswered, its caller went away (a ghost, or an agent leaving)
+            if not answered.is_set():
+                gone.set()
+                agent.ready = False  # not in the next rounds until it asks again
+                self.s.engine.wake()
+
+        context.add_callback(ended)
+        agent.ready = agent.polled = True
         remaining = context.time_remaining()
         hold = self.s.long_poll if remaining is None else max(0.0, min(self.s.long_poll, remaining - 5.0))
-        work = self.s.engine.get_work(agent.agent_id, request.after_round, hold)
+        work = self.s.engine.get_work(agent.agent_id, request.after_round, hold, gone=gone.is_set)
         if work.status != "WORK":
             status = pb.FINISHED if work.status == "FINISHED" else pb.WAIT
+            answered.set()
             yield pb.RoundMessage(header=pb.RoundHeader(status=status, round=work.round))
             return
+        answered.set()
         a = work.assignment
         assert a is not None and work.state is not None
         header = pb.RoundHeader(
@@ -363,54 +493,105 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             sent += len(chunk)
         self.s.metrics.bytes_out.labels(agent.name).inc(sent)
 
-    def SubmitUpdate(self, request_iterator: Iterator[pb.UpdateMessage],  # noqa: N802
+
+    def SubmitUpdate(self, request_iterator: Iterator[pb.UpdateMessage | Oversize],  # noqa: N802
                      context: grpc.ServicerContext) -> pb.UpdateAck:
         node = [UNKNOWN_NODE]
+        lim = self.s.limits
         with self._refusals(context, node):
-            first = next(request_iterator, None)
-            if first is None or not first.HasField("header"):
-                raise rounds.MalformedError("an update stream starts with its header")
-            return self._take_update(first.header, request_iterator, context, node)
+            # Who it is, whether it may hold a thread at all, before anything blocks: only a participant whose
+            # update the open round still lacks, once at a time, and its header must come within the deadline.
+            agent = self._session(context)
+            node[0] = agent.name
+            with self._call(agent):
+                self.s.engine.awaiting(agent.agent_id)
+                stream = _Stream(context, self.s, lim.first_message_seconds,
+                                 f"no update header within {lim.first_message_seconds:g} s")
+                try:
+                    try:
+                        first = next(request_iterator, None)
+                    except grpc.RpcError:  # the call ended while it was read: by the watchdog, or by the client
+                        stream.check()
+                        raise
+                    stream.timer.cancel()  # the parts are timed once the update holds an upload slot
+                    stream.check()
+                    if isinstance(first, Oversize):
+                        raise rounds.TooLargeError(f"a message of {first.size} bytes")
+                    if first is None or not first.HasField("header"):
+                        raise rounds.MalformedError("an update stream starts with its header")
+                    return self._take_update(first.header, request_iterator, context, node, stream)
+                finally:
+                    stream.timer.cancel()
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def SubmitFile(self, request: pb.UpdateHeader, context: grpc.ServicerContext) -> pb.UpdateAck:  # noqa: N802
+    def SubmitFile(self, request: pb.UpdateHeader | Oversize, context: grpc.ServicerContext,  # noqa: N802
+                   ) -> pb.UpdateAck:
         node = [UNKNOWN_NODE]
         with self._refusals(context, node):
+            if isinstance(request, Oversize):
+                raise rounds.TooLargeError(f"an update header of {request.size} bytes")
             if not request.layout:
                 raise rounds.MalformedError("SubmitFile takes the layout of the update file the round named")
-            return self._take_update(request, iter(()), context, node)
+            agent = self._agent(request.agent_id, context)
+            node[0] = agent.name
+            with self._call(agent):
+                return self._take_update(request, iter(()), context, node, None)
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def _take_update(self, h: pb.UpdateHeader, rest: Iterator[pb.UpdateMessage], context: grpc.ServicerContext,
-                     node: list[str]) -> pb.UpdateAck:
+    def _take_update(self, h: pb.UpdateHeader, rest: Iterator[pb.UpdateMessage | Oversize],
+                     context: grpc.ServicerContext, node: list[str], stream: _Stream | None) -> pb.UpdateAck:
         """Check, read and aggregate one update (its tensors streamed in `rest`, or in its file)."""
         agent = self._agent(h.agent_id, context)
         node[0] = agent.name
         self.s.engine.precheck(agent.agent_id, h.round, h.num_samples)
-        # a slow uploader holds a slot at most until the deadline: it cannot block the others past it
-        remaining = context.time_remaining()
-        wait = self.s.engine.seconds_left() if remaining is None else min(self.s.engine.seconds_left(), remaining)
-        if not self.s.uploads.acquire(timeout=wait):
-            raise rounds.LateUpdateError(f"round {h.round} closed for updates while this one waited its turn")
+        with self.s.upload_calls.hold(agent.agent_id) as ok:
+            if not ok:
+                raise rounds.TooManyCallsError("an update from this agent is being taken already")
+            return self._take_slot_and_update(agent, h, rest, context, stream)
+
+    def _take_slot_and_update(self, agent: Agent, h: pb.UpdateHeader, rest: Iterator[pb.UpdateMessage | Oversize],
+                              context: grpc.ServicerContext, stream: _Stream | None) -> pb.UpdateAck:
+        self.s.reading(h.round, stream)  # from here the round's close ends the stream
         try:
-            # An agent whose call ended while it waited asks for work again, may be handed this round again and
-            # rewrites its (reused) update file: this call must not read it then.
-            if not context.is_active():
-                raise rounds.LateUpdateError(f"the call for round {h.round} ended while it waited its turn")
-            if not h.layout:  # a paced agent waits for this before it sends its parts
-                context.send_initial_metadata(())
-            with self._update(agent.agent_id, h, rest) as (tensors, received, checked):
-                stats = rounds.NodeReport(
-                    compute_seconds=h.stats.compute_seconds, communication_seconds=h.stats.communication_seconds,
-                    loss=h.stats.loss, accuracy=h.stats.accuracy, samples_per_second=h.stats.samples_per_second,
-                    bytes=float(received))
-                self.s.engine.submit(agent.agent_id, h.round, h.num_samples, tensors, stats, checked_finite=checked)
+            if not self._upload_slot(h.round, context, stream):
+                raise rounds.LateUpdateError(f"round {h.round} closed for updates while this one waited its turn")
+            try:
+                # An agent whose call ended while it waited asks for work again, may be handed this round again and
+                # rewrites its (reused) update file: this call must not read it then.
+                if not context.is_active():
+                    raise rounds.LateUpdateError(f"the call for round {h.round} ended while it waited its turn")
+                if not h.layout:  # a paced agent waits for this before it sends its parts
+                    context.send_initial_metadata(())
+                parts = iter(()) if stream is None else _parts(rest, stream, self.s.limits.part_gap_seconds)
+                with self._update(agent.agent_id, h, parts) as (tensors, received, checked):
+                    self.s.read(stream)
+                    stats = rounds.NodeReport(
+                        compute_seconds=h.stats.compute_seconds, communication_seconds=h.stats.communication_seconds,
+                        loss=h.stats.loss, accuracy=h.stats.accuracy, samples_per_second=h.stats.samples_per_second,
+                        bytes=float(received))
+                    self.s.engine.submit(agent.agent_id, h.round, h.num_samples, tensors, stats,
+                                         checked_finite=checked)
+            finally:
+                self.s.uploads.release()
         finally:
-            self.s.uploads.release()
+            self.s.read(stream)
         if math.isfinite(h.stats.samples_per_second) and 0 < h.stats.samples_per_second <= MAX_THROUGHPUT:
             agent.throughput = h.stats.samples_per_second
         self.s.metrics.accepted_update(agent.name, h.num_samples, stats, received)
         return pb.UpdateAck(accepted=True, detail=f"round {h.round}")
+
+    def _upload_slot(self, round_: int, context: grpc.ServicerContext, stream: _Stream | None) -> bool:
+        """Wait for an upload slot while the round is open (at most until its deadline) and the call lives."""
+        remaining = context.time_remaining()
+        end = time.monotonic() + (self.s.engine.seconds_left() if remaining is None
+                                  else min(self.s.engine.seconds_left(), remaining))
+        while True:
+            if self.s.uploads.acquire(timeout=max(0.0, min(0.5, end - time.monotonic()))):
+                return True
+            if stream is not None:
+                stream.check()  # the round closed (or the stream's deadline passed) while it waited
+            if time.monotonic() >= end or not context.is_active():
+                return False
 
     @contextmanager
     def _update(self, agent_id: str, h: pb.UpdateHeader, rest: Iterator[pb.UpdateMessage],
@@ -456,9 +637,11 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         # the decoder checked the values; weights rebuilt from a delta are checked again by the engine
         return (apply_delta(glob, tensors), received, False) if delta else (tensors, received, True)
 
-    def Leave(self, request: pb.LeaveRequest, context: grpc.ServicerContext) -> pb.LeaveReply:  # noqa: N802
+    def Leave(self, request: pb.LeaveRequest | Oversize, context: grpc.ServicerContext) -> pb.LeaveReply:  # noqa: N802
         node = [UNKNOWN_NODE]
         with self._refusals(context, node):
+            if isinstance(request, Oversize):
+                raise rounds.TooLargeError(f"a Leave of {request.size} bytes")
             agent = self._agent(request.agent_id, context)
             self.s.membership.remove(agent.agent_id)
             self.s.engine.forget(agent.agent_id)

@@ -58,6 +58,14 @@ def agent_name_problem(name: str) -> str | None:
         return f"{UNKNOWN_NODE!r} is reserved (it counts refusals before the caller is known)"
     return None
 
+_DEVICE = re.compile(r"cpu|cuda(:\d{1,4})?")
+
+
+def device_problem(device: str) -> str | None:
+    """Why `device` names no device an agent trains on (it becomes a label and goes into logs), or None."""
+    return None if _DEVICE.fullmatch(device) else "use cpu or cuda:N"
+
+
 # Why an update is refused: the `reason` label's whole value set.
 REFUSAL_REASONS = (
     "unauthenticated",  # no or bad token / session
@@ -72,4 +80,8 @@ REFUSAL_REASONS = (
     "bad_sample_count",  # <= 0 or more than the round asked for
     "too_large",  # message over the size limit
     "staging",  # the coordinator could not write or read back a streamed update (its staging directory)
+    "too_many_calls",  # an agent's session had coordinator.admission.Limits.calls_per_agent calls open already
+    "stream_timeout",  # an update stream sent no message within its deadline (first message, or between parts)
+    "rate_limited",  # Joins from one peer address faster than Limits.joins_per_second
+    "too_many_agents",  # Limits.max_agents agents admitted already
 )

@@ -251,7 +251,8 @@ def panels() -> list[Panel]:
             "Refused updates",
             f"sum({m.UPDATES_REFUSED}) or vector(0)",
             "none",
-            "Updates the coordinator refused since it started (all reasons, all nodes).",
+            "Updates and requests the coordinator refused since it started, all reasons, of the nodes that are in "
+            "and of callers never admitted (node \"unknown\"); a node that leaves takes its series with it.",
             decimals=0,
         ),
     ]

@@ -11,6 +11,7 @@ import pytest
 import torch
 from prometheus_client import CollectorRegistry
 
+from coordinator.admission import Limits
 from coordinator.membership import Membership
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.rounds import RoundEngine
@@ -30,6 +31,7 @@ class Service:
     membership: Membership
     registry: CollectorRegistry
     port: int
+    state: ServiceState
 
     def join(self, name: str = "a") -> tuple[pb.JoinReply, list[tuple[str, str]]]:
         reply = self.stub.Join(pb.JoinRequest(agent_name=name), timeout=5)
@@ -48,17 +50,20 @@ def small_state() -> dict[str, torch.Tensor]:
 
 
 def make_service(state: dict[str, torch.Tensor], token: str | None = None, staging_dir: Path | None = None,
-                 **engine_kw: object) -> Iterator[Service]:
+                 limits: Limits | None = None, upload_slots: int = 2, **engine_kw: object) -> Iterator[Service]:
+    """A real server on loopback over a real engine; membership and metrics wired as `coordinator run` does."""
     registry = CollectorRegistry()
     metrics = CoordinatorMetrics(registry)
-    kw: dict[str, object] = {"batch_size": 4, "local_steps": 2, "round_timeout": 30.0, **engine_kw}
+    limits = limits or Limits()
+    kw: dict[str, object] = {"batch_size": 4, "local_steps": 2, "round_timeout": 30.0, "limits": limits, **engine_kw}
     engine = RoundEngine(state, **kw)  # type: ignore[arg-type]
-    membership = Membership()
-    svc = ServiceState(engine, membership, RunSpec(dataset="tweets"), metrics, long_poll=1.0, staging_dir=staging_dir)
+    membership = Membership(on_leave=lambda agent: metrics.node_left(agent.name), max_agents=limits.max_agents)
+    svc = ServiceState(engine, membership, RunSpec(dataset="tweets"), metrics, long_poll=1.0, staging_dir=staging_dir,
+                       limits=limits, upload_slots=upload_slots)
     server, port, _ = start_server(svc, "127.0.0.1", 0, token=token)
     channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=grpc_options.CLIENT)
     try:
-        yield Service(pb_grpc.CoordinatorStub(channel), channel, engine, membership, registry, port)
+        yield Service(pb_grpc.CoordinatorStub(channel), channel, engine, membership, registry, port, svc)
     finally:
         channel.close()
         engine.finish()

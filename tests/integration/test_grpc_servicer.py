@@ -140,8 +140,7 @@ def test_bad_updates_are_refused_counted_and_change_nothing(
     with pytest.raises(grpc.RpcError) as err:
         service.stub.SubmitUpdate(iter(mutate(msgs)), metadata=md, timeout=5)
     assert err.value.code() == code, err.value.details()
-    node = "unknown" if case == "no-header" else "a"
-    assert service.refused(reason, node) == 1.0
+    assert service.refused(reason, "a") == 1.0  # the session says who sent it, before its header
     assert snapshot(service) == before
     # the same agent can still send a good update for this round, and only that one counts
     service.stub.SubmitUpdate(iter(update(agent_id, 0, 8, trained)), metadata=md, timeout=5)
@@ -275,10 +274,16 @@ def test_unknown_agent_and_bad_session_are_refused(service: Service) -> None:
         service.stub.SubmitUpdate(iter(update(agent_id, 0, 8, small_state())), metadata=bad, timeout=5)
     assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
     assert service.refused("unauthenticated", "unknown") == 1.0
-    # a restart under the same name replaces the session: the old token stops working
+    # a restart under the same name replaces the session: the old token stops working. An update stream is
+    # checked by its session before its header is read (a stream that never sends must hold no thread), so it
+    # is UNAUTHENTICATED (the agent joins again on it as on NOT_FOUND); a unary call names its id: NOT_FOUND
     service.join("a")
     with pytest.raises(grpc.RpcError) as err:
         service.stub.SubmitUpdate(iter(update(agent_id, 0, 8, small_state())), metadata=md, timeout=5)
+    assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert service.refused("unauthenticated", "unknown") == 2.0
+    with pytest.raises(grpc.RpcError) as err:
+        list(service.stub.GetRound(pb.RoundRequest(agent_id=agent_id), metadata=md, timeout=5))
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
     assert service.refused("unknown_agent", "unknown") == 2.0
 

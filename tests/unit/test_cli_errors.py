@@ -50,6 +50,7 @@ def _run(*args: str) -> subprocess.CompletedProcess[str]:
         (("coordinator", "run", "--rounds", "1", "--seed", "3000000000"), 1, "seed must be in 0..2147483647"),
         (("coordinator", "run", "--rounds", "1", "--trim", "0.7"), 1, "--trim must be in [0, 0.5)"),
         (("coordinator", "run", "--rounds", "1", "--upload-slots", "0"), 1, "--upload-slots must be at least 1"),
+        (("coordinator", "run", "--rounds", "1", "--max-agents", "0"), 1, "--max-agents must be at least 1"),
         (("coordinator", "run", "--rounds", "1", "--staging-dir", "/no/such/dir"), 1,
          "--staging-dir /no/such/dir is not a directory"),
         (("coordinator", "run", "--rounds", "1", "--checkpoint-every", "0"), 1,

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import pytest
 from prometheus_client import CollectorRegistry, Counter
 
-from coordinator.servicer import advertised_address
+from coordinator.admission import metrics_address
 from edgetrain.errors import ConfigError
 from edgetrain.httpmetrics import MetricsServer
 
@@ -76,8 +76,8 @@ def test_ipv6_wildcard_serves_both_families_and_the_coordinator_advertises_the_c
     assert "edgetrain_test_scrapes_total 3.0" in _scrape(f"[::1]:{port}")
     assert "edgetrain_test_scrapes_total 3.0" in _scrape(f"127.0.0.1:{port}")
     # What the agent sends in JoinRequest.metrics_address is replaced by the address its calls come from
-    assert advertised_address(server.address, "ipv6:[fd00::7]:51234") == f"[fd00::7]:{port}"
-    assert advertised_address(server.address, "ipv4:10.0.0.7:51234") == f"10.0.0.7:{port}"
+    assert metrics_address(server.address, "ipv6:[fd00::7]:51234") == (f"[fd00::7]:{port}", None)
+    assert metrics_address(server.address, "ipv4:10.0.0.7:51234") == (f"10.0.0.7:{port}", None)
 
 
 @needs_ipv6

@@ -127,15 +127,6 @@ def test_balanced_steps_follow_throughput() -> None:
     assert (a["slow"].local_steps, a["fast"].local_steps) == (1, 3)
 
 
-def test_wildcard_metrics_addresses_are_advertised_as_the_peer() -> None:
-    from coordinator.servicer import advertised_address
-
-    assert advertised_address("0.0.0.0:9101", "ipv4:10.1.2.3:5555") == "10.1.2.3:9101"
-    assert advertised_address("[::]:9101", "ipv6:[fd00::7]:5555") == "[fd00::7]:9101"
-    assert advertised_address("agent-a:9101", "ipv4:10.1.2.3:5555") == "agent-a:9101"
-    assert advertised_address("", "ipv4:10.1.2.3:5555") == ""
-
-
 def test_balanced_steps_survive_absurd_throughputs() -> None:
     assert balanced_steps([1e308, 1.0], 4) == [8, 1]  # the slow node still gets its one step
     assert balanced_steps([1e308, 1e308], 4) == [4, 4]

@@ -1,0 +1,292 @@
+"""What the coordinator lets a client hold: limits with their reasons, Join validation, and the stream watchdog.
+
+Plain code without a gRPC server (the servicer applies it): every limit here bounds a resource that anyone who
+can connect, or one joined agent, could otherwise take from the agents that train (threads, upload slots,
+memory, metric series, a round's wait). docs/security.md, "Limits", lists them with their defaults.
+"""
+
+from __future__ import annotations
+
+import heapq
+import ipaddress
+import itertools
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from edgetrain.errors import ConfigError
+from edgetrain.grpc_options import address_host
+from edgetrain.metric_names import agent_name_problem, device_problem
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Per-run limits; each default fits a fleet of a few thousand agents and says what it stops."""
+
+    # An update stream must bring its first message this soon after it opens: a stream that never sends would
+    # hold one of the server's handler threads (a gRPC sync server gives each open call one) for good.
+    first_message_seconds: float = 10.0
+    # ... and each next part this soon after the last (once it holds an upload slot). A 128 KiB part takes ~1 s
+    # on the slowest link the agents' deadlines allow for (1 Mbit/s): 30 s is slack for a link that stalls, not
+    # a rate, so an uploader that trickles holds its slot 30 s at most per part, and never past its round.
+    part_gap_seconds: float = 30.0
+    # Calls one agent's session may have open at once: a long-poll, the end of the last round's stream and an
+    # upload are 3; the fourth and later are refused RESOURCE_EXHAUSTED instead of each holding a thread.
+    calls_per_agent: int = 4
+    # Agents admitted at once (per operator token: a run has one). A replacement under a known name does not
+    # count twice. Each costs a record and its metric series (~26), so this bounds memory and /metrics.
+    max_agents: int = 2048
+    # Joins per second from one peer address, and the burst it may use at once: a fleet of 1,000 agents behind
+    # one NAT rejoins within ~10 s of a coordinator restart; a flood of new names from one host is cut to this.
+    joins_per_second: float = 100.0
+    join_burst: int = 500
+    # An agent that joined but never asked for a round this long after is evicted (it loads its data and starts
+    # its workers in between: minutes on a slow board that downloads the data set first).
+    first_poll_seconds: float = 300.0
+    # An agent that is not in the open round and has no call open is evicted when unseen this long: an idle one
+    # long-polls every 20 s (agent.client.LONG_POLL_S), so three missed polls mean it is gone.
+    idle_seconds: float = 60.0
+    # A round does not wait for a participant that has not fetched its weights this soon after the round opened
+    # (one that polls fetches within milliseconds) ...
+    fetch_grace_seconds: float = 3.0
+    # ... nor, once every participant with a measured round time is in, for one without (a new agent, or one
+    # that missed its last round) longer than this fraction of the round so far (and at least `min_grace`):
+    # its first update that arrives, even late, gives it a measured time, and rounds wait for it from then on.
+    probation_grace_ratio: float = 0.5
+    min_grace_seconds: float = 0.25
+    # A measured participant is waited for up to `slack` times its measured round time (at least `min_wait`).
+    slack: float = 3.0
+    min_wait_seconds: float = 2.0
+    # Serve /sd targets only on the address an agent's calls come from (False), or any host it names (True).
+    any_metrics_host: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("first_message_seconds", "part_gap_seconds", "joins_per_second", "first_poll_seconds",
+                     "idle_seconds", "fetch_grace_seconds", "slack", "min_wait_seconds"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{name} must be positive")
+        if self.max_agents < 1:
+            raise ConfigError(f"--max-agents must be at least 1, got {self.max_agents}")
+        if self.calls_per_agent < 1 or self.join_burst < 1:
+            raise ConfigError("calls_per_agent and join_burst must be at least 1")
+
+
+# ---- Join fields: everything a client sends is input, bounded before it is stored, logged or exported.
+MAX_CORES = 4096  # cores one agent may declare (the largest machines have a few hundred)
+MAX_CORE_ID = 1 << 16
+MAX_ADDRESS_CHARS = 262  # "[" + 253-character host + "]:" + 5-digit port
+MAX_FINGERPRINT_CHARS = 128
+
+
+def join_problem(name: str, cores: list[int], device: str, workers: int, data_fingerprint: str) -> str | None:
+    """Why a JoinRequest's own fields are unusable (the metrics address is `metrics_address` below), or None."""
+    problem = agent_name_problem(name)
+    if problem is not None:
+        return f"agent_name: {problem}"
+    if len(cores) > MAX_CORES:
+        return f"cores: at most {MAX_CORES}"
+    if any(not 0 <= c < MAX_CORE_ID for c in cores) or len(set(cores)) != len(cores):
+        return f"cores: distinct core numbers in 0..{MAX_CORE_ID - 1}"
+    problem = device_problem(device)
+    if problem is not None:
+        return f"device: {problem}"
+    if not 0 <= workers <= max(1, len(cores)):
+        # workers scale the most samples an update may claim: more than its cores would let one agent
+        # outweigh everyone in the average
+        return "workers must be between 1 and the number of cores the agent declares"
+    if len(data_fingerprint) > MAX_FINGERPRINT_CHARS or not data_fingerprint.isascii() or (
+            data_fingerprint and not data_fingerprint.isalnum()):
+        return f"data_fingerprint: at most {MAX_FINGERPRINT_CHARS} letters and digits"
+    return None
+
+
+_WILDCARDS = ("0.0.0.0", "::", "[::]", "")
+
+
+def metrics_address(claimed: str, peer: str, any_host: bool = False) -> tuple[str, str | None]:
+    """(address to scrape, problem): where an agent's /metrics is, as /sd will list it.
+
+    `peer` is gRPC's form ("ipv4:10.0.0.7:51234", "ipv6:[fd00::7]:51234"). An agent bound to a wildcard is
+    scraped at the address its calls come from. Any other host must be that address too unless `any_host`:
+    else any agent could aim Prometheus at any host and port.
+    """
+    if not claimed:
+        return "", None
+    if len(claimed) > MAX_ADDRESS_CHARS or not claimed.isascii() or not claimed.isprintable():
+        return "", f"metrics_address: host:port, at most {MAX_ADDRESS_CHARS} printable ASCII characters"
+    host, sep, port = claimed.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536 or not host:
+        return "", "metrics_address: host:port with a port in 1..65535"
+    bare = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    kind = peer.partition(":")[0]
+    peer_host = address_host(peer) if kind in ("ipv4", "ipv6") else ""
+    if host in _WILDCARDS:
+        if not peer_host:
+            return "", "metrics_address: a wildcard host needs a peer address to stand for it"
+        bare = peer_host
+    elif not any_host and not _same_host(bare, peer_host):
+        return "", (f"metrics_address: host {bare} is not the address this agent calls from; the coordinator "
+                    "operator can allow other hosts (--sd-any-host)")
+    elif any_host and not _host_shape(bare):
+        return "", "metrics_address: the host is neither an IP address nor a DNS name"
+    host_out = f"[{bare}]" if ":" in bare else bare
+    return f"{host_out}:{int(port)}", None
+
+
+def _same_host(a: str, b: str) -> bool:
+    try:
+        return bool(b) and ipaddress.ip_address(a) == ipaddress.ip_address(b)
+    except ValueError:
+        return False
+
+
+def _host_shape(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        labels = host.rstrip(".").split(".")
+        return len(host) <= 253 and all(0 < len(x) <= 63 and x.replace("-", "").isalnum() and x.isascii()
+                                         for x in labels)
+
+
+# ---- rates and counts
+class JoinRate:
+    """A token bucket per peer host: `allow(host)` spends one Join, False when the host's bucket is empty.
+
+    Holds at most `max_hosts` buckets (the least recently used goes first), so spoofed or many hosts cannot
+    grow it without bound.
+    """
+
+    def __init__(self, per_second: float, burst: int, clock: Callable[[], float] = time.monotonic,
+                 max_hosts: int = 65536) -> None:
+        self.per_second, self.burst, self._clock, self._max = per_second, burst, clock, max_hosts
+        self._lock = threading.Lock()
+        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()  # host -> (tokens, at)
+
+    def allow(self, host: str) -> bool:
+        now = self._clock()
+        with self._lock:
+            tokens, at = self._buckets.pop(host, (float(self.burst), now))
+            tokens = min(float(self.burst), tokens + (now - at) * self.per_second)
+            ok = tokens >= 1.0
+            self._buckets[host] = (tokens - 1.0 if ok else tokens, now)
+            while len(self._buckets) > self._max:
+                self._buckets.popitem(last=False)
+            return ok
+
+
+class CallCounts:
+    """Calls open per key (an agent's id): `hold` refuses past `limit` instead of letting one more wait."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._lock = threading.Lock()
+        self._open: dict[str, int] = {}
+
+    @contextmanager
+    def hold(self, key: str) -> Iterator[bool]:
+        with self._lock:
+            n = self._open.get(key, 0)
+            ok = n < self.limit
+            if ok:
+                self._open[key] = n + 1
+        try:
+            yield ok
+        finally:
+            if ok:
+                with self._lock:
+                    left = self._open[key] - 1
+                    if left:
+                        self._open[key] = left
+                    else:
+                        del self._open[key]
+
+    def open_calls(self, key: str) -> int:
+        with self._lock:
+            return self._open.get(key, 0)
+
+
+class Watchdog:
+    """Runs a callback when a timer runs out, unless it was reset or cancelled first; one thread for all timers.
+
+    Update streams arm one each: the callback ends the stream, which a handler thread blocked on reading it
+    cannot do itself (a gRPC sync server has no read timeout).
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._cv = threading.Condition()
+        self._heap: list[tuple[float, int, Timer]] = []
+        self._ids = itertools.count()
+        self._closed = False
+        self._thread: threading.Thread | None = None
+
+    def arm(self, seconds: float, callback: Callable[[], None]) -> Timer:
+        timer = Timer(self, callback)
+        timer.reset(seconds)
+        return timer
+
+    def _schedule(self, timer: Timer, when: float) -> None:
+        with self._cv:
+            if self._closed:
+                return
+            heapq.heappush(self._heap, (when, next(self._ids), timer))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="stream-watchdog", daemon=True)
+                self._thread.start()
+            self._cv.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                while not self._closed and (not self._heap or self._heap[0][0] > self._clock()):
+                    self._cv.wait(None if not self._heap else max(0.0, self._heap[0][0] - self._clock()))
+                if self._closed:
+                    return
+                when, _, timer = heapq.heappop(self._heap)
+                due = timer.due_at(when)
+            if due:
+                try:
+                    timer.callback()
+                except Exception:  # noqa: BLE001 - a callback's failure must not stop every other timer
+                    pass
+
+    def close(self) -> None:
+        with self._cv:
+            self._closed = True
+            self._heap.clear()
+            self._cv.notify_all()
+
+
+class Timer:
+    """One watchdog timer: `reset(seconds)` moves its end, `cancel()` stops it; it fires at most once."""
+
+    def __init__(self, dog: Watchdog, callback: Callable[[], None]) -> None:
+        self._dog, self.callback = dog, callback
+        self._lock = threading.Lock()
+        self._end: float | None = None
+        self.fired = False
+
+    def reset(self, seconds: float) -> None:
+        end = self._dog._clock() + seconds
+        with self._lock:
+            if self.fired:
+                return
+            self._end = end
+        self._dog._schedule(self, end)
+
+    def cancel(self) -> None:
+        with self._lock:
+            self._end = None
+
+    def due_at(self, when: float) -> bool:
+        """Whether the heap entry for `when` is this timer's current end (older entries are stale); marks it fired."""
+        with self._lock:
+            if self._end is None or self._end != when or self.fired:
+                return False
+            self.fired = True
+            return True

@@ -1,0 +1,208 @@
+"""What a client may hold: Join fields, rates, call counts, the stream watchdog, and who a round waits for."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+
+from coordinator.admission import CallCounts, JoinRate, Limits, Watchdog, join_problem, metrics_address
+from coordinator.membership import FullError, Membership
+from coordinator.rounds import LateUpdateError, NotParticipantError, RoundEngine, StaleRoundError
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def test_wildcard_metrics_addresses_are_advertised_as_the_peer() -> None:
+    assert metrics_address("0.0.0.0:9101", "ipv4:10.1.2.3:5555") == ("10.1.2.3:9101", None)
+    assert metrics_address("[::]:9101", "ipv6:[fd00::7]:5555") == ("[fd00::7]:9101", None)
+    assert metrics_address("", "ipv4:10.1.2.3:5555") == ("", None)
+
+
+def test_a_metrics_address_must_be_the_callers_own_unless_the_operator_allows_others() -> None:
+    assert metrics_address("10.1.2.3:9101", "ipv4:10.1.2.3:5555") == ("10.1.2.3:9101", None)
+    for claimed in ("169.254.169.254:80", "agent-a:9101", "10.1.2.4:9101"):
+        address, problem = metrics_address(claimed, "ipv4:10.1.2.3:5555")
+        assert address == "" and problem is not None and "--sd-any-host" in problem
+    assert metrics_address("agent-a:9101", "ipv4:10.1.2.3:5555", any_host=True) == ("agent-a:9101", None)
+
+
+@pytest.mark.parametrize("claimed", ["junk", "host:0", "host:99999", "a\nb:1", "x" * 300 + ":1", ":9101",
+                                     "bad host!:1"])
+def test_malformed_metrics_addresses_are_refused_even_where_any_host_is_allowed(claimed: str) -> None:
+    address, problem = metrics_address(claimed, "ipv4:10.1.2.3:5555", any_host=True)
+    assert address == "" and problem is not None and problem.startswith("metrics_address")
+
+
+def test_join_fields_are_bounded() -> None:
+    ok = dict(name="board-7", cores=[0, 1], device="cpu", workers=2, data_fingerprint="")
+    assert join_problem(**ok) is None  # type: ignore[arg-type]
+    bad = [
+        dict(cores=list(range(5000))),  # a million cores cost the probe 42 MB a Join
+        dict(cores=[0, 0]),
+        dict(cores=[-1]),
+        dict(device="x" * 3_000_000),
+        dict(device="cpu\nforged log line"),
+        dict(device="tpu"),
+        dict(workers=3),
+        dict(name="a\nb"),
+        dict(data_fingerprint="f" * 200),
+        dict(data_fingerprint="ab cd"),
+    ]
+    for change in bad:
+        assert join_problem(**{**ok, **change}) is not None, change  # type: ignore[arg-type]
+    assert join_problem(**{**ok, "device": "cuda:1"}) is None  # type: ignore[arg-type]
+
+
+def test_join_rate_is_a_bucket_per_host_that_refills() -> None:
+    clock = Clock()
+    rate = JoinRate(per_second=2.0, burst=3, clock=clock)
+    assert [rate.allow("10.0.0.1") for _ in range(4)] == [True, True, True, False]
+    assert rate.allow("10.0.0.2")  # another host has its own bucket
+    clock.t += 0.5  # one token back
+    assert rate.allow("10.0.0.1") and not rate.allow("10.0.0.1")
+
+
+def test_join_rate_keeps_a_bounded_table_of_hosts() -> None:
+    rate = JoinRate(per_second=1.0, burst=1, max_hosts=10)
+    for i in range(100):
+        rate.allow(f"h{i}")
+    assert len(rate._buckets) == 10
+
+
+def test_call_counts_refuse_past_the_limit_and_free_on_exit() -> None:
+    counts = CallCounts(limit=2)
+    with counts.hold("a") as one, counts.hold("a") as two, counts.hold("a") as three, counts.hold("b") as other:
+        assert (one, two, three, other) == (True, True, False, True)
+        assert counts.open_calls("a") == 2
+    assert counts.open_calls("a") == 0
+    with counts.hold("a") as again:
+        assert again
+
+
+def test_watchdog_fires_once_unless_reset_or_cancelled() -> None:
+    dog = Watchdog()
+    fired: list[str] = []
+    done = threading.Event()
+    late = dog.arm(0.05, lambda: (fired.append("late"), done.set()))
+    cancelled = dog.arm(0.02, lambda: fired.append("cancelled"))
+    cancelled.cancel()
+    kept = dog.arm(0.02, lambda: fired.append("kept"))
+    kept.reset(10.0)  # moved past the test's end: never fires
+    assert done.wait(5)
+    time.sleep(0.05)
+    assert fired == ["late"] and late.fired and not kept.fired
+    late.reset(0.01)  # a fired timer stays fired
+    time.sleep(0.05)
+    assert fired == ["late"]
+    dog.close()
+
+
+def test_membership_is_capped_and_a_replacement_does_not_count_twice() -> None:
+    members = Membership(max_agents=2)
+    members.admit("a")
+    members.admit("b")
+    with pytest.raises(FullError):
+        members.admit("c")
+    new, old = members.admit("a")  # a restart under its name
+    assert old is not None and members.by_session(new.session_token) is new
+    assert members.by_session(old.session_token) is None and len(members) == 2
+
+
+def test_sweep_evicts_agents_that_never_poll_or_go_quiet_but_not_busy_ones() -> None:
+    left: list[str] = []
+    members = Membership(on_leave=lambda a: left.append(a.name))
+    never, quiet, busy, calling, fresh = (members.admit(n)[0] for n in ("never", "quiet", "busy", "calling", "fresh"))
+    for a in (quiet, busy, calling):
+        a.polled, a.last_seen = True, 0.0
+    fresh.polled, fresh.last_seen = True, 95.0
+    never.joined_at = 0.0
+    gone = members.sweep(first_poll=50, idle=60, busy={busy.agent_id},
+                         open_calls=lambda agent_id: 1 if agent_id == calling.agent_id else 0, now=100.0)
+    assert sorted(a.name for a in gone) == ["never", "quiet"] == sorted(left)
+    assert {a.name for a in members.live()} == {"busy", "calling", "fresh"}
+
+
+def _engine(clock: Clock, **limits: float) -> RoundEngine:
+    state = {"w": torch.zeros(3)}
+    return RoundEngine(state, batch_size=4, local_steps=2, round_timeout=100.0, clock=clock,
+                       limits=Limits(**limits))  # type: ignore[arg-type]
+
+
+def test_a_round_does_not_wait_for_a_ghost_that_never_fetches() -> None:
+    clock = Clock()
+    engine = _engine(clock, fetch_grace_seconds=3.0)
+    engine.open_round([("real", 0.0, 1), ("ghost", 0.0, 1)])
+    assert engine.get_work("real", -1, 0).status == "WORK"
+    engine.submit("real", 0, 8, {"w": torch.ones(3)})
+    clock.t += 2.9
+    waived, _ = engine._waived(clock.t)
+    assert waived == set()  # within its grace it is still waited for
+    clock.t += 0.2
+    assert engine.wait_for_updates() is False  # returns: nobody left to wait for
+    outcome = engine.close_round()
+    assert outcome.applied and outcome.missing == ["ghost"]
+
+
+def test_a_measured_agent_is_waited_for_up_to_slack_times_its_round_time() -> None:
+    clock = Clock()
+    engine = _engine(clock, slack=3.0, min_wait_seconds=0.1)
+    for _ in range(2):  # round 0: nobody measured, both are waited for; it measures them (1 s and 2 s)
+        engine.open_round([("a", 0.0, 1), ("b", 0.0, 1)])
+        engine.get_work("a", engine.completed_rounds - 1, 0)
+        engine.get_work("b", engine.completed_rounds - 1, 0)
+        clock.t += 1.0
+        engine.submit("a", engine.completed_rounds, 8, {"w": torch.ones(3)})
+        clock.t += 1.0
+        engine.submit("b", engine.completed_rounds, 8, {"w": torch.ones(3)})
+        engine.close_round()
+    engine.open_round([("a", 0.0, 1), ("b", 0.0, 1)])
+    engine.get_work("a", 1, 0)
+    engine.get_work("b", 1, 0)
+    engine.submit("a", 2, 8, {"w": torch.ones(3)})
+    clock.t += 5.9  # b's usual 2 s, times 3
+    assert engine._waived(clock.t)[0] == set()
+    clock.t += 0.2
+    assert engine._waived(clock.t)[0] == {"b"}
+
+
+def test_an_unmeasured_participant_gets_a_grace_once_the_measured_are_in_and_a_late_update_measures_it() -> None:
+    clock = Clock()
+    engine = _engine(clock, probation_grace_ratio=0.5, min_grace_seconds=0.25)
+    engine.open_round([("a", 0.0, 1)])
+    engine.get_work("a", -1, 0)
+    clock.t += 1.0
+    engine.submit("a", 0, 8, {"w": torch.ones(3)})
+    engine.close_round()  # a is measured: 0.5 s a step
+    engine.open_round([("a", 0.0, 1), ("new", 0.0, 1)])
+    engine.get_work("a", 0, 0)
+    engine.get_work("new", -1, 0)
+    clock.t += 2.0
+    engine.submit("a", 1, 8, {"w": torch.ones(3)})  # in after 2 s: the newcomer gets 1 s more
+    assert engine._waived(clock.t + 0.9)[0] == set()
+    assert engine._waived(clock.t + 1.1)[0] == {"new"}
+    clock.t += 1.1
+    engine.close_round()
+    clock.t += 3.0
+    with pytest.raises(LateUpdateError):  # its update comes late: refused, and it measures it
+        engine.awaiting("new")
+    assert engine._per_step["new"] == pytest.approx((2.0 + 1.1 + 3.0) / 2)
+
+
+def test_an_update_stream_is_refused_before_its_header_when_nothing_could_be_taken() -> None:
+    clock = Clock()
+    engine = _engine(clock)
+    with pytest.raises(StaleRoundError):
+        engine.awaiting("a")
+    engine.open_round([("a", 0.0, 1)])
+    engine.awaiting("a")  # a participant the round still lacks: its stream may wait for its header
+    with pytest.raises(NotParticipantError):
+        engine.awaiting("b")
