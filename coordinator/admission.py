@@ -238,7 +238,8 @@ class Watchdog:
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="stream-watchdog", daemon=True)
                 self._thread.start()
-            self._cv.notify()
+            if self._heap[0][2] is timer:  # due before what it sleeps for: wake it (not at every part's reset)
+                self._cv.notify()
 
     def _run(self) -> None:
         while True:
