@@ -40,9 +40,6 @@ RECEIVE_CAP = 2 * grpc_options.MAX_MESSAGE_BYTES
 SERVER_OPTIONS = [
     *[(k, v) for k, v in grpc_options.SERVER if k != "grpc.max_receive_message_length"],
     ("grpc.max_receive_message_length", RECEIVE_CAP),
-    # Streams one connection may have open: an agent uses 3 at most (a long-poll, the last round's stream, an
-    # upload); local agents and agents behind one NAT each have their own connection.
-    ("grpc.max_concurrent_streams", 128),
     *FLOW_CONTROL,
 ]
 
