@@ -3,16 +3,31 @@
 from __future__ import annotations
 
 import ipaddress
+import os
 
 # Tensors travel in 128 KiB parts (edgetrain.serde.PART_BYTES), so 8 MiB leaves room for a part plus its header
 # and still refuses a message far larger than any honest one.
 MAX_MESSAGE_BYTES = 8 * 1024 * 1024
 
+
+def _shortened(name: str, default: int) -> int:
+    """`default`, or the value of environment variable `name` where that is shorter (tests only ever shorten)."""
+    given = os.environ.get(name)
+    if not given:
+        return default
+    if not given.isdigit() or int(given) <= 0:
+        raise ValueError(f"{name} must be a positive whole number of milliseconds, got {given!r}")
+    return min(default, int(given))
+
+
 # Clients ping every 60 s while a long-poll is idle so NATs and proxies on edge links keep the connection;
 # the server accepts pings that often (its default minimum, 5 min, would answer GOAWAY "too_many_pings").
-KEEPALIVE_TIME_MS = 60_000
-KEEPALIVE_TIMEOUT_MS = 20_000
-MIN_PING_INTERVAL_MS = 30_000
+# Both sides also ping: a connection whose packets vanish without a reset (a half-open link) is closed at most
+# KEEPALIVE_TIME_MS + KEEPALIVE_TIMEOUT_MS (80 s) after its last packet, and its calls fail UNAVAILABLE.
+# The EDGETRAIN_KEEPALIVE_*_MS variables can only shorten them: tests use them to see that bound in seconds.
+KEEPALIVE_TIME_MS = _shortened("EDGETRAIN_KEEPALIVE_TIME_MS", 60_000)
+KEEPALIVE_TIMEOUT_MS = _shortened("EDGETRAIN_KEEPALIVE_TIMEOUT_MS", 20_000)
+MIN_PING_INTERVAL_MS = KEEPALIVE_TIME_MS // 2
 
 SESSION_METADATA = "x-edgetrain-session"  # per-agent session token handed out by Join
 TOKEN_METADATA = "authorization"  # "Bearer <operator token>", checked by the server interceptor

@@ -1,7 +1,9 @@
-"""Real gRPC servers on loopback (port 0), started by fixtures and always stopped."""
+"""Real gRPC servers on loopback (port 0), and emulated hosts in network namespaces: started by fixtures, always
+stopped."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +23,8 @@ from edgetrain import grpc_options
 from edgetrain.proto import edgetrain_pb2 as pb
 from edgetrain.proto import edgetrain_pb2_grpc as pb_grpc
 from edgetrain.spec import RunSpec
+from tests.integration.netns import Cluster, unavailable
+from tests.integration.test_faults import Procs
 
 
 @dataclass
@@ -74,3 +78,34 @@ def make_service(state: dict[str, torch.Tensor], token: str | None = None, stagi
 @pytest.fixture
 def service() -> Iterator[Service]:
     yield from make_service(small_state())
+
+
+@dataclass
+class Hosts:
+    """Emulated hosts "coord", "a" and "b" (tests/integration/netns.py) and the processes a test starts on them."""
+
+    net: Cluster
+    procs: Procs
+
+
+def need_netns() -> None:
+    """Skip the test where network namespaces cannot be made here (root, iproute2, iptables); fail under CI=true."""
+    reason = unavailable()
+    if reason is not None:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{reason}; CI=true requires it", pytrace=False)
+        pytest.skip(reason)
+
+
+@pytest.fixture
+def hosts(tmp_path: Path) -> Iterator[Hosts]:
+    need_netns()
+    (tmp_path / "logs").mkdir()
+    procs = Procs(tmp_path / "logs")
+    net = Cluster(["coord", "a", "b"])
+    try:
+        yield Hosts(net, procs)
+    finally:
+        procs.close()  # the processes first: a namespace lives on as long as a process is in it
+        net.close()
+        print(procs.logs())  # pytest shows it only when the test failed

@@ -1,23 +1,35 @@
-"""A real slow link for tests: a TCP relay on loopback that passes bytes back to the client at a set rate."""
+"""A real slow link for tests: a TCP relay that delays bytes (with jitter) and passes them back at a set rate.
+
+This machine's kernel has no netem, so delay and jitter come from here: every chunk a relay reads waits a delay
+drawn for it (`delay_s` + U(0, `jitter_s`)), never overtaking the chunk before it, and then goes on unchanged.
+"""
 
 from __future__ import annotations
 
+import random
 import selectors
 import socket
 import threading
 import time
+from collections import deque
 from types import TracebackType
 
 BUFFER = 64 * 1024  # bytes a direction holds between its two sockets: a full one stops reading its source
 QUANTUM = 4 * 1024  # a throttled direction sends at least this much at once (or what it holds), not byte by byte
+# A delaying direction holds what is "in flight" on the link it plays: 4 MiB covers 100 Mbit/s x 0.3 s (a 64 KiB
+# buffer would cap a 20 ms link at 3.2 MB/s, far below the rates it is meant to pass).
+DELAY_BUFFER = 4 * 1024 * 1024
 
 
 class _Flow:
     """One direction of one connection: what `src` sent, waiting for `dst`."""
 
-    def __init__(self, src: socket.socket, dst: socket.socket, rate: float | None) -> None:
-        self.src, self.dst, self.rate = src, dst, rate
-        self.buf = bytearray()
+    def __init__(self, src: socket.socket, dst: socket.socket, rate: float | None, delay: Delay | None) -> None:
+        self.src, self.dst, self.rate, self.delay = src, dst, rate, delay
+        self.buf = bytearray()  # bytes that may go on now
+        self.later: deque[tuple[float, bytes]] = deque()  # (when, chunk): delayed chunks, in order
+        self.held = 0  # bytes in buf and later
+        self.limit = DELAY_BUFFER if delay is not None else BUFFER
         self.eof = False  # src has no more; dst's write side is shut once buf is empty
         self.shut = False
         self.tokens = 0.0  # bytes it may send now (throttled): grows at `rate`, up to QUANTUM
@@ -31,6 +43,23 @@ class _Flow:
         self.at = now
         return self.tokens
 
+    def take(self, data: bytes, now: float) -> None:
+        """Hold what src sent: at once in buf, or as a chunk due after its delay."""
+        if not data:
+            return
+        self.held += len(data)
+        if self.delay is None:
+            self.buf += data
+        else:
+            due = now + self.delay.draw()
+            self.later.append((max(due, self.later[-1][0]) if self.later else due, data))
+
+    def release(self, now: float) -> float | None:
+        """Move the chunks that are due into buf; seconds until the next one is (None: none waits)."""
+        while self.later and self.later[0][0] <= now:
+            self.buf += self.later.popleft()[1]
+        return self.later[0][0] - now if self.later else None
+
     def wait(self, now: float) -> float | None:
         """Seconds until it may send what it holds (None: nothing to send, or no limit)."""
         if self.rate is None or not self.buf:
@@ -39,32 +68,50 @@ class _Flow:
         return max(0.0, (need - self.allowance(now)) / self.rate)
 
 
-class Relay:
-    """Forwards connections on 127.0.0.1:`port` to 127.0.0.1:`target_port`, the target's bytes at `down_bytes_per_s`.
+class Delay:
+    """A link's one-way delay: `delay_s` plus U(0, `jitter_s`) drawn per chunk, from a seeded generator."""
 
-    Bytes from the client go on at once; bytes from the target reach the client no faster than the rate (each
-    connection on its own), and no more than BUFFER of them wait in the relay: the rest stay in the target's
-    socket, so its sender is held back as on a slow link. One thread runs it; `close` (or leaving the `with`)
-    stops it and closes every socket it made.
+    def __init__(self, delay_s: float, jitter_s: float, seed: int) -> None:
+        if delay_s < 0 or jitter_s < 0:
+            raise ValueError(f"delay and jitter must be >= 0, got {delay_s} and {jitter_s}")
+        self.delay_s, self.jitter_s = delay_s, jitter_s
+        self._rng = random.Random(seed)
+
+    def draw(self) -> float:
+        return self.delay_s + self._rng.uniform(0.0, self.jitter_s)
+
+
+class Relay:
+    """Forwards connections on `host`:`port` to `target_host`:`target_port`, over a link it plays.
+
+    - `down_bytes_per_s`: bytes from the target reach the client no faster than this (each connection on its
+      own), and no more than BUFFER of them wait in the relay: the rest stay in the target's socket, so its sender
+      is held back as on a slow link. Bytes from the client go on at once.
+    - `delay_s`, `jitter_s`: every chunk, both ways, goes on only after its delay (see Delay), in order.
+    One thread runs it, in the network namespace of the thread that made it (tests/integration/netns.py makes
+    one inside an emulated host); `close` (or leaving the `with`) stops it and closes every socket it made.
     """
 
-    def __init__(self, target_port: int, down_bytes_per_s: float) -> None:
-        self.target = ("127.0.0.1", target_port)
+    def __init__(self, target_port: int, down_bytes_per_s: float | None = None, *, delay_s: float = 0.0,
+                 jitter_s: float = 0.0, seed: int = 0, host: str = "127.0.0.1", target_host: str = "127.0.0.1") -> None:
+        self.target = (target_host, target_port)
         self.rate = down_bytes_per_s
+        self._delays = (Delay(delay_s, jitter_s, seed), Delay(delay_s, jitter_s, seed + 1)) if delay_s or jitter_s \
+            else None
         self._lock = threading.Lock()
         self._down_bytes = 0
         self._flows: list[_Flow] = []
         self._sel = selectors.DefaultSelector()
-        self._listener = socket.create_server(("127.0.0.1", 0))
+        self._listener = socket.create_server((host, 0))
         self._wake_r, self._wake_w = socket.socketpair()
         for s in (self._listener, self._wake_r):
             s.setblocking(False)
         self.port: int = self._listener.getsockname()[1]
         self._stop = False
         self._thread = threading.Thread(target=self._run, name="relay", daemon=True)
+        self._thread.start()  # here: a thread starts in the network namespace of the thread that starts it
 
     def __enter__(self) -> Relay:
-        self._thread.start()
         return self
 
     def __exit__(self, kind: type[BaseException] | None, err: BaseException | None, tb: TracebackType | None) -> None:
@@ -81,8 +128,6 @@ class Relay:
         if self._thread.is_alive():
             self._wake_w.send(b"x")
             self._thread.join()
-        else:  # never started: the thread's cleanup did not run
-            self._cleanup()
 
     def _cleanup(self) -> None:
         for flow in self._flows:
@@ -118,7 +163,8 @@ class Relay:
         for s in (client, server):
             s.setblocking(False)
             s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self._flows += [_Flow(client, server, None), _Flow(server, client, self.rate)]
+        up, down = self._delays or (None, None)
+        self._flows += [_Flow(client, server, None, up), _Flow(server, client, self.rate, down)]
 
     def _arm(self) -> float | None:
         """Register each socket for what its flows can do now; the time until a throttled one may send."""
@@ -126,13 +172,15 @@ class Relay:
         timeout: float | None = None
         now = time.monotonic()
         for flow in self._flows:
-            if not flow.eof and len(flow.buf) < BUFFER:
+            if not flow.eof and flow.held < flow.limit:
                 wanted[flow.src] = wanted.get(flow.src, 0) | selectors.EVENT_READ
+            due = flow.release(now)
             wait = flow.wait(now)
             if flow.buf and (wait is None or wait == 0.0):
                 wanted[flow.dst] = wanted.get(flow.dst, 0) | selectors.EVENT_WRITE
-            if wait:
-                timeout = wait if timeout is None else min(timeout, wait)
+            for t in (wait, due):
+                if t:
+                    timeout = t if timeout is None else min(timeout, t)
         for key in list(self._sel.get_map().values()):
             if key.fileobj not in wanted:
                 self._sel.unregister(key.fileobj)
@@ -149,28 +197,31 @@ class Relay:
     def _move(self, flow: _Flow) -> None:
         """Read what `src` has and send what `dst` may take now; a connection that failed or ended is closed."""
         try:
-            if not flow.eof and len(flow.buf) < BUFFER:
+            now = time.monotonic()
+            if not flow.eof and flow.held < flow.limit:
                 try:
-                    data = flow.src.recv(BUFFER - len(flow.buf))
+                    data = flow.src.recv(min(BUFFER, flow.limit - flow.held))
                 except BlockingIOError:
                     pass
                 else:
-                    flow.buf += data
+                    flow.take(data, now)
                     flow.eof = not data
+            flow.release(now)
             if flow.buf:
-                n = min(len(flow.buf), int(min(flow.allowance(time.monotonic()), BUFFER)))
+                n = min(len(flow.buf), int(min(flow.allowance(now), BUFFER)))
                 if n >= min(len(flow.buf), QUANTUM):
                     try:
                         sent = flow.dst.send(flow.buf[:n])
                     except BlockingIOError:
                         sent = 0
                     del flow.buf[:sent]
+                    flow.held -= sent
                     flow.sent += sent
                     if flow.rate is not None:
                         flow.tokens -= sent
                         with self._lock:
                             self._down_bytes += sent
-            if flow.eof and not flow.buf and not flow.shut:
+            if flow.eof and not flow.held and not flow.shut:
                 flow.shut = True
                 flow.dst.shutdown(socket.SHUT_WR)
         except OSError:  # reset, broken pipe: the link is gone both ways

@@ -16,7 +16,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent import futures
 from contextlib import contextmanager
 from pathlib import Path
@@ -62,18 +62,20 @@ class Procs:
         self.folder = folder
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
 
-    def start(self, key: str, args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    def start(self, key: str, args: list[str], env: dict[str, str] | None = None,
+              wrap: Sequence[str] = ()) -> subprocess.Popen[bytes]:
+        """`python -m ARGS`, after the command prefix `wrap` if any (tests/integration/netns.py: on a host)."""
         log = open(self.folder / f"{key}.log", "ab")  # noqa: SIM115 - the child holds it
-        proc = subprocess.Popen([sys.executable, "-m", *args], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+        proc = subprocess.Popen([*wrap, sys.executable, "-m", *args], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
                                 env={**os.environ, **(env or {})}, start_new_session=True)
         log.close()
         self.procs[f"{key}#{proc.pid}"] = proc
         return proc
 
     def agent(self, name: str, port: int, core: int, *extra: str, env: dict[str, str] | None = None,
-              host: str = "127.0.0.1") -> subprocess.Popen[bytes]:
+              host: str = "127.0.0.1", wrap: Sequence[str] = ()) -> subprocess.Popen[bytes]:
         return self.start(name, ["agent", "start", "--coordinator", f"{host}:{port}", "--cores", str(core),
-                                 "--name", name, "--give-up-after", "60", "--log-level", "info", *extra], env)
+                                 "--name", name, "--give-up-after", "60", "--log-level", "info", *extra], env, wrap)
 
     def log(self, key: str) -> str:
         path = self.folder / f"{key}.log"
