@@ -146,8 +146,8 @@ class Coordinator:
         completed, cursors = 0, {}
         if cfg.run_dir is not None:
             checkpoint.remove_stale_temps(cfg.run_dir)  # a coordinator killed mid-write leaves one
-            if cfg.resume and (cfg.run_dir / checkpoint.LATEST).exists():
-                ck = checkpoint.load(cfg.run_dir)
+            if cfg.resume and any((cfg.run_dir / name).exists() for name in (checkpoint.LATEST, *checkpoint.LEGACY)):
+                ck = checkpoint.load(cfg.run_dir, expected=state)  # checksum, names, shapes, dtypes, finite
                 same_data = ck.meta.get("fingerprint") == spec.data_fingerprint
                 if not same_data or ck.meta.get("model") != self.workload.model_name:
                     raise ConfigError(f"checkpoint in {cfg.run_dir} is from another data set or model")
@@ -177,8 +177,9 @@ class Coordinator:
 
     def _check_run_dir(self, run_dir: Path) -> None:
         """With --resume, a folder holding a run; without, the folder made, holding no earlier run."""
-        held = [name for name in (LOG, checkpoint.LATEST, checkpoint.MODEL) if (run_dir / name).exists()]
-        resumable = LOG in held or checkpoint.LATEST in held
+        held = [name for name in (LOG, checkpoint.LATEST, checkpoint.MODEL, *checkpoint.LEGACY)
+                if (run_dir / name).exists()]
+        resumable = LOG in held or checkpoint.LATEST in held or checkpoint.LEGACY[0] in held
         if self.cfg.resume:
             if not resumable:
                 raise ConfigError(f"--resume: {run_dir} holds no run to go on with (no {checkpoint.LATEST}, no {LOG})")
@@ -352,7 +353,7 @@ class Coordinator:
             wall = time.perf_counter() - t_start
             if cfg.run_dir is not None:
                 self._checkpoint()
-                checkpoint.atomic_save(engine.global_state, cfg.run_dir / checkpoint.MODEL)
+                checkpoint.save_model(cfg.run_dir, engine.global_state, self._run_facts())
             return RunResult(engine.completed_rounds, wall, final, history, nodes, cfg.run_dir, samples_total,
                              stopped_by, time_to_target, overheads)
         finally:
@@ -420,9 +421,14 @@ class Coordinator:
         snap = self.engine.snapshot()
         checkpoint.save(self.cfg.run_dir, checkpoint.Checkpoint(
             completed_rounds=snap["completed_rounds"], state=self.engine.global_state, cursors=snap["cursors"],
-            meta={"fingerprint": self.workload.spec.data_fingerprint, "model": self.workload.model_name,
-                  "spec": asdict(self.workload.spec)},
+            meta=self._run_facts(),
         ))
+
+    def _run_facts(self) -> dict[str, Any]:
+        """What a checkpoint and the final model say about their run (a resume checks the first two)."""
+        assert self.workload is not None
+        return {"fingerprint": self.workload.spec.data_fingerprint, "model": self.workload.model_name,
+                "spec": asdict(self.workload.spec)}
 
     def _progress(self) -> Progress:
         return Progress(
