@@ -95,13 +95,14 @@ class Assignment:
 
 @dataclass(frozen=True)
 class Work:
-    """What get_work hands an agent: status WORK with weights, WAIT, or FINISHED."""
+    """What get_work hands an agent: status WORK with weights, WAIT, FINISHED, or FAILED (with `detail`)."""
 
     status: str
     round: int = -1
     assignment: Assignment | None = None
     state: Mapping[str, torch.Tensor] | None = None
     deadline: float = 0.0
+    detail: str = ""
 
 
 @dataclass(frozen=True)
@@ -195,6 +196,7 @@ class RoundEngine:
         self._clock = clock
         self._open = False
         self._finished = False
+        self._failure = ""  # why the run stopped, when it failed: agents hear FAILED with it instead of FINISHED
         self._assignments: dict[str, Assignment] = {}
         self._expected: set[str] = set()
         self._received: dict[str, Contribution] = {}
@@ -332,9 +334,10 @@ class RoundEngine:
             self._cv.notify_all()
             return outcome
 
-    def finish(self) -> None:
-        """Tell every waiting agent that training is over."""
+    def finish(self, failure: str = "") -> None:
+        """Tell every waiting agent that training is over: FINISHED, or FAILED with `failure` when it is given."""
         with self._cv:
+            self._failure = self._failure or failure
             self._finished = True
             self._open = False
             self._cv.notify_all()
@@ -347,7 +350,7 @@ class RoundEngine:
             while True:
                 if self._finished:
                     self.told_finished.add(agent_id)
-                    return Work("FINISHED")
+                    return Work("FAILED", detail=self._failure) if self._failure else Work("FINISHED")
                 if (
                     self._open
                     and not self._acc.spoiled  # about to close and run again
