@@ -39,55 +39,13 @@ import psutil
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import grpc  # noqa: E402
-from load import free_port  # noqa: E402 - bench/load.py, beside this script
+from load import Agent, free_port  # noqa: E402 - bench/load.py, beside this script
 
-from agent.client import CoordinatorClient  # noqa: E402
 from coordinator.config import UPLOAD_SLOTS  # noqa: E402
 from edgetrain import serde  # noqa: E402
-from edgetrain.proto import edgetrain_pb2 as pb  # noqa: E402
 from edgetrain.spec import RunSpec  # noqa: E402
 from edgetrain.training import state_of  # noqa: E402
 from edgetrain.workload import load_workload  # noqa: E402
-
-
-class Agent(threading.Thread):
-    """One agent: trains (nudges the weights) until FINISHED, or until `kill()` closes its channel under it."""
-
-    def __init__(self, name: str, port: int, expected: dict[str, serde.TensorSpec]) -> None:
-        super().__init__(name=name, daemon=True)
-        self.port, self.expected = port, expected
-        self.client = CoordinatorClient(f"127.0.0.1:{port}")
-        self.client.shared_memory = False  # streaming, as from another host
-        self.killed = False
-        self.finished = False
-        self.error = ""
-
-    def kill(self) -> None:
-        self.killed = True
-        self.client.close()  # every call in flight fails at once; no Leave: the coordinator must notice
-
-    def run(self) -> None:
-        try:
-            self.client.join(pb.JoinRequest(agent_name=self.name))
-            after = -1
-            while not self.killed:
-                rnd = self.client.get_round(after, self.expected)
-                h = rnd.header
-                if h.status == pb.FINISHED:
-                    self.finished = True
-                    return
-                if h.status != pb.WORK or rnd.state is None:
-                    continue
-                state = {k: v + 1e-3 if v.is_floating_point() else v for k, v in rnd.state.items()}
-                self.client.submit(h.round, h.local_steps * h.batch_size, pb.NodeStats(), state)
-                after = h.round
-        except (grpc.RpcError, ValueError) as err:  # ValueError: a call on the channel kill() closed
-            if not self.killed:
-                self.error = f"{err.code().name}: {err.details()}" if isinstance(err, grpc.RpcError) else str(err)
-        finally:
-            if not self.killed:
-                self.client.close()
 
 
 @dataclass
