@@ -35,6 +35,7 @@ _REJOIN = (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNAUTHENTICATED)
 # twice as such: after a failed SubmitUpdate the agent asks for work again, and trains the round again only
 # if the coordinator did not take the first copy (a second copy that lands is refused ALREADY_EXISTS).
 _RETRY = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED)
+_DETAIL_MAX = 1000  # a FAILED header's reason is input: one bounded line in the agent's error
 
 
 def _read(path: Path | None, what: str) -> bytes | None:
@@ -42,10 +43,10 @@ def _read(path: Path | None, what: str) -> bytes | None:
 
 
 class AgentRunner:
-    """Runs until the coordinator says FINISHED or `stop` is set. `run()` returns a process exit code.
+    """Runs until the coordinator says FINISHED or FAILED, or `stop` is set. `run()` returns a process exit code.
 
-    When it returns 1 because the coordinator is gone or refused the agent, `failure` says so in one line; the
-    runner does not log it, so that the CLI's `edge-agent: error:` line is the only one.
+    When it returns 1 because the coordinator is gone, refused the agent or failed the run, `failure` says so in
+    one line; the runner does not log it, so that the CLI's `edge-agent: error:` line is the only one.
     """
 
     def __init__(self, cfg: AgentConfig, stop: threading.Event | None = None,
@@ -110,7 +111,10 @@ class AgentRunner:
                     self.ready.set()
                 else:
                     log.info("joined again as %s (same run: workers kept)", reply.agent_id)
-                if self._train(client, spec, metrics) == "finished":
+                ended = self._train(client, spec, metrics)
+                if ended == "failed":
+                    return 1
+                if ended == "finished":
                     return 0
             return 0
         except grpc.RpcError as err:
@@ -136,7 +140,7 @@ class AgentRunner:
         return f"coordinator refused: {err.code().name} {details}".rstrip()
 
     def _train(self, client: CoordinatorClient, spec: RunSpec, metrics: AgentMetrics) -> str:
-        """Train rounds until FINISHED ("finished"), stop, or the session is gone ("rejoin")."""
+        """Train rounds until FINISHED ("finished"), FAILED ("failed"), stop, or the session is gone ("rejoin")."""
         assert self.pool is not None
         expected = serde.spec_of(self.pool.shared)
         feedback = ErrorFeedback(spec.update_dtype)  # compressed updates travel as deltas with error feedback
@@ -170,6 +174,10 @@ class AgentRunner:
             header = rnd.header
             if header.status == pb.FINISHED:
                 return "finished"
+            if header.status == pb.FAILED:  # never heard as finished: the CLI exits 1 with this line
+                detail = " ".join(header.detail.split())[:_DETAIL_MAX] or "no reason given"
+                self.failure = f"the coordinator stopped the run on an error: {detail}"
+                return "failed"
             if header.status != pb.WORK:
                 continue
             in_file = rnd.state is None

@@ -48,17 +48,26 @@ def free_port() -> int:
 
 
 class Agent(threading.Thread):
-    def __init__(self, i: int, port: int, expected: dict[str, serde.TensorSpec]) -> None:
-        super().__init__(name=f"load-{i:02d}", daemon=True)
+    """One agent: sends nudged weights back each round until FINISHED, or until `kill()` closes its channel."""
+
+    def __init__(self, name: str, port: int, expected: dict[str, serde.TensorSpec]) -> None:
+        super().__init__(name=name, daemon=True)
         self.port, self.expected = port, expected
+        # the agents' own client (paced uploads, deadlines, decoding), streaming as from another host
+        self.client = client = CoordinatorClient(f"127.0.0.1:{port}")
+        client.shared_memory = False
         self.rounds = 0
         self.finished = False
+        self.killed = False
         self.error = ""
 
+    def kill(self) -> None:
+        """Die as a process does (bench/soak.py): every call in flight fails at once, and no Leave."""
+        self.killed = True
+        self.client.close()
+
     def run(self) -> None:
-        # the agents' own client (paced uploads, deadlines, decoding), streaming as from another host
-        client = CoordinatorClient(f"127.0.0.1:{self.port}")
-        client.shared_memory = False
+        client = self.client
         try:
             client.join(pb.JoinRequest(agent_name=self.name))
             after = -1
@@ -74,10 +83,12 @@ class Agent(threading.Thread):
                 client.submit(h.round, h.local_steps * h.batch_size, pb.NodeStats(), state)
                 self.rounds += 1
                 after = h.round
-        except grpc.RpcError as err:
-            self.error = f"{err.code().name}: {err.details()}"
+        except (grpc.RpcError, ValueError) as err:  # ValueError: a call on the channel kill() closed
+            if not self.killed:
+                self.error = f"{err.code().name}: {err.details()}" if isinstance(err, grpc.RpcError) else str(err)
         finally:
-            client.close()
+            if not self.killed:
+                client.close()
 
 
 def main() -> int:
@@ -129,7 +140,7 @@ def main() -> int:
             by_round[r] = max(by_round.get(r, 0), rss)
             time.sleep(0.005)
 
-    agents = [Agent(i, port, expected) for i in range(args.agents)]
+    agents = [Agent(f"load-{i:02d}", port, expected) for i in range(args.agents)]
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     t0 = time.perf_counter()

@@ -112,13 +112,14 @@ class Assignment:
 
 @dataclass(frozen=True)
 class Work:
-    """What get_work hands an agent: status WORK with weights, WAIT, or FINISHED."""
+    """What get_work hands an agent: status WORK with weights, WAIT, FINISHED, or FAILED (with `detail`)."""
 
     status: str
     round: int = -1
     assignment: Assignment | None = None
     state: Mapping[str, torch.Tensor] | None = None
     deadline: float = 0.0
+    detail: str = ""
 
 
 @dataclass(frozen=True)
@@ -214,6 +215,7 @@ class RoundEngine:
         self.limits = limits or Limits()
         self._open = False
         self._finished = False
+        self._failure = ""  # why the run stopped, when it failed: agents hear FAILED with it instead of FINISHED
         self._assignments: dict[str, Assignment] = {}
         self._expected: set[str] = set()
         self._received: dict[str, Contribution] = {}
@@ -420,9 +422,10 @@ class RoundEngine:
             listener(outcome.round)
         return outcome
 
-    def finish(self) -> None:
-        """Tell every waiting agent that training is over."""
+    def finish(self, failure: str = "") -> None:
+        """Tell every waiting agent that training is over: FINISHED, or FAILED with `failure` when it is given."""
         with self._cv:
+            self._failure = self._failure or failure
             self._finished = True
             self._open = False
             self._cv.notify_all()
@@ -441,7 +444,7 @@ class RoundEngine:
                     return Work("WAIT", round=self.completed_rounds)
                 if self._finished:
                     self.told_finished.add(agent_id)
-                    return Work("FINISHED")
+                    return Work("FAILED", detail=self._failure) if self._failure else Work("FINISHED")
                 if (
                     self._open
                     and not self._acc.spoiled  # about to close and run again

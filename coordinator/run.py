@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -123,6 +124,8 @@ class Coordinator:
         self._svc: ServiceState | None = None
         self._model: torch.nn.Module | None = None
         self.health: Any = None  # grpc_health HealthServicer: SERVING while the run goes, NOT_SERVING after
+        self._failure = ""  # why run() failed: agents hear FAILED with it, never FINISHED
+        self._checkpointed: int | None = None  # the round count of the last checkpoint on disk
 
     # ---- set-up
     def start(self) -> None:
@@ -146,12 +149,13 @@ class Coordinator:
         completed, cursors = 0, {}
         if cfg.run_dir is not None:
             checkpoint.remove_stale_temps(cfg.run_dir)  # a coordinator killed mid-write leaves one
-            if cfg.resume and (cfg.run_dir / checkpoint.LATEST).exists():
-                ck = checkpoint.load(cfg.run_dir)
+            if cfg.resume and any((cfg.run_dir / name).exists() for name in (checkpoint.LATEST, *checkpoint.LEGACY)):
+                ck = checkpoint.load(cfg.run_dir, expected=state)  # checksum, names, shapes, dtypes, finite
                 same_data = ck.meta.get("fingerprint") == spec.data_fingerprint
                 if not same_data or ck.meta.get("model") != self.workload.model_name:
                     raise ConfigError(f"checkpoint in {cfg.run_dir} is from another data set or model")
                 state, completed, cursors = ck.state, ck.completed_rounds, ck.cursors
+                self._checkpointed = completed
                 self.console.print(f"resuming from round {completed} ({cfg.run_dir / checkpoint.LATEST})")
             elif cfg.resume:  # the run stopped before its first checkpoint: round 0 again
                 self.console.print(f"resuming from round 0 ({cfg.run_dir} has no checkpoint yet)")
@@ -177,8 +181,9 @@ class Coordinator:
 
     def _check_run_dir(self, run_dir: Path) -> None:
         """With --resume, a folder holding a run; without, the folder made, holding no earlier run."""
-        held = [name for name in (LOG, checkpoint.LATEST, checkpoint.MODEL) if (run_dir / name).exists()]
-        resumable = LOG in held or checkpoint.LATEST in held
+        held = [name for name in (LOG, checkpoint.LATEST, checkpoint.MODEL, *checkpoint.LEGACY)
+                if (run_dir / name).exists()]
+        resumable = LOG in held or checkpoint.LATEST in held or checkpoint.LEGACY[0] in held
         if self.cfg.resume:
             if not resumable:
                 raise ConfigError(f"--resume: {run_dir} holds no run to go on with (no {checkpoint.LATEST}, no {LOG})")
@@ -337,10 +342,13 @@ class Coordinator:
                     self.metrics.elapsed.set(record["elapsed_seconds"])
                     history.append(record)
                     if cfg.run_dir is not None:
-                        if log_file is None:
-                            log_file = open(cfg.run_dir / LOG, "a" if cfg.resume else "w")  # noqa: SIM115
-                        log_file.write(json.dumps(record) + "\n")
-                        log_file.flush()
+                        try:
+                            if log_file is None:
+                                log_file = open(cfg.run_dir / LOG, "a" if cfg.resume else "w")  # noqa: SIM115
+                            log_file.write(json.dumps(record) + "\n")
+                            log_file.flush()
+                        except OSError as exc:  # a torn last line is dropped by --resume (trim_log)
+                            raise checkpoint.write_error(cfg.run_dir / LOG, exc) from exc
                     if cfg.run_dir is not None and engine.completed_rounds % cfg.checkpoint_every == 0:
                         self._checkpoint()
                     slow = max(record["nodes"].items(), key=lambda kv: kv[1]["compute_seconds"], default=("-", {}))[0]
@@ -355,13 +363,31 @@ class Coordinator:
             wall = time.perf_counter() - t_start
             if cfg.run_dir is not None:
                 self._checkpoint()
-                checkpoint.atomic_save(engine.global_state, cfg.run_dir / checkpoint.MODEL)
+                checkpoint.save_model(cfg.run_dir, engine.global_state, self._run_facts())
             return RunResult(engine.completed_rounds, wall, final, history, nodes, cfg.run_dir, samples_total,
                              stopped_by, time_to_target, overheads)
+        except checkpoint.CheckpointWriteError as exc:
+            # Stop rather than train on without checkpoints: every round after the last one on disk would be
+            # lost to the next crash, and the final model could not be written either (docs/security.md).
+            failed = TrainingError(f"{exc}; the run stopped after {engine.completed_rounds} rounds, "
+                                   f"{self._resume_hint()}")
+            self._failure = str(failed)
+            raise failed from exc
+        except Exception as exc:
+            self._failure = " ".join(str(exc).split()) or type(exc).__name__
+            raise
         finally:
             if log_file is not None:
-                log_file.close()
+                with contextlib.suppress(OSError):  # a full disk fails the close's flush too: already said
+                    log_file.close()
             self.close()
+
+    def _resume_hint(self) -> str:
+        """After a failed write: what is kept on disk and how to go on."""
+        assert self.cfg.run_dir is not None
+        kept = ("no checkpoint yet, --resume starts from round 0" if self._checkpointed is None
+                else f"its checkpoint after {self._checkpointed} rounds is intact")
+        return f"{kept}; free space, then coordinator run --resume --run-dir {self.cfg.run_dir}"
 
     def _bench(self, outcome: Outcome, names: dict[str, str]) -> None:
         """Take agents that sent nothing out of the next rounds (the world shrinks; shards are reassigned).
@@ -409,9 +435,15 @@ class Coordinator:
         snap = self.engine.snapshot()
         checkpoint.save(self.cfg.run_dir, checkpoint.Checkpoint(
             completed_rounds=snap["completed_rounds"], state=self.engine.global_state, cursors=snap["cursors"],
-            meta={"fingerprint": self.workload.spec.data_fingerprint, "model": self.workload.model_name,
-                  "spec": asdict(self.workload.spec)},
+            meta=self._run_facts(),
         ))
+        self._checkpointed = snap["completed_rounds"]
+
+    def _run_facts(self) -> dict[str, Any]:
+        """What a checkpoint and the final model say about their run (a resume checks the first two)."""
+        assert self.workload is not None
+        return {"fingerprint": self.workload.spec.data_fingerprint, "model": self.workload.model_name,
+                "spec": asdict(self.workload.spec)}
 
     def _progress(self) -> Progress:
         return Progress(
@@ -429,7 +461,7 @@ class Coordinator:
         if self.health is not None:  # before FINISHED goes out: probes see the run is over, not a new one
             self.health.enter_graceful_shutdown()
         if self.engine is not None:
-            self.engine.finish()
+            self.engine.finish(self._failure)
             self._let_agents_hear_finished()
         deadline = time.monotonic() + 15
         for proc in self.local_agents:  # they see FINISHED and exit; stragglers are stopped

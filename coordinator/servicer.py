@@ -447,9 +447,9 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         hold = self.s.long_poll if remaining is None else max(0.0, min(self.s.long_poll, remaining - 5.0))
         work = self.s.engine.get_work(agent.agent_id, request.after_round, hold, gone=gone.is_set)
         if work.status != "WORK":
-            status = pb.FINISHED if work.status == "FINISHED" else pb.WAIT
+            status = {"FINISHED": pb.FINISHED, "FAILED": pb.FAILED}.get(work.status, pb.WAIT)
             answered.set()
-            yield pb.RoundMessage(header=pb.RoundHeader(status=status, round=work.round))
+            yield pb.RoundMessage(header=pb.RoundHeader(status=status, round=work.round, detail=work.detail))
             return
         answered.set()
         a = work.assignment

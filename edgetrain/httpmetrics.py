@@ -1,4 +1,12 @@
-"""A small threaded HTTP server for /metrics (and extra JSON routes such as Prometheus http_sd)."""
+"""A small threaded HTTP server for /metrics (and extra JSON routes such as Prometheus http_sd).
+
+/metrics is prometheus_client's own handler (`MetricsHandler`): content negotiation (OpenMetrics for a scraper
+that asks for `application/openmetrics-text`, text format 0.0.4 otherwise), gzip when the scraper accepts it,
+and `name[]` filters. What stays hand-written here is what the library does not do: the routes beside /metrics
+(`/sd` for Prometheus http_sd), a 404 for any other path (the library's handler serves every path), binding an
+IPv6 host with "::" serving IPv4 too, advertising the bound address in brackets, and one ConfigError line for
+an address that cannot be served.
+"""
 
 from __future__ import annotations
 
@@ -7,10 +15,11 @@ import json
 import socket
 import threading
 from collections.abc import Callable
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from typing import Any
+from urllib.parse import urlsplit
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry, MetricsHandler
 
 from edgetrain.errors import ConfigError
 
@@ -56,24 +65,23 @@ class MetricsServer:
                  json_routes: dict[str, Callable[[], Any]] | None = None) -> None:
         routes = dict(json_routes or {})
 
-        class Handler(BaseHTTPRequestHandler):
+        class Handler(MetricsHandler):  # quiet: it logs nothing per scrape
             def do_GET(self) -> None:  # noqa: N802 - http.server's naming
-                path = self.path.split("?", 1)[0]
+                path = urlsplit(self.path).path
                 if path == "/metrics":
-                    body, ctype = generate_latest(registry), CONTENT_TYPE_LATEST
-                elif path in routes:
-                    body, ctype = json.dumps(routes[path]()).encode(), "application/json"
-                else:
+                    super().do_GET()  # the library's exposition: negotiation, OpenMetrics, gzip
+                    return
+                if path not in routes:
                     self.send_error(404, "try /metrics")
                     return
+                body = json.dumps(routes[path]()).encode()
                 self.send_response(200)
-                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
                 self.wfile.write(body)
 
-            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - quiet scrapes
-                return
+        Handler.registry = registry
 
         if host.startswith("[") and host.endswith("]"):  # "[::1]", as in a URL
             host = host[1:-1]

@@ -23,6 +23,7 @@ class RoundStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     WORK: _ClassVar[RoundStatus]
     WAIT: _ClassVar[RoundStatus]
     FINISHED: _ClassVar[RoundStatus]
+    FAILED: _ClassVar[RoundStatus]
 DTYPE_UNSPECIFIED: DType
 FLOAT32: DType
 FLOAT64: DType
@@ -34,6 +35,7 @@ ROUND_STATUS_UNSPECIFIED: RoundStatus
 WORK: RoundStatus
 WAIT: RoundStatus
 FINISHED: RoundStatus
+FAILED: RoundStatus
 
 class TensorPart(_message.Message):
     __slots__ = ("name", "dtype", "shape", "offset", "data", "scale")
@@ -128,7 +130,7 @@ class RoundRequest(_message.Message):
     def __init__(self, agent_id: _Optional[str] = ..., after_round: _Optional[int] = ..., shared_memory: _Optional[bool] = ...) -> None: ...
 
 class RoundHeader(_message.Message):
-    __slots__ = ("status", "round", "rank", "world", "local_steps", "sample_offset", "deadline_unix", "batch_size", "weights_file", "weights_layout", "update_file")
+    __slots__ = ("status", "round", "rank", "world", "local_steps", "sample_offset", "deadline_unix", "batch_size", "weights_file", "weights_layout", "update_file", "detail")
     STATUS_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
@@ -140,6 +142,7 @@ class RoundHeader(_message.Message):
     WEIGHTS_FILE_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_LAYOUT_FIELD_NUMBER: _ClassVar[int]
     UPDATE_FILE_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
     status: RoundStatus
     round: int
     rank: int
@@ -151,7 +154,8 @@ class RoundHeader(_message.Message):
     weights_file: str
     weights_layout: _containers.RepeatedCompositeFieldContainer[TensorPart]
     update_file: str
-    def __init__(self, status: _Optional[_Union[RoundStatus, str]] = ..., round: _Optional[int] = ..., rank: _Optional[int] = ..., world: _Optional[int] = ..., local_steps: _Optional[int] = ..., sample_offset: _Optional[int] = ..., deadline_unix: _Optional[float] = ..., batch_size: _Optional[int] = ..., weights_file: _Optional[str] = ..., weights_layout: _Optional[_Iterable[_Union[TensorPart, _Mapping]]] = ..., update_file: _Optional[str] = ...) -> None: ...
+    detail: str
+    def __init__(self, status: _Optional[_Union[RoundStatus, str]] = ..., round: _Optional[int] = ..., rank: _Optional[int] = ..., world: _Optional[int] = ..., local_steps: _Optional[int] = ..., sample_offset: _Optional[int] = ..., deadline_unix: _Optional[float] = ..., batch_size: _Optional[int] = ..., weights_file: _Optional[str] = ..., weights_layout: _Optional[_Iterable[_Union[TensorPart, _Mapping]]] = ..., update_file: _Optional[str] = ..., detail: _Optional[str] = ...) -> None: ...
 
 class RoundMessage(_message.Message):
     __slots__ = ("header", "part")

@@ -28,6 +28,7 @@ import pytest
 import torch
 
 from agent.client import CoordinatorClient
+from coordinator import checkpoint
 from coordinator.config import CoordinatorConfig
 from coordinator.run import Coordinator, RunResult
 from edgetrain import grpc_options, serde
@@ -479,9 +480,8 @@ def test_coordinator_killed_resumes_from_its_checkpoint_and_agents_carry_on(tmp_
     assert _rounds(log) == list(range(rounds))  # each round exactly once: none lost, none twice
     records = [json.loads(line) for line in log.read_text().splitlines()]
     assert all(set(r["nodes"]) == {"a", "b"} for r in records[resumed:])  # both agents came back
-    ck = torch.load(run_dir / "checkpoint.pt", weights_only=True)
-    assert ck["completed_rounds"] == rounds
-    assert (run_dir / "model.pt").exists()
+    assert checkpoint.load(run_dir).completed_rounds == rounds
+    assert (run_dir / checkpoint.MODEL).exists()
     assert not list(run_dir.glob(".*.tmp"))
     for name in ("a", "b"):
         assert procs.log(name).count("joined again as") == 1  # rejoined the restarted coordinator

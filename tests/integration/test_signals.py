@@ -96,7 +96,7 @@ def test_a_signal_stops_the_run_cleanly_with_a_checkpoint_of_every_logged_round(
         ck = checkpoint.load(run_dir)
         assert ck.completed_rounds == len(lines) >= 2, (ck.completed_rounds, len(lines))
         assert f"{ck.completed_rounds} rounds in" in out_path.read_text(), text
-        model = torch.load(run_dir / checkpoint.MODEL, map_location="cpu", weights_only=True)
+        model = checkpoint.load_model(run_dir / checkpoint.MODEL)
         assert model.keys() == ck.state.keys()
         for name, tensor in model.items():  # the final model is the checkpoint's: nothing trained after it
             assert torch.equal(tensor, ck.state[name]), name

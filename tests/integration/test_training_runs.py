@@ -36,7 +36,7 @@ def test_two_agents_k1_sgd_equal_serial_sgd_on_the_union_of_their_batches(tmp_pa
                             run_dir=tmp_path, progress=False, round_timeout=120)
     result = Coordinator(cfg).run()
     assert result.completed_rounds == rounds
-    parallel = torch.load(tmp_path / "model.pt", weights_only=True)
+    parallel = checkpoint.load_model(tmp_path / checkpoint.MODEL)
 
     wl = load_workload(spec)
     model = wl.new_model()
@@ -139,7 +139,7 @@ def test_local_run_pins_workers_reaches_accuracy_and_cleans_up(tmp_path: Path) -
     assert result.final.accuracy > majority + 0.05, (result.final.accuracy, majority)
     assert set(result.nodes) == {"local-0", "local-1"}
     assert all(n.samples == 12 * 8 * 64 for n in result.nodes.values())
-    assert (tmp_path / "run" / "checkpoint.pt").exists() and (tmp_path / "run" / "rounds.jsonl").exists()
+    assert (tmp_path / "run" / checkpoint.LATEST).exists() and (tmp_path / "run" / "rounds.jsonl").exists()
     assert not (tmp_path / "cache").exists()  # nothing was fetched
     # the same-host files' directory was used and is gone, every process gone, no thread left behind
     assert files is not None and not files.dir.exists()

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import shutil
+import struct
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import safetensors.torch
 import torch
 
 QUICK = ("--dataset", "tweets", "--model", "text-bag", "--limit", "300", "--port", "0", "--no-progress")
@@ -140,7 +143,7 @@ def test_a_run_dir_that_cannot_be_a_folder_is_refused(tmp_path: Path) -> None:
 def test_resume_where_there_is_no_run_is_refused_and_makes_no_folder(tmp_path: Path) -> None:
     typo = tmp_path / "typo"
     _one_line_error(_run("coordinator", "run", "--rounds", "1", *QUICK, "--resume", "--run-dir", str(typo)),
-                    f"--resume: {typo} holds no run to go on with (no checkpoint.pt, no rounds.jsonl)")
+                    f"--resume: {typo} holds no run to go on with (no checkpoint.safetensors, no rounds.jsonl)")
     assert not typo.exists()
 
 
@@ -172,9 +175,10 @@ def test_a_second_run_into_a_run_dir_is_refused_unless_resumed_and_loses_nothing
     first = _run("coordinator", "run", "--rounds", "1", *QUICK, "--local-agents", "1", "--run-dir", str(run_dir))
     assert first.returncode == 0, first.stderr
     kept = {p.name: p.read_bytes() for p in run_dir.iterdir()}
-    assert {"rounds.jsonl", "checkpoint.pt", "model.pt"} <= set(kept)
+    assert {"rounds.jsonl", "checkpoint.safetensors", "model.safetensors"} <= set(kept)
     again = _run("coordinator", "run", "--rounds", "1", *QUICK, "--local-agents", "1", "--run-dir", str(run_dir))
-    _one_line_error(again, f"--run-dir {run_dir} holds a run already (rounds.jsonl, checkpoint.pt, model.pt): "
+    _one_line_error(again, f"--run-dir {run_dir} holds a run already (rounds.jsonl, checkpoint.safetensors, "
+                           "model.safetensors): "
                            "pass --resume")
     assert {p.name: p.read_bytes() for p in run_dir.iterdir()} == kept
     resumed = _run("coordinator", "run", "--rounds", "2", *QUICK, "--local-agents", "1", "--run-dir", str(run_dir),
@@ -202,18 +206,58 @@ def test_resume_onto_a_checkpoint_of_another_data_set_or_model_is_refused_and_lo
 
 
 @pytest.mark.parametrize(("content", "message"), [
-    (b"garbage\n", "not a file of tensors torch loads safely"),
-    (b"", "(EOFError): is it an edgetrain checkpoint?"),
-    (None, "it holds a Tensor, not a checkpoint's fields"),
+    (b"garbage\n", "cannot read {path}: not an edgetrain safetensors checkpoint"),
+    (b"", "cannot read {path}: not an edgetrain safetensors checkpoint"),
+    (None, "cannot read {path}: not an edgetrain safetensors checkpoint"),  # tensors, but not a checkpoint
 ])
 def test_a_checkpoint_that_is_not_one_is_one_line(tmp_path: Path, content: bytes | None, message: str) -> None:
+    path = tmp_path / "checkpoint.safetensors"
     if content is None:
-        torch.save(torch.zeros(3), tmp_path / "checkpoint.pt")  # tensors, but not a checkpoint
+        safetensors.torch.save_file({"x": torch.zeros(3)}, path)
     else:
-        (tmp_path / "checkpoint.pt").write_bytes(content)
+        path.write_bytes(content)
     proc = _run("coordinator", "run", "--rounds", "2", *QUICK, "--run-dir", str(tmp_path), "--resume")
-    _one_line_error(proc, f"cannot read checkpoint {tmp_path / 'checkpoint.pt'}")
-    assert message in proc.stderr
+    _one_line_error(proc, message.format(path=path))
+
+
+def test_a_bit_flipped_checkpoint_is_refused_naming_the_file_and_loses_nothing(finished_run: Path,
+                                                                                tmp_path: Path) -> None:
+    """The outside probe of 2026-12-07: 4 KiB of the embedding set to 0xFF resumed silently and served NaNs."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(finished_run, run_dir)
+    path = run_dir / "checkpoint.safetensors"
+    blob = bytearray(path.read_bytes())
+    (size,) = struct.unpack("<Q", blob[:8])
+    start, end = json.loads(blob[8:8 + size])["0.weight"]["data_offsets"]  # text-bag's embedding
+    assert end - start > 4096
+    blob[8 + size + start:8 + size + start + 4096] = b"\xff" * 4096
+    path.write_bytes(blob)
+    kept = {p.name: p.read_bytes() for p in run_dir.iterdir()}
+    proc = _run("coordinator", "run", "--rounds", "3", *QUICK, "--run-dir", str(run_dir), "--resume",
+                "--local-agents", "1")
+    _one_line_error(proc, f"{path} is damaged (its SHA-256 does not match: truncated or altered); refusing to load it")
+    assert {p.name: p.read_bytes() for p in run_dir.iterdir()} == kept
+
+
+def test_a_checkpoint_of_an_older_version_is_refused_with_the_way_out_and_never_unpickled(tmp_path: Path) -> None:
+    marker = tmp_path / "ran"
+    (tmp_path / "rounds.jsonl").write_text('{"round": 0}\n')
+    torch.save({"completed_rounds": 1, "state": {}, "marker": _Touch(marker)}, tmp_path / "checkpoint.pt")
+    proc = _run("coordinator", "run", "--rounds", "2", *QUICK, "--run-dir", str(tmp_path), "--resume")
+    _one_line_error(proc, f"{tmp_path / 'checkpoint.pt'} was written by an older edgetrain with torch.save (a "
+                          "pickle), which this version never loads: finish that run with the edgetrain that started "
+                          "it, or start a new run")
+    assert not marker.exists()
+    again = _run("coordinator", "run", "--rounds", "2", *QUICK, "--run-dir", str(tmp_path))
+    _one_line_error(again, f"--run-dir {tmp_path} holds a run already (rounds.jsonl, checkpoint.pt): pass --resume")
+
+
+class _Touch:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        return (Path.touch, (str(self.marker),))
 
 
 @pytest.mark.parametrize("command", [
@@ -247,7 +291,8 @@ def test_a_bench_or_report_that_fails_leaves_no_empty_out_folder(tmp_path: Path)
     assert not out.exists()
 
 
-def test_a_folder_holding_only_a_final_model_is_not_offered_to_resume(tmp_path: Path) -> None:
-    (tmp_path / "model.pt").write_bytes(b"x")
+@pytest.mark.parametrize("model", ["model.safetensors", "model.pt"])
+def test_a_folder_holding_only_a_final_model_is_not_offered_to_resume(tmp_path: Path, model: str) -> None:
+    (tmp_path / model).write_bytes(b"x")
     proc = _run("coordinator", "run", "--rounds", "1", *QUICK, "--run-dir", str(tmp_path))
-    _one_line_error(proc, f"--run-dir {tmp_path} holds a run already (model.pt): name another folder")
+    _one_line_error(proc, f"--run-dir {tmp_path} holds a run already ({model}): name another folder")

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import gzip
+import json
 import socket
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 
@@ -95,3 +98,48 @@ def test_a_host_name_that_cannot_be_one_is_a_config_error_not_a_traceback(regist
     host = "x" * 70  # a DNS label is at most 63 characters: refused before any lookup
     with pytest.raises(ConfigError, match=rf"^cannot serve /metrics on {host}:9101: not a valid host name$"):
         MetricsServer(registry, host, 9101)
+
+
+def _get(url: str, **headers: str) -> tuple[int, dict[str, str], bytes]:
+    request = urllib.request.Request(url, headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=5) as resp:  # noqa: S310 - loopback
+            return resp.status, dict(resp.headers.items()), resp.read()
+    except urllib.error.HTTPError as err:
+        return err.code, dict(err.headers.items()), err.read()
+
+
+def test_a_scraper_that_asks_for_openmetrics_gets_openmetrics(registry: CollectorRegistry,
+                                                               servers: list[MetricsServer]) -> None:
+    servers.append(server := MetricsServer(registry, "127.0.0.1", 0))
+    status, headers, body = _get(f"http://{server.address}/metrics",
+                                 Accept="application/openmetrics-text; version=1.0.0")
+    assert status == 200
+    assert headers["Content-Type"].startswith("application/openmetrics-text; version=1.0.0")
+    text = body.decode()
+    assert "edgetrain_test_scrapes_total 3.0\n" in text
+    assert "# TYPE edgetrain_test_scrapes counter\n" in text  # OpenMetrics names the family without _total
+    assert text.endswith("# EOF\n")  # OpenMetrics' terminator; the text format has none
+    status, headers, body = _get(f"http://{server.address}/metrics")  # no Accept: the classic text format
+    assert headers["Content-Type"] == "text/plain; version=0.0.4; charset=utf-8"
+    assert "# EOF" not in body.decode() and "edgetrain_test_scrapes_total 3.0\n" in body.decode()
+
+
+def test_metrics_are_gzipped_for_a_scraper_that_accepts_gzip(registry: CollectorRegistry,
+                                                             servers: list[MetricsServer]) -> None:
+    servers.append(server := MetricsServer(registry, "127.0.0.1", 0))
+    status, headers, body = _get(f"http://{server.address}/metrics?name[]=edgetrain_test_scrapes_total",
+                                 **{"Accept-Encoding": "gzip"})
+    assert status == 200 and headers["Content-Encoding"] == "gzip"
+    assert gzip.decompress(body).decode().splitlines()[-1] == "edgetrain_test_scrapes_total 3.0"
+    assert "Content-Encoding" not in _get(f"http://{server.address}/metrics")[1]
+
+
+def test_json_routes_beside_metrics_and_404_elsewhere(registry: CollectorRegistry,
+                                                      servers: list[MetricsServer]) -> None:
+    targets = [{"targets": ["127.0.0.1:9101"], "labels": {"node": "a"}}]
+    servers.append(server := MetricsServer(registry, "127.0.0.1", 0, json_routes={"/sd": lambda: targets}))
+    status, headers, body = _get(f"http://{server.address}/sd?x=1")
+    assert (status, headers["Content-Type"], json.loads(body)) == (200, "application/json", targets)
+    assert _get(f"http://{server.address}/metricsx")[0] == 404  # the library's handler alone serves every path
+    assert _get(f"http://{server.address}/")[0] == 404

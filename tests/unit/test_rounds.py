@@ -108,6 +108,19 @@ def test_get_work_long_polls_until_a_round_opens_and_then_finishes() -> None:
     assert eng.get_work("a", 0, timeout=1).status == "FINISHED"
 
 
+def test_a_run_that_failed_tells_every_agent_failed_with_why_never_finished() -> None:
+    eng = _engine()
+    waiting: list[rounds.Work] = []
+    t = threading.Thread(target=lambda: waiting.append(eng.get_work("a", -1, timeout=5)))
+    t.start()
+    eng.finish("cannot write ckpt: No space left on device (ENOSPC)")
+    t.join(5)
+    eng.finish()  # the driver's close() finishing again keeps the first reason
+    for work in (waiting[0], eng.get_work("b", 3, timeout=1)):
+        assert (work.status, work.detail) == ("FAILED", "cannot write ckpt: No space left on device (ENOSPC)")
+    assert eng.told_finished == {"a", "b"}  # the driver's grace wait counts them as told
+
+
 def test_agent_joining_mid_round_waits_for_the_next_and_forget_unblocks() -> None:
     eng = _engine()
     eng.open_round([("a", 0.0, 1), ("b", 0.0, 1)])
