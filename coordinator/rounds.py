@@ -468,9 +468,16 @@ class RoundEngine:
                 self._cv.wait(timeout=remaining)
 
     def busy(self) -> set[str]:
-        """Participants of the open round whose update is not in yet (never evicted as idle)."""
+        """Agents that may be training now: never evicted as idle.
+
+        Participants of the open round whose update is not in yet, and those that fetched the last round and
+        missed it, until its hard deadline would have passed (a slow one is still at work, and its late update
+        is what measures it).
+        """
         with self._cv:
-            return (self._expected - set(self._received)) if self._open else set()
+            busy = (self._expected - set(self._received)) if self._open else set()
+            now = self._clock()
+            return busy | {a for a, (at, _) in self._late_fetch.items() if now - at < self.round_timeout}
 
     def wake(self) -> None:
         """Wake every long-poll to look again (one of them may have lost its caller)."""

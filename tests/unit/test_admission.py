@@ -206,3 +206,17 @@ def test_an_update_stream_is_refused_before_its_header_when_nothing_could_be_tak
     engine.awaiting("a")  # a participant the round still lacks: its stream may wait for its header
     with pytest.raises(NotParticipantError):
         engine.awaiting("b")
+
+
+def test_an_agent_that_missed_the_last_round_counts_as_busy_until_its_hard_deadline() -> None:
+    clock = Clock()
+    engine = _engine(clock)  # round_timeout 100 s
+    engine.open_round([("a", 0.0, 1), ("slow", 0.0, 1)])
+    engine.get_work("a", -1, 0)
+    engine.get_work("slow", -1, 0)
+    assert engine.busy() == {"a", "slow"}
+    engine.submit("a", 0, 8, {"w": torch.ones(3)})
+    engine.close_round()  # slow missed it, and may still be training it
+    assert engine.busy() == {"slow"}
+    clock.t += 100.1
+    assert engine.busy() == set()
