@@ -75,9 +75,10 @@ class RunSpec:
         return self.lr * self.lr_decay**epoch
 
     def train_config(self) -> TrainConfig:
+        assert self.lr is not None  # filled in by __post_init__ or workload.resolve_spec
         return TrainConfig(
             batch_size=self.batch_size,
-            lr=self.lr_at(0),
+            lr=self.lr,  # the first epoch's: lr_at(0)
             optimizer=self.optimizer,
             momentum=self.momentum,
             weight_decay=self.weight_decay,
