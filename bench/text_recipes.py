@@ -13,7 +13,7 @@ test figure (the model picked on val) and of the val figure, per task, as markdo
 
     python bench/text_recipes.py one --model text-gru --lr 0.003 --class-weighting balanced --epochs 4
     flock /tmp/edgetrain-bench.lock python bench/text_recipes.py sweep
-    flock /tmp/edgetrain-bench.lock python bench/text_recipes.py table
+    python bench/text_recipes.py table    # each run takes /tmp/edgetrain-bench.lock itself
 """
 
 from __future__ import annotations
@@ -132,18 +132,18 @@ def sweep(args: argparse.Namespace) -> None:
                           f"{time.perf_counter() - t0:.0f} |", flush=True)
 
 
-def _run(task: str, seed: int, extra: list[str]) -> dict[str, object]:
+def _run(task: str, seed: int, extra: list[str], lock: str) -> dict[str, object]:
     dataset, folder, _ = TASKS[task]
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = ["coordinator", "run", "--dataset", dataset, "--local-agents", "2", "--seed", str(seed),
-               "--run-dir", f"{tmp}/run", "--no-progress", "--port", "0", *extra]
+        cmd = (["flock", lock] if lock else []) + [
+            "coordinator", "run", "--dataset", dataset, "--local-agents", "2", "--seed", str(seed),
+            "--run-dir", f"{tmp}/run", "--no-progress", "--port", "0", *extra]
         if folder is not None:
             cmd += ["--data-dir", str(folder)]
-        t0 = time.perf_counter()
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
-        wall = time.perf_counter() - t0
         result: dict[str, object] = json.loads(Path(f"{tmp}/run/result.json").read_text())
-        result["wall_seconds"] = wall
+        rounds = Path(f"{tmp}/run/rounds.jsonl").read_text().splitlines()
+        result["train_seconds"] = json.loads(rounds[-1])["elapsed_seconds"]
         return result
 
 
@@ -151,17 +151,17 @@ def table(args: argparse.Namespace) -> None:
     seeds = [int(s) for s in args.seeds.split(",")]
     extra = args.extra.split() if args.extra else []
     print("| task | metric | target | test (median) | val (median) | test per seed | val per seed | "
-          "test accuracy (median) | majority-class test | wall s (median) |")
+          "test accuracy (median) | majority-class test | training s (median) |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for task in args.tasks.split(","):
-        runs = [_run(task, seed, extra) for seed in seeds]
+        runs = [_run(task, seed, extra, args.lock) for seed in seeds]
         metric = str(runs[0]["metric"])
         test = [100 * float(r["test"]["value"]) for r in runs]  # type: ignore[index]
         val = [100 * float(r["val"]["value"]) for r in runs if r.get("val")]  # type: ignore[index]
         target = TASKS[task][2] if task != "tweets" else 75.0
         acc = statistics.median(100 * float(r["test"]["accuracy"]) for r in runs)  # type: ignore[index]
         base = 100 * float(runs[0]["majority"]["value"])  # type: ignore[index]
-        wall = statistics.median(float(r["wall_seconds"]) for r in runs)  # type: ignore[arg-type]
+        wall = statistics.median(float(r["train_seconds"]) for r in runs)  # type: ignore[arg-type]
         print(f"| {task} | {metric} | {target} | **{statistics.median(test):.1f}** | "
               f"{statistics.median(val):.1f} | {' / '.join(f'{v:.1f}' for v in test)} | "
               f"{' / '.join(f'{v:.1f}' for v in val)} | {acc:.1f} | {base:.1f} | {wall:.0f} |", flush=True)
@@ -191,6 +191,8 @@ def main() -> None:
     t.add_argument("--tasks", default="sentiment,emotion,hate,irony,offensive,tweets")
     t.add_argument("--seeds", default="0,1,2")
     t.add_argument("--extra", default="", help="more coordinator options (to compare against the defaults)")
+    t.add_argument("--lock", default="/tmp/edgetrain-bench.lock",
+                   help="run each training under flock on this file ('' for none): one benchmark at a time")
     args = p.parse_args()
     {"one": one, "sweep": sweep, "table": table}[args.command](args)
 
