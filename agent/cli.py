@@ -32,6 +32,8 @@ def make_app() -> typer.Typer:
         device: Annotated[str, typer.Option(help="cpu or cuda:N.")] = "cpu",
         data_dir: Annotated[Optional[Path], typer.Option(help="Folder with the data set's files.")] = None,  # noqa: UP045
         data_path: Annotated[Optional[Path], typer.Option(help="A csv/tsv file (datasets csv, tsv).")] = None,  # noqa: UP045
+        test_path: Annotated[Optional[Path], typer.Option(help="csv/tsv: the run's own test file.")] = None,  # noqa: UP045
+        val_path: Annotated[Optional[Path], typer.Option(help="csv/tsv: the run's own val file.")] = None,  # noqa: UP045
         cache_dir: Annotated[Optional[Path], typer.Option(help="Download cache.")] = None,  # noqa: UP045
         no_download: Annotated[bool, typer.Option("--no-download", help="Never download data.")] = False,
         metrics_port: Annotated[Optional[int], typer.Option(help="Serve /metrics on this port (0: any).")] = None,  # noqa: UP045
@@ -52,7 +54,7 @@ def make_app() -> typer.Typer:
         cfg = AgentConfig(
             coordinator=coordinator, cores=parse_cores(cores), workers=workers,
             name=socket.gethostname() if name is None else name,  # an empty --name is refused, not the host's
-            device=device, where=DataLocation(data_dir, data_path, cache_dir, not no_download),
+            device=device, where=DataLocation(data_dir, data_path, cache_dir, not no_download, test_path, val_path),
             metrics_host=metrics_host, metrics_port=metrics_port, token=read_token(token_env, token_file),
             tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key, give_up_after=give_up_after,
         )

@@ -1,15 +1,30 @@
-"""One process, one thread: train a text model epoch by epoch and print val and test scores after each.
+"""Text recipes, measured: what chose the defaults (``sweep``), and what the defaults reach (``table``).
 
-The 1-process rows of docs/accuracy.md come from this script; it uses the same data, model and training
-functions as the agents' workers (edgetrain.workload / edgetrain.training), without the protocol around them.
+``one``: one process, one thread, train a text model epoch by epoch and print val and test scores after each
+(the 1-process rows of docs/accuracy.md; the same data, model and training functions as the agents' workers).
 
-    python bench/text_recipes.py --model text-gru --lr 0.003 --class-weighting balanced --epochs 4
+``sweep``: one process, one thread, text-ngram on every task for each combination of class weighting, learning
+rate and hash buckets; the model is evaluated four times an epoch and the one with the best val figure (the
+task's metric) is kept, as a run does. Prints a markdown table of val (and, for the record, test) figures.
+
+``table``: the product's own command with defaults only (``coordinator run --dataset tweeteval --data-dir DIR
+--local-agents 2``; ``--dataset tweets`` for the embedded corpus), 3 seeds per task; prints the median of the
+test figure (the model picked on val) and of the val figure, per task, as markdown.
+
+    python bench/text_recipes.py one --model text-gru --lr 0.003 --class-weighting balanced --epochs 4
+    flock /tmp/edgetrain-bench.lock python bench/text_recipes.py sweep
+    python bench/text_recipes.py table    # each run takes /tmp/edgetrain-bench.lock itself
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -18,44 +33,168 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from edgetrain import recipes  # noqa: E402
+from edgetrain.datasets import load_dataset  # noqa: E402
+from edgetrain.models import ModelInput, build_model  # noqa: E402
 from edgetrain.spec import DataLocation, RunSpec  # noqa: E402
-from edgetrain.training import batch_plan, evaluate, make_optimizer, set_lr, train_steps  # noqa: E402
+from edgetrain.training import (  # noqa: E402
+    balanced_class_weights,
+    batch_plan,
+    evaluate,
+    make_optimizer,
+    set_lr,
+    train_steps,
+)
 from edgetrain.workload import load_workload  # noqa: E402
 
+# ../shared/data beside a checkout (the team's layout), else $EDGETRAIN_SHARED_DATA
+DATA = Path(os.environ.get("EDGETRAIN_SHARED_DATA") or next(
+    (p for p in (ROOT.parent / "shared" / "data", Path("/work/shared/data")) if p.is_dir()),
+    ROOT.parent / "shared" / "data")) / "tweets"
+# task -> (--dataset, --data-dir, the TweetEval paper's best non-pretrained test figure)
+TASKS: dict[str, tuple[str, Path | None, float | None]] = {
+    "tweets": ("tweets", None, None),
+    "sentiment": ("tweeteval", DATA / "tweeteval-sentiment", 62.9),
+    "emotion": ("tweeteval", DATA / "tweeteval-emotion", 66.0),
+    "hate": ("tweeteval", DATA / "tweeteval-hate", 52.6),
+    "irony": ("tweeteval", DATA / "tweeteval-irony", 63.1),
+    "offensive": ("tweeteval", DATA / "tweeteval-offensive", 73.4),
+}
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dataset", default="tweeteval-sentiment")
-    p.add_argument("--data-dir", type=Path, default=ROOT.parent / "shared" / "data" / "tweets" / "tweeteval-sentiment")
-    p.add_argument("--model", default="text-gru")
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--lr-decay", type=float, default=1.0)
-    p.add_argument("--class-weighting", default="balanced")
-    p.add_argument("--epochs", type=int, default=4)
-    p.add_argument("--batch-size", type=int, default=64)
-    args = p.parse_args()
+
+def one(args: argparse.Namespace) -> None:
     torch.set_num_threads(1)
     spec = RunSpec(dataset=args.dataset, model=args.model, lr=args.lr, lr_decay=args.lr_decay,
                    class_weighting=args.class_weighting, batch_size=args.batch_size)
     where = DataLocation(data_dir=args.data_dir if args.dataset != "tweets" else None, download=False)
     wl = load_workload(spec, where)
     model = wl.new_model()
-    opt = make_optimizer(model, spec.train_config())
+    opt = make_optimizer(model, wl.spec.train_config())
     x, y = wl.data.train.x, wl.data.train.y
     n = len(y)
     steps = n // spec.batch_size
     t0 = time.perf_counter()
     for epoch in range(args.epochs):
-        set_lr(opt, spec.lr_at(epoch))
+        set_lr(opt, wl.spec.lr_at(epoch))
         plan = batch_plan(torch.arange(n), seed=spec.seed, rank=0, start_sample=epoch * steps * spec.batch_size,
                           steps=steps, batch_size=spec.batch_size)
         train_steps(model, opt, x, y, plan, seed=epoch, class_weights=wl.class_weights())
         val = evaluate(model, wl.data.val.x, wl.data.val.y, wl.data.num_classes) if wl.data.val else None
         test = evaluate(model, wl.data.test.x, wl.data.test.y, wl.data.num_classes)
         val_text = f"val macro-recall {val.macro_recall:.4f} | " if val else ""
-        print(f"{args.model} epoch {epoch + 1}/{args.epochs} {time.perf_counter() - t0:5.0f} s | {val_text}"
+        print(f"{wl.model_name} epoch {epoch + 1}/{args.epochs} {time.perf_counter() - t0:5.0f} s | {val_text}"
               f"test macro-recall {test.macro_recall:.4f} accuracy {test.accuracy:.4f} macro-F1 {test.macro_f1:.4f}",
               flush=True)
+
+
+def sweep(args: argparse.Namespace) -> None:
+    torch.set_num_threads(1)
+    print(f"lr decay {args.lr_decay or 'the rule'} per epoch, weight decay {args.weight_decay:g}")
+    print("| task | train | skew | weighting | lr | buckets | best val | test there | at epoch | seconds |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for task in args.tasks.split(","):
+        dataset, folder, _ = TASKS[task]
+        for buckets in [int(b) for b in args.buckets.split(",")]:
+            data = load_dataset(dataset, data_dir=folder, text_features="ngrams", ngram_buckets=buckets or None,
+                                download=False)
+            assert data.val is not None
+            counts = torch.bincount(data.train.y, minlength=data.num_classes).tolist()
+            metric = recipes.resolve_metric(recipes.default_metric(dataset, data.classes, counts), data.classes)
+            n = len(data.train)
+            epochs = recipes.epochs(recipes.TEXT_MODEL, n) if args.epochs == 0 else args.epochs
+            for weighting in args.weighting.split(","):
+                for lr in [float(v) for v in args.lr.split(",")]:
+                    t0 = time.perf_counter()
+                    model = build_model(recipes.TEXT_MODEL, ModelInput(data.num_classes, 2, data.ngram_buckets))
+                    decay = args.lr_decay or recipes.lr_decay(recipes.TEXT_MODEL, n)
+                    spec = RunSpec(dataset=dataset, model=recipes.TEXT_MODEL, lr=lr, lr_decay=decay,
+                                   weight_decay=args.weight_decay)
+                    opt = make_optimizer(model, spec.train_config())
+                    balanced = weighting == "balanced"
+                    weights = balanced_class_weights(data.train.y, data.num_classes) if balanced else None
+                    quarter = max(1, n // spec.batch_size // 4)
+                    best = (-1.0, 0.0, 0.0)
+                    pos = 0
+                    while pos < epochs * n:
+                        set_lr(opt, spec.lr_at(pos // n))
+                        plan = batch_plan(torch.arange(n), seed=0, rank=0, start_sample=pos, steps=quarter,
+                                          batch_size=spec.batch_size)
+                        train_steps(model, opt, data.train.x, data.train.y, plan, class_weights=weights)
+                        pos += quarter * spec.batch_size
+                        val = evaluate(model, data.val.x, data.val.y, data.num_classes).value(
+                            metric.name, metric.class_index)
+                        if val > best[0]:
+                            test = evaluate(model, data.test.x, data.test.y, data.num_classes).value(
+                                metric.name, metric.class_index)
+                            best = (val, test, pos / n)
+                    print(f"| {task} ({metric.name}) | {n} | {recipes.skew(counts):.2f} | {weighting} | {lr:g} | "
+                          f"{data.ngram_buckets} | {100 * best[0]:.1f} | {100 * best[1]:.1f} | {best[2]:.2f} | "
+                          f"{time.perf_counter() - t0:.0f} |", flush=True)
+
+
+def _run(task: str, seed: int, extra: list[str], lock: str) -> dict[str, object]:
+    dataset, folder, _ = TASKS[task]
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = (["flock", lock] if lock else []) + [
+            "coordinator", "run", "--dataset", dataset, "--local-agents", "2", "--seed", str(seed),
+            "--run-dir", f"{tmp}/run", "--no-progress", "--port", "0", *extra]
+        if folder is not None:
+            cmd += ["--data-dir", str(folder)]
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+        result: dict[str, object] = json.loads(Path(f"{tmp}/run/result.json").read_text())
+        rounds = Path(f"{tmp}/run/rounds.jsonl").read_text().splitlines()
+        result["train_seconds"] = json.loads(rounds[-1])["elapsed_seconds"]
+        return result
+
+
+def table(args: argparse.Namespace) -> None:
+    seeds = [int(s) for s in args.seeds.split(",")]
+    extra = args.extra.split() if args.extra else []
+    print("| task | metric | target | test (median) | val (median) | test per seed | val per seed | "
+          "test accuracy (median) | majority-class test | training s (median) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for task in args.tasks.split(","):
+        runs = [_run(task, seed, extra, args.lock) for seed in seeds]
+        metric = str(runs[0]["metric"])
+        test = [100 * float(r["test"]["value"]) for r in runs]  # type: ignore[index]
+        val = [100 * float(r["val"]["value"]) for r in runs if r.get("val")]  # type: ignore[index]
+        target = TASKS[task][2] if task != "tweets" else 75.0
+        acc = statistics.median(100 * float(r["test"]["accuracy"]) for r in runs)  # type: ignore[index]
+        base = 100 * float(runs[0]["majority"]["value"])  # type: ignore[index]
+        wall = statistics.median(float(r["train_seconds"]) for r in runs)  # type: ignore[arg-type]
+        print(f"| {task} | {metric} | {target} | **{statistics.median(test):.1f}** | "
+              f"{statistics.median(val):.1f} | {' / '.join(f'{v:.1f}' for v in test)} | "
+              f"{' / '.join(f'{v:.1f}' for v in val)} | {acc:.1f} | {base:.1f} | {wall:.0f} |", flush=True)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    o = sub.add_parser("one", help="one model, epoch by epoch")
+    o.add_argument("--dataset", default="tweeteval-sentiment")
+    o.add_argument("--data-dir", type=Path, default=DATA / "tweeteval-sentiment")
+    o.add_argument("--model", default="text-gru")
+    o.add_argument("--lr", type=float, default=3e-3)
+    o.add_argument("--lr-decay", type=float, default=1.0)
+    o.add_argument("--class-weighting", default="balanced")
+    o.add_argument("--epochs", type=int, default=4)
+    o.add_argument("--batch-size", type=int, default=64)
+    s = sub.add_parser("sweep", help="text-ngram recipes per task, picked on val")
+    s.add_argument("--tasks", default=",".join(TASKS))
+    s.add_argument("--weighting", default="none,balanced")
+    s.add_argument("--lr", default="0.1")
+    s.add_argument("--buckets", default="0", help="comma-separated; 0: the rule's")
+    s.add_argument("--epochs", type=float, default=0, help="0: the rule's")
+    s.add_argument("--lr-decay", type=float, default=0, help="0: the rule's")
+    s.add_argument("--weight-decay", type=float, default=0.0)
+    t = sub.add_parser("table", help="the product's defaults, 3 seeds per task")
+    t.add_argument("--tasks", default="sentiment,emotion,hate,irony,offensive,tweets")
+    t.add_argument("--seeds", default="0,1,2")
+    t.add_argument("--extra", default="", help="more coordinator options (to compare against the defaults)")
+    t.add_argument("--lock", default="/tmp/edgetrain-bench.lock",
+                   help="run each training under flock on this file ('' for none): one benchmark at a time")
+    args = p.parse_args()
+    {"one": one, "sweep": sweep, "table": table}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ from edgetrain.errors import ConfigError
 from edgetrain.models import DEFAULT_LR, MODELS
 from edgetrain.spec import DataLocation, RunSpec
 
-DEFAULT_EPOCHS = 3.0  # when no stopping rule is given
 LR_HELP = "Learning rate (default: the model's: {}).".format(", ".join(
     [f"{DEFAULT_LR:g}"] + [f"{name} {m.lr:g}" for name, m in MODELS.items() if m.lr != DEFAULT_LR]))
 
@@ -68,10 +67,15 @@ def make_app() -> typer.Typer:
     @app.command()
     def run(
         dataset: Annotated[str, typer.Option(
-            help="tweets, tweeteval-sentiment, mnist, mnist-5k, csv, tsv.")] = "tweets",
+            help="tweets, tweeteval (--data-dir: any TweetEval task), tweeteval-sentiment, mnist, mnist-5k, csv, tsv."
+        )] = "tweets",
         model: Annotated[str, typer.Option(help="Model name (default: the data set's).")] = "",
         data_dir: Annotated[Optional[Path], typer.Option(help="Folder with the data set's files.")] = None,  # noqa: UP045
         data_path: Annotated[Optional[Path], typer.Option(help="A csv/tsv file (datasets csv, tsv).")] = None,  # noqa: UP045
+        test_path: Annotated[Optional[Path], typer.Option(  # noqa: UP045
+            help="csv/tsv: your own test file (default: 10% of --data-path, at random per class).")] = None,
+        val_path: Annotated[Optional[Path], typer.Option(  # noqa: UP045
+            help="csv/tsv: your own val file, where the best round is chosen (default: 10% of train).")] = None,
         cache_dir: Annotated[Optional[Path], typer.Option(help="Download cache.")] = None,  # noqa: UP045
         no_download: Annotated[bool, typer.Option("--no-download", help="Never download data.")] = False,
         limit: Annotated[int, typer.Option(help="Use only the first N train and test examples (0: all).")] = 0,
@@ -82,10 +86,19 @@ def make_app() -> typer.Typer:
         optimizer: Annotated[str, typer.Option(help="sgd, adam or adadelta.")] = "adam",
         momentum: Annotated[float, typer.Option(help="SGD momentum.")] = 0.0,
         weight_decay: Annotated[float, typer.Option(help="L2 weight decay.")] = 0.0,
-        local_steps: Annotated[int, typer.Option(help="K: local steps per round (1 = synchronous SGD).")] = 8,
+        local_steps: Annotated[Optional[int], typer.Option(  # noqa: UP045
+            help="K: local steps per round (1 = synchronous SGD; default: 32 for text-ngram, 8 otherwise).")] = None,
         rounds: Annotated[Optional[int], typer.Option(help="Stop after this many rounds.")] = None,  # noqa: UP045
-        epochs: Annotated[Optional[float], typer.Option(help="Stop after this many passes over the data.")] = None,  # noqa: UP045
-        target_accuracy: Annotated[Optional[float], typer.Option(help="Stop at this test accuracy (0-1).")] = None,  # noqa: UP045
+        epochs: Annotated[Optional[float], typer.Option(  # noqa: UP045
+            help="Stop after this many passes over the data (default, with no other stopping rule: the "
+                 "recipe's, 4 or more for text-ngram, 3 otherwise).")] = None,
+        metric: Annotated[str, typer.Option(
+            help="What decides the run: accuracy, macro-f1, macro-recall or f1:<class> "
+                 "(default: the data set's).")] = "",
+        target: Annotated[Optional[float], typer.Option(  # noqa: UP045
+            help="Stop once --metric reaches this (0-1) on val (on test without a val split).")] = None,
+        target_accuracy: Annotated[Optional[float], typer.Option(  # noqa: UP045
+            help="--target with --metric accuracy (the old name).")] = None,
         min_agents: Annotated[int, typer.Option(help="Agents to wait for (default: the local ones, or 1).")] = 0,
         local_agents: Annotated[int, typer.Option(
             help="Start N agents here, pinned to disjoint cores (more agents than cores share them).")] = 0,
@@ -112,8 +125,11 @@ def make_app() -> typer.Typer:
         shard_scheme: Annotated[str, typer.Option(help="iid or dirichlet.")] = "iid",
         alpha: Annotated[float, typer.Option(help="Dirichlet concentration (smaller: more skew).")] = 0.5,
         update_dtype: Annotated[str, typer.Option(help="float32, float16, bfloat16 or int8.")] = "float32",
-        class_weighting: Annotated[str, typer.Option(help="none, or balanced (for macro-recall).")] = "none",
-        lr_decay: Annotated[float, typer.Option(help="Multiply the learning rate by this each epoch.")] = 0.7,
+        class_weighting: Annotated[str, typer.Option(
+            help="none, balanced, or auto: balanced when the largest class is >= 2.5x the smallest.")] = "auto",
+        lr_decay: Annotated[Optional[float], typer.Option(  # noqa: UP045
+            help="Multiply the learning rate by this each epoch (default: 0.7; text-ngram on a small set spreads "
+                 "the same decay over its longer run).")] = None,
         run_dir: Annotated[Optional[Path], typer.Option(help="Checkpoints, log and final model.")] = None,  # noqa: UP045
         resume: Annotated[bool, typer.Option(help="Resume from --run-dir's checkpoint.")] = False,
         token_env: Annotated[str, typer.Option(help="Env variable with the operator token.")] = "EDGETRAIN_TOKEN",
@@ -129,11 +145,9 @@ def make_app() -> typer.Typer:
         from rich.console import Console
 
         from coordinator.config import CoordinatorConfig
-        from coordinator.run import Coordinator, summary_table
+        from coordinator.run import Coordinator, quality_tables, summary_table
 
         setup_logging(log_level)
-        if rounds is None and epochs is None and target_accuracy is None:
-            epochs = DEFAULT_EPOCHS
         gpus = parse_gpus(local_gpus)
         spec = RunSpec(
             dataset=dataset, model=model, seed=seed, batch_size=batch_size, lr=lr, optimizer=optimizer,
@@ -142,9 +156,9 @@ def make_app() -> typer.Typer:
             lr_decay=lr_decay,
         )
         cfg = CoordinatorConfig(
-            spec=spec, where=DataLocation(data_dir, data_path, cache_dir, not no_download), host=host, port=port,
-            metrics_host=metrics_host, metrics_port=metrics_port, local_steps=local_steps, rounds=rounds,
-            epochs=epochs, target_accuracy=target_accuracy,
+            spec=spec, where=DataLocation(data_dir, data_path, cache_dir, not no_download, test_path, val_path),
+            host=host, port=port, metrics_host=metrics_host, metrics_port=metrics_port, local_steps=local_steps,
+            rounds=rounds, epochs=epochs, target_accuracy=target_accuracy, metric=metric, target=target,
             min_agents=min_agents, join_timeout=join_timeout,
             round_timeout=round_timeout, eval_every=eval_every, checkpoint_every=checkpoint_every,
             upload_slots=upload_slots, staging_dir=staging_dir, aggregator=aggregator, trim=trim, balance=balance,
@@ -164,6 +178,9 @@ def make_app() -> typer.Typer:
         console.print(f"coordinator listening on {cfg.host}:{coord.port}; run dir {cfg.run_dir}")
         result = coord.run()
         console.print(summary_table(result))
+        if result.choice is not None:
+            for table in quality_tables(result.choice):
+                console.print(table)
         return 0
 
     @app.command()
@@ -171,7 +188,7 @@ def make_app() -> typer.Typer:
         run_dir: Annotated[Path, typer.Argument(help="A finished (or running) run's folder.")],
         out: Annotated[Optional[Path], typer.Option(help="Where to write the PNGs (default: RUN_DIR).")] = None,  # noqa: UP045
     ) -> int:
-        """Turn a run's rounds.jsonl into PNG plots: accuracy vs time per node, round-time breakdown."""
+        """Turn a run's log into PNG plots: accuracy vs time per node, round-time breakdown, confusion matrix."""
         from coordinator.report import write_report
 
         with made_output_folder(out, "--out") if out is not None else nullcontext(run_dir) as folder:

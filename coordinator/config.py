@@ -10,6 +10,7 @@ from edgetrain.aggregation import AGGREGATORS
 from edgetrain.cli_util import check_tls_ca, check_tls_pair
 from edgetrain.errors import ConfigError
 from edgetrain.grpc_options import is_loopback
+from edgetrain.recipes import metric_problem
 from edgetrain.spec import DataLocation, RunSpec
 
 # Uploads taken at once (the others wait, sending nothing, until one ends). A streamed update waits in a staging
@@ -27,10 +28,12 @@ class CoordinatorConfig:
     port: int = 50051  # 0 = any free port
     metrics_host: str = "127.0.0.1"
     metrics_port: int | None = None
-    local_steps: int = 8  # K
+    local_steps: int | None = None  # K; None: the recipe's for the model and data (edgetrain.recipes)
     rounds: int | None = None
-    epochs: float | None = None
-    target_accuracy: float | None = None
+    epochs: float | None = None  # with no rounds and no target either: the recipe's
+    target_accuracy: float | None = None  # the old name of --target with --metric accuracy
+    metric: str = ""  # what decides the run: accuracy, macro-f1, macro-recall, f1:<class> ("": the data set's)
+    target: float | None = None  # stop once the metric reaches this on val (on test where there is no val)
     min_agents: int = 0  # 0: the local agents and GPUs started here, or 1 when there are none
     join_timeout: float = 600.0  # wait this long for --min-agents before giving up
     round_timeout: float = 600.0  # a round's deadline: updates after it are refused
@@ -55,16 +58,24 @@ class CoordinatorConfig:
     limits: Limits = field(default_factory=Limits)  # what one client may hold (docs/security.md, "Limits")
 
     def __post_init__(self) -> None:
-        if self.local_steps < 1:
+        if self.local_steps is not None and self.local_steps < 1:
             raise ConfigError(f"--local-steps must be at least 1, got {self.local_steps}")
         if self.rounds is not None and self.rounds < 1:
             raise ConfigError(f"--rounds must be at least 1, got {self.rounds}")
         if self.epochs is not None and not self.epochs > 0:
             raise ConfigError(f"--epochs must be positive, got {self.epochs}")
-        if self.target_accuracy is not None and not 0 < self.target_accuracy <= 1:
-            raise ConfigError(f"--target-accuracy is a fraction in (0, 1], got {self.target_accuracy}")
-        if self.rounds is None and self.epochs is None and self.target_accuracy is None:
-            raise ConfigError("give a stopping rule: --rounds, --epochs or --target-accuracy")
+        if self.target_accuracy is not None:  # the old flag: --target on accuracy
+            if self.target not in (None, self.target_accuracy):
+                raise ConfigError("--target-accuracy is --target with --metric accuracy: give one of them")
+            if self.metric not in ("", "accuracy"):
+                raise ConfigError(f"--target-accuracy judges accuracy, not --metric {self.metric}: use --target")
+            object.__setattr__(self, "target", self.target_accuracy)
+            object.__setattr__(self, "metric", "accuracy")
+        if self.target is not None and not 0 < self.target <= 1:
+            raise ConfigError(f"--target is a fraction in (0, 1], got {self.target}")
+        problem = metric_problem(self.metric) if self.metric else None
+        if problem:
+            raise ConfigError(problem)
         if self.min_agents < 0:
             raise ConfigError(f"--min-agents cannot be negative, got {self.min_agents}")
         if self.min_agents == 0:

@@ -37,6 +37,7 @@ from rich.table import Table
 
 from edgetrain.cores import allowed_cores, format_cores, parse_cores, split_cores, validate_cores
 from edgetrain.errors import ConfigError, CoresError
+from edgetrain.models import default_lr
 from edgetrain.peers import (
     ChildSetup,
     TrainJob,
@@ -259,8 +260,8 @@ def edgetrain_serial(setup: ChildSetup, job: TrainJob) -> TrainOutcome:
     from edgetrain.training import batch_plan, evaluate, make_optimizer, set_lr, train_steps
     from edgetrain.workload import load_workload
 
-    spec = job.spec
-    workload = load_workload(spec, job.where)
+    workload = load_workload(job.spec, job.where)
+    spec = workload.spec  # the model, lr and decay named: the data set's defaults filled in
     device = torch.device(job.device)
     model = workload.new_model().to(device)
     optimizer = make_optimizer(model, spec.train_config())
@@ -816,7 +817,8 @@ def rich_table(title: str, headers: Sequence[str], cells: Sequence[Sequence[str]
 
 def _settings_line(s: BenchSettings, model: str) -> str:
     return (f"data set `{s.dataset}` (limit {s.limit or 'none'}), model `{model}`, {s.epochs:g} epoch(s), "
-            f"batch {s.batch_size} per worker, {s.optimizer} lr {s.spec().lr:g} (x{s.lr_decay:g} per epoch), "
+            f"batch {s.batch_size} per worker, {s.optimizer} lr {s.spec().lr or default_lr(model):g} "
+            f"(x{s.lr_decay:g} per epoch), "
             f"seed {s.seed}, {s.repeats} repeat(s)")
 
 

@@ -32,6 +32,8 @@ class CoordinatorMetrics:
         self.accuracy = Gauge(m.GLOBAL_ACCURACY, "Test accuracy of the global model.", registry=registry)
         self.loss = Gauge(m.GLOBAL_LOSS, "Test cross-entropy of the global model.", registry=registry)
         self.macro_f1 = Gauge(m.GLOBAL_MACRO_F1, "Test macro-F1 of the global model.", registry=registry)
+        self.metric = Gauge(m.GLOBAL_METRIC, "Test value of the global model's --metric, the figure that decides "
+                            "the run (its name in the label).", [m.METRIC], registry=registry)
         self.agents = Gauge(m.AGENTS_CONNECTED, "Agents admitted and not gone.", registry=registry)
         self.elapsed = Gauge(m.TRAINING_SECONDS, "Seconds since the first round opened.", registry=registry)
         self.compute = Gauge(m.NODE_COMPUTE, "Node's compute time in its last round.", node, registry=registry)

@@ -80,8 +80,56 @@ def training_times(records: list[dict[str, Any]]) -> list[float]:
     return times
 
 
+def read_confusion(run_dir: Path) -> tuple[list[str], list[list[int]], str] | None:
+    """(class names, test confusion matrix of the model kept, a title) from the run's result.json; None without one."""
+    path = run_dir / "result.json"
+    if not path.exists():
+        return None  # a run that has not finished (or one from before result.json)
+    try:
+        result = json.loads(path.read_text(encoding="utf-8"))
+        classes = [str(c) for c in result["classes"]]
+        matrix = [[int(v) for v in row] for row in result["test"]["confusion"]]
+        title = f"test {result['metric']} {float(result['test']['value']):.4f}, model of round {int(result['round'])}"
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
+        raise ReportError(f"{path}: not a run result ({exc})") from exc
+    if len(matrix) != len(classes) or any(len(row) != len(classes) for row in matrix):
+        raise ReportError(f"{path}: the confusion matrix is not {len(classes)} x {len(classes)}")
+    return classes, matrix, title
+
+
+def confusion_png(classes: list[str], matrix: list[list[int]], title: str, path: Path) -> Path:
+    """Draw a confusion matrix (rows: true class, columns: predicted), each row normalised, counts written in."""
+    import matplotlib.pyplot as plt
+
+    k = len(classes)
+    size = min(30.0, max(6.0, 0.45 * k + 2))
+    fig, ax = plt.subplots(figsize=(size, size * 0.9))
+    rates = [[v / max(1, sum(row)) for v in row] for row in matrix]
+    image = ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="share of the true class")
+    ticks = list(range(k))
+    ax.set_xticks(ticks, classes, rotation=90 if k > 6 else 0, fontsize=8 if k > 20 else 10)
+    ax.set_yticks(ticks, classes, fontsize=8 if k > 20 else 10)
+    if k <= 20:  # counts stay readable up to about 20 classes
+        for t in range(k):
+            for p in range(k):
+                ax.text(p, t, str(matrix[t][p]), ha="center", va="center",
+                        color="white" if rates[t][p] > 0.5 else "black", fontsize=9)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(f"Confusion matrix\n{title}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def write_report(run_dir: Path, out: Path) -> list[Path]:
-    """Write accuracy.png (global test and per-node local accuracy against time) and round_time.png."""
+    """Write the run's plots: accuracy.png, round_time.png and, once the run is over, confusion.png.
+
+    accuracy.png: global test and per-node local accuracy against time; round_time.png: compute and
+    communication per node and round; confusion.png: the kept model on test (from the run's result.json).
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -129,4 +177,7 @@ def write_report(run_dir: Path, out: Path) -> list[Path]:
     fig.tight_layout()
     fig.savefig(time_png, dpi=120)
     plt.close(fig)
-    return [acc_png, time_png]
+    confusion = read_confusion(run_dir)
+    if confusion is None:
+        return [acc_png, time_png]
+    return [acc_png, time_png, confusion_png(*confusion, out / "confusion.png")]

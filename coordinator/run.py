@@ -10,7 +10,8 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,13 +28,15 @@ from coordinator.metrics import CoordinatorMetrics
 from coordinator.rounds import Outcome, RoundEngine
 from coordinator.server import start_server
 from coordinator.servicer import ServiceState
+from edgetrain import recipes
 from edgetrain.cli_util import new_folder_kept_only_if_used, output_folder
 from edgetrain.cores import allowed_cores, format_cores, split_cores
 from edgetrain.errors import ConfigError, EdgetrainError
 from edgetrain.httpmetrics import MetricsServer
 from edgetrain.memory import compute_heap, tune_malloc
+from edgetrain.recipes import Metric
 from edgetrain.training import EvalResult, evaluate, state_of
-from edgetrain.workload import Workload, load_workload
+from edgetrain.workload import Workload, label_counts, load_workload
 
 log = logging.getLogger("edgetrain.coordinator")
 
@@ -69,9 +72,44 @@ class RunResult:
     stopped_by: str
     time_to_target: float | None = None
     sync_overheads: list[float] = field(default_factory=list)  # round wall time minus slowest compute
+    choice: Choice | None = None  # the model kept (best on val) and what it scores
+
+
+@dataclass
+class Choice:
+    """The run's model and its test (and val) figures.
+
+    It is the round whose global model scored best on val by the run's metric (the last round's where there is
+    no val split). Test never picks it.
+    """
+
+    metric: Metric
+    classes: tuple[str, ...]
+    round: int = -1  # rounds completed when it was evaluated (0: the initial model)
+    val: EvalResult | None = None
+    test: EvalResult | None = None
+    majority: EvalResult | None = None  # the majority class of train, predicted for every test example
+    state: dict[str, torch.Tensor] | None = None
+
+    def value(self, result: EvalResult | None) -> float:
+        return result.value(self.metric.name, self.metric.class_index) if result is not None else float("nan")
+
+    def to_json(self) -> dict[str, Any]:
+        def figures(r: EvalResult | None) -> dict[str, Any] | None:
+            if r is None:
+                return None
+            return {"value": self.value(r), "accuracy": r.accuracy, "macro_f1": r.macro_f1,
+                    "macro_recall": r.macro_recall, "loss": r.loss, "n": r.n,
+                    "per_class": [dict(zip(("precision", "recall", "f1", "support"), row, strict=True))
+                                  for row in r.per_class()],
+                    "confusion": [list(row) for row in r.confusion]}
+        return {"metric": self.metric.name, "classes": list(self.classes), "round": self.round,
+                "chosen_on": "val" if self.val is not None else "last round (no val split)",
+                "val": figures(self.val), "test": figures(self.test), "majority": figures(self.majority)}
 
 
 LOG = "rounds.jsonl"
+RESULT = "result.json"  # the kept model's figures: what `coordinator report` draws the confusion matrix from
 
 
 def trim_log(path: Path, completed: int) -> None:
@@ -141,8 +179,9 @@ class Coordinator:
         cfg = self.cfg
         if cfg.run_dir is not None:
             self._check_run_dir(cfg.run_dir)  # before the data loads: a wrong folder is said at once
-        self.workload = load_workload(cfg.spec, cfg.where, progress=cfg.progress)
+        self.workload = load_workload(cfg.spec, cfg.where, metric=cfg.metric, progress=cfg.progress)
         spec = self.workload.spec
+        cfg = self.cfg = self._fill_in_recipe(cfg, self.workload)
         # only ever evaluated, on the global tensors themselves (`_evaluate`): nothing may write to its parameters
         self._model = self.workload.new_model().requires_grad_(False)
         state = state_of(self._model)
@@ -162,7 +201,7 @@ class Coordinator:
             if cfg.resume:
                 trim_log(cfg.run_dir / LOG, completed)
         self.engine = RoundEngine(
-            state, batch_size=spec.batch_size, local_steps=cfg.local_steps, round_timeout=cfg.round_timeout,
+            state, batch_size=spec.batch_size, local_steps=cfg.local_steps or 1, round_timeout=cfg.round_timeout,
             aggregator=cfg.aggregator, trim=cfg.trim, balance=cfg.balance, completed_rounds=completed,
             cursors=cursors, limits=cfg.limits,
         )
@@ -178,6 +217,18 @@ class Coordinator:
             self.metrics_server = MetricsServer(self.registry, cfg.metrics_host, cfg.metrics_port,
                                                 json_routes={"/sd": self.service_discovery})
         self._spawn_local_agents()
+
+    @staticmethod
+    def _fill_in_recipe(cfg: CoordinatorConfig, workload: Workload) -> CoordinatorConfig:
+        """K, the epochs and the metric the user left out: the recipe's for this model and data (recipes)."""
+        data, model = workload.data, workload.model_name
+        metric = cfg.metric or recipes.default_metric(data.name, data.classes, label_counts(data))
+        recipes.resolve_metric(metric, data.classes)  # f1:<class> must name one of the data's classes
+        agents = max(1, cfg.min_agents)
+        steps = cfg.local_steps or recipes.local_steps(model, len(data.train), agents, workload.spec.batch_size)
+        no_stop = cfg.rounds is None and cfg.epochs is None and cfg.target is None
+        epochs = recipes.epochs(model, len(data.train)) if no_stop else cfg.epochs
+        return replace(cfg, local_steps=steps, epochs=epochs, metric=metric)
 
     def _check_run_dir(self, run_dir: Path) -> None:
         """With --resume, a folder holding a run; without, the folder made, holding no earlier run."""
@@ -228,6 +279,9 @@ class Coordinator:
                 cmd += ["--data-dir", str(w.data_dir)]
             if w.data_path is not None:
                 cmd += ["--data-path", str(w.data_path)]
+            for option, path in (("--test-path", w.test_path), ("--val-path", w.val_path)):
+                if path is not None:
+                    cmd += [option, str(path)]
             if w.cache_dir is not None:
                 cmd += ["--cache-dir", str(w.cache_dir)]
             if not w.download:
@@ -258,18 +312,38 @@ class Coordinator:
                 )
             time.sleep(0.05)
 
-    def _evaluate(self, state: dict[str, torch.Tensor]) -> EvalResult:
+    def _evaluate(self, state: dict[str, torch.Tensor]) -> tuple[EvalResult, EvalResult | None]:
+        """The global model's figures on test, and on val where the data set has one."""
         assert self._model is not None and self.workload is not None
         # The model takes the global tensors themselves (it is only evaluated, without gradients): a copy kept a
         # third model-sized buffer beside the global model and the running sum for the whole run. It lets go of
         # them afterwards: with --eval-every N > 1 it kept an old global model alive until the next evaluation.
         self._model.load_state_dict(state, assign=True)
-        test = self.workload.data.test
+        data = self.workload.data
         try:
             with compute_heap():  # every activation a fresh mmap made this 1.6x slower (edgetrain.memory)
-                return evaluate(self._model, test.x, test.y, self.workload.data.num_classes)
+                test = evaluate(self._model, data.test.x, data.test.y, data.num_classes)
+                val = evaluate(self._model, data.val.x, data.val.y, data.num_classes) if data.val else None
+                return test, val
         finally:
             self._model.to("meta")  # shapes only, no storage: the next evaluation assigns tensors again
+
+    def _new_choice(self) -> Choice:
+        assert self.workload is not None
+        data = self.workload.data
+        choice = Choice(recipes.resolve_metric(self.cfg.metric, data.classes), data.classes)
+        top = int(torch.bincount(data.train.y, minlength=data.num_classes).argmax())
+        choice.majority = _constant_prediction(data.test.y, top, data.num_classes)
+        return choice
+
+    def _consider(self, choice: Choice, test: EvalResult, val: EvalResult | None, rounds: int) -> None:
+        """Keep this round's global model if it is the best on val so far (every round's, with no val split)."""
+        assert self.engine is not None
+        better = val is None or choice.val is None or choice.value(val) > choice.value(choice.val)
+        if better:
+            choice.round, choice.val, choice.test = rounds, val, test
+            # a copy: the engine's global tensors are replaced, not changed in place, but a copy is certain
+            choice.state = {k: v.clone() for k, v in self.engine.global_state.items()} if val is not None else None
 
     def run(self) -> RunResult:
         if self.engine is None:
@@ -282,6 +356,7 @@ class Coordinator:
         overheads: list[float] = []
         log_file = None  # opened with the first round's record: a run that never trains leaves no log
         final: EvalResult | None = None
+        choice = self._new_choice()
         samples_total = sum(engine.cursors.values())  # every sample trained so far, a resumed run's included
         stopped_by = "stop"
         time_to_target: float | None = None
@@ -331,13 +406,19 @@ class Coordinator:
                     record = self._record(outcome, names, nodes, t_start)
                     overheads.append(record["sync_overhead_seconds"])
                     last = budget_spent() is not None  # the last round is evaluated and logged
-                    if last or cfg.target_accuracy is not None or engine.completed_rounds % cfg.eval_every == 0:
-                        final = self._evaluate(engine.global_state)
+                    evaluated = last or cfg.target is not None or engine.completed_rounds % cfg.eval_every == 0
+                    if evaluated:
+                        final, val = self._evaluate(engine.global_state)
+                        self._consider(choice, final, val, engine.completed_rounds)
                         record.update(accuracy=final.accuracy, loss=final.loss, macro_f1=final.macro_f1,
-                                      macro_recall=final.macro_recall)
+                                      macro_recall=final.macro_recall, metric=choice.value(final))
+                        if val is not None:
+                            record.update(val_accuracy=val.accuracy, val_loss=val.loss, val_macro_f1=val.macro_f1,
+                                          val_macro_recall=val.macro_recall, val_metric=choice.value(val))
                         self.metrics.accuracy.set(final.accuracy)
                         self.metrics.loss.set(final.loss)
                         self.metrics.macro_f1.set(final.macro_f1)
+                        self.metrics.metric.labels(choice.metric.name).set(choice.value(final))
                     record["elapsed_seconds"] = time.perf_counter() - t_start
                     self.metrics.elapsed.set(record["elapsed_seconds"])
                     history.append(record)
@@ -354,18 +435,24 @@ class Coordinator:
                     slow = max(record["nodes"].items(), key=lambda kv: kv[1]["compute_seconds"], default=("-", {}))[0]
                     progress.update(task, advance=1, acc=f"{final.accuracy:.4f}" if final else "-",
                                     tput=f"{record['samples_per_second']:.0f}", slow=slow)
-                    if cfg.target_accuracy is not None and final is not None and final.accuracy >= cfg.target_accuracy:
+                    judged = record.get("val_metric", record.get("metric"))  # on val, on test only without one
+                    if cfg.target is not None and evaluated and judged is not None and judged >= cfg.target:
                         time_to_target = record["elapsed_seconds"]
                         stopped_by = "target"
                         break
             if final is None or (history and "accuracy" not in history[-1]):
-                final = self._evaluate(engine.global_state)
+                final, val = self._evaluate(engine.global_state)
+                self._consider(choice, final, val, engine.completed_rounds)
             wall = time.perf_counter() - t_start
             if cfg.run_dir is not None:
                 self._checkpoint()
-                checkpoint.save_model(cfg.run_dir, engine.global_state, self._run_facts())
+                # the model kept: the best round on val (the last round's without a val split)
+                kept = choice.state if choice.state is not None else engine.global_state
+                checkpoint.save_model(cfg.run_dir, kept, self._run_facts())
+                checkpoint.atomic_write_text(cfg.run_dir / RESULT, json.dumps(choice.to_json(), indent=1) + "\n")
+            choice.state = None
             return RunResult(engine.completed_rounds, wall, final, history, nodes, cfg.run_dir, samples_total,
-                             stopped_by, time_to_target, overheads)
+                             stopped_by, time_to_target, overheads, choice)
         except checkpoint.CheckpointWriteError as exc:
             # Stop rather than train on without checkpoints: every round after the last one on disk would be
             # lost to the next crash, and the final model could not be written either (docs/security.md).
@@ -498,6 +585,18 @@ class Coordinator:
             time.sleep(0.05)
 
 
+def _constant_prediction(y: torch.Tensor, label: int, num_classes: int) -> EvalResult:
+    """The figures of a model that predicts `label` for everything (the majority-class baseline)."""
+    counts = torch.bincount(y, minlength=num_classes).tolist()
+    confusion = tuple(tuple(counts[t] if p == label else 0 for p in range(num_classes)) for t in range(num_classes))
+    n = max(1, len(y))
+    present = [c for c in range(num_classes) if counts[c] > 0 or c == label]
+    scores = EvalResult(len(y), float("nan"), counts[label] / n, 0.0, 0.0, confusion)
+    f1 = [scores.per_class()[c][2] for c in present]
+    recall = [scores.per_class()[c][1] for c in range(num_classes) if counts[c] > 0]
+    return replace(scores, macro_f1=sum(f1) / len(f1), macro_recall=sum(recall) / max(1, len(recall)))
+
+
 def summary_table(result: RunResult) -> Table:
     """Per-node figures at the end of a run."""
     table = Table(title=f"{result.completed_rounds} rounds in {result.wall_seconds:.1f} s ({result.stopped_by})")
@@ -508,7 +607,37 @@ def summary_table(result: RunResult) -> Table:
                       f"{s.communication_seconds:.2f}", f"{s.samples_per_second:.0f}", f"{s.last_accuracy:.3f}")
     if result.final is not None:
         f = result.final
-        table.caption = (f"global test: accuracy {f.accuracy:.4f}, loss {f.loss:.4f}, macro-F1 {f.macro_f1:.4f}, "
-                         f"macro-recall {f.macro_recall:.4f} on {f.n} examples")
+        table.caption = (f"last round's global model, test: accuracy {f.accuracy:.4f}, loss {f.loss:.4f}, "
+                         f"macro-F1 {f.macro_f1:.4f}, macro-recall {f.macro_recall:.4f} on {f.n} examples")
     return table
 
+
+def quality_tables(choice: Choice) -> list[Table]:
+    """The kept model's figures: a headline table, then precision, recall and F1 per class.
+
+    The headline is the run's metric on test and the round chosen on val; below it the other figures, beside
+    those on val and the majority-class baseline's.
+    """
+    if choice.test is None:
+        return []
+    name = choice.metric.name
+    where = (f"round {choice.round}, best {name} on val ({choice.value(choice.val):.4f})" if choice.val is not None
+             else f"round {choice.round}, the last (no val split)")
+    headline = Table(title=f"test {name} {choice.value(choice.test):.4f} — model of {where}")
+    headline.add_column("test", justify="left")
+    splits: list[tuple[str, EvalResult | None]] = [("model kept", choice.test), ("val", choice.val),
+                                                   ("majority class", choice.majority)]
+    splits = [(label, r) for label, r in splits if r is not None]
+    for label, _ in splits:
+        headline.add_column(label, justify="right")
+    rows: list[tuple[str, Callable[[EvalResult], float]]] = [
+        (name, choice.value), ("accuracy", lambda r: r.accuracy), ("macro-f1", lambda r: r.macro_f1),
+        ("macro-recall", lambda r: r.macro_recall)]
+    for row_name, get in rows[:1] + [r for r in rows[1:] if r[0] != name]:
+        headline.add_row(row_name, *(f"{get(r):.4f}" for _, r in splits if r is not None))
+    per_class = Table(title="per class (test, model kept)")
+    for col in ("class", "precision", "recall", "F1", "support"):
+        per_class.add_column(col, justify="left" if col == "class" else "right")
+    for cls, (p, r, f1, n) in zip(choice.classes, choice.test.per_class(), strict=True):
+        per_class.add_row(cls, f"{p:.4f}", f"{r:.4f}", f"{f1:.4f}", str(n))
+    return [headline, per_class]

@@ -14,6 +14,7 @@ PREFIX = "edgetrain"
 NODE = "node"
 REASON = "reason"
 CORE = "core"
+METRIC = "metric"  # the run's --metric (accuracy, macro-f1, macro-recall, f1:<class>): one value per run
 
 # ---- coordinator
 ROUND = f"{PREFIX}_round"  # gauge: the last completed round
@@ -21,6 +22,7 @@ ROUND_DURATION = f"{PREFIX}_round_duration_seconds"  # histogram: open -> aggreg
 GLOBAL_ACCURACY = f"{PREFIX}_global_accuracy_ratio"  # gauge: test accuracy of the global model
 GLOBAL_LOSS = f"{PREFIX}_global_loss"  # gauge: test cross-entropy of the global model
 GLOBAL_MACRO_F1 = f"{PREFIX}_global_macro_f1_ratio"  # gauge
+GLOBAL_METRIC = f"{PREFIX}_global_metric_ratio"  # gauge{metric}: test value of the run's --metric (what decides it)
 AGENTS_CONNECTED = f"{PREFIX}_agents_connected"  # gauge
 TRAINING_SECONDS = f"{PREFIX}_training_elapsed_seconds"  # gauge: wall time since the first round opened
 NODE_COMPUTE = f"{PREFIX}_node_compute_seconds"  # gauge{node}: last round's compute time

@@ -20,6 +20,7 @@ class ModelInput:
 
     num_classes: int
     vocab_size: int = 0  # text models only
+    ngram_buckets: int = NGRAM_BUCKETS  # text-ngram: hash buckets of its features (the data set's)
 
 
 class MnistCNN(nn.Module):
@@ -153,7 +154,7 @@ MODELS: dict[str, ModelInfo] = {
     "text-gru": ModelInfo(lambda inp: TextGRU(inp.vocab_size, inp.num_classes)),
     # A mean over hundreds of sparse features moves each logit by lr / (features per text) per step, so the
     # linear model needs a larger learning rate than the rest.
-    "text-ngram": ModelInfo(lambda inp: TextNgram(inp.num_classes), lr=0.1, features=NGRAMS),
+    "text-ngram": ModelInfo(lambda inp: TextNgram(inp.num_classes, inp.ngram_buckets), lr=0.1, features=NGRAMS),
     "text-bag": ModelInfo(_text_mlp),
 }
 

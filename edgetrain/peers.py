@@ -235,8 +235,8 @@ def _torch_train(setup: ChildSetup, job: TrainJob, mode: str) -> TrainOutcome:
 
     from edgetrain.workload import load_workload  # data and initial weights only
 
-    spec = job.spec
-    workload = load_workload(spec, job.where)
+    workload = load_workload(job.spec, job.where)
+    spec = workload.spec  # the model, lr and decay named: the data set's defaults filled in
     device = torch.device(job.device)
     net = workload.new_model().to(device)
     model: nn.Module = net
@@ -250,6 +250,7 @@ def _torch_train(setup: ChildSetup, job: TrainJob, mode: str) -> TrainOutcome:
         model = DistributedDataParallel(net)
     try:
         optimizer = make_optimizer(model, spec.train_config())  # the spec's optimizer, same mapping as the agents
+        assert spec.lr_decay is not None  # resolved by load_workload
         scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=spec.lr_decay)  # per epoch
         weights = workload.class_weights()
         weight = weights.to(device) if weights is not None else None

@@ -13,7 +13,7 @@ from edgetrain.serde import UPDATE_DTYPES
 from edgetrain.training import OPTIMIZERS, TrainConfig
 
 SHARD_SCHEMES = ("iid", "dirichlet")
-CLASS_WEIGHTINGS = ("none", "balanced")
+CLASS_WEIGHTINGS = ("none", "balanced", "auto")  # auto: balanced when the train labels are skewed (recipes)
 
 
 @dataclass(frozen=True)
@@ -25,7 +25,9 @@ class RunSpec:
     data_fingerprint: str = ""
     seed: int = 0
     batch_size: int = 64
-    lr: float | None = None  # None: the model's own (models.default_lr), filled in on construction
+    # None: the model's own (models.default_lr), filled in on construction, or once the data set names its default
+    # model (workload.resolve_spec) when the model is "" too
+    lr: float | None = None
     optimizer: str = "adam"
     momentum: float = 0.0
     weight_decay: float = 0.0
@@ -34,13 +36,18 @@ class RunSpec:
     max_len: int = 64
     limit: int = 0  # 0 = the whole data set
     update_dtype: str = "float32"
-    lr_decay: float = 0.7  # learning rate x this per epoch, as in PyTorch's MNIST example (StepLR, gamma 0.7)
+    # learning rate x this per epoch, as in PyTorch's MNIST example (StepLR, gamma 0.7); None: the recipe's
+    # (edgetrain.recipes.lr_decay), filled in once the data is loaded (workload.resolve_spec)
+    lr_decay: float | None = 0.7
     class_weighting: str = "none"  # "balanced": weigh the loss by inverse class frequency (for macro-recall)
 
     def __post_init__(self) -> None:
-        if self.lr is None:  # the value itself travels: every node builds the same optimizer
+        if self.lr is None and self.model:  # the value itself travels: every node builds the same optimizer
             object.__setattr__(self, "lr", default_lr(self.model))
-        self.train_config()  # validates batch size, lr, optimizer, momentum
+        if self.lr is not None:
+            self.train_config()  # validates batch size, lr, optimizer, momentum
+        elif self.batch_size < 1:
+            raise ConfigError(f"batch size must be at least 1, got {self.batch_size}")
         for name in ("seed", "batch_size", "max_len"):  # int32 on the wire
             if not 0 <= getattr(self, name) < 2**31:
                 raise ConfigError(f"{name.replace('_', ' ')} must be in 0..{2**31 - 1}, got {getattr(self, name)}")
@@ -48,7 +55,7 @@ class RunSpec:
             raise ConfigError(f"unknown optimizer {self.optimizer!r}")
         if self.shard_scheme not in SHARD_SCHEMES:
             raise ConfigError(f"unknown shard scheme {self.shard_scheme!r}; choose from {', '.join(SHARD_SCHEMES)}")
-        if not 0 < self.lr_decay <= 1:
+        if self.lr_decay is not None and not 0 < self.lr_decay <= 1:
             raise ConfigError(f"lr decay per epoch must be in (0, 1], got {self.lr_decay}")
         if not self.dirichlet_alpha > 0:
             raise ConfigError(f"Dirichlet alpha must be positive, got {self.dirichlet_alpha}")
@@ -64,13 +71,14 @@ class RunSpec:
 
     def lr_at(self, epoch: int) -> float:
         """The learning rate in (0-based) epoch `epoch` of a node's data: lr x lr_decay per completed epoch."""
-        assert self.lr is not None  # filled in by __post_init__
+        assert self.lr is not None and self.lr_decay is not None  # filled in by workload.resolve_spec at the latest
         return self.lr * self.lr_decay**epoch
 
     def train_config(self) -> TrainConfig:
+        assert self.lr is not None  # filled in by __post_init__ or workload.resolve_spec
         return TrainConfig(
             batch_size=self.batch_size,
-            lr=self.lr_at(0),
+            lr=self.lr,  # the first epoch's: lr_at(0)
             optimizer=self.optimizer,
             momentum=self.momentum,
             weight_decay=self.weight_decay,
@@ -96,3 +104,5 @@ class DataLocation:
     data_path: Path | None = None
     cache_dir: Path | None = None
     download: bool = True
+    test_path: Path | None = None  # csv/tsv: the own test file (else a random split of data_path)
+    val_path: Path | None = None  # csv/tsv: the own val file

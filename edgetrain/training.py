@@ -163,13 +163,43 @@ def train_steps(
 
 @dataclass(frozen=True)
 class EvalResult:
-    """Loss, accuracy, macro-F1 and macro-recall (TweetEval's sentiment metric) on a split."""
+    """Loss, accuracy, macro-F1 and macro-recall (TweetEval's sentiment metric) on a split.
+
+    `confusion[t][p]` counts the examples of true class t predicted as p (empty when not kept).
+    """
 
     n: int
     loss: float
     accuracy: float
     macro_f1: float
     macro_recall: float
+    confusion: tuple[tuple[int, ...], ...] = ()
+
+    def per_class(self) -> list[tuple[float, float, float, int]]:
+        """(precision, recall, F1, support) of each class, from the confusion matrix."""
+        rows = self.confusion
+        out = []
+        for c in range(len(rows)):
+            tp = rows[c][c]
+            support = sum(rows[c])
+            predicted = sum(r[c] for r in rows)
+            precision = tp / predicted if predicted else 0.0
+            recall = tp / support if support else 0.0
+            f1 = 2 * precision * recall / (precision + recall) if precision + recall > 0 else 0.0
+            out.append((precision, recall, f1, support))
+        return out
+
+    def value(self, metric: str, class_index: int | None = None) -> float:
+        """The figure `metric` names: accuracy, macro-f1, macro-recall, or f1:<class> (the F1 of `class_index`)."""
+        if metric == "accuracy":
+            return self.accuracy
+        if metric == "macro-f1":
+            return self.macro_f1
+        if metric == "macro-recall":
+            return self.macro_recall
+        if metric.startswith("f1:") and class_index is not None and class_index < len(self.confusion):
+            return self.per_class()[class_index][2]
+        raise ConfigError(f"cannot compute metric {metric!r} on this result")
 
 
 def classification_scores(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> tuple[float, float]:
@@ -209,7 +239,8 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: in
     pred = torch.cat(preds)
     acc = float((pred == y).double().mean())
     f1, recall = classification_scores(pred, y, num_classes)
-    return EvalResult(n, total / n, acc, f1, recall)
+    cm = torch.bincount(y * num_classes + pred, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+    return EvalResult(n, total / n, acc, f1, recall, tuple(tuple(int(v) for v in row) for row in cm.tolist()))
 
 
 def state_of(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -7,9 +7,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from edgetrain import recipes
 from edgetrain.datasets import Dataset, load_dataset, shard_indices
 from edgetrain.errors import ConfigError
-from edgetrain.models import ModelInput, build_model, input_features
+from edgetrain.models import ModelInput, build_model, default_lr, input_features
 from edgetrain.spec import DataLocation, RunSpec
 from edgetrain.training import balanced_class_weights
 
@@ -25,13 +26,15 @@ class Workload:
 
     def model_input(self) -> ModelInput:
         vocab = len(self.data.vocab) if self.data.vocab is not None else 0
+        if self.data.ngram_buckets:
+            return ModelInput(self.data.num_classes, vocab, self.data.ngram_buckets)
         return ModelInput(num_classes=self.data.num_classes, vocab_size=vocab)
 
     def new_model(self) -> nn.Module:
         """The run's initial model: the same weights on every node (seeded by the spec)."""
         return build_model(self.model_name, self.model_input(), seed=self.spec.seed)
 
-    def class_weights(self) -> torch.Tensor | None:
+    def class_weights(self) -> torch.Tensor | None:  # (the spec's weighting is resolved: never "auto" here)
         """Loss weights per class when the spec asks for them, from the whole train split (same on every node)."""
         if self.spec.class_weighting == "balanced":
             return balanced_class_weights(self.data.train.y, self.data.num_classes)
@@ -43,24 +46,55 @@ class Workload:
         )
 
 
-def load_workload(spec: RunSpec, where: DataLocation | None = None, *, progress: bool = False) -> Workload:
-    """Load the data set, check its fingerprint against the spec's (when the spec has one)."""
+def load_workload(
+    spec: RunSpec, where: DataLocation | None = None, *, metric: str = "", progress: bool = False
+) -> Workload:
+    """Load the data set, check its fingerprint against the spec's (when the spec has one).
+
+    What the spec leaves to the defaults (model "", lr or lr decay None, class weighting "auto") is filled in
+    from the data (and the run's `metric`, "" for the data set's) by the rules of `edgetrain.recipes`: the
+    returned workload's spec names everything.
+    """
     where = where or DataLocation()
+    # Text is encoded for the model: the default one's encoding when none is named (images ignore it).
     data = load_dataset(
         spec.dataset,
         data_dir=where.data_dir,
         data_path=where.data_path,
+        test_path=where.test_path,
+        val_path=where.val_path,
         cache_dir=where.cache_dir,
         download=where.download,
         seed=spec.seed,
         max_len=spec.max_len,
         limit=spec.limit or None,
         progress=progress,
-        text_features=input_features(spec.model),
+        text_features=input_features(spec.model or recipes.TEXT_MODEL),
     )
     if spec.data_fingerprint and data.fingerprint != spec.data_fingerprint:
         raise ConfigError(
             f"data set {spec.dataset!r} here has fingerprint {data.fingerprint[:12]}, the coordinator's is "
             f"{spec.data_fingerprint[:12]}: different files, version or preprocessing"
         )
+    spec = resolve_spec(spec, data, metric)
     return Workload(spec=spec if spec.data_fingerprint else spec.with_(data_fingerprint=data.fingerprint), data=data)
+
+
+def label_counts(data: Dataset) -> list[int]:
+    """Examples of each class in the train split."""
+    return torch.bincount(data.train.y, minlength=data.num_classes).tolist()
+
+
+def resolve_spec(spec: RunSpec, data: Dataset, metric: str = "") -> RunSpec:
+    """Fill in what the spec leaves to the recipe (edgetrain.recipes): model, lr, lr decay, class weighting."""
+    model = spec.model or data.default_model
+    weighting = spec.class_weighting
+    if weighting == "auto":
+        counts = label_counts(data)
+        weighting = recipes.class_weighting(counts, metric or recipes.default_metric(data.name, data.classes, counts))
+    filled = {"model": model, "class_weighting": weighting,
+              "lr": spec.lr if spec.lr is not None else default_lr(model),
+              "lr_decay": spec.lr_decay if spec.lr_decay is not None else recipes.lr_decay(model, len(data.train))}
+    if all(getattr(spec, k) == v for k, v in filled.items()):
+        return spec
+    return spec.with_(**filled)

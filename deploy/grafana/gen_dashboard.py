@@ -261,9 +261,11 @@ def panels() -> list[Panel]:
     ps.append(
         timeseries(
             "Global accuracy and macro-F1",
-            targets((f"max({m.GLOBAL_ACCURACY})", "accuracy"), (f"max({m.GLOBAL_MACRO_F1})", "macro-F1")),
+            targets((f"max({m.GLOBAL_ACCURACY})", "accuracy"), (f"max({m.GLOBAL_MACRO_F1})", "macro-F1"),
+                    (f"max({m.GLOBAL_METRIC})", "the run's --metric")),
             "percentunit",
-            "Test metrics of the global model, evaluated by the coordinator after each round.",
+            "Test metrics of the global model, evaluated by the coordinator after each round; the run's "
+            "--metric (accuracy, macro-F1, macro-recall or one class's F1) is the one that decides it.",
             lo=0,
             hi=1,
         )

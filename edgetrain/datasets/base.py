@@ -97,6 +97,8 @@ class Dataset:
     vocab: Vocab | None
     fingerprint: str
     default_model: str
+    ngram_buckets: int = 0  # hash buckets of n-gram features (0: token ids or images)
+    class_descriptions: tuple[str, ...] = ()  # what mapping.txt says of each class beyond its name, if anything
 
     @property
     def num_classes(self) -> int:

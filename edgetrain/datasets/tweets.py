@@ -136,29 +136,55 @@ def _decode_lines(data: bytes, source: Path) -> list[str]:
     return [line.removesuffix("\r") for line in lines]
 
 
-def read_mapping(path: Path) -> tuple[str, ...]:
-    """Class names from a TweetEval ``mapping.txt`` (``id<TAB>name`` per line, ids 0..k-1 in order)."""
-    names: list[str] = []
+@dataclass(frozen=True)
+class ClassMapping:
+    """Class names in id order, and what else the mapping says of each (empty when nothing)."""
+
+    names: tuple[str, ...]
+    descriptions: tuple[str, ...] = ()
+
+
+def read_mapping(path: Path) -> ClassMapping:
+    """Class names from a TweetEval ``mapping.txt``, in every layout TweetEval uses.
+
+    One class a line: ``id<TAB>name`` (most tasks), ``id<TAB>name<TAB>more`` (emoji: the emoji, then its
+    description; the columns after the second are kept as the description) or ``id name`` separated by spaces.
+    Ids are 0..k-1, each once, in any order; blank lines are skipped.
+    """
+    found: dict[int, tuple[str, str]] = {}
     for number, line in enumerate(_decode_lines(read_maybe_gzip(path), path), start=1):
+        line = line.removeprefix("\ufeff")
         if not line.strip():
             continue
-        fields = line.split("\t")
-        if len(fields) != 2 or fields[0].strip() != str(len(names)) or not fields[1].strip():
-            raise DatasetFormatError(f"{path}: line {number}: expected '{len(names)}<TAB>name', found {line!r}")
-        names.append(fields[1].strip())
-    if not names:
+        fields = line.split("\t") if "\t" in line else line.split(None, 1)
+        fields = [f.strip() for f in fields]
+        key = fields[0]
+        if len(fields) < 2 or not key.isascii() or not key.isdigit() or not fields[1]:
+            raise DatasetFormatError(f"{path}: line {number}: expected 'id<TAB>name', found {line!r}")
+        if int(key) in found:
+            raise DatasetFormatError(f"{path}: line {number}: id {key} twice")
+        found[int(key)] = (fields[1], " ".join(f for f in fields[2:] if f))
+    if not found:
         raise DatasetFormatError(f"{path}: file is empty")
-    return tuple(names)
+    missing = [i for i in range(len(found)) if i not in found]
+    if missing:
+        raise DatasetFormatError(f"{path}: ids must be 0..{len(found) - 1}; {missing[0]} is missing")
+    names = tuple(found[i][0] for i in range(len(found)))
+    if len(set(names)) != len(names):
+        raise DatasetFormatError(f"{path}: repeats a class name")
+    descriptions = tuple(found[i][1] for i in range(len(found)))
+    return ClassMapping(names, descriptions if any(descriptions) else ())
 
 
-def _parse_label(text: str, classes: tuple[str, ...], source: Path, line: int) -> int:
+def _parse_label(text: str, classes: int | None, source: Path, line: int) -> int:
     stripped = text.strip()
-    if stripped.isascii() and stripped.isdigit() and int(stripped) < len(classes):
+    if stripped.isascii() and stripped.isdigit() and (classes is None or int(stripped) < classes):
         return int(stripped)
-    raise DatasetFormatError(f"{source}: line {line}: label {text!r} is not a class id 0..{len(classes) - 1}")
+    ids = "a class id" if classes is None else f"a class id 0..{classes - 1}"
+    raise DatasetFormatError(f"{source}: line {line}: label {text!r} is not {ids}")
 
 
-def _read_native(text_path: Path, labels_path: Path, classes: tuple[str, ...]) -> LabelledTexts:
+def _read_native(text_path: Path, labels_path: Path, classes: int | None) -> LabelledTexts:
     texts = _decode_lines(read_maybe_gzip(text_path), text_path)
     raw_labels = _decode_lines(read_maybe_gzip(labels_path), labels_path)
     if len(texts) != len(raw_labels):
@@ -171,7 +197,7 @@ def _read_native(text_path: Path, labels_path: Path, classes: tuple[str, ...]) -
     return LabelledTexts(texts, labels)
 
 
-def _read_tsv(path: Path, classes: tuple[str, ...]) -> LabelledTexts:
+def _read_tsv(path: Path, classes: int | None) -> LabelledTexts:
     texts: list[str] = []
     labels: list[int] = []
     for number, line in enumerate(_decode_lines(read_maybe_gzip(path), path), start=1):
@@ -189,21 +215,26 @@ def _first_file(folder: Path, names: list[str]) -> Path | None:
     return next((folder / n for n in names if (folder / n).is_file()), None)
 
 
-def read_tweeteval_dir(data_dir: Path) -> tuple[tuple[str, ...], dict[str, LabelledTexts]]:
-    """Read a TweetEval sentiment folder in either layout; return (class names, splits).
+def read_tweeteval_dir(
+    data_dir: Path, *, name: str = "tweeteval-sentiment"
+) -> tuple[ClassMapping, dict[str, LabelledTexts]]:
+    """Read a TweetEval task folder in either layout; return (class mapping, splits).
 
     Native layout: ``{train,val,test}_text.txt`` + ``{train,val,test}_labels.txt``. TSV
     layout: ``label<TAB>text`` in ``train.tsv.gz`` (or ``train.reconstructed.tsv.gz``),
     ``val.tsv.gz``, ``test.tsv.gz`` (plain ``.tsv`` also accepted). ``mapping.txt`` gives
-    the class names; without it they are negative, neutral, positive.
+    the class names (see :func:`read_mapping`); without it they are negative, neutral, positive
+    for ``tweeteval-sentiment`` and the ids 0..k-1 (k: one more than the largest label) otherwise.
     """
     if not data_dir.is_dir():
-        raise DatasetError(f"tweeteval-sentiment: data dir {data_dir} does not exist")
-    mapping = data_dir / "mapping.txt"
-    classes = read_mapping(mapping) if mapping.is_file() else SENTIMENT_CLASSES
+        raise DatasetError(f"{name}: data dir {data_dir} does not exist")
+    mapping_path = data_dir / "mapping.txt"
+    if mapping_path.is_file():
+        mapping: ClassMapping | None = read_mapping(mapping_path)
+    else:
+        mapping = ClassMapping(SENTIMENT_CLASSES) if name == "tweeteval-sentiment" else None
+    count = len(mapping.names) if mapping is not None else None
     native = {s: (data_dir / f"{s}_text.txt", data_dir / f"{s}_labels.txt") for s in TWEETEVAL_SPLITS}
-    if all(t.is_file() and lab.is_file() for t, lab in native.values()):
-        return classes, {s: _read_native(t, lab, classes) for s, (t, lab) in native.items()}
     tsv: dict[str, Path | None] = {
         s: _first_file(
             data_dir,
@@ -212,14 +243,23 @@ def read_tweeteval_dir(data_dir: Path) -> tuple[tuple[str, ...], dict[str, Label
         )
         for s in TWEETEVAL_SPLITS
     }
-    if all(p is not None for p in tsv.values()):
-        return classes, {s: _read_tsv(p, classes) for s, p in tsv.items() if p is not None}
-    missing_native = [p.name for pair in native.values() for p in pair if not p.is_file()]
-    missing_tsv = [f"{s}.tsv.gz" for s, p in tsv.items() if p is None]
-    raise DatasetError(
-        f"tweeteval-sentiment: {data_dir} holds neither layout: native needs {', '.join(missing_native)}; "
-        f"TSV needs {', '.join(missing_tsv)}"
-    )
+    if all(t.is_file() and lab.is_file() for t, lab in native.values()):
+        splits = {s: _read_native(t, lab, count) for s, (t, lab) in native.items()}
+    elif all(p is not None for p in tsv.values()):
+        splits = {s: _read_tsv(p, count) for s, p in tsv.items() if p is not None}
+    else:
+        missing_native = [p.name for pair in native.values() for p in pair if not p.is_file()]
+        missing_tsv = [f"{s}.tsv.gz" for s, p in tsv.items() if p is None]
+        raise DatasetError(
+            f"{name}: {data_dir} holds neither layout: native needs {', '.join(missing_native)}; "
+            f"TSV needs {', '.join(missing_tsv)}"
+        )
+    if mapping is None:
+        k = 1 + max(max(split.labels) for split in splits.values())
+        if k < 2:
+            raise DatasetFormatError(f"{name}: {data_dir} has one class only and no mapping.txt")
+        mapping = ClassMapping(tuple(str(i) for i in range(k)))
+    return mapping, splits
 
 
 def tweeteval_url() -> str:

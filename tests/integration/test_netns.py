@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 import torch
 
+from coordinator import checkpoint
 from tests.integration.conftest import Hosts, need_netns
 from tests.integration.test_faults import CORES, Procs, free_port, kill, wait_for
 from tests.integration.test_security import TOKEN, _ca, _leaf
@@ -112,8 +113,7 @@ def _records(path: Path) -> list[dict[str, Any]]:
 
 
 def _model(run_dir: Path) -> dict[str, torch.Tensor]:
-    state: dict[str, torch.Tensor] = torch.load(run_dir / "model.pt", weights_only=True)
-    return state
+    return checkpoint.load_model(run_dir / checkpoint.MODEL)  # checksummed safetensors, nothing unpickled
 
 
 def assert_same_model(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:

@@ -75,3 +75,26 @@ def test_tweeteval_sentiment_shared_layout() -> None:
     assert data.vocab is not None and len(data.vocab) == 20000  # the cap: over 20k tokens occur twice
     assert data.train.x.shape == (45620, 64)
     assert load_dataset("tweeteval-sentiment", data_dir=folder).fingerprint == data.fingerprint
+
+
+# the four complete TweetEval tasks (shared/data README §2a): class names, split sizes, train labels
+TWEETEVAL_TASKS = {
+    "emotion": (("anger", "joy", "optimism", "sadness"), (3257, 374, 1421), [1400, 708, 294, 855], "macro-f1"),
+    "hate": (("not-hate", "hate"), (9000, 1000, 2970), [5217, 3783], "macro-f1"),
+    "irony": (("non_irony", "irony"), (2862, 955, 784), [1417, 1445], "f1:irony"),
+    "offensive": (("not-offensive", "offensive"), (11916, 1324, 860), [7975, 3941], "macro-f1"),
+}
+
+
+@pytest.mark.parametrize("task", sorted(TWEETEVAL_TASKS))
+def test_every_tweeteval_task_loads_with_its_own_metric(task: str) -> None:
+    from edgetrain import recipes
+
+    folder = require(f"tweets/tweeteval-{task}")
+    classes, sizes, train_counts, metric = TWEETEVAL_TASKS[task]
+    data = load_dataset("tweeteval", data_dir=folder, download=False, text_features="ngrams")
+    assert data.classes == classes and data.val is not None
+    assert (len(data.train), len(data.val), len(data.test)) == sizes
+    assert data.train.y.bincount().tolist() == train_counts
+    assert recipes.default_metric("tweeteval", data.classes, train_counts) == metric
+    assert data.ngram_buckets == recipes.ngram_buckets(sizes[0], len(classes))

@@ -58,6 +58,14 @@ needs_openssl = pytest.mark.skipif(shutil.which("openssl") is None, reason="make
         (("--aggregator", "max"), "unknown aggregator 'max'; choose from mean, median, trimmed-mean"),
         (("--shard-scheme", "round-robin"), "unknown shard scheme 'round-robin'; choose from iid, dirichlet"),
         (("--update-dtype", "int4"), "unknown update dtype 'int4'; choose from float32, float16, bfloat16, int8"),
+        (("--metric", "f1"), "unknown --metric 'f1'; choose from accuracy, macro-f1, macro-recall or f1:<class>"),
+        (("--metric", "f1:sarcasm"), "--metric f1:sarcasm: no class 'sarcasm'; classes: negative, neutral, positive"),
+        (("--target", "2"), "--target is a fraction in (0, 1], got 2.0"),
+        (("--target", "0.5", "--target-accuracy", "0.6"), "--target-accuracy is --target with --metric accuracy"),
+        (("--target-accuracy", "0.6", "--metric", "macro-f1"), "--target-accuracy judges accuracy, not --metric"),
+        (("--class-weighting", "lots"), "unknown class weighting 'lots'; choose from none, balanced, auto"),
+        (("--test-path", "x.csv"), "tweets has its own splits; --test-path and --val-path are for csv and tsv"),
+        (("--dataset", "tweeteval"), "tweeteval needs --data-dir: a TweetEval task's folder"),
     ],
 )
 def test_bad_values_are_one_line(args: tuple[str, ...], message: str, tmp_path: Path) -> None:

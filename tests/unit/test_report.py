@@ -220,3 +220,43 @@ def test_cli_on_a_malformed_log_fails_with_one_line_naming_file_and_line(tmp_pat
     assert proc.returncode != 0
     assert len(proc.stderr.splitlines()) == 1, proc.stderr
     assert proc.stderr.startswith(f"coordinator: error: {path}:4: not a round record"), proc.stderr
+
+
+# ---- the confusion matrix of the model kept (result.json, written when a run ends)
+
+
+def result_json(classes: list[str], confusion: list[list[int]]) -> dict[str, Any]:
+    return {"metric": "macro-f1", "classes": classes, "round": 7, "chosen_on": "val",
+            "test": {"value": 0.61, "confusion": confusion}}
+
+
+@pytest.mark.parametrize("k", [2, 4, 120])
+def test_report_draws_the_confusion_matrix_of_the_kept_model(tmp_path: Path, k: int) -> None:
+    write_log(tmp_path, dumps(make_records()))
+    confusion = [[(5 if t == p else 1) * (t + 1) for p in range(k)] for t in range(k)]
+    (tmp_path / "result.json").write_text(json.dumps(result_json([f"class-{i}" for i in range(k)], confusion)))
+    paths = write_report(tmp_path, tmp_path / "plots")
+    assert [p.name for p in paths] == ["accuracy.png", "round_time.png", "confusion.png"]
+    width, height = png_size(paths[2])
+    assert width >= 600 and height >= 500 and (k < 100 or width > 2000)  # many classes: a bigger figure
+    import matplotlib.image
+
+    assert matplotlib.image.imread(paths[2]).std() > 0.05
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda r: r.pop("test"), "not a run result ('test')"),
+        (lambda r: r["test"].update(confusion=[[1, 2]]), "the confusion matrix is not 2 x 2"),
+        (lambda r: r.update(classes=None), "not a run result"),
+    ],
+)
+def test_a_broken_result_json_is_one_line(tmp_path: Path, change: Any, message: str) -> None:
+    write_log(tmp_path, dumps(make_records()))
+    result = result_json(["a", "b"], [[3, 1], [2, 4]])
+    change(result)
+    (tmp_path / "result.json").write_text(json.dumps(result))
+    proc = run_cli(str(tmp_path))
+    assert proc.returncode != 0 and len(proc.stderr.splitlines()) == 1, proc.stderr
+    assert proc.stderr.startswith(f"coordinator: error: {tmp_path / 'result.json'}: ") and message in proc.stderr

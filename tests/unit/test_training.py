@@ -116,7 +116,8 @@ def test_default_learning_rates() -> None:
     from edgetrain.spec import RunSpec
 
     assert default_lr("text-ngram") == 0.1
-    assert default_lr("") == default_lr("text-cnn") == DEFAULT_LR == RunSpec().lr
+    assert default_lr("") == default_lr("text-cnn") == DEFAULT_LR == RunSpec(model="text-cnn").lr
+    assert RunSpec().lr is None  # no model named: the data set's default model gives it (workload.resolve_spec)
     assert RunSpec(model="text-ngram").lr == 0.1  # a spec built in Python gets the model's rate, as the CLI does
     assert RunSpec(model="text-ngram", lr=0.003).lr == 0.003
     wire = RunSpec(model="text-ngram").to_proto()
