@@ -2,14 +2,16 @@
 the operator token, through links that lose packets, jitter, partition and heal (tests/integration/netns.py).
 
 Every run is the real CLIs (`coordinator run`, `edge-agent start` pinned to a core) started with `ip netns exec`,
-K=1 plain SGD on deterministic shards of a small model (mnist-mlp, 100 KB of weights, on mnist-5k): the same seeds
-give the same global model whatever the timing, so a fault that loses, repeats or corrupts an update shows as a
-different final model, and rounds.jsonl shows which rounds ran with whom.
+plain SGD on deterministic shards of a small model (mnist-mlp, 100 KB of weights, on mnist-5k). The whole runs
+use K=1 and are compared with the same seeds on loopback: the timing changes, the global model must not, so a
+fault that loses, repeats or corrupts an update shows as a different final model. rounds.jsonl shows which
+rounds ran, once each, and with whom.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import subprocess
 import time
@@ -43,6 +45,8 @@ class Tls:
 
     @classmethod
     def make(cls, folder: Path, address: str) -> Tls:
+        if shutil.which("openssl") is None:
+            pytest.skip("needs the openssl command-line tool to make test certificates")
         folder.mkdir()
         ca = _ca(folder, "ca")
         cert, key = _leaf(folder, "server", ca, f"subjectAltName=IP:{address}\nextendedKeyUsage=serverAuth")
