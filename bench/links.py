@@ -176,6 +176,10 @@ def main() -> None:
                 records = run_once(LINKS["loopback"], None, args.data_dir, k, dtype, rounds, folder)
                 accuracy[(k, dtype)] = records[-1]["accuracy"]
                 bar.update(task, advance=1, description=f"accuracy K={k} {dtype}: {accuracy[(k, dtype)]:.4f}")
+        print(f"\nMNIST CNN, 2 agents x 1 core, batch {BATCH}; accuracy after {args.budget:,} samples (on loopback); "
+              f"time per round: median of {args.timed_rounds} rounds after the first\n")
+        print("| link | K | update | MB up per update | s per round | samples/s | time for the budget "
+              "| test accuracy |\n|---|---|---|---|---|---|---|---|", flush=True)
         for link in links:
             net = shaped(link) if link.rate_bits is not None or link.delay_s else None
             try:
@@ -189,21 +193,20 @@ def main() -> None:
                         rows.append({"link": link.name, "k": k, "dtype": dtype, "mb": mb, "round_s": per_round,
                                      "samples_s": sps, "budget_s": rounds * per_round,
                                      "accuracy": accuracy[(k, dtype)]})
+                        print(row(rows[-1]), flush=True)  # as it comes: a cut-short grid keeps what it measured
                         bar.update(task, advance=1, description=f"{link.name} K={k} {dtype}: {per_round:.3f} s/round "
                                                                 f"({time.monotonic() - t0:.0f} s)")
             finally:
                 if net is not None:
                     net.close()
-    print(f"\nMNIST CNN, 2 agents x 1 core, batch {BATCH}; accuracy after {args.budget:,} samples "
-          f"(loopback; the same model on every link); time per round: median of {args.timed_rounds} rounds\n")
-    print("| link | K | update | MB up per update | s per round | samples/s | time for the budget | test accuracy |")
-    print("|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['link']} | {r['k']} | {r['dtype']} | {r['mb']:.2f} | {r['round_s']:.3f} | {r['samples_s']:,.0f} | "
-              f"{r['budget_s']:.1f} s | {r['accuracy']:.4f} |")
     if args.out is not None:
         plot(rows, links, ks, dtypes, args.out)
         print(f"\nwrote {args.out}")
+
+
+def row(r: dict[str, Any]) -> str:
+    return (f"| {r['link']} | {r['k']} | {r['dtype']} | {r['mb']:.2f} | {r['round_s']:.3f} | {r['samples_s']:,.0f} | "
+            f"{r['budget_s']:.1f} s | {r['accuracy']:.4f} |")
 
 
 def plot(rows: list[dict[str, Any]], links: list[Link], ks: list[int], dtypes: list[str], out: Path) -> None:
