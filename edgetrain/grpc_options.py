@@ -22,8 +22,8 @@ def _shortened(name: str, default: int) -> int:
 
 # Clients ping every 60 s while a long-poll is idle so NATs and proxies on edge links keep the connection;
 # the server accepts pings that often (its default minimum, 5 min, would answer GOAWAY "too_many_pings").
-# Both sides also ping: a connection whose packets vanish without a reset (a half-open link) is closed at most
-# KEEPALIVE_TIME_MS + KEEPALIVE_TIMEOUT_MS (80 s) after its last packet, and its calls fail UNAVAILABLE.
+# Both sides also ping: a connection whose packets vanish without a reset (a half-open link) is closed about
+# KEEPALIVE_TIME_MS + KEEPALIVE_TIMEOUT_MS (80 s) after it went silent, and its calls fail UNAVAILABLE.
 # The EDGETRAIN_KEEPALIVE_*_MS variables can only shorten them: tests use them to see that bound in seconds.
 KEEPALIVE_TIME_MS = _shortened("EDGETRAIN_KEEPALIVE_TIME_MS", 60_000)
 KEEPALIVE_TIMEOUT_MS = _shortened("EDGETRAIN_KEEPALIVE_TIMEOUT_MS", 20_000)
