@@ -18,8 +18,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_agents_killed_and_restarted_lose_no_round_and_staging_ends_empty(tmp_path: Path) -> None:
     out = tmp_path / "soak.json"
-    done = subprocess.run([sys.executable, str(ROOT / "bench" / "soak.py"), "--agents", "4", "--rounds", "40",
-                           "--kill-every", "8", "--seed", "1", "--json", str(out)],
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "soak.py"), "--agents", "4", "--rounds", "120",
+                           "--kill-every", "10", "--seed", "1", "--json", str(out)],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     r = json.loads(out.read_text())

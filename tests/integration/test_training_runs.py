@@ -80,7 +80,11 @@ def test_local_run_pins_workers_reaches_accuracy_and_cleans_up(tmp_path: Path) -
     coord.start()
     agents = [psutil.Process(p.pid) for p in coord.local_agents]
     for agent in agents:  # where the coordinator found its data, so do its agents, and nowhere else
-        args = agent.cmdline()
+        # Popen returns once the child's execve has begun, but /proc/PID/cmdline is empty until the kernel has
+        # set up the new program's arguments: on a loaded machine psutil read [] here
+        end = time.monotonic() + 30
+        while not (args := agent.cmdline()) and time.monotonic() < end:
+            time.sleep(0.01)
         assert "--no-download" in args and args[args.index("--cache-dir") + 1] == str(tmp_path / "cache"), args
     runner.start()
     seen: dict[int, list[int]] = {}
