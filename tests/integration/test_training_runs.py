@@ -132,7 +132,7 @@ def test_local_run_pins_workers_reaches_accuracy_and_cleans_up(tmp_path: Path) -
     coord._model.register_forward_pre_hook(lambda m, _: seen.update(
         (k, v.data_ptr()) for k, v in m.state_dict().items()))
     glob = coord.engine.global_state
-    assert coord._evaluate(glob).accuracy == result.final.accuracy
+    assert coord._evaluate(glob)[0].accuracy == result.final.accuracy  # (test, val)
     assert seen == {k: v.data_ptr() for k, v in glob.items()}
     assert all(t.device.type == "meta" for t in coord._model.state_dict().values())
     majority = float(torch.bincount(coord.workload.data.test.y).max()) / len(coord.workload.data.test.y)  # type: ignore[union-attr]
