@@ -224,11 +224,12 @@ def test_an_epochs_run_logs_its_final_evaluation(tmp_path: Path) -> None:
     from tests.unit.test_report import assert_sensible_png, make_records
 
     made = make_records()
-    assert set(made[-1]) == set(logged[-1]) and set(made[0]) - set(logged[0]) <= {"accuracy", "loss", "macro_f1",
-                                                                                  "macro_recall"}
+    evaluated = {"accuracy", "loss", "macro_f1", "macro_recall", "metric"}
+    evaluated |= {f"val_{name}" for name in evaluated}
+    assert set(made[-1]) == set(logged[-1]) and set(made[0]) - set(logged[0]) <= evaluated
     assert set(made[0]["nodes"]["agent-a"]) == set(logged[0]["nodes"]["local-0"])
     paths = write_report(tmp_path, tmp_path / "report")
-    assert [p.name for p in paths] == ["accuracy.png", "round_time.png"]
+    assert [p.name for p in paths] == ["accuracy.png", "round_time.png", "confusion.png"]  # the run's result.json
     for path in paths:
         assert_sensible_png(path)
 
