@@ -22,6 +22,11 @@ from edgetrain.spec import RunSpec
 from edgetrain.training import evaluate
 from edgetrain.workload import load_workload
 
+
+def _no_nan(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")
+
+
 SPEC = RunSpec(dataset="tweets", model="text-ngram", limit=2000, seed=1, class_weighting="auto", lr_decay=None)
 
 
@@ -38,7 +43,7 @@ def test_the_best_round_on_val_is_kept_reported_and_exported(tmp_path: Path) -> 
     # the round kept is the first with the highest val figure, whatever test says
     val = [r["val_metric"] for r in logged]
     best = val.index(max(val))
-    saved = json.loads((run_dir / RESULT).read_text())
+    saved = json.loads((run_dir / RESULT).read_text(), parse_constant=_no_nan)  # strict JSON: other tools read it
     assert saved["metric"] == "macro-recall" and saved["chosen_on"] == "val"
     assert saved["round"] == best + 1  # rounds completed when that model was evaluated
     assert saved["val"]["value"] == val[best] and saved["test"]["value"] == logged[best]["macro_recall"]
