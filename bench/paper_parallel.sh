@@ -19,7 +19,7 @@ else
 fi
 
 python bench/quiet.py --max-wait 900
-coordinator bench parallel --dataset tweets "${tweets[@]}" --quiet-wait 300 --max-other-load 10 --retries 5 --out "$OUT/parallel-tweets"
+coordinator bench parallel --dataset tweets --model text-cnn "${tweets[@]}" --quiet-wait 300 --max-other-load 10 --retries 5 --out "$OUT/parallel-tweets"
 mv "$OUT/parallel-tweets/parallel.png" docs/img/parallel-tweets.png
 
 python bench/quiet.py --max-wait 900
@@ -28,6 +28,6 @@ mv "$OUT/parallel-mnist/parallel.png" docs/img/parallel-mnist.png
 
 # where edgetrain's per-round cost goes: the same tweets run with 4x fewer, 4x longer rounds
 python bench/quiet.py --max-wait 900
-coordinator bench parallel --dataset tweets "${tweets[@]}" --local-steps 32 --quiet-wait 300 --max-other-load 10 \
+coordinator bench parallel --dataset tweets --model text-cnn "${tweets[@]}" --local-steps 32 --quiet-wait 300 --max-other-load 10 \
   --retries 5 --out "$OUT/parallel-tweets-k32"
 mv "$OUT/parallel-tweets-k32/parallel.png" docs/img/parallel-tweets-k32.png

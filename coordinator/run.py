@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import subprocess
 import sys
@@ -99,7 +100,7 @@ class Choice:
             if r is None:
                 return None
             return {"value": self.value(r), "accuracy": r.accuracy, "macro_f1": r.macro_f1,
-                    "macro_recall": r.macro_recall, "loss": r.loss, "n": r.n,
+                    "macro_recall": r.macro_recall, "loss": r.loss if math.isfinite(r.loss) else None, "n": r.n,
                     "per_class": [dict(zip(("precision", "recall", "f1", "support"), row, strict=True))
                                   for row in r.per_class()],
                     "confusion": [list(row) for row in r.confusion]}

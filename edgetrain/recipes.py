@@ -102,10 +102,6 @@ class Metric:
     name: str
     class_index: int | None = None  # for f1:<class>
 
-    @property
-    def label(self) -> str:
-        return self.name
-
 
 def metric_problem(name: str, classes: Sequence[str] | None = None) -> str | None:
     """Why `name` is no metric (of a data set with these classes), or None."""

@@ -9,6 +9,7 @@ real gRPC over loopback (port 0).
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -22,6 +23,9 @@ import torch
 
 from coordinator import checkpoint
 from edgetrain.samehost import DIR_PREFIX, SHM_ROOT
+from edgetrain.spec import RunSpec
+from edgetrain.training import evaluate
+from edgetrain.workload import load_workload
 from tests.integration.test_faults import wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -98,8 +102,17 @@ def test_a_signal_stops_the_run_cleanly_with_a_checkpoint_of_every_logged_round(
         assert f"{ck.completed_rounds} rounds in" in out_path.read_text(), text
         model = checkpoint.load_model(run_dir / checkpoint.MODEL)
         assert model.keys() == ck.state.keys()
-        for name, tensor in model.items():  # the final model is the checkpoint's: nothing trained after it
-            assert torch.equal(tensor, ck.state[name]), name
+        # the final model is the round best on val, a logged one: evaluated again it scores what that round logged
+        kept = json.loads((run_dir / "result.json").read_text())["round"]
+        assert 1 <= kept <= ck.completed_rounds
+        wl = load_workload(RunSpec(dataset="tweets", model="text-bag", limit=2000))
+        net = wl.new_model()
+        net.load_state_dict(model)
+        assert wl.data.val is not None
+        val = evaluate(net, wl.data.val.x, wl.data.val.y, wl.data.num_classes)
+        assert val.accuracy == json.loads(lines[kept - 1])["val_accuracy"]
+        if kept == ck.completed_rounds:  # the last round: the checkpoint's model, nothing trained after it
+            assert all(torch.equal(tensor, ck.state[name]) for name, tensor in model.items())
 
         wait_for(lambda: not session_members(sid), 30, "every process of the run to exit")
         assert not shm_dirs(coord.pid), shm_dirs(coord.pid)

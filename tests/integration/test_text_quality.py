@@ -22,6 +22,11 @@ from edgetrain.spec import RunSpec
 from edgetrain.training import evaluate
 from edgetrain.workload import load_workload
 
+
+def _no_nan(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")
+
+
 SPEC = RunSpec(dataset="tweets", model="text-ngram", limit=2000, seed=1, class_weighting="auto", lr_decay=None)
 
 
@@ -38,7 +43,7 @@ def test_the_best_round_on_val_is_kept_reported_and_exported(tmp_path: Path) -> 
     # the round kept is the first with the highest val figure, whatever test says
     val = [r["val_metric"] for r in logged]
     best = val.index(max(val))
-    saved = json.loads((run_dir / RESULT).read_text())
+    saved = json.loads((run_dir / RESULT).read_text(), parse_constant=_no_nan)  # strict JSON: other tools read it
     assert saved["metric"] == "macro-recall" and saved["chosen_on"] == "val"
     assert saved["round"] == best + 1  # rounds completed when that model was evaluated
     assert saved["val"]["value"] == val[best] and saved["test"]["value"] == logged[best]["macro_recall"]
@@ -76,3 +81,26 @@ def test_the_best_round_on_val_is_kept_reported_and_exported(tmp_path: Path) -> 
     paths = write_report(run_dir, tmp_path / "plots")
     assert [p.name for p in paths] == ["accuracy.png", "round_time.png", "confusion.png"]
     assert paths[2].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and paths[2].stat().st_size > 5000
+
+
+def test_own_csv_with_test_and_val_files_trains_on_local_agents(tmp_path: Path) -> None:
+    """A local agent is given the same --test-path/--val-path: its data's fingerprint matches, so it trains."""
+    from edgetrain.spec import DataLocation
+
+    words = {"spam": "buy cheap pills now", "ham": "see you at lunch", "eggs": "breakfast with toast"}
+
+    def table(name: str, per_class: int) -> Path:
+        rows = "".join(f"{c},{text} {i}\n" for i in range(per_class) for c, text in words.items())
+        (tmp_path / name).write_text("label,text\n" + rows)
+        return tmp_path / name
+
+    where = DataLocation(data_path=table("train.csv", 40), test_path=table("test.csv", 5),
+                         val_path=table("val.csv", 4))
+    cfg = CoordinatorConfig(spec=RunSpec(dataset="csv"), where=where, port=0, rounds=3, local_agents=1,
+                            run_dir=tmp_path / "run", progress=False, round_timeout=120)
+    result = Coordinator(cfg).run()
+    assert result.completed_rounds == 3 and set(result.nodes) == {"local-0"}
+    saved = json.loads((tmp_path / "run" / RESULT).read_text())
+    assert saved["classes"] == ["eggs", "ham", "spam"] and saved["metric"] == "accuracy"  # balanced: accuracy
+    assert saved["test"]["n"] == 15 and saved["val"]["n"] == 12 and saved["chosen_on"] == "val"
+    assert saved["test"]["accuracy"] == 1.0  # three classes, each its own words

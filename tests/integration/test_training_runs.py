@@ -136,7 +136,7 @@ def test_local_run_pins_workers_reaches_accuracy_and_cleans_up(tmp_path: Path) -
     coord._model.register_forward_pre_hook(lambda m, _: seen.update(
         (k, v.data_ptr()) for k, v in m.state_dict().items()))
     glob = coord.engine.global_state
-    assert coord._evaluate(glob).accuracy == result.final.accuracy
+    assert coord._evaluate(glob)[0].accuracy == result.final.accuracy  # (test, val)
     assert seen == {k: v.data_ptr() for k, v in glob.items()}
     assert all(t.device.type == "meta" for t in coord._model.state_dict().values())
     majority = float(torch.bincount(coord.workload.data.test.y).max()) / len(coord.workload.data.test.y)  # type: ignore[union-attr]
@@ -228,11 +228,12 @@ def test_an_epochs_run_logs_its_final_evaluation(tmp_path: Path) -> None:
     from tests.unit.test_report import assert_sensible_png, make_records
 
     made = make_records()
-    assert set(made[-1]) == set(logged[-1]) and set(made[0]) - set(logged[0]) <= {"accuracy", "loss", "macro_f1",
-                                                                                  "macro_recall"}
+    evaluated = {"accuracy", "loss", "macro_f1", "macro_recall", "metric"}
+    evaluated |= {f"val_{name}" for name in evaluated}
+    assert set(made[-1]) == set(logged[-1]) and set(made[0]) - set(logged[0]) <= evaluated
     assert set(made[0]["nodes"]["agent-a"]) == set(logged[0]["nodes"]["local-0"])
     paths = write_report(tmp_path, tmp_path / "report")
-    assert [p.name for p in paths] == ["accuracy.png", "round_time.png"]
+    assert [p.name for p in paths] == ["accuracy.png", "round_time.png", "confusion.png"]  # the run's result.json
     for path in paths:
         assert_sensible_png(path)
 
