@@ -78,14 +78,19 @@ class Target:
 
 
 def pace(target: Target, seconds: float, peak: dict[str, float] | None = None) -> float:
-    """Rounds/s over `seconds`; `peak` collects the highest resource figures seen meanwhile."""
-    r0, t0 = target.round(), time.monotonic()
+    """Rounds/s over `seconds`; `peak` collects the highest resource figures seen meanwhile (a scrape every 5 s,
+    as often as a keen Prometheus; a scrape of tens of thousands of series costs the coordinator CPU too) and
+    the coordinator's CPU use over the window, in cores."""
+    r0, t0, cpu0 = target.round(), time.monotonic(), sum(target.ps.cpu_times()[:2])
     while time.monotonic() - t0 < seconds:
         if peak is not None:
             for k, v in target.resources().items():
                 peak[k] = max(peak.get(k, 0.0), v)
-        time.sleep(min(1.0, max(0.0, seconds - (time.monotonic() - t0))))
-    return (target.round() - r0) / (time.monotonic() - t0)
+        time.sleep(min(5.0, max(0.0, seconds - (time.monotonic() - t0))))
+    wall = time.monotonic() - t0
+    if peak is not None:
+        peak["cpu_cores"] = (sum(target.ps.cpu_times()[:2]) - cpu0) / wall
+    return (target.round() - r0) / wall
 
 
 # ---- the attacks: each starts in the background and returns a function that stops it
@@ -317,7 +322,8 @@ def main() -> int:
             after = pace(target, args.window)
             res = target.resources()
             rows.append((name, before, during, after, peak, res))
-            print(f"{name}: {before:.2f} -> {during:.2f} -> {after:.2f} rounds/s; peak RSS "
+            print(f"{name}: {before:.2f} -> {during:.2f} -> {after:.2f} rounds/s; coordinator CPU "
+                  f"{peak['cpu_cores']:.2f} cores; peak RSS "
                   f"{peak['rss_mb']:.0f} MB ({peak['rss_mb'] / idle['rss_mb']:.2f}x idle), threads "
                   f"{peak['threads']:.0f}, fds {peak['fds']:.0f}, series {peak['series']:.0f}; after: RSS "
                   f"{res['rss_mb']:.0f} MB, series {res['series']:.0f}", flush=True)
@@ -331,11 +337,12 @@ def main() -> int:
                 proc.kill()
         shutil.rmtree(run_dir, ignore_errors=True)
     print()
-    print(f"| attack | rounds/s before | during | after | pace during | peak RSS (x idle {idle['rss_mb']:.0f} MB) "
-          f"| peak threads | peak fds | peak series | series after |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print(f"| attack | rounds/s before | during | after | pace during | coordinator CPU during (cores) "
+          f"| peak RSS (x idle {idle['rss_mb']:.0f} MB) | peak threads | peak fds | peak series | series after |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for name, before, during, after, peak, res in rows:
         print(f"| {name} | {before:.2f} | {during:.2f} | {after:.2f} | {during / before:.0%} | "
+              f"{peak['cpu_cores']:.2f} | "
               f"{peak['rss_mb']:.0f} MB ({peak['rss_mb'] / idle['rss_mb']:.2f}x) | {peak['threads']:.0f} | "
               f"{peak['fds']:.0f} | {peak['series']:.0f} | {res['series']:.0f} |")
     worst = min((during / before for _, before, during, *_ in rows), default=1.0)

@@ -16,10 +16,13 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TypeVar
 
 from edgetrain.errors import ConfigError
 from edgetrain.grpc_options import address_host
 from edgetrain.metric_names import agent_name_problem, device_problem
+
+_A = TypeVar("_A")
 
 
 @dataclass(frozen=True)
@@ -55,8 +58,12 @@ class Limits:
     # ... nor, once every participant with a measured round time is in, for one without (a new agent, or one
     # that missed its last round) longer than this fraction of the round so far (and at least `min_grace`):
     # its first update that arrives, even late, gives it a measured time, and rounds wait for it from then on.
-    probation_grace_ratio: float = 0.5
-    min_grace_seconds: float = 0.25
+    probation_grace_ratio: float = 0.25
+    min_grace_seconds: float = 0.2
+    # Unmeasured agents that join one round: at most this many, or as many as its measured ones if more. A fleet
+    # that starts together is in within a few rounds (8, 16, 32, ...); agents that join and never send (ghosts
+    # that do fetch) cost each round one grace and one download each, not one per ghost that joined.
+    newcomers_per_round: int = 8
     # A measured participant is waited for up to `slack` times its measured round time (at least `min_wait`).
     slack: float = 3.0
     min_wait_seconds: float = 2.0
@@ -70,8 +77,22 @@ class Limits:
                 raise ConfigError(f"{name} must be positive")
         if self.max_agents < 1:
             raise ConfigError(f"--max-agents must be at least 1, got {self.max_agents}")
-        if self.calls_per_agent < 1 or self.join_burst < 1:
-            raise ConfigError("calls_per_agent and join_burst must be at least 1")
+        if self.calls_per_agent < 1 or self.join_burst < 1 or self.newcomers_per_round < 1:
+            raise ConfigError("calls_per_agent, join_burst and newcomers_per_round must be at least 1")
+
+
+def with_newcomers_capped(agents: list[_A], measured: Callable[[_A], bool], cap: int) -> list[_A]:
+    """`agents` (in admission order) with at most max(cap, number measured) unmeasured ones, the earliest first."""
+    known = sum(1 for a in agents if measured(a))
+    room = max(cap, known)
+    kept = []
+    for a in agents:
+        if measured(a):
+            kept.append(a)
+        elif room > 0:
+            kept.append(a)
+            room -= 1
+    return kept
 
 
 # ---- Join fields: everything a client sends is input, bounded before it is stored, logged or exported.

@@ -467,6 +467,11 @@ class RoundEngine:
                     return Work("WAIT", round=self.completed_rounds)
                 self._cv.wait(timeout=remaining)
 
+    def measured(self, agent_id: str) -> bool:
+        """Whether an earlier update measured the agent's round time (see `_waived`)."""
+        with self._cv:
+            return agent_id in self._per_step
+
     def busy(self) -> set[str]:
         """Agents that may be training now: never evicted as idle.
 

@@ -23,6 +23,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from coordinator import checkpoint
+from coordinator.admission import with_newcomers_capped
 from coordinator.config import CoordinatorConfig
 from coordinator.membership import Membership
 from coordinator.metrics import CoordinatorMetrics
@@ -381,7 +382,9 @@ class Coordinator:
                         stopped_by = spent
                         break
                     self._wait_for_agents()
-                    live = self.membership.live(ready_only=True)
+                    live = with_newcomers_capped(self.membership.live(ready_only=True),
+                                                 lambda a: engine.measured(a.agent_id),
+                                                 cfg.limits.newcomers_per_round)
                     if self.stop.is_set():
                         break
                     if not live:  # the last agent left between the wait and now

@@ -218,8 +218,9 @@ def test_agent_killed_mid_round_round_closes_short_world_shrinks_and_restart_rej
     assert [r["missing"] for r in short] == [["b"]]
     assert short[0]["round"] == killed_in
     assert set(short[0]["nodes"]) == {"a"}
-    # b had measured round times: the round waited for it its own slack (at least min_wait), not the whole 3 s
-    assert cfg.limits.min_wait_seconds - 0.1 <= short[0]["duration_seconds"] < cfg.round_timeout
+    # b had measured round times: the round waited for it its own slack (at least min_wait), capped by the 3 s
+    # deadline (a loaded machine's slow rounds can make the slack the longer; tests/unit/test_admission.py)
+    assert cfg.limits.min_wait_seconds - 0.1 <= short[0]["duration_seconds"] <= cfg.round_timeout + 0.5
     assert f"round {killed_in} closed without an update from b" in caplog.text  # the loss is logged
     later = [r for r in result.history[:-1] if r["round"] > killed_in]  # the last one was cut by the stop
     alone = [r for r in later if set(r["nodes"]) == {"a"}]

@@ -8,7 +8,15 @@ import time
 import pytest
 import torch
 
-from coordinator.admission import CallCounts, JoinRate, Limits, Watchdog, join_problem, metrics_address
+from coordinator.admission import (
+    CallCounts,
+    JoinRate,
+    Limits,
+    Watchdog,
+    join_problem,
+    metrics_address,
+    with_newcomers_capped,
+)
 from coordinator.membership import FullError, Membership
 from coordinator.rounds import LateUpdateError, NotParticipantError, RoundEngine, StaleRoundError
 
@@ -176,7 +184,7 @@ def test_a_measured_agent_is_waited_for_up_to_slack_times_its_round_time() -> No
 
 def test_an_unmeasured_participant_gets_a_grace_once_the_measured_are_in_and_a_late_update_measures_it() -> None:
     clock = Clock()
-    engine = _engine(clock, probation_grace_ratio=0.5, min_grace_seconds=0.25)
+    engine = _engine(clock, probation_grace_ratio=0.5, min_grace_seconds=0.25)  # the test's, not the defaults
     engine.open_round([("a", 0.0, 1)])
     engine.get_work("a", -1, 0)
     clock.t += 1.0
@@ -220,3 +228,11 @@ def test_an_agent_that_missed_the_last_round_counts_as_busy_until_its_hard_deadl
     assert engine.busy() == {"slow"}
     clock.t += 100.1
     assert engine.busy() == set()
+
+
+def test_a_round_takes_at_most_max_cap_or_measured_newcomers_earliest_first() -> None:
+    measured = {"m1", "m2"}
+    agents = ["m1", "n1", "n2", "m2", "n3", "n4"]
+    assert with_newcomers_capped(agents, measured.__contains__, 3) == ["m1", "n1", "n2", "m2", "n3"]
+    assert with_newcomers_capped(agents, measured.__contains__, 1) == ["m1", "n1", "n2", "m2"]  # 2 measured: room 2
+    assert with_newcomers_capped(["n1", "n2"], measured.__contains__, 8) == ["n1", "n2"]
