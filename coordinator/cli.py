@@ -16,6 +16,7 @@ from coordinator.config import UPLOAD_SLOTS
 from edgetrain.cli_util import entry, made_output_folder, read_token, setup_logging
 from edgetrain.errors import ConfigError
 from edgetrain.models import DEFAULT_LR, MODELS
+from edgetrain.recipes import SKEW_THRESHOLD
 from edgetrain.spec import DataLocation, RunSpec
 
 LR_HELP = "Learning rate (default: the model's: {}).".format(", ".join(
@@ -126,7 +127,8 @@ def make_app() -> typer.Typer:
         alpha: Annotated[float, typer.Option(help="Dirichlet concentration (smaller: more skew).")] = 0.5,
         update_dtype: Annotated[str, typer.Option(help="float32, float16, bfloat16 or int8.")] = "float32",
         class_weighting: Annotated[str, typer.Option(
-            help="none, balanced, or auto: balanced when the largest class is >= 2.5x the smallest.")] = "auto",
+            help=f"none, balanced, or auto: balanced when --metric is not accuracy and the largest class of train is "
+                 f">= {SKEW_THRESHOLD:g}x the smallest.")] = "auto",
         lr_decay: Annotated[Optional[float], typer.Option(  # noqa: UP045
             help="Multiply the learning rate by this each epoch (default: 0.7; text-ngram on a small set spreads "
                  "the same decay over its longer run).")] = None,
