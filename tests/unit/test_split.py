@@ -104,3 +104,32 @@ def test_an_unwritable_cache_costs_only_the_next_probe(tmp_path: Path) -> None:
 def test_one_core_has_nothing_to_measure(tmp_path: Path) -> None:
     split = choose_split(RunSpec(dataset="tweets"), DataLocation(), [min(os.sched_getaffinity(0))], cache_dir=tmp_path)
     assert (split.processes, split.threads) == (1, 1) and not (tmp_path / "splits.json").exists()
+
+
+def test_bench_affinity_names_the_layout_the_same_rule_chooses() -> None:
+    from coordinator.experiments import (
+        AffinityReport,
+        AffinityRow,
+        BenchSettings,
+        DataFacts,
+        Machine,
+        affinity_markdown,
+        chosen_layout,
+        chosen_sentence,
+    )
+
+    def row(sweep: str, p: int, t: int, ms: float) -> AffinityRow:
+        return AffinityRow(sweep, f"{p}x{t}" if sweep == "layout" else str(t), p, t, "0-3", times_ms=[ms, ms],
+                           accuracies=[0.5], samples=6400)
+
+    machine = Machine("cpu", [0, 1, 2, 3], 4, "torch", "none", (0.0, 0.0, 0.0))
+    rows = [row("affinity", 1, 4, 500.0),  # the fastest row of all, but no layout: never the choice
+            row("layout", 1, 4, 1000.0), row("layout", 2, 2, 1000.0 * (1 - TIE / 2)), row("layout", 4, 1, 700.0)]
+    report = AffinityReport(BenchSettings(), DataFacts(100, 10, "text-cnn"), machine, 100, rows)
+    assert chosen_layout(report) is rows[3]
+    rows[3].times_ms = [990.0, 990.0]  # now all three within the tie margin: the fewest processes
+    assert chosen_layout(report) is rows[1]
+    sentence = chosen_sentence(report)
+    assert sentence is not None and "would choose 1x4" in sentence
+    assert f"- {sentence}" in affinity_markdown(report)
+    assert chosen_sentence(AffinityReport(BenchSettings(), DataFacts(100, 10, "m"), machine, 100, rows[:1])) is None
