@@ -103,6 +103,7 @@ class AgentRunner:
                 new_spec = RunSpec.from_proto(reply.spec)
                 if cfg.auto_workers and new_spec != self._split_for and self._choose_workers(client, new_spec):
                     cfg = self.cfg
+                    metrics.set_workers(cfg.workers)
                     continue  # join again with the chosen number of workers
                 if new_spec != spec:
                     if self.pool is not None:

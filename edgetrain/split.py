@@ -8,13 +8,16 @@ The rule:
 
 - Candidates: every P x T with P * T = the number of cores (every core used), P = 1, ..., n over n's divisors.
 - Each candidate runs in fresh processes pinned to its core groups, on the run's model, data and batch:
-  `WARMUP_STEPS` untimed steps (the first steps allocate), then timed steps. `mode` "ddp" all-reduces gradients
-  every step (an agent's workers); "lockstep" trains each process alone and waits for the others every
-  `sync_every` steps (local agents with K local steps per round).
-- Budget: the timed steps of all candidates together train at most `PROBE_SHARE` (5 %) of the samples a default
-  run trains (`DEFAULT_EPOCHS` passes over the training split), shared equally by the candidates, between
-  `MIN_STEPS` and `MAX_STEPS` steps per process (on a small data set the minimum a timing needs wins). Starting the processes and loading the data comes on top; the
-  probe prints its own wall time beside the default run's time it estimates.
+  `WARMUP_STEPS` untimed steps (the first steps allocate), then timed steps; `ROUNDS` (2) times, in the order
+  A B ... B A, keeping its best rate: other processes on the cores only ever slow a measurement down (a
+  multi-threaded process by 10x and more: its threads wait for each other at every barrier). `mode` "ddp"
+  all-reduces gradients every step (an agent's workers); "lockstep" trains each process alone and waits for the
+  others every `sync_every` steps (local agents with K local steps per round).
+- Budget: the timed steps of all candidates and rounds together train at most `PROBE_SHARE` (5 %) of the samples
+  a default run trains (`DEFAULT_EPOCHS` passes over the training split), shared equally by the runs, between
+  `MIN_STEPS` and `MAX_STEPS` steps per process (on a small data set the minimum a timing needs wins). Starting
+  the processes and loading the data comes on top: the probe prints its wall time beside the default run's time
+  it estimates (docs/performance.md has figures).
 - Choice: the highest samples/s. Candidates within `TIE` (3 %) of it count as tied, and the one with the fewest
   processes wins among them (less memory, fewer messages); a measurement cannot tell them apart reliably.
 - Cache: the choice is kept in `splits.json` in the data cache folder (`$EDGETRAIN_CACHE`), keyed by model and
@@ -46,6 +49,7 @@ WARMUP_STEPS = 3
 MIN_STEPS = 8  # per process: fewer cannot be timed against the clock's and the OS's noise
 MAX_STEPS = 60  # per process: more tells nothing new about a split's speed
 TIE = 0.03  # within this share of the fastest, the fewer processes win
+ROUNDS = 2  # measurements of each candidate (the best counts)
 MODES = ("ddp", "lockstep")
 CACHE_FILE = "splits.json"
 
@@ -206,16 +210,20 @@ def probe(spec: RunSpec, where: DataLocation, cores: Sequence[int], *, mode: str
     n_train = len(load_workload(spec, where).data.train)  # sizes the probe; the children load their own copy
     target = torch_ddp if mode == "ddp" else torch_lockstep
     options = candidates(len(cores))
-    trials = []
-    for p, t in options:
-        steps = probe_steps(n_train, spec.batch_size, p, len(options))
-        if say is not None:
-            say(f"probing {p}x{t} on cores {format_cores(list(cores))}: {WARMUP_STEPS} + {steps} steps per process")
-        job = TrainJob(spec, where, steps=WARMUP_STEPS + steps, warmup_steps=WARMUP_STEPS, final_eval=False,
-                       sync_every=sync_every)
-        out = combine(run_pinned(target, core_groups(p, t, list(cores)), job))
-        rate = p * steps * spec.batch_size / out.train_seconds if out.train_seconds > 0 else 0.0
-        trials.append(Trial(p, t, rate, steps, out.train_seconds))
+    best_of: dict[tuple[int, int], Trial] = {}
+    for r in range(ROUNDS):
+        for p, t in options if r % 2 == 0 else options[::-1]:
+            steps = probe_steps(n_train, spec.batch_size, p, len(options) * ROUNDS)
+            if say is not None:
+                say(f"probing {p}x{t} on cores {format_cores(list(cores))} ({r + 1}/{ROUNDS}): {WARMUP_STEPS} + "
+                    f"{steps} steps per process")
+            job = TrainJob(spec, where, steps=WARMUP_STEPS + steps, warmup_steps=WARMUP_STEPS, final_eval=False,
+                           sync_every=sync_every)
+            out = combine(run_pinned(target, core_groups(p, t, list(cores)), job))
+            rate = p * steps * spec.batch_size / out.train_seconds if out.train_seconds > 0 else 0.0
+            if rate > best_of.get((p, t), Trial(p, t, -1.0)).samples_per_s:
+                best_of[(p, t)] = Trial(p, t, rate, steps, out.train_seconds)
+    trials = [best_of[o] for o in options]
     best = pick(trials)
     wall = time.perf_counter() - t0
     default_run = DEFAULT_EPOCHS * n_train / best.samples_per_s if best.samples_per_s > 0 else 0.0

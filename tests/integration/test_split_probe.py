@@ -16,7 +16,7 @@ import pytest
 from coordinator.config import CoordinatorConfig
 from coordinator.run import Coordinator
 from edgetrain.spec import DataLocation, RunSpec
-from edgetrain.split import MAX_STEPS, MIN_STEPS, cache_key, cached_split, candidates, choose_split, pick
+from edgetrain.split import MAX_STEPS, MIN_STEPS, ROUNDS, cache_key, cached_split, candidates, choose_split, pick
 
 REPO = Path(__file__).resolve().parents[2]
 CORES = sorted(os.sched_getaffinity(0))
@@ -32,7 +32,7 @@ def test_probe_measures_every_candidate_picks_by_the_rule_and_caches(tmp_path: P
                          before_probe=lambda: left.append(True))
     assert left == [True] and not split.cached
     assert [(t.processes, t.threads) for t in split.trials] == candidates(2)
-    assert len(said) == 2 and "probing 1x2" in said[0]
+    assert len(said) == 2 * ROUNDS and "probing 1x2" in said[0] and "probing 1x2" in said[-1]  # A B B A
     for t in split.trials:
         assert t.samples_per_s > 0 and t.seconds > 0 and MIN_STEPS <= t.steps <= MAX_STEPS
     best = pick(split.trials)

@@ -13,6 +13,7 @@ from edgetrain.split import (
     MAX_STEPS,
     MIN_STEPS,
     PROBE_SHARE,
+    ROUNDS,
     TIE,
     Split,
     Trial,
@@ -52,10 +53,11 @@ def test_within_the_tie_margin_fewer_processes_win() -> None:
 
 def test_timed_samples_stay_within_the_share_of_a_default_run() -> None:
     batch, options = 64, candidates(4)
+    runs = len(options) * ROUNDS
     for n_train in (30_000, 60_000, 1_000_000):
-        budget = PROBE_SHARE * DEFAULT_EPOCHS * n_train / len(options)  # per candidate
+        budget = PROBE_SHARE * DEFAULT_EPOCHS * n_train / runs  # per candidate and round
         for p, _ in options:
-            steps = probe_steps(n_train, batch, p, len(options))
+            steps = probe_steps(n_train, batch, p, runs)
             assert MIN_STEPS <= steps <= MAX_STEPS
             # within its share of the budget, unless the minimum a timing needs is more (small data sets)
             assert p * steps * batch <= max(budget, p * MIN_STEPS * batch)
