@@ -10,7 +10,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from edgetrain.cli_util import entry, read_token, setup_logging
+from edgetrain.cli_util import count_or_auto, entry, read_token, setup_logging
 from edgetrain.cores import resolve_cores
 from edgetrain.errors import EdgetrainError
 from edgetrain.spec import DataLocation
@@ -30,8 +30,10 @@ def make_app() -> typer.Typer:
         cores: Annotated[str, typer.Option(help="Cores to pin to, as for taskset: 0-3,8 or 0-10:2; auto: those this "
                                            "process may use (affinity, cgroup CPU quota); auto-N keeps N free.")],
         name: Annotated[Optional[str], typer.Option(help="Stable node name (default: host name).")] = None,  # noqa: UP045
-        workers: Annotated[str, typer.Option(help="Training processes, each on its own core group; auto: the "
-                                             "fastest split, measured once per model and cores.")] = "1",
+        workers: Annotated[str, typer.Option(
+            callback=count_or_auto,
+            help="Training processes, each on its own core group; auto: the fastest split, measured once per model "
+                 "and cores.")] = "1",
         device: Annotated[str, typer.Option(help="cpu or cuda:N.")] = "cpu",
         data_dir: Annotated[Optional[Path], typer.Option(help="Folder with the data set's files.")] = None,  # noqa: UP045
         data_path: Annotated[Optional[Path], typer.Option(help="A csv/tsv file (datasets csv, tsv).")] = None,  # noqa: UP045

@@ -12,7 +12,7 @@ from typing import Annotated, Optional
 import typer
 
 from coordinator.config import UPLOAD_SLOTS
-from edgetrain.cli_util import entry, made_output_folder, read_token, setup_logging
+from edgetrain.cli_util import count_or_auto, entry, made_output_folder, read_token, setup_logging
 from edgetrain.errors import ConfigError
 from edgetrain.models import DEFAULT_LR, MODELS
 from edgetrain.spec import DataLocation, RunSpec
@@ -107,6 +107,7 @@ def make_app() -> typer.Typer:
         target_accuracy: Annotated[Optional[float], typer.Option(help="Stop at this test accuracy (0-1).")] = None,  # noqa: UP045
         min_agents: Annotated[int, typer.Option(help="Agents to wait for (default: the local ones, or 1).")] = 0,
         local_agents: Annotated[str, typer.Option(
+            callback=count_or_auto,
             help="Start N agents here, pinned to disjoint cores (more agents than cores share them); auto: the "
                  "fastest split of the cores, measured once per model and cores.")] = "0",
         local_workers: Annotated[int, typer.Option(help="Workers per local agent.")] = 1,
