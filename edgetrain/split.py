@@ -87,8 +87,8 @@ class Split:
 
     def summary(self) -> str:
         source = "cached" if self.cached else (
-            f"probe {self.probe_seconds:.1f} s, {self.probe_share_pct:.1f} % of a default run "
-            f"(~{self.default_run_seconds:.0f} s at the chosen split's speed)")
+            f"probe {self.probe_seconds:.1f} s = {self.probe_share_pct:.0f} % of a default run's training at this "
+            f"speed (~{self.default_run_seconds:.0f} s; its wall time adds start-up, rounds and evaluation)")
         return f"split {self.label} (processes x threads) chosen: fastest, fewer processes on a {TIE:.0%} tie; {source}"
 
     @property
