@@ -10,10 +10,11 @@ from typing import Annotated, Optional
 
 import typer
 
-from edgetrain.cli_util import entry, read_token, setup_logging
-from edgetrain.cores import parse_cores
+from edgetrain.cli_util import count_or_auto, entry, read_token, setup_logging
+from edgetrain.cores import resolve_cores
 from edgetrain.errors import EdgetrainError
 from edgetrain.spec import DataLocation
+from edgetrain.split import parse_count
 
 
 def make_app() -> typer.Typer:
@@ -26,9 +27,13 @@ def make_app() -> typer.Typer:
     @app.command()
     def start(
         coordinator: Annotated[str, typer.Option(help="Coordinator address HOST:PORT.")],
-        cores: Annotated[str, typer.Option(help="Cores to pin to, as for taskset: 0-3,8 or 0-10:2.")],
+        cores: Annotated[str, typer.Option(help="Cores to pin to, as for taskset: 0-3,8 or 0-10:2; auto: those this "
+                                           "process may use (affinity, cgroup CPU quota); auto-N keeps N free.")],
         name: Annotated[Optional[str], typer.Option(help="Stable node name (default: host name).")] = None,  # noqa: UP045
-        workers: Annotated[int, typer.Option(help="Training processes, each on its own core group.")] = 1,
+        workers: Annotated[str, typer.Option(
+            callback=count_or_auto,
+            help="Training processes, each on its own core group; auto: the fastest split, measured once per model "
+                 "and cores.")] = "1",
         device: Annotated[str, typer.Option(help="cpu or cuda:N.")] = "cpu",
         data_dir: Annotated[Optional[Path], typer.Option(help="Folder with the data set's files.")] = None,  # noqa: UP045
         data_path: Annotated[Optional[Path], typer.Option(help="A csv/tsv file (datasets csv, tsv).")] = None,  # noqa: UP045
@@ -51,8 +56,12 @@ def make_app() -> typer.Typer:
         from agent.runner import AgentRunner
 
         setup_logging(log_level)
+        core_list, why = resolve_cores(cores)
+        if why:
+            typer.echo(why)
+        n_workers = parse_count(workers, "--workers")
         cfg = AgentConfig(
-            coordinator=coordinator, cores=parse_cores(cores), workers=workers,
+            coordinator=coordinator, cores=core_list, workers=n_workers or 1, auto_workers=n_workers is None,
             name=socket.gethostname() if name is None else name,  # an empty --name is refused, not the host's
             device=device, where=DataLocation(data_dir, data_path, cache_dir, not no_download, test_path, val_path),
             metrics_host=metrics_host, metrics_port=metrics_port, token=read_token(token_env, token_file),

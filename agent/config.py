@@ -33,6 +33,7 @@ class AgentConfig:
     tls_key: Path | None = None
     give_up_after: float | None = None  # give up on an unreachable coordinator after N s (None: never)
     throughput: float = 0.0
+    auto_workers: bool = False  # --workers auto: measure the split once the run's model is known (edgetrain.split)
 
     def __post_init__(self) -> None:
         m = _ADDRESS.match(self.coordinator)

@@ -49,13 +49,18 @@ class AgentMetrics:
                  pids: Callable[[], list[int]] = list) -> None:
         self.registry = registry
         info = Info(m.AGENT_INFO, "This agent: its name, pinned cores, device and worker count.", registry=registry)
-        info.info({"node": name, "cores": format_cores(cores), "device": device, "workers": str(workers)})
+        self._info, self._about = info, {"node": name, "cores": format_cores(cores), "device": device}
+        self.set_workers(workers)
         self.step_seconds = Histogram(m.STEP_SECONDS, "Time of one optimizer step.", buckets=STEP_BUCKETS,
                                       registry=registry)
         self.samples = Counter(m.AGENT_SAMPLES.removesuffix("_total"), "Training samples processed.",
                                registry=registry)
         self.rounds = Counter(m.AGENT_ROUNDS.removesuffix("_total"), "Rounds trained.", registry=registry)
         registry.register(_HostCollector(cores, pids))
+
+    def set_workers(self, workers: int) -> None:
+        """The worker count (--workers auto decides it after joining)."""
+        self._info.info({**self._about, "workers": str(workers)})
 
     def round_done(self, samples: int, step_times: list[float]) -> None:
         for s in step_times:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import grpc
@@ -18,7 +19,7 @@ from agent.worker import RoundTask, WeightsFileError, WorkerPool
 from edgetrain import serde
 from edgetrain.cli_util import read_file
 from edgetrain.compression import ErrorFeedback
-from edgetrain.cores import pin_current_process
+from edgetrain.cores import format_cores, pin_current_process
 from edgetrain.errors import ConfigError
 from edgetrain.httpmetrics import MetricsServer
 from edgetrain.proto import edgetrain_pb2 as pb
@@ -60,6 +61,7 @@ class AgentRunner:
         self.ready = threading.Event()  # set once workers are up (tests wait on it)
         self._client_ref: CoordinatorClient | None = None
         self.failure: str | None = None  # why run() returned 1, in one line (the CLI prints it)
+        self._split_for: RunSpec | None = None  # the run whose split --workers auto has chosen
 
     def interrupt(self) -> None:
         """Stop soon and leave cleanly (safe to call from a signal handler)."""
@@ -101,6 +103,10 @@ class AgentRunner:
             while not self.stop.is_set():
                 reply = client.join(self._join_request(), self.stop, cfg.give_up_after)
                 new_spec = RunSpec.from_proto(reply.spec)
+                if cfg.auto_workers and new_spec != self._split_for and self._choose_workers(client, new_spec):
+                    cfg = self.cfg
+                    metrics.set_workers(cfg.workers)
+                    continue  # join again with the chosen number of workers
                 if new_spec != spec:
                     if self.pool is not None:
                         self.pool.stop()
@@ -129,6 +135,33 @@ class AgentRunner:
                 self.pool.stop()
             if self.metrics_server is not None:
                 self.metrics_server.close()
+
+    def _choose_workers(self, client: CoordinatorClient, spec: RunSpec) -> bool:
+        """--workers auto: the split of this run's model on these cores, cached or measured (edgetrain.split).
+
+        The coordinator sizes an agent's work by the workers it joined with, and a probe takes a while: so the agent
+        leaves before probing, and returns True when it must join again (with the chosen count).
+        """
+        from rich.console import Console
+
+        from edgetrain.split import choose_split, split_table
+
+        self._split_for = spec
+        console = Console(stderr=True)
+        left = []
+
+        def leave_first() -> None:
+            client.leave()
+            left.append(True)
+            console.print(f"--workers auto: measuring the splits of cores {format_cores(self.cfg.cores)} "
+                          f"(out of the rounds meanwhile)")
+
+        split = choose_split(spec, self.cfg.where, self.cfg.cores, mode="ddp", cache_dir=self.cfg.where.cache_dir,
+                             before_probe=leave_first)
+        console.print(split_table(split))
+        changed = split.processes != self.cfg.workers
+        self.cfg = replace(self.cfg, workers=split.processes)
+        return bool(left) or changed
 
     def _failure(self, err: grpc.RpcError) -> str:
         """One line for the RPC error that ended the run: gave up retrying, or a real refusal."""

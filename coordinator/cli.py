@@ -13,11 +13,12 @@ import typer
 
 from coordinator.admission import Limits
 from coordinator.config import UPLOAD_SLOTS
-from edgetrain.cli_util import entry, made_output_folder, read_token, setup_logging
+from edgetrain.cli_util import count_or_auto, entry, made_output_folder, read_token, setup_logging
 from edgetrain.errors import ConfigError
 from edgetrain.models import DEFAULT_LR, MODELS
 from edgetrain.recipes import SKEW_THRESHOLD
 from edgetrain.spec import DataLocation, RunSpec
+from edgetrain.split import parse_count
 
 LR_HELP = "Learning rate (default: the model's: {}).".format(", ".join(
     [f"{DEFAULT_LR:g}"] + [f"{name} {m.lr:g}" for name, m in MODELS.items() if m.lr != DEFAULT_LR]))
@@ -61,6 +62,28 @@ def parse_gpus(text: str) -> tuple[str, ...]:
     return tuple(f"cuda:{i}" for i in ids)
 
 
+def auto_local_agents(spec: RunSpec, where: DataLocation, local_steps: int | None) -> int:
+    """`--local-agents auto`: agents x threads over this host's cores, cached or measured (edgetrain.split).
+
+    Local agents average every K local steps, so the probe's processes train alone and wait for each other every K
+    steps ("lockstep"), as the agents of a round do.
+    """
+    from rich.console import Console
+
+    from edgetrain.cores import allowed_cores
+    from edgetrain.split import choose_split, split_table
+
+    if local_steps is None:  # the recipe's K is known once the data is loaded; K barely moves the split
+        local_steps = 8
+    if local_steps < 1:
+        raise ConfigError(f"--local-steps must be at least 1, got {local_steps}")
+    console = Console(stderr=True)
+    split = choose_split(spec, where, allowed_cores(), mode="lockstep", sync_every=local_steps,
+                         cache_dir=where.cache_dir, say=console.print)
+    console.print(split_table(split, title="--local-agents auto"))
+    return split.processes
+
+
 def make_app() -> typer.Typer:
     app = typer.Typer(add_completion=False,
                       help="edgetrain coordinator: synchronous data-parallel rounds over gRPC.")
@@ -101,8 +124,10 @@ def make_app() -> typer.Typer:
         target_accuracy: Annotated[Optional[float], typer.Option(  # noqa: UP045
             help="--target with --metric accuracy (the old name).")] = None,
         min_agents: Annotated[int, typer.Option(help="Agents to wait for (default: the local ones, or 1).")] = 0,
-        local_agents: Annotated[int, typer.Option(
-            help="Start N agents here, pinned to disjoint cores (more agents than cores share them).")] = 0,
+        local_agents: Annotated[str, typer.Option(
+            callback=count_or_auto,
+            help="Start N agents here, pinned to disjoint cores (more agents than cores share them); auto: the "
+                 "fastest split of the cores, measured once per model and cores.")] = "0",
         local_workers: Annotated[int, typer.Option(help="Workers per local agent.")] = 1,
         local_gpus: Annotated[str, typer.Option(help="GPUs as local workers: 0,1 or all.")] = "",
         host: Annotated[str, typer.Option(help="Address to serve gRPC on.")] = "127.0.0.1",
@@ -134,6 +159,8 @@ def make_app() -> typer.Typer:
                  "the same decay over its longer run).")] = None,
         run_dir: Annotated[Optional[Path], typer.Option(help="Checkpoints, log and final model.")] = None,  # noqa: UP045
         resume: Annotated[bool, typer.Option(help="Resume from --run-dir's checkpoint.")] = False,
+        auto_resume: Annotated[bool, typer.Option(
+            "--auto-resume", help="Resume if --run-dir holds a run, else start one there (restarted pods).")] = False,
         token_env: Annotated[str, typer.Option(help="Env variable with the operator token.")] = "EDGETRAIN_TOKEN",
         token_file: Annotated[Optional[Path], typer.Option(help="File with the operator token.")] = None,  # noqa: UP045
         tls_cert: Annotated[Optional[Path], typer.Option(help="Server certificate (PEM).")] = None,  # noqa: UP045
@@ -147,24 +174,32 @@ def make_app() -> typer.Typer:
         from rich.console import Console
 
         from coordinator.config import CoordinatorConfig
-        from coordinator.run import Coordinator, quality_tables, summary_table
+        from coordinator.run import Coordinator, holds_run, quality_tables, summary_table
 
         setup_logging(log_level)
         gpus = parse_gpus(local_gpus)
+        n_local = parse_count(local_agents, "--local-agents")
+        if auto_resume:
+            if run_dir is None:
+                raise ConfigError("--auto-resume needs --run-dir: the folder that holds the run, or will")
+            resume = holds_run(run_dir)
         spec = RunSpec(
             dataset=dataset, model=model, seed=seed, batch_size=batch_size, lr=lr, optimizer=optimizer,
             momentum=momentum, weight_decay=weight_decay, shard_scheme=shard_scheme, dirichlet_alpha=alpha,
             max_len=max_len, limit=limit, update_dtype=update_dtype, class_weighting=class_weighting,
             lr_decay=lr_decay,
         )
+        where = DataLocation(data_dir, data_path, cache_dir, not no_download, test_path, val_path)
+        if n_local is None:
+            n_local = auto_local_agents(spec, where, local_steps)
         cfg = CoordinatorConfig(
-            spec=spec, where=DataLocation(data_dir, data_path, cache_dir, not no_download, test_path, val_path),
-            host=host, port=port, metrics_host=metrics_host, metrics_port=metrics_port, local_steps=local_steps,
-            rounds=rounds, epochs=epochs, target_accuracy=target_accuracy, metric=metric, target=target,
+            spec=spec, where=where, host=host, port=port, metrics_host=metrics_host, metrics_port=metrics_port,
+            local_steps=local_steps, rounds=rounds, epochs=epochs, target_accuracy=target_accuracy, metric=metric,
+            target=target,
             min_agents=min_agents, join_timeout=join_timeout,
             round_timeout=round_timeout, eval_every=eval_every, checkpoint_every=checkpoint_every,
             upload_slots=upload_slots, staging_dir=staging_dir, aggregator=aggregator, trim=trim, balance=balance,
-            local_agents=local_agents, local_workers=local_workers, local_devices=gpus,
+            local_agents=n_local, local_workers=local_workers, local_devices=gpus,
             run_dir=run_dir or (None if resume else Path("runs") / f"{dataset}-{time.strftime('%Y%m%d-%H%M%S')}"),
             resume=resume,
             token=read_token(token_env, token_file), tls_cert=tls_cert, tls_key=tls_key,
@@ -291,6 +326,9 @@ def make_bench_app() -> typer.Typer:
         console.print(ex.rich_table(f"bench affinity: {dataset}, {report.facts.model}",
                                     ex.affinity_headers(repeats), ex.affinity_cells(report),
                                     caption=report.machine.describe()))
+        chosen = ex.chosen_sentence(report)
+        if chosen:
+            console.print(chosen.replace("`", ""))
         console.print("wrote " + ", ".join(str(p) for p in paths))
         return 0
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 import csv
 import math
 import os
-import platform
 import statistics
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -50,6 +49,7 @@ from edgetrain.peers import (
     torch_single,
 )
 from edgetrain.spec import DataLocation, RunSpec
+from edgetrain.split import TIE, Trial, cpu_model_name, pick
 
 # ---------------------------------------------------------------------------- settings and machine
 
@@ -114,18 +114,6 @@ class Machine:
 
 def _load(avg: tuple[float, float, float]) -> str:
     return "/".join(f"{v:.2f}" for v in avg)
-
-
-def cpu_model_name() -> str:
-    """The CPU's model name as lscpu prints it (from /proc/cpuinfo), else what platform knows."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
-            for line in fh:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown CPU"
 
 
 def load_average() -> tuple[float, float, float]:
@@ -722,6 +710,23 @@ def _pinned(target: Callable[..., TrainOutcome], groups: list[list[int]], job: T
     return combine(run_pinned(target, groups, job))
 
 
+def chosen_layout(report: AffinityReport) -> AffinityRow | None:
+    """The layout row `--workers auto`'s rule (edgetrain.split.pick) would choose from this sweep, if it has any."""
+    layouts = [r for r in report.rows if r.sweep == "layout" and r.times_ms]
+    if not layouts:
+        return None
+    best = pick([Trial(r.processes, r.threads, r.samples_per_s) for r in layouts])
+    return next(r for r in layouts if (r.processes, r.threads) == (best.processes, best.threads))
+
+
+def chosen_sentence(report: AffinityReport) -> str | None:
+    row = chosen_layout(report)
+    if row is None:
+        return None
+    return (f"`--workers auto` would choose {row.label} ({row.samples_per_s:.0f} samples/s): the fastest layout, "
+            f"or the one with the fewest processes within {TIE:.0%} of it")
+
+
 def fill_gains(rows: list[AffinityRow]) -> None:
     """The paper's "% gain vs slowest": (slowest mean - mean) / slowest mean * 100, within each sweep."""
     for sweep in {r.sweep for r in rows}:
@@ -859,8 +864,11 @@ def affinity_markdown(report: AffinityReport, command: str = "") -> str:
     ]
     if command:
         parts.append(f"- Command: `{command}`")
-    parts += ["", markdown_table(affinity_headers(s.repeats), affinity_cells(report)), "",
-              "Processing time: training only, from data and model ready to the last step (the test evaluation "
+    parts += ["", markdown_table(affinity_headers(s.repeats), affinity_cells(report)), ""]
+    chosen = chosen_sentence(report)
+    if chosen:
+        parts += [f"- {chosen}", ""]
+    parts += ["Processing time: training only, from data and model ready to the last step (the test evaluation "
               "afterwards is not timed). % gain vs slowest = (slowest mean - mean) / slowest mean x 100 within "
               "each sweep, as in the paper's Table 1. samples/s uses the median. Other load: the share of all CPUs "
               "that processes outside the benchmark used during a run (max over repeats); reruns: runs thrown away "

@@ -133,6 +133,14 @@ def trim_log(path: Path, completed: int) -> None:
     checkpoint.atomic_write_text(path, "".join(kept))
 
 
+def holds_run(run_dir: Path) -> bool:
+    """A run folder with a run to go on with: its log or a checkpoint (what --resume needs, --auto-resume looks for).
+
+    An older version's checkpoint counts too: --resume then says why it is not loaded and what to do.
+    """
+    return any((run_dir / name).exists() for name in (LOG, checkpoint.LATEST, checkpoint.LEGACY[0]))
+
+
 def local_core_groups(n: int, cores: list[int] | None = None) -> list[list[int]]:
     """Disjoint core groups for n local agents; with more agents than cores, agents share cores round-robin."""
     cores = cores or allowed_cores()
@@ -236,7 +244,7 @@ class Coordinator:
         """With --resume, a folder holding a run; without, the folder made, holding no earlier run."""
         held = [name for name in (LOG, checkpoint.LATEST, checkpoint.MODEL, *checkpoint.LEGACY)
                 if (run_dir / name).exists()]
-        resumable = LOG in held or checkpoint.LATEST in held or checkpoint.LEGACY[0] in held
+        resumable = holds_run(run_dir)
         if self.cfg.resume:
             if not resumable:
                 raise ConfigError(f"--resume: {run_dir} holds no run to go on with (no {checkpoint.LATEST}, no {LOG})")

@@ -43,6 +43,13 @@ def run_app(app: typer.Typer, prog: str, argv: list[str] | None = None) -> int:
     return int(result) if isinstance(result, int) else 0
 
 
+def count_or_auto(value: str) -> str:
+    """Option callback for `--workers` / `--local-agents`: a whole number or `auto`, else a usage error (exit 2)."""
+    if value.strip().lower() != "auto" and not value.strip().isdigit():
+        raise typer.BadParameter(f"{value!r} is neither a whole number nor auto")
+    return value
+
+
 def entry(app_factory: Callable[[], typer.Typer], prog: str) -> Callable[[], None]:
     def main() -> None:
         sys.exit(run_app(app_factory(), prog))

@@ -70,8 +70,12 @@ class TrainJob:
     target_accuracy: float | None = None
     device: str = "cpu"
     sync_every: int = 1  # torch_lockstep's steps between barriers (the K of a synchronous round)
+    warmup_steps: int = 0  # of `steps`, run before the clock starts (a short probe: the first steps allocate)
+    final_eval: bool = True  # False: no test evaluation at the end (a probe times training only)
 
     def __post_init__(self) -> None:
+        if not 0 <= self.warmup_steps < self.steps:
+            raise ConfigError(f"warmup_steps must be in [0, steps), got {self.warmup_steps} of {self.steps}")
         if self.sync_every < 1:
             raise ConfigError(f"sync_every must be at least 1, got {self.sync_every}")
         if self.steps < 1:
@@ -305,6 +309,8 @@ def _torch_train(setup: ChildSetup, job: TrainJob, mode: str) -> TrainOutcome:
                 if mode == "lockstep" and (step % job.sync_every == 0 or step == job.steps):
                     dist.barrier()  # wait for the slower rank, as a synchronous round does
                     barriers += 1
+                if step == job.warmup_steps:
+                    t0 = time.perf_counter()
                 if step >= job.steps:
                     break
                 if job.eval_every and step % job.eval_every == 0:
@@ -312,7 +318,8 @@ def _torch_train(setup: ChildSetup, job: TrainJob, mode: str) -> TrainOutcome:
             else:  # a whole pass over this process's data
                 scheduler.step()
             epoch += 1
-        evaluate(t0)
+        if job.final_eval:
+            evaluate(t0)
         if device.type == "cuda":
             torch.cuda.synchronize()
         seconds = time.perf_counter() - t0
