@@ -210,7 +210,7 @@ def make_app() -> typer.Typer:
         stop = threading.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: stop.set())
-        coord = Coordinator(cfg, stop=stop)
+        coord = Coordinator(cfg, stop=stop, keep_history=False)  # a run of days must not grow with its rounds
         coord.start()
         console.print(f"coordinator listening on {cfg.host}:{coord.port}; run dir {cfg.run_dir}")
         result = coord.run()

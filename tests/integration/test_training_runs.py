@@ -217,10 +217,11 @@ def test_an_epochs_run_logs_its_final_evaluation(tmp_path: Path) -> None:
     spec = RunSpec(dataset="tweets", limit=1000, seed=3)
     cfg = CoordinatorConfig(spec=spec, port=0, local_steps=4, epochs=1.0, local_agents=2, eval_every=1000,
                             run_dir=tmp_path, progress=False, round_timeout=120)
-    result = Coordinator(cfg).run()
+    result = Coordinator(cfg, keep_history=False).run()  # as the CLI runs it: a run of days must not grow
     assert result.stopped_by == "epochs" and result.completed_rounds == 2  # 1,000 samples, 512 per round
     logged = [json.loads(line) for line in (tmp_path / "rounds.jsonl").read_text().splitlines()]
     assert [r["round"] for r in logged] == [0, 1]
+    assert [r["round"] for r in result.history] == [1]  # the log has every round, memory the last one only
     assert "accuracy" not in logged[0]  # eval_every=1000: only the last round is evaluated
     assert result.final is not None and logged[-1]["accuracy"] == result.final.accuracy
     # `coordinator report` on this real log (its own tests use hand-made records: they must have a real log's shape)
