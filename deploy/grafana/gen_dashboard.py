@@ -13,6 +13,13 @@ Conventions kept by every panel (checked by the unit test):
   and multi-value selections both work, and tests can substitute ``.*``;
 - rates use ``$__rate_interval`` (Grafana picks >= 4 scrape intervals from the datasource's
   timeInterval), histogram quantiles aggregate ``_bucket`` rates ``by (le, ...)``.
+
+Why plain dicts and not Grafana's own SDK (evaluated 2026-12-07: ``grafana-foundation-sdk`` 10.1.0 on a stat and
+a time-series panel): its builders lay out the grid, but left ``refId`` empty, wrote ``options: null`` and gave no
+panel ``id`` unless set by hand, so its output needed the same fix-ups as ours. The panel definitions (PromQL and
+descriptions, most of this file) would stay as long; only the ~150 lines of helpers would shrink. What checks the
+output is kept either way: the schema and layout tests, and every panel's query run against a real Prometheus
+(tests/integration/test_prometheus_harness.py). grafanalib is no longer maintained for current Grafana.
 """
 
 from __future__ import annotations
