@@ -333,10 +333,21 @@ class RoundEngine:
           a grace of `probation_grace_ratio` of the round so far. With no measured participant (a run's first
           round) the round waits for them until its deadline, as it always did.
         Their updates are still taken while the round is open; their first one, even late, measures them.
+        Until the round has one update, only ghosts are given up on: a round closed empty would run again, and an
+        honest agent slowed past its allowance (a loaded machine) would miss it and every re-run.
         """
         lim = self.limits
         waived: set[str] = set()
         wake = float("inf")
+        if not self._received:  # an empty round helps nobody: whoever fetched is waited for until one update is in
+            for agent_id in self._expected:
+                if agent_id not in self._fetched_at:
+                    end = self._opened_at + lim.fetch_grace_seconds
+                    if now >= end:
+                        waived.add(agent_id)
+                    else:
+                        wake = min(wake, end)
+            return waived, wake
         measured_done = self._opened_at
         unmeasured = []
         measured_pending = False

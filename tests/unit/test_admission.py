@@ -236,3 +236,21 @@ def test_a_round_takes_at_most_max_cap_or_measured_newcomers_earliest_first() ->
     assert with_newcomers_capped(agents, measured.__contains__, 3) == ["m1", "n1", "n2", "m2", "n3"]
     assert with_newcomers_capped(agents, measured.__contains__, 1) == ["m1", "n1", "n2", "m2"]  # 2 measured: room 2
     assert with_newcomers_capped(["n1", "n2"], measured.__contains__, 8) == ["n1", "n2"]
+
+
+def test_a_round_with_no_update_yet_gives_up_only_on_ghosts() -> None:
+    """A measured agent slowed past its allowance (a loaded machine) is not given up on while nothing is in: the
+    round would close empty and run again, with that agent benched (seen under the ghost flood of bench/hostile)."""
+    clock = Clock()
+    engine = _engine(clock, slack=3.0, min_wait_seconds=0.1, fetch_grace_seconds=1.0)
+    engine.open_round([("a", 0.0, 1)])
+    engine.get_work("a", -1, 0)
+    clock.t += 1.0
+    engine.submit("a", 0, 8, {"w": torch.ones(3)})
+    engine.close_round()  # a: 0.5 s a step, so 3 s for its 2 steps
+    engine.open_round([("a", 0.0, 1), ("ghost", 0.0, 1)])
+    engine.get_work("a", 0, 0)
+    clock.t += 10.0  # far past a's allowance and the ghost's fetch grace
+    assert engine._waived(clock.t)[0] == {"ghost"}
+    engine.submit("a", 1, 8, {"w": torch.ones(3)})
+    assert engine.wait_for_updates() is False and engine.close_round().applied
