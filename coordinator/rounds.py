@@ -339,15 +339,6 @@ class RoundEngine:
         lim = self.limits
         waived: set[str] = set()
         wake = float("inf")
-        if not self._received:  # an empty round helps nobody: whoever fetched is waited for until one update is in
-            for agent_id in self._expected:
-                if agent_id not in self._fetched_at:
-                    end = self._opened_at + lim.fetch_grace_seconds
-                    if now >= end:
-                        waived.add(agent_id)
-                    else:
-                        wake = min(wake, end)
-            return waived, wake
         measured_done = self._opened_at
         unmeasured = []
         measured_pending = False
@@ -355,6 +346,8 @@ class RoundEngine:
             fetched = self._fetched_at.get(agent_id)
             if fetched is None:
                 end = self._opened_at + lim.fetch_grace_seconds
+            elif not self._received:  # an empty round helps nobody: who fetched is waited for until one update is in
+                continue
             elif agent_id in self._measured:
                 steps = self._assignments[agent_id].local_steps
                 end = fetched + max(lim.min_wait_seconds, lim.slack * self._measured[agent_id] * steps)

@@ -288,7 +288,7 @@ class _Stream:
     """An update stream's deadline: its watchdog timer ends the call when it runs out, with `error`'s status."""
 
     def __init__(self, context: grpc.ServicerContext, state: ServiceState, seconds: float, why: str) -> None:
-        self.context, self.why = context, why
+        self.why = why
         self.error: type[rounds.RefusedError] = rounds.StreamTimeoutError
         self.timer = state.watchdog.arm(seconds, lambda: end_call(context, _STATUS[self.error.status], self.why))
 
@@ -519,7 +519,10 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
                         raise rounds.TooLargeError(f"a message of {first.size} bytes")
                     if first is None or not first.HasField("header"):
                         raise rounds.MalformedError("an update stream starts with its header")
-                    return self._take_update(first.header, request_iterator, context, node, stream)
+                    h = first.header
+                    agent = self._agent(h.agent_id, context)  # the header names the session's own agent
+                    node[0] = agent.name
+                    return self._take_update(agent, h, request_iterator, context, stream)
                 finally:
                     stream.timer.cancel()
         raise AssertionError("unreachable")  # pragma: no cover
@@ -535,14 +538,12 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             agent = self._agent(request.agent_id, context)
             node[0] = agent.name
             with self._call(agent):
-                return self._take_update(request, iter(()), context, node, None)
+                return self._take_update(agent, request, iter(()), context, None)
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def _take_update(self, h: pb.UpdateHeader, rest: Iterator[pb.UpdateMessage | Oversize],
-                     context: grpc.ServicerContext, node: list[str], stream: _Stream | None) -> pb.UpdateAck:
-        """Check, read and aggregate one update (its tensors streamed in `rest`, or in its file)."""
-        agent = self._agent(h.agent_id, context)
-        node[0] = agent.name
+    def _take_update(self, agent: Agent, h: pb.UpdateHeader, rest: Iterator[pb.UpdateMessage | Oversize],
+                     context: grpc.ServicerContext, stream: _Stream | None) -> pb.UpdateAck:
+        """Check, read and aggregate one update of `agent` (checked against `h` and the session by the caller)."""
         self.s.engine.precheck(agent.agent_id, h.round, h.num_samples)
         with self.s.upload_calls.hold(agent.agent_id) as ok:
             if not ok:
