@@ -440,14 +440,14 @@ def ttt_csv(report: TTTReport, path: Path) -> Path:
         w = csv.writer(fh)
         w.writerow(["method", "description", "processes", "threads_per_process", "cores", "k", "time_to_target_s",
                     "final_figure", "metric", "samples", "epochs", "samples_per_s", "speedup_vs_serial",
-                    "speedup_vs_ddp", "runs", "other_load_max_pct", "reruns", "note", "trace"])
+                    "speedup_vs_ddp", "runs", "other_load_max_pct", "reruns", "note", "eval_every_samples", "trace"])
         for r in report.rows:
             trace = ";".join(f"{t:.3f}:{v:.5f}" for t, v in (r.traces[0] if r.traces else ()))
             w.writerow([r.method, r.description, r.processes, r.threads, r.cores, "" if r.k is None else r.k,
                         ex._raw(r.time_to_target_s), ex._raw(r.accuracy), report.target.metric, r.samples,
                         ex._raw(report.plan.epochs(r.samples) if r.samples else None), ex._raw(r.samples_per_s),
                         ex._raw(r.speedup_vs_serial), ex._raw(r.speedup_vs_ddp), len(r.times_s),
-                        ex._raw(r.other_load_max_pct), r.reruns, r.note, trace])
+                        ex._raw(r.other_load_max_pct), r.reruns, r.note, report.plan.cadence, trace])
     return path
 
 
