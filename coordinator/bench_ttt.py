@@ -27,6 +27,7 @@ import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -279,6 +280,7 @@ class KProbe:
     k: int
     samples_per_s: float
     sync_ms: float | None
+    other_load: float | None = None  # share of all CPUs other processes used meanwhile
 
 
 @dataclass
@@ -293,6 +295,7 @@ class TTTReport:
     probes: list[KProbe]
     best_k: int
     ceilings: list[tuple[float, float]]  # (serial samples/s, N unsynchronised processes' samples/s), each measurement
+    ceiling_loads: list[float | None] = field(default_factory=list)  # others' CPU share in each half of each
 
     @property
     def ceiling(self) -> float:
@@ -386,6 +389,10 @@ def _samples_to_target(row: TTTRow, report: TTTReport) -> int | None:
     return None
 
 
+def _load_note(share: float | None) -> str:
+    return "" if share is None else f", other load {share * 100:.0f} %"
+
+
 def ttt_headers(target: Target) -> list[str]:
     return ["method", "processes x threads", "cores", "K", f"time to {target} s", f"final test {target.metric} %",
             "epochs", "samples/s", "speed-up vs serial", "speed-up vs DDP", "runs", "other load % (max)", "reruns",
@@ -406,8 +413,8 @@ def ttt_cells(report: TTTReport) -> list[list[str]]:
 
 def ttt_markdown(report: TTTReport, command: str = "") -> str:
     p, s = report.plan, report.settings
-    probes = ", ".join(f"K={pr.k} {pr.samples_per_s:.0f}/s" + (f" (sync {pr.sync_ms:.0f} ms)" if pr.sync_ms else "")
-                       for pr in report.probes)
+    probes = ", ".join(f"K={pr.k} {pr.samples_per_s:.0f}/s" + (f" (sync {pr.sync_ms:.0f} ms" if pr.sync_ms else " (")
+                       + _load_note(pr.other_load) + ")" for pr in report.probes)
     parts = [
         f"# bench parallel --until {report.target.metric}={report.target.value:g}: {s.dataset}, {report.facts.model}",
         "",
@@ -420,7 +427,8 @@ def ttt_markdown(report: TTTReport, command: str = "") -> str:
         f"- Ceiling: {p.agents} unsynchronised pinned processes over serial, training "
         f"{CEILING_EPOCHS:g} epochs each, before and after the methods: "
         + ", ".join(f"{free:.0f}/s over {one:.0f}/s = {free / one:.2f}x" for one, free in report.ceilings)
-        + f"; mean {report.ceiling:.2f}x.",
+        + f"; mean {report.ceiling:.2f}x; other load at most "
+        + (f"{ex._max_pct(report.ceiling_loads):.0f} %." if ex._max_pct(report.ceiling_loads) is not None else "?."),
     ]
     if command:
         parts.append(f"- Command: `{command}`")
@@ -483,6 +491,10 @@ def ttt_png(report: TTTReport, path: Path) -> Path:
     return path
 
 
+def _pinned_outcome(groups: list[list[int]], job: TrainJob) -> TrainOutcome:
+    return combine(run_pinned(ex.edgetrain_serial, groups, job))
+
+
 def write_ttt(report: TTTReport, out: Path, command: str = "") -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     md = out / "parallel-ttt.md"
@@ -529,16 +541,27 @@ def run_ttt(settings: ex.BenchSettings, target: Target, *, agents: int | None = 
 
     def probe(k: int) -> None:
         rounds = plan.rounds(plan.step_samples * max(ks) * PROBE_ROUNDS_AT_KMAX, k) + 2  # + start-up, last round
-        _, history = edgetrain_ttt(worker_spec, settings, n, k, rounds, rounds, None)
-        probes.append(KProbe(k, edgetrain_rate(history), median_sync_ms(history)))
+        histories: list[list[dict[str, Any]]] = []
+
+        def run() -> TrainOutcome:
+            out, history = edgetrain_ttt(worker_spec, settings, n, k, rounds, rounds, None)
+            histories.append(history)
+            return out
+
+        m = ex._measured(settings, run)  # waits for quiet, runs again when disturbed, as the methods' runs
+        probes.append(KProbe(k, edgetrain_rate(histories[-1]), median_sync_ms(histories[-1]), m.other_load))
 
     ceiling_steps = max(CEILING_MIN_STEPS, plan.steps(int(CEILING_EPOCHS * facts.train)))
     ceilings: list[tuple[float, float]] = []  # (serial samples/s, unsynchronised samples/s): before and after
 
+    ceiling_loads: list[float | None] = []
+
     def ceiling() -> str:
-        one = combine(run_pinned(ex.edgetrain_serial, [cores], TrainJob(serial_spec, where, steps=ceiling_steps)))
-        free = combine(run_pinned(ex.edgetrain_serial, groups, TrainJob(worker_spec, where, steps=ceiling_steps)))
-        ceilings.append((one.samples / one.train_seconds, free.samples / free.train_seconds))
+        one, free = (ex._measured(settings, partial(_pinned_outcome, on, TrainJob(spec, where, steps=ceiling_steps)))
+                     for on, spec in (([cores], serial_spec), (groups, worker_spec)))
+        ceilings.append((one.outcome.samples / one.outcome.train_seconds,
+                         free.outcome.samples / free.outcome.train_seconds))
+        ceiling_loads.extend((one.other_load, free.other_load))
         return f"  -> serial {ceilings[-1][0]:.0f}/s, unsynchronised {ceilings[-1][1]:.0f}/s"
 
     with ex._progress(progress, len(ks) + 1, "bench parallel --until: K search and ceiling") as step:
@@ -598,6 +621,6 @@ def run_ttt(settings: ex.BenchSettings, target: Target, *, agents: int | None = 
                        "samples/s over serial's (mean of before and after the methods)", n, threads, joined,
                        rate=statistics.fmean(f for _, f in ceilings)))
     machine = ex.Machine(**{**machine.__dict__, "load_after": ex.load_average()})
-    report = TTTReport(settings, plan, rule, target, facts, machine, rows, probes, best_k, ceilings)
+    report = TTTReport(settings, plan, rule, target, facts, machine, rows, probes, best_k, ceilings, ceiling_loads)
     fill_ttt_ratios(report)
     return report
