@@ -152,7 +152,7 @@ def _serve(agents: int, rounds: int, model: str, slots: tuple[int, int] | None =
         nonlocal peak, peak_anon, staged
         while not stop.is_set():
             peak, peak_anon = max(peak, proc.memory_info().rss), max(peak_anon, _rss_anon())
-            staged = max(staged, svc.staged_bytes())
+            staged = max(staged, svc.transfer.staged_bytes())
             time.sleep(0.002)
 
     sampler = threading.Thread(target=sample, daemon=True)

@@ -567,7 +567,7 @@ class RoundEngine:
         """Take a decoded, validated update into the round's aggregate (all checks repeated under the lock).
 
         `checked_finite`: the caller's decoder already refused NaN and Inf in exactly these tensors (~0.5 ms
-        per update not spent twice). Staged tensors (serde.Stage: read a slice at a time) only for the mean.
+        per update not spent twice). Staged tensors (read a slice at a time: transfer/staging.py) only for the mean.
         """
         try:
             if not checked_finite and not serde.finite(tensors):  # e.g. a delta that overflows as weights

@@ -221,8 +221,7 @@ class Coordinator:
         )
         self._svc = ServiceState(self.engine, self.membership, spec, self.metrics,
                                  upload_slots=cfg.upload_slots, staging_dir=cfg.staging_dir, limits=cfg.limits)
-        if cfg.aggregator == "mean":
-            self._svc.prepare_staging()
+        self._svc.transfer.prepare_staging()
         self._server, self.port, self.health = start_server(
             self._svc, cfg.host, cfg.port, token=cfg.token, tls_cert=cfg.tls_cert, tls_key=cfg.tls_key,
             tls_client_ca=cfg.tls_client_ca,

@@ -31,6 +31,7 @@ from agent.client import CoordinatorClient
 from coordinator import checkpoint
 from coordinator.config import CoordinatorConfig
 from coordinator.run import Coordinator, RunResult
+from coordinator.transfer.staging import StagedTensor
 from edgetrain import grpc_options, serde
 from edgetrain.proto import edgetrain_pb2 as pb
 from edgetrain.proto import edgetrain_pb2_grpc as pb_grpc
@@ -395,10 +396,10 @@ def test_a_round_spoiled_by_an_update_that_fails_to_read_back_runs_again_and_ben
     """A streamed update's staging file fails (an I/O error) while the coordinator adds it to the round's sum: the
     round closes at once without being applied and runs again with the same agents. Nobody is taken out of the
     rounds nor counted short for it (it was nobody's fault), and the failed update is refused as "staging"."""
-    original = serde.StagedTensor.slices
+    original = StagedTensor.slices
     failures: list[int] = []
 
-    def slices(self: serde.StagedTensor) -> Any:
+    def slices(self: StagedTensor) -> Any:
         seen = self.__dict__.setdefault("_reads", [0])
         seen[0] += 1
         if seen[0] == 2 and not failures:  # its first read checked it whole; the second adds it
@@ -406,7 +407,7 @@ def test_a_round_spoiled_by_an_update_that_fails_to_read_back_runs_again_and_ben
             raise OSError(errno.EIO, "Input/output error")
         return original(self)
 
-    monkeypatch.setattr(serde.StagedTensor, "slices", slices)
+    monkeypatch.setattr(StagedTensor, "slices", slices)
     cfg = CoordinatorConfig(spec=SPEC, port=0, local_steps=1, rounds=3, min_agents=2, round_timeout=30,
                             eval_every=10_000, progress=False, join_timeout=30)
     with drive(cfg) as d:

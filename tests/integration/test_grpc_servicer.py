@@ -215,12 +215,14 @@ def test_a_staging_directory_that_cannot_take_files_stops_the_start(tmp_path: Pa
     svc = ServiceState(engine, Membership(), RunSpec(dataset="tweets"), CoordinatorMetrics(CollectorRegistry()),
                        staging_dir=tmp_path / "missing")
     with pytest.raises(ConfigError, match="cannot make staging files in .*missing"):
-        svc.prepare_staging()
-    svc.staging_dir = tmp_path
-    svc.prepare_staging()
+        svc.transfer.prepare_staging()
+    svc.close()
+    svc = ServiceState(engine, Membership(), RunSpec(dataset="tweets"), CoordinatorMetrics(CollectorRegistry()),
+                       staging_dir=tmp_path)
+    svc.transfer.prepare_staging()
     # the start goes on with one staging file made in the directory given, without a name there...
     assert _staged_in(tmp_path) == 1 and list(tmp_path.iterdir()) == []
-    with svc.stage():  # ...and kept: the first upload takes it instead of making another
+    with svc.transfer.stage():  # ...and kept: the first upload takes it instead of making another
         assert _staged_in(tmp_path) == 1
     svc.close()
     assert _staged_in(tmp_path) == 0  # closed with the service

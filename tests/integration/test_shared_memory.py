@@ -24,7 +24,7 @@ from coordinator.metrics import CoordinatorMetrics
 from coordinator.rounds import RoundEngine
 from coordinator.server import start_server
 from coordinator.servicer import ServiceState
-from coordinator.shm import SharedFiles
+from coordinator.transfer.samehost import SharedFiles
 from edgetrain import compression, grpc_options, serde
 from edgetrain.grpc_options import address_host, is_loopback
 from edgetrain.proto import edgetrain_pb2 as pb
@@ -98,11 +98,11 @@ def test_files_give_the_same_bytes_as_streaming(wire: str) -> None:
     with serve() as files_setup, serve() as stream_setup:
         got_files, header = one_round(files_setup, True, wire)
         got_stream, stream_header = one_round(stream_setup, False, wire)
-        directory = files_setup.svc.shared_files(create=False)
+        directory = files_setup.svc.transfer.shared_files(create=False)
         assert directory is not None
         assert header.weights_file.startswith(str(directory.dir)) and header.update_file
         assert not stream_header.weights_file and not stream_header.update_file
-        assert stream_setup.svc.shared_files(create=False) is None  # nobody offered: no directory made
+        assert stream_setup.svc.transfer.shared_files(create=False) is None  # nobody offered: no directory made
         for k, v in small_state().items():
             assert got_files[k].numpy().tobytes() == got_stream[k].numpy().tobytes() == v.numpy().tobytes()
         assert files_setup.snapshot() == stream_setup.snapshot() != {k: v.numpy().tobytes()
@@ -134,7 +134,7 @@ def test_without_a_shared_memory_root_everything_streams(tmp_path: Path) -> None
     with serve(shm_root=tmp_path / "missing") as setup:
         state, header = one_round(setup, True, "float32")
         assert not header.weights_file and not header.update_file
-        assert setup.svc.shared_files() is None
+        assert setup.svc.transfer.shared_files() is None
 
 
 @contextmanager
@@ -144,7 +144,7 @@ def offering_client() -> Iterator[tuple[Setup, CoordinatorClient, SharedFiles]]:
         client = setup.client("a", True)
         try:
             setup.engine.open_round([(client.agent_id, 0.0, 1)])
-            files = setup.svc.shared_files()
+            files = setup.svc.transfer.shared_files()
             assert files is not None
             yield setup, client, files
         finally:
