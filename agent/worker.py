@@ -7,7 +7,7 @@ torch.distributed (gloo) and worker 0 writes the result.
 
 On the coordinator's host a single CPU worker can skip both copies: it reads the round's weights file straight
 into its model and writes its update file straight from it (`RoundTask.weights_file` / `update_file`), with
-the checks the agent would make. Each copy and hand-off through the agent cost ~1-2 ms of every round.
+the checks the agent would make (`agent.route`). Each copy and hand-off through the agent cost ~1-2 ms of every round.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from typing import Any
 import torch
 import torch.multiprocessing as tmp
 
-from edgetrain import samehost, serde
+from agent.route import RoundTask, UpdateFile, read_weights, write_update
 from edgetrain.errors import EdgetrainError, WireError
 from edgetrain.peers import free_port, prepare_child
 from edgetrain.spec import DataLocation, RunSpec
@@ -47,43 +47,6 @@ class WorkerSetup:
     where: DataLocation
     device: str = "cpu"
     dist_port: int = 0  # gloo rendezvous on 127.0.0.1 when count > 1
-
-
-@dataclass(frozen=True)
-class RoundTask:
-    round: int
-    rank: int
-    world: int
-    local_steps: int
-    batch_size: int
-    sample_offset: int
-    weights_file: str = ""  # read the weights from this same-host file instead of the shared tensors
-    weights_layout: tuple[Any, ...] = ()  # its serde layout (pb.TensorPart entries without data)
-    update_file: str = ""  # write the trained weights into this new file instead of the shared tensors
-
-
-@dataclass(frozen=True)
-class UpdateFile:
-    """What a worker wrote into `RoundTask.update_file`: its layout and size, or why it could not."""
-
-    layout: tuple[Any, ...] = ()
-    size: int = 0
-    error: str = ""
-
-
-def _read_weights(task: RoundTask, state: dict[str, torch.Tensor]) -> None:
-    """Load the round's weights file into `state` (the model's own tensors), checked as the agent checks them."""
-    with samehost.open_shared(task.weights_file, samehost.READ) as f:
-        serde.decode_file(f, task.weights_layout, serde.spec_of(state), into=serde.into_tensors(state))
-
-
-def _write_update(task: RoundTask, state: dict[str, torch.Tensor]) -> UpdateFile:
-    try:
-        with samehost.open_shared(task.update_file, samehost.WRITE) as f:
-            layout = serde.write_raw(state, f)
-            return UpdateFile(tuple(layout), f.tell())
-    except OSError as err:
-        return UpdateFile(error=str(err))
 
 
 def _appender(times: list[float]) -> Callable[[int, float], None]:
@@ -140,7 +103,7 @@ def _main(setup: WorkerSetup, conn: Any) -> None:
                 perms: dict[int, torch.Tensor] = {}  # the shard's shuffles, per epoch
             if task.weights_file:
                 try:
-                    _read_weights(task, model.state_dict())
+                    read_weights(task, model.state_dict())
                 except (OSError, WireError) as err:  # the agent re-asks for the weights streamed
                     conn.send(("nofile", str(err)))
                     continue
@@ -161,7 +124,7 @@ def _main(setup: WorkerSetup, conn: Any) -> None:
                 device=device, after_step=_appender(step_times), grad_hook=grad_hook,
                 class_weights=weights,
             )
-            written = _write_update(task, model.state_dict()) if task.update_file else None
+            written = write_update(task, model.state_dict()) if task.update_file else None
             if setup.index == 0 and (written is None or written.error):
                 with torch.no_grad():
                     for k, v in model.state_dict().items():

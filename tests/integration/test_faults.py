@@ -28,6 +28,7 @@ import pytest
 import torch
 
 from agent.client import CoordinatorClient
+from agent.route import Route
 from coordinator import checkpoint
 from coordinator.config import CoordinatorConfig
 from coordinator.run import Coordinator, RunResult
@@ -245,6 +246,7 @@ class RawAgent:
 
     def __init__(self, port: int, name: str) -> None:
         self.client = CoordinatorClient(f"127.0.0.1:{port}")
+        self.route = Route(self.client)
         self.name = name
         self.after = -1
         self.refusals: list[tuple[int, grpc.StatusCode, str]] = []
@@ -256,13 +258,13 @@ class RawAgent:
 
     def fetch(self, expected: dict[str, serde.TensorSpec]) -> tuple[pb.RoundHeader, dict[str, torch.Tensor] | None]:
         while True:
-            rnd = self.client.get_round(self.after, expected)
+            rnd = self.route.fetch(self.after, expected)
             if rnd.header.status != pb.WAIT:
                 return rnd.header, rnd.state
 
     def send(self, header: pb.RoundHeader, state: dict[str, torch.Tensor]) -> bool:
         try:
-            self.client.submit(header.round, header.local_steps * header.batch_size, pb.NodeStats(), state)
+            self.route.send(header.round, header.local_steps * header.batch_size, pb.NodeStats(), state)
         except grpc.RpcError as err:
             self.refusals.append((header.round, err.code(), err.details() or ""))
             return False
@@ -419,7 +421,7 @@ def test_a_round_spoiled_by_an_update_that_fails_to_read_back_runs_again_and_ben
         try:
             threads = []
             for agent in agents:
-                agent.client.shared_memory = False  # streamed: staged before it is added
+                agent.route.same_host = False  # streamed: staged before it is added
                 agent.join()
                 threads.append(_thread(lambda agent=agent: agent.train_until_finished(expected, done)))
             d.start()
@@ -543,10 +545,11 @@ def test_every_rpc_the_agent_makes_has_a_deadline() -> None:
     submits = []
     try:
         client.join(pb.JoinRequest(agent_name="a"))
-        client.get_round(-1, serde.spec_of(big))
-        client.submit(0, 1, pb.NodeStats(), big)
+        route = Route(client)
+        route.fetch(-1, serde.spec_of(big))
+        route.send(0, 1, pb.NodeStats(), big)
         submits.append(recorder.deadlines["SubmitUpdate"])
-        client.submit(0, 1, pb.NodeStats(), big, round_deadline=time.time() + 1000)  # the round ends later
+        route.send(0, 1, pb.NodeStats(), big, round_deadline=time.time() + 1000)  # the round ends later
         submits.append(recorder.deadlines["SubmitUpdate"])
         client.leave()
     finally:
