@@ -12,7 +12,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from coordinator.metrics import CoordinatorMetrics
-from coordinator.servicer import CoordinatorServicer, Oversize, ServiceState
+from coordinator.servicer import CoordinatorServicer, ServiceState
+from coordinator.streams import Oversize
 from coordinator.transfer import serialize_round
 from edgetrain import grpc_options
 from edgetrain import metric_names as m

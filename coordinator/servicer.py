@@ -18,6 +18,7 @@ from coordinator.admission import CallCounts, JoinRate, Limits, Watchdog, join_p
 from coordinator.config import UPLOAD_SLOTS
 from coordinator.membership import Agent, FullError, Membership
 from coordinator.metrics import CoordinatorMetrics
+from coordinator.streams import STATUS, Oversize, Stream, timed_parts
 from coordinator.transfer import SEND_SLOTS, SEND_WAIT, Outgoing, Transfer, UpdateSource
 from edgetrain import grpc_options
 from edgetrain.cores import format_cores
@@ -31,7 +32,6 @@ from edgetrain.spec import RunSpec
 
 log = logging.getLogger("edgetrain.coordinator")
 
-_STATUS = {code.name: code for code in grpc.StatusCode}
 MAX_THROUGHPUT = 1e9  # samples/s: far above any real node, and small enough that sums of them stay finite
 
 
@@ -80,67 +80,6 @@ class ServiceState:
         self.transfer.close()
 
 
-class Oversize:
-    """What a request deserializer gives for a message over MAX_MESSAGE_BYTES (server.py): refused and counted."""
-
-    __slots__ = ("size",)
-
-    def __init__(self, size: int) -> None:
-        self.size = size
-
-
-def end_call(context: grpc.ServicerContext, code: grpc.StatusCode, details: str) -> None:
-    """End a call from outside its handler thread (which may be blocked reading it), with a status.
-
-    gRPC's Python API cancels without a status (the client reads CANCELLED); its call object takes one, and the
-    client then reads why. tests/integration/test_hostile.py pins the status, so a gRPC that drops this fails
-    there, not silently.
-    """
-    call = getattr(getattr(context, "_rpc_event", None), "call", None)
-    try:
-        call.cancel(code.value[0], details)  # type: ignore[union-attr]
-    except Exception:  # noqa: BLE001 - no such call object in this gRPC: end it without the status
-        context.cancel()
-
-
-class _Stream:
-    """An update stream's deadline: its watchdog timer ends the call when it runs out, with `error`'s status."""
-
-    def __init__(self, context: grpc.ServicerContext, state: ServiceState, seconds: float, why: str) -> None:
-        self.why = why
-        self.error: type[rounds.RefusedError] = rounds.StreamTimeoutError
-        self.timer = state.watchdog.arm(seconds, lambda: end_call(context, _STATUS[self.error.status], self.why))
-
-    def expect(self, seconds: float, why: str) -> None:
-        self.why = why
-        self.timer.reset(seconds)
-
-    def end_now(self, why: str, error: type[rounds.RefusedError]) -> None:
-        self.error = error
-        self.expect(0.0, why)
-
-    def check(self) -> None:
-        """Raise the refusal the timer ended the call with, if it did (its reads then ended early)."""
-        if self.timer.fired:
-            raise self.error(self.why)
-
-
-def _parts(rest: Iterator[pb.UpdateMessage | Oversize], stream: _Stream, gap: float,
-           ) -> Iterator[pb.UpdateMessage]:
-    """The stream's messages after its header, each due within `gap` seconds of the one before."""
-    stream.expect(gap, f"no update part for {gap:g} s")
-    try:
-        for msg in rest:
-            if isinstance(msg, Oversize):
-                raise rounds.TooLargeError(f"a message of {msg.size} bytes; at most {grpc_options.MAX_MESSAGE_BYTES}")
-            stream.expect(gap, f"no update part for {gap:g} s")
-            yield msg
-    except grpc.RpcError:
-        stream.check()
-        raise
-    stream.check()
-
-
 def _wire_reason(err: WireError) -> rounds.RefusedError:
     if isinstance(err, NonFiniteError):
         return rounds.NonFiniteError(str(err))
@@ -159,10 +98,10 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         except WireError as err:
             refusal = _wire_reason(err)
             self.s.metrics.refused_update(node[0], refusal.reason)
-            context.abort(_STATUS[refusal.status], str(refusal))
+            context.abort(STATUS[refusal.status], str(refusal))
         except rounds.RefusedError as err:
             self.s.metrics.refused_update(node[0], err.reason)
-            context.abort(_STATUS[err.status], str(err))
+            context.abort(STATUS[err.status], str(err))
 
     def _agent(self, agent_id: str, context: grpc.ServicerContext) -> Agent:
         md = dict(context.invocation_metadata())
@@ -280,7 +219,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             node[0] = agent.name
             with self._call(agent):
                 self.s.engine.awaiting(agent.agent_id)
-                stream = _Stream(context, self.s, lim.first_message_seconds,
+                stream = Stream(context, self.s.watchdog, lim.first_message_seconds,
                                  f"no update header within {lim.first_message_seconds:g} s")
                 try:
                     try:
@@ -317,7 +256,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _take_update(self, agent: Agent, h: pb.UpdateHeader, rest: Iterator[pb.UpdateMessage | Oversize],
-                     context: grpc.ServicerContext, stream: _Stream | None) -> pb.UpdateAck:
+                     context: grpc.ServicerContext, stream: Stream | None) -> pb.UpdateAck:
         """Check, read and aggregate one update of `agent` (checked against `h` and the session by the caller)."""
         self.s.engine.precheck(agent.agent_id, h.round, h.num_samples)
         with self.s.upload_calls.hold(agent.agent_id) as ok:
@@ -326,11 +265,11 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             return self._take_slot_and_update(agent, h, rest, context, stream)
 
     def _take_slot_and_update(self, agent: Agent, h: pb.UpdateHeader, rest: Iterator[pb.UpdateMessage | Oversize],
-                              context: grpc.ServicerContext, stream: _Stream | None) -> pb.UpdateAck:
+                              context: grpc.ServicerContext, stream: Stream | None) -> pb.UpdateAck:
         with self.s.transfer.upload(h.round, stream, context.is_active, context.time_remaining()):
             if not h.layout:  # a paced agent waits for this before it sends its parts
                 context.send_initial_metadata(())
-            parts = iter(()) if stream is None else _parts(rest, stream, self.s.limits.part_gap_seconds)
+            parts = iter(()) if stream is None else timed_parts(rest, stream, self.s.limits.part_gap_seconds)
             with self.s.transfer.receive(agent.agent_id, h, UpdateSource(parts, h.layout), stream) as update:
                 stats = rounds.NodeReport(
                     compute_seconds=h.stats.compute_seconds, communication_seconds=h.stats.communication_seconds,
