@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -36,16 +35,11 @@ import grpc  # noqa: E402
 from agent.client import CoordinatorClient  # noqa: E402
 from agent.route import Route  # noqa: E402
 from edgetrain import serde  # noqa: E402
+from edgetrain.procs import free_port  # noqa: E402
 from edgetrain.proto import edgetrain_pb2 as pb  # noqa: E402
 from edgetrain.spec import RunSpec  # noqa: E402
 from edgetrain.training import state_of  # noqa: E402
 from edgetrain.workload import load_workload  # noqa: E402
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Agent(threading.Thread):

@@ -11,7 +11,6 @@ import errno
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -37,17 +36,12 @@ from edgetrain import grpc_options, serde
 from edgetrain.proto import edgetrain_pb2 as pb
 from edgetrain.proto import edgetrain_pb2_grpc as pb_grpc
 from edgetrain.spec import RunSpec
+from tests.conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 CORES = sorted(os.sched_getaffinity(0))
 # text-bag on 2,000 tweets: 1.7 MB of weights, ~2 ms a step, so 60 local steps make a round of ~0.15 s
 SPEC = RunSpec(dataset="tweets", model="text-bag", limit=2000, seed=3)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait_for(cond: Callable[[], bool], timeout: float, what: str, poll: float = 0.05) -> None:

@@ -56,3 +56,8 @@ def test_a_worker_process_loads_no_grpc() -> None:
     out = subprocess.run([sys.executable, "-c", "import sys, agent.worker; print('grpc' in sys.modules)"],
                          capture_output=True, text=True, check=True, cwd=ROOT)
     assert out.stdout.strip() == "False"
+
+
+def test_the_agents_training_path_imports_no_benchmark_baselines() -> None:
+    for name in ("worker.py", "route.py", "client.py"):
+        assert "edgetrain.peers" not in _imports(ROOT / "agent" / name), name
