@@ -234,7 +234,7 @@ class AgentRunner:
                 update = self.pool.shared
             try:
                 # a worker that could not write the update file left the trained weights in the shared tensors
-                ack, previous_upload_seconds, _ = route.send(
+                _, previous_upload_seconds, _ = route.send(
                     header.round, result.samples, stats, update, spec.update_dtype, delta=feedback.active,
                     update_file=header.update_file, written=written, round_deadline=header.deadline_unix)
             except grpc.RpcError as err:
@@ -248,9 +248,7 @@ class AgentRunner:
                 # refused (late, stale, ...): the coordinator says why; go on with the next round
                 log.warning("update for round %d refused: %s %s", header.round, err.code().name, err.details())
             else:
-                metrics.round_done(result.samples, step_times)
+                metrics.round_done(result.samples, step_times)  # taken: a refusal comes as a status (UpdateAck)
                 self.rounds_trained += 1
-                if not ack.accepted:  # pragma: no cover - the servicer refuses with a status instead
-                    log.warning("update for round %d not accepted: %s", header.round, ack.detail)
             after = header.round
         return "finished"
