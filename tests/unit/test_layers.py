@@ -10,22 +10,41 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 
 
+def _package_of(path: Path) -> list[str]:
+    """The folder-named package a source file is in: agent/route.py -> ["agent"] (installed: edgetrain.agent)."""
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    return parts[:-1]  # a module's package; for __init__.py, the package it starts
+
+
+def _canonical(name: str) -> str:
+    """A module's name by its folder: edgetrain.agent.x and agent.x are both "agent.x" (either way of installing)."""
+    for side in ("agent", "coordinator"):
+        if name == f"edgetrain.{side}" or name.startswith(f"edgetrain.{side}."):
+            return name.removeprefix("edgetrain.")
+    return name
+
+
 def _imports(path: Path, *, typing_only: bool = True) -> set[str]:
-    """Top-level names of the modules `path` imports (relative imports excluded: there are none)."""
+    """The modules `path` imports, by folder name (relative imports resolved); `typing_only` False leaves out
+    `if TYPE_CHECKING:` blocks."""
     tree = ast.parse(path.read_text())
     skip: set[int] = set()
-    if not typing_only:  # leave out `if TYPE_CHECKING:` blocks
+    if not typing_only:
         for node in ast.walk(tree):
             if isinstance(node, ast.If) and getattr(node.test, "id", "") == "TYPE_CHECKING":
                 skip |= {id(n) for n in ast.walk(node)}
+    package = _package_of(path)
     names = set()
     for node in ast.walk(tree):
         if id(node) in skip:
             continue
         if isinstance(node, ast.Import):
-            names |= {alias.name for alias in node.names}
-        elif isinstance(node, ast.ImportFrom) and node.module:
-            names.add(node.module)
+            names |= {_canonical(alias.name) for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = package[: len(package) - node.level + 1] if node.level else []
+            module = ".".join([*base, *([node.module] if node.module else [])])
+            names.add(_canonical(module))
+            names |= {_canonical(f"{module}.{alias.name}") for alias in node.names}  # `from pkg import module`
     return names
 
 
