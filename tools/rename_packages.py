@@ -10,7 +10,8 @@ that gained code since (it is idempotent: a second run changes nothing):
 2. everywhere else (tests, bench, scripts, deploy, edgetrain), `agent.x` / `coordinator.x` imports become
    `edgetrain.agent.x` / `edgetrain.coordinator.x`;
 3. `python -m agent` / `python -m coordinator` (argument lists and prose) become `-m edgetrain.agent` /
-   `-m edgetrain.coordinator`;
+   `-m edgetrain.coordinator`, and so do the argument lists tests build from a splat (`"-m", *args`, whose first
+   item names the package: `f"edgetrain.{args[0]}", *args[1:]`);
 4. pyproject.toml: the console scripts point at edgetrain.agent.cli / edgetrain.coordinator.cli (their names,
    `edge-agent` and `coordinator`, stay), and the package list maps the folders (every folder with an
    __init__.py under edgetrain/, agent/ and coordinator/; tests/unit/test_packaging.py fails when one is missing).
@@ -23,6 +24,8 @@ from __future__ import annotations
 
 import argparse
 import re
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -37,6 +40,10 @@ _FROM = re.compile(r"^(?P<indent>[ \t]*)from[ \t]+(?P<module>(?:agent|coordinato
                    re.MULTILINE)
 _IMPORT = re.compile(r"^(?P<indent>[ \t]*)import[ \t]+(?P<module>(?:agent|coordinator)(?:\.\w+)*)\b", re.MULTILINE)
 _DASH_M_ARGS = re.compile(r"""(?P<q>["'])-m(?P=q)(?P<sep>,[ \t]*)(?P<q2>["'])(?P<side>agent|coordinator)(?P=q2)""")
+# `[sys.executable, "-m", *args]` where args starts with the package's name (test helpers)
+_DASH_M_SPLAT = re.compile(r"""(?P<q>["'])-m(?P=q)(?P<sep>,[ \t]*)\*(?P<name>\w+)\b(?!\[)""")
+# `py = [sys.executable, "-m"]` ... `[*py, "coordinator", ...]` (bench/links.py)
+_PY_SPLAT = re.compile(r"""(?P<pre>\*py,[ \t]*)(?P<q>["'])(?P<side>agent|coordinator)(?P=q)""")
 _DASH_M_TEXT = re.compile(r"(?P<pre>python3?[ \t]+-m[ \t]+)(?P<side>agent|coordinator)\b(?!\.)")
 
 
@@ -88,7 +95,37 @@ def rewrite_python(text: str, rel: Path) -> str:
     text = _FROM.sub(from_import, text)
     text = _IMPORT.sub(plain_import, text)
     text = _DASH_M_ARGS.sub(lambda m: f"{m['q']}-m{m['q']}{m['sep']}{m['q2']}edgetrain.{m['side']}{m['q2']}", text)
+    text = _DASH_M_SPLAT.sub(lambda m: f"{m['q']}-m{m['q']}{m['sep']}f\"edgetrain.{{{m['name']}[0]}}\", "
+                             f"*{m['name']}[1:]", text)
+    text = _PY_SPLAT.sub(lambda m: f"{m['pre']}{m['q']}edgetrain.{m['side']}{m['q']}", text)
+    text = "".join(_wrap(line) for line in text.splitlines(keepends=True))
     return _DASH_M_TEXT.sub(lambda m: f"{m['pre']}edgetrain.{m['side']}", text)
+
+
+def _wrap(line: str, limit: int = 120) -> str:
+    """Break an argument list made too long by `edgetrain.` at its last top-level comma that fits."""
+    if len(line.rstrip("\n")) <= limit or '"edgetrain.' not in line:
+        return line
+    at = line.index('"edgetrain.')
+    start = line.rindex("[", 0, at)
+    quote, depth, cut = "", 0, -1
+    for i in range(start + 1, len(line)):
+        c = line[i]
+        if quote:
+            quote = "" if c == quote and line[i - 1] != "\\" else quote
+        elif c in "\"'":
+            quote = c
+        elif c in "([{":
+            depth += 1
+        elif c in ")]}":
+            if depth == 0:
+                break
+            depth -= 1
+        elif c == "," and depth == 0 and i > at and i + 1 < limit:
+            cut = i
+    if cut < 0:
+        return line
+    return line[: cut + 1] + "\n" + " " * (start + 1) + line[cut + 1 :].lstrip(" ")
 
 
 def rewrite_text(text: str) -> str:
@@ -150,6 +187,13 @@ def main() -> int:
                 path.write_text(new, encoding="utf-8")
     for rel in changed:
         print(f"{'would change' if args.check else 'changed'} {rel}")
+    py = [str(ROOT / rel) for rel in changed if rel.suffix == ".py"]
+    if py and not args.check:  # relative imports sort after absolute ones (ruff's isort rule, I001)
+        ruff = shutil.which("ruff")
+        if ruff is None:
+            print("ruff not found: run `ruff check --select I --fix .` to sort the rewritten imports")
+        else:
+            subprocess.run([ruff, "check", "--select", "I", "--fix", "--quiet", *py], cwd=ROOT, check=False)
     return 1 if args.check and changed else 0
 
 
