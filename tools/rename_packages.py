@@ -107,8 +107,20 @@ def _wrap(line: str, limit: int = 120) -> str:
     if len(line.rstrip("\n")) <= limit or '"edgetrain.' not in line:
         return line
     at = line.index('"edgetrain.')
-    start = line.rindex("[", 0, at)
-    quote, depth, cut = "", 0, -1
+    opened, quote = [], ""  # the innermost list still open where the name stands
+    for i, c in enumerate(line[:at]):
+        if quote:
+            quote = "" if c == quote and line[i - 1] != "\\" else quote
+        elif c in "\"'":
+            quote = c
+        elif c == "[":
+            opened.append(i)
+        elif c == "]" and opened:
+            opened.pop()
+    if not opened:
+        return line
+    start = opened[-1]
+    depth, cut = 0, -1
     for i in range(start + 1, len(line)):
         c = line[i]
         if quote:
