@@ -191,7 +191,7 @@ class RoundEngine:
         batch_size: int,
         local_steps: int,
         round_timeout: float,
-        aggregator: str = "mean",
+        aggregator: str = aggregation.MEAN,
         trim: float = 0.2,
         balance: bool = False,
         completed_rounds: int = 0,
@@ -387,7 +387,7 @@ class RoundEngine:
             applied = len(contributions) >= max(1, min_updates) and not spoiled
             overflow = False
             if applied:
-                if self.aggregator == "mean":
+                if not aggregation.keeps_updates(self.aggregator):
                     new_state = self._acc.result(self._global)
                 else:
                     new_state = aggregation.aggregate(
@@ -576,7 +576,7 @@ class RoundEngine:
             raise StagingError(f"the update could not be read back ({err})") from err
         with self._cv:
             self._check(agent_id, round_, num_samples)
-            if self.aggregator == "mean":
+            if not aggregation.keeps_updates(self.aggregator):
                 if self._acc.spoiled:
                     raise StagingError(f"round {round_} runs again: an update failed while it was being added")
                 try:
