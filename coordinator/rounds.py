@@ -21,6 +21,7 @@ from coordinator.admission import Limits
 from edgetrain import aggregation, serde
 from edgetrain.errors import EdgetrainError
 from edgetrain.memory import Recycler
+from edgetrain.metric_names import REFUSAL_REASONS
 
 State = dict[str, torch.Tensor]
 
@@ -30,6 +31,12 @@ class RefusedError(EdgetrainError):
 
     reason = "malformed"
     status = "INVALID_ARGUMENT"
+
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        """Each refusal's reason is one of the metric's labels (a bounded label set, pre-created per node)."""
+        super().__init_subclass__(**kwargs)
+        if cls.reason not in REFUSAL_REASONS:
+            raise TypeError(f"{cls.__name__}: reason {cls.reason!r} is not in edgetrain.metric_names.REFUSAL_REASONS")
 
 
 class StaleRoundError(RefusedError):
