@@ -10,18 +10,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from edgetrain.cli_options import (
-    CacheDirOpt,
-    DataDirOpt,
-    DataPathOpt,
-    LogLevelOpt,
-    MetricsHostOpt,
-    NoDownloadOpt,
-    TestPathOpt,
-    TokenEnvOpt,
-    TokenFileOpt,
-    ValPathOpt,
-)
+from edgetrain import cli_options as opt
 from edgetrain.cli_util import count_or_auto, entry, read_token, setup_logging
 from edgetrain.cores import resolve_cores
 from edgetrain.errors import EdgetrainError
@@ -47,21 +36,21 @@ def make_app() -> typer.Typer:
             help="Training processes, each on its own core group; auto: the fastest split, measured once per model "
                  "and cores.")] = "1",
         device: Annotated[str, typer.Option(help="cpu or cuda:N.")] = "cpu",
-        data_dir: DataDirOpt = None,
-        data_path: DataPathOpt = None,
-        test_path: TestPathOpt = None,
-        val_path: ValPathOpt = None,
-        cache_dir: CacheDirOpt = None,
-        no_download: NoDownloadOpt = False,
+        data_dir: opt.DataDirOpt = None,
+        data_path: opt.DataPathOpt = None,
+        test_path: opt.TestPathOpt = None,
+        val_path: opt.ValPathOpt = None,
+        cache_dir: opt.CacheDirOpt = None,
+        no_download: opt.NoDownloadOpt = False,
         metrics_port: Annotated[Optional[int], typer.Option(help="Serve /metrics on this port (0: any).")] = None,  # noqa: UP045
-        metrics_host: MetricsHostOpt = "127.0.0.1",
-        token_env: TokenEnvOpt = "EDGETRAIN_TOKEN",
-        token_file: TokenFileOpt = None,
+        metrics_host: opt.MetricsHostOpt = "127.0.0.1",
+        token_env: opt.TokenEnvOpt = "EDGETRAIN_TOKEN",
+        token_file: opt.TokenFileOpt = None,
         tls_ca: Annotated[Optional[Path], typer.Option(help="CA certificate to trust (enables TLS).")] = None,  # noqa: UP045
         tls_cert: Annotated[Optional[Path], typer.Option(help="Client certificate (mutual TLS).")] = None,  # noqa: UP045
         tls_key: Annotated[Optional[Path], typer.Option(help="Client key (mutual TLS).")] = None,  # noqa: UP045
         give_up_after: Annotated[Optional[float], typer.Option(help="Give up if unreachable for N s.")] = None,  # noqa: UP045
-        log_level: LogLevelOpt = "info",
+        log_level: opt.LogLevelOpt = "info",
     ) -> int:
         """Join a coordinator and train until it says the run is over (SIGINT/SIGTERM leave cleanly)."""
         from agent.config import AgentConfig

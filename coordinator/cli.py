@@ -13,19 +13,8 @@ import typer
 
 from coordinator.admission import Limits
 from coordinator.config import UPLOAD_SLOTS
+from edgetrain import cli_options as opt
 from edgetrain.aggregation import AGGREGATORS, MEAN
-from edgetrain.cli_options import (
-    CacheDirOpt,
-    DataDirOpt,
-    DataPathOpt,
-    LogLevelOpt,
-    MetricsHostOpt,
-    NoDownloadOpt,
-    TestPathOpt,
-    TokenEnvOpt,
-    TokenFileOpt,
-    ValPathOpt,
-)
 from edgetrain.cli_util import count_or_auto, entry, made_output_folder, read_token, setup_logging
 from edgetrain.errors import ConfigError
 from edgetrain.models import DEFAULT_LR, MODELS
@@ -106,12 +95,12 @@ def make_app() -> typer.Typer:
             help="tweets, tweeteval (--data-dir: any TweetEval task), tweeteval-sentiment, mnist, mnist-5k, csv, tsv."
         )] = "tweets",
         model: Annotated[str, typer.Option(help="Model name (default: the data set's).")] = "",
-        data_dir: DataDirOpt = None,
-        data_path: DataPathOpt = None,
-        test_path: TestPathOpt = None,
-        val_path: ValPathOpt = None,
-        cache_dir: CacheDirOpt = None,
-        no_download: NoDownloadOpt = False,
+        data_dir: opt.DataDirOpt = None,
+        data_path: opt.DataPathOpt = None,
+        test_path: opt.TestPathOpt = None,
+        val_path: opt.ValPathOpt = None,
+        cache_dir: opt.CacheDirOpt = None,
+        no_download: opt.NoDownloadOpt = False,
         limit: Annotated[int, typer.Option(help="Use only the first N train and test examples (0: all).")] = 0,
         max_len: Annotated[int, typer.Option(help="Text: tokens per example.")] = 64,
         seed: Annotated[int, typer.Option(help="Seed of split, shards, initial weights and batches.")] = 0,
@@ -143,7 +132,7 @@ def make_app() -> typer.Typer:
         host: Annotated[str, typer.Option(help="Address to serve gRPC on.")] = "127.0.0.1",
         port: Annotated[int, typer.Option(help="gRPC port (0: any free port).")] = 50051,
         metrics_port: Annotated[Optional[int], typer.Option(help="Serve /metrics and /sd here.")] = None,  # noqa: UP045
-        metrics_host: MetricsHostOpt = "127.0.0.1",
+        metrics_host: opt.MetricsHostOpt = "127.0.0.1",
         round_timeout: Annotated[float, typer.Option(help="A round's deadline in seconds.")] = 600.0,
         join_timeout: Annotated[float, typer.Option(help="Wait this long for --min-agents.")] = 600.0,
         eval_every: Annotated[int, typer.Option(help="Evaluate every N rounds.")] = 1,
@@ -171,14 +160,14 @@ def make_app() -> typer.Typer:
         resume: Annotated[bool, typer.Option(help="Resume from --run-dir's checkpoint.")] = False,
         auto_resume: Annotated[bool, typer.Option(
             "--auto-resume", help="Resume if --run-dir holds a run, else start one there (restarted pods).")] = False,
-        token_env: TokenEnvOpt = "EDGETRAIN_TOKEN",
-        token_file: TokenFileOpt = None,
+        token_env: opt.TokenEnvOpt = "EDGETRAIN_TOKEN",
+        token_file: opt.TokenFileOpt = None,
         tls_cert: Annotated[Optional[Path], typer.Option(help="Server certificate (PEM).")] = None,  # noqa: UP045
         tls_key: Annotated[Optional[Path], typer.Option(help="Server key (PEM).")] = None,  # noqa: UP045
         tls_client_ca: Annotated[Optional[Path], typer.Option(help="Require client certs from this CA.")] = None,  # noqa: UP045
         insecure: Annotated[bool, typer.Option(help="Allow plaintext on a non-loopback address.")] = False,
         progress: Annotated[bool, typer.Option(help="Show a live progress bar.")] = True,
-        log_level: LogLevelOpt = "warning",
+        log_level: opt.LogLevelOpt = "warning",
     ) -> int:
         """Run a training: wait for agents, run synchronous rounds, evaluate, checkpoint, print a summary."""
         from rich.console import Console
@@ -255,7 +244,7 @@ def make_bench_app() -> typer.Typer:
     def parallel(
         dataset: DatasetOpt = "tweets",
         model: ModelOpt = "",
-        data_dir: DataDirOpt = None,
+        data_dir: opt.DataDirOpt = None,
         limit: LimitOpt = 0,
         epochs: Annotated[float, typer.Option(help="Passes over the training split, for every method.")] = 1.0,
         agents: Annotated[int, typer.Option(help="Local agents / DDP processes (0: one per allowed core).")] = 0,
@@ -300,7 +289,7 @@ def make_bench_app() -> typer.Typer:
     def affinity(
         dataset: DatasetOpt = "tweets",
         model: ModelOpt = "",
-        data_dir: DataDirOpt = None,
+        data_dir: opt.DataDirOpt = None,
         limit: LimitOpt = 0,
         epochs: Annotated[float, typer.Option(help="Passes over the training split per configuration.")] = 1.0,
         batch_size: Annotated[int, typer.Option(help="Batch per step (per process for layouts).")] = 64,
