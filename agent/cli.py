@@ -10,6 +10,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from edgetrain import cli_options as opt
 from edgetrain.cli_util import count_or_auto, entry, read_token, setup_logging
 from edgetrain.cores import resolve_cores
 from edgetrain.errors import EdgetrainError
@@ -35,21 +36,21 @@ def make_app() -> typer.Typer:
             help="Training processes, each on its own core group; auto: the fastest split, measured once per model "
                  "and cores.")] = "1",
         device: Annotated[str, typer.Option(help="cpu or cuda:N.")] = "cpu",
-        data_dir: Annotated[Optional[Path], typer.Option(help="Folder with the data set's files.")] = None,  # noqa: UP045
-        data_path: Annotated[Optional[Path], typer.Option(help="A csv/tsv file (datasets csv, tsv).")] = None,  # noqa: UP045
-        test_path: Annotated[Optional[Path], typer.Option(help="csv/tsv: the run's own test file.")] = None,  # noqa: UP045
-        val_path: Annotated[Optional[Path], typer.Option(help="csv/tsv: the run's own val file.")] = None,  # noqa: UP045
-        cache_dir: Annotated[Optional[Path], typer.Option(help="Download cache.")] = None,  # noqa: UP045
-        no_download: Annotated[bool, typer.Option("--no-download", help="Never download data.")] = False,
+        data_dir: opt.DataDirOpt = None,
+        data_path: opt.DataPathOpt = None,
+        test_path: opt.TestPathOpt = None,
+        val_path: opt.ValPathOpt = None,
+        cache_dir: opt.CacheDirOpt = None,
+        no_download: opt.NoDownloadOpt = False,
         metrics_port: Annotated[Optional[int], typer.Option(help="Serve /metrics on this port (0: any).")] = None,  # noqa: UP045
-        metrics_host: Annotated[str, typer.Option(help="Address for /metrics.")] = "127.0.0.1",
-        token_env: Annotated[str, typer.Option(help="Env variable holding the operator token.")] = "EDGETRAIN_TOKEN",
-        token_file: Annotated[Optional[Path], typer.Option(help="File holding the operator token.")] = None,  # noqa: UP045
+        metrics_host: opt.MetricsHostOpt = "127.0.0.1",
+        token_env: opt.TokenEnvOpt = "EDGETRAIN_TOKEN",
+        token_file: opt.TokenFileOpt = None,
         tls_ca: Annotated[Optional[Path], typer.Option(help="CA certificate to trust (enables TLS).")] = None,  # noqa: UP045
         tls_cert: Annotated[Optional[Path], typer.Option(help="Client certificate (mutual TLS).")] = None,  # noqa: UP045
         tls_key: Annotated[Optional[Path], typer.Option(help="Client key (mutual TLS).")] = None,  # noqa: UP045
         give_up_after: Annotated[Optional[float], typer.Option(help="Give up if unreachable for N s.")] = None,  # noqa: UP045
-        log_level: Annotated[str, typer.Option(help="debug, info, warning, error or critical.")] = "info",
+        log_level: opt.LogLevelOpt = "info",
     ) -> int:
         """Join a coordinator and train until it says the run is over (SIGINT/SIGTERM leave cleanly)."""
         from agent.config import AgentConfig

@@ -6,18 +6,14 @@ import logging
 import random
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import grpc
-import torch
 
-from edgetrain import grpc_options, serde
-from edgetrain.errors import WireError
-from edgetrain.grpc_options import address_host, is_loopback
+from edgetrain import grpc_options
 from edgetrain.proto import edgetrain_pb2 as pb
 from edgetrain.proto import edgetrain_pb2_grpc as pb_grpc
-from edgetrain.samehost import READ, WRITE, open_shared
 
 JOIN_DEADLINE_S = 15.0
 LONG_POLL_S = 20.0  # the server holds GetRound this long before answering WAIT
@@ -45,14 +41,6 @@ class TLSFiles:
     ca: bytes | None = None  # root certificate(s) to trust; None = the system's
     cert: bytes | None = None  # client certificate, for mutual TLS
     key: bytes | None = None
-
-
-@dataclass
-class Round:
-    header: pb.RoundHeader
-    state: dict[str, torch.Tensor] | None
-    download_seconds: float
-    bytes_in: int
 
 
 def backoff_delays(initial: float = 0.5, cap: float = 30.0, rng: random.Random | None = None) -> Iterator[float]:
@@ -93,8 +81,7 @@ class CoordinatorClient:
         self._inflight: grpc.Call | None = None
         self._round_stream: Iterator[pb.RoundMessage] | None = None  # see get_round
         self.paced_uploads = False  # the coordinator says when to send an update's parts (JoinReply)
-        # Offer the same-host file path only over loopback; dropped for good after the first file that fails.
-        self.shared_memory = is_loopback(address_host(address))
+        self.address = address
 
     def _metadata(self) -> list[tuple[str, str]]:
         md = []
@@ -127,52 +114,23 @@ class CoordinatorClient:
                     time.sleep(delay)
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def get_round(self, after_round: int, expected: dict[str, serde.TensorSpec], *,
-                  read_file: bool = True) -> Round:
-        """Long-poll for the next round; decodes the weights against `expected`.
+    def round_stream(self, after_round: int, shared_memory: bool, nbytes: int) -> Iterator[pb.RoundMessage]:
+        """Long-poll for the next round: its messages (`agent.route` reads them), with time for `nbytes` of weights.
 
-        With `read_file` False, weights offered as a same-host file are left to the caller (`state` is None and
-        the header names the file); streamed weights are decoded either way.
+        `shared_memory`: offer to take the weights as a same-host file.
         """
         self._end_round_stream()
-        t0 = time.perf_counter()
-        stream = self._stub.GetRound(
-            pb.RoundRequest(agent_id=self.agent_id, after_round=after_round, shared_memory=self.shared_memory),
-            timeout=LONG_POLL_S + GET_ROUND_SLACK_S + transfer_seconds(serde.nbytes(expected)),
+        stream: Iterator[pb.RoundMessage] = self._stub.GetRound(
+            pb.RoundRequest(agent_id=self.agent_id, after_round=after_round, shared_memory=shared_memory),
+            timeout=LONG_POLL_S + GET_ROUND_SLACK_S + transfer_seconds(nbytes),
             metadata=self._metadata(),
         )
         self._inflight = stream
-        header: pb.RoundHeader | None = None
-        asm = serde.Assembler(expected)
-        first_part_at = 0.0
-        for msg in stream:
-            if msg.HasField("header"):
-                header = msg.header
-                first_part_at = time.perf_counter()
-                if header.weights_file:
-                    # The header is the whole answer: act on it now, and take the call's end later (waiting
-                    # for the server to close the stream cost the later of two local agents ~3 ms per round).
-                    self._round_stream = stream
-                    break
-            else:
-                asm.add(msg.part)
-        if header is None:
-            raise WireError("the coordinator's round stream had no header")
-        if header.status != pb.WORK:
-            return Round(header, None, time.perf_counter() - t0, 0)
-        if header.weights_file and not read_file:
-            return Round(header, None, time.perf_counter() - first_part_at, 0)
-        if header.weights_file:
-            try:
-                with open_shared(header.weights_file, READ) as f:
-                    state, nbytes = serde.decode_file(f, header.weights_layout, expected)
-            except OSError as err:  # another host's /dev/shm (a tunnel, a container), or no access: stream
-                log.warning("cannot read the weights file (%s); streaming from now on", err)
-                self.shared_memory = False
-                return self.get_round(after_round, expected)
-            return Round(header, state, time.perf_counter() - first_part_at, nbytes)
-        state = asm.finish()
-        return Round(header, state, time.perf_counter() - first_part_at, asm.received_bytes)
+        return stream
+
+    def keep_round_stream(self, stream: Iterator[pb.RoundMessage]) -> None:
+        """The header was the whole answer: take the stream's end later, before the next call."""
+        self._round_stream = stream
 
     def _end_round_stream(self) -> None:
         """Take the end of a round stream left open after its file header (it ended long ago, while training)."""
@@ -185,32 +143,26 @@ class CoordinatorClient:
         except grpc.RpcError as err:  # the header was whole; whatever went wrong after it changes nothing
             log.debug("round stream ended with %s", err.code().name)
 
-    def submit(self, round_: int, num_samples: int, stats: pb.NodeStats, state: dict[str, torch.Tensor],
-               wire_dtype: str = "float32", delta: bool = False, update_file: str = "",
-               written: tuple[Sequence[pb.TensorPart], int] | None = None,
-               round_deadline: float = 0.0) -> tuple[pb.UpdateAck, float, int]:
-        """Send one update (weights, or a delta against the round's weights); returns (ack, seconds, bytes).
+    def _submit_wait(self, round_deadline: float) -> float:
+        """Seconds an update may wait for an upload slot, before any byte moves."""
+        return max(SUBMIT_DEADLINE_S, round_deadline - time.time())
 
-        Into `update_file` when the coordinator named one (same host), else streamed; `written` (layout, size):
-        the update is in `update_file` already (the worker wrote it), only the header goes. `round_deadline`: the
-        round header's `deadline_unix` (the coordinator's clock: it can only lengthen the wait, never cut it).
+    def submit_file(self, header: pb.UpdateHeader, round_deadline: float = 0.0) -> pb.UpdateAck:
+        """An update written into the same-host file the round named (`header.layout` says how)."""
+        self._end_round_stream()
+        ack: pb.UpdateAck = self._stub.SubmitFile(header, timeout=self._submit_wait(round_deadline),
+                                                  metadata=self._metadata())
+        return ack
+
+    def submit_stream(self, header: pb.UpdateHeader, parts: Iterator[tuple[pb.TensorPart, int]], nbytes: int,
+                      round_deadline: float = 0.0) -> tuple[pb.UpdateAck, int]:
+        """Stream an update: its header, then its (part, size) pairs; returns (ack, bytes sent).
+
+        Paced (JoinReply.paced_uploads): the parts go once the coordinator has room for them (or the call ended).
+        `round_deadline`: the round header's `deadline_unix` (the coordinator's clock: it can only lengthen the
+        wait, never cut it).
         """
         self._end_round_stream()
-        t0 = time.perf_counter()
-        wait = max(SUBMIT_DEADLINE_S, round_deadline - time.time())  # for a slot, before any byte moves
-        header = pb.UpdateHeader(agent_id=self.agent_id, round=round_, num_samples=num_samples, stats=stats,
-                                 delta=delta)
-        if written is None and update_file and self.shared_memory:
-            try:
-                with open_shared(update_file, WRITE) as f:
-                    written = (serde.write_raw(state, f, wire_dtype=wire_dtype), f.tell())
-            except OSError as err:
-                log.warning("cannot write the update file (%s); streaming from now on", err)
-                self.shared_memory = False
-        if written is not None:
-            header.layout.extend(written[0])
-            ack: pb.UpdateAck = self._stub.SubmitFile(header, timeout=wait, metadata=self._metadata())
-            return ack, time.perf_counter() - t0, written[1]
         sent = 0
         call: list[grpc.Future] = []  # the call, once started (the messages are sent from gRPC's own thread)
         started = threading.Event()
@@ -218,19 +170,19 @@ class CoordinatorClient:
         def messages() -> Iterator[pb.UpdateMessage]:
             nonlocal sent
             yield pb.UpdateMessage(header=header)
-            if self.paced_uploads:  # the parts go once the coordinator has room for them (or the call ended)
+            if self.paced_uploads:
                 started.wait()
                 call[0].initial_metadata()
-            for part, size in serde.encode_sized(state, wire_dtype=wire_dtype):
+            for part, size in parts:
                 sent += size
                 yield pb.UpdateMessage(part=part)
 
-        deadline = wait + transfer_seconds(serde.nbytes(serde.spec_of(state)))
+        deadline = self._submit_wait(round_deadline) + transfer_seconds(nbytes)
         future = self._stub.SubmitUpdate.future(messages(), timeout=deadline, metadata=self._metadata())
         call.append(future)
         started.set()
-        ack = future.result()
-        return ack, time.perf_counter() - t0, sent
+        ack: pb.UpdateAck = future.result()
+        return ack, sent
 
     def cancel(self) -> None:
         """Cancel a long-poll in flight (from a signal handler), so the agent can leave at once."""

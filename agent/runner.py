@@ -12,10 +12,11 @@ import grpc
 import torch
 from prometheus_client import CollectorRegistry
 
-from agent.client import CoordinatorClient, Round, TLSFiles, backoff_delays, poll_again_delay
+from agent.client import CoordinatorClient, TLSFiles, backoff_delays, poll_again_delay
 from agent.config import AgentConfig
 from agent.metrics import AgentMetrics
-from agent.worker import RoundTask, WeightsFileError, WorkerPool
+from agent.route import Round, Route
+from agent.worker import WeightsFileError, WorkerPool
 from edgetrain import serde
 from edgetrain.cli_util import read_file
 from edgetrain.compression import ErrorFeedback
@@ -184,11 +185,12 @@ class AgentRunner:
         previous_upload_seconds = 0.0
         delays = None
         failing_since = 0.0
+        route = Route(client)
         while not self.stop.is_set():
             try:
                 # A single CPU worker reads the weights file and writes the update file itself (same host)
                 direct = self.pool.reads_files and not feedback.active
-                rnd: Round = client.get_round(after, expected, read_file=not direct)
+                rnd: Round = route.fetch(after, expected, read_file=not direct)
                 delays, failing_since = None, 0.0
             except grpc.RpcError as err:
                 if self.stop.is_set():
@@ -215,22 +217,11 @@ class AgentRunner:
                 if self.stop.wait(poll_again_delay(header)):
                     break
                 continue
-            in_file = rnd.state is None
-            task = RoundTask(header.round, header.rank, header.world, header.local_steps, header.batch_size,
-                             header.sample_offset,
-                             weights_file=header.weights_file if in_file else "",
-                             weights_layout=tuple(header.weights_layout) if in_file else (),
-                             update_file=header.update_file if direct and client.shared_memory else "")
             try:
-                result, step_times, written = self.pool.train(rnd.state, task)
+                result, step_times, written = self.pool.train(rnd.state, route.task(rnd, direct))
             except WeightsFileError as err:
-                log.warning("the worker cannot read the weights file (%s); streaming from now on", err)
-                client.shared_memory = False
+                route.stream_from_now(f"the worker cannot read the weights file ({err})")
                 continue  # the same round again, streamed
-            if written is not None and written.error:  # the trained weights are in the shared tensors
-                log.warning("cannot write the update file (%s); streaming from now on", written.error)
-                client.shared_memory = False
-                written = None
             stats = pb.NodeStats(
                 compute_seconds=result.seconds,
                 communication_seconds=rnd.download_seconds + previous_upload_seconds,  # see above
@@ -244,10 +235,10 @@ class AgentRunner:
             else:
                 update = self.pool.shared
             try:
-                ack, previous_upload_seconds, _ = client.submit(
+                # a worker that could not write the update file left the trained weights in the shared tensors
+                _, previous_upload_seconds, _ = route.send(
                     header.round, result.samples, stats, update, spec.update_dtype, delta=feedback.active,
-                    update_file=header.update_file, written=(written.layout, written.size) if written else None,
-                    round_deadline=header.deadline_unix)
+                    update_file=header.update_file, written=written, round_deadline=header.deadline_unix)
             except grpc.RpcError as err:
                 if err.code() in _REJOIN:
                     return "rejoin"
@@ -259,9 +250,7 @@ class AgentRunner:
                 # refused (late, stale, ...): the coordinator says why; go on with the next round
                 log.warning("update for round %d refused: %s %s", header.round, err.code().name, err.details())
             else:
-                metrics.round_done(result.samples, step_times)
+                metrics.round_done(result.samples, step_times)  # taken: a refusal comes as a status (UpdateAck)
                 self.rounds_trained += 1
-                if not ack.accepted:  # pragma: no cover - the servicer refuses with a status instead
-                    log.warning("update for round %d not accepted: %s", header.round, ack.detail)
             after = header.round
         return "finished"

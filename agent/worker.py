@@ -7,35 +7,63 @@ torch.distributed (gloo) and worker 0 writes the result.
 
 On the coordinator's host a single CPU worker can skip both copies: it reads the round's weights file straight
 into its model and writes its update file straight from it (`RoundTask.weights_file` / `update_file`), with
-the checks the agent would make. Each copy and hand-off through the agent cost ~1-2 ms of every round.
+the checks the agent would make (`agent.route`). Each copy and hand-off through the agent cost ~1-2 ms of every round.
 """
 
 from __future__ import annotations
 
 import os
 import signal
-import time
-import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.multiprocessing as tmp
 
-from edgetrain import samehost, serde
+from agent.route import RoundTask, UpdateFile, read_weights, write_update
 from edgetrain.errors import EdgetrainError, WireError
-from edgetrain.peers import free_port, prepare_child
+from edgetrain.procs import ChildError, Children, Stop, failed, free_port, prepare_child
 from edgetrain.spec import DataLocation, RunSpec
-from edgetrain.training import batch_plan, make_optimizer, set_lr, train_steps
+from edgetrain.training import StepResult, batch_plan, make_optimizer, set_lr, train_steps
 
 
-class WorkerError(EdgetrainError):
+class WorkerError(ChildError):
     """A training worker failed to start or to train; the message is the worker's own."""
 
 
 class WeightsFileError(EdgetrainError):
     """The worker could not use the round's weights file (the agent asks again, streamed); nothing was trained."""
+
+
+@dataclass(frozen=True)
+class Ready:
+    """Worker to agent, once: loaded and ready; worker 0 sends the tensors it shares with the agent."""
+
+    shared: dict[str, torch.Tensor] | None
+    pid: int
+
+
+@dataclass(frozen=True)
+class Train:
+    """Agent to worker: train one round."""
+
+    task: RoundTask
+
+
+@dataclass(frozen=True)
+class Trained:
+    """Worker to agent: a round trained (its figures, each step's seconds, and the update file if it wrote one)."""
+
+    result: StepResult
+    step_times: list[float]
+    written: UpdateFile | None
+
+
+@dataclass(frozen=True)
+class NoWeightsFile:
+    """Worker to agent: the round's weights file could not be used (nothing was trained)."""
+
+    why: str
 
 
 @dataclass(frozen=True)
@@ -47,43 +75,6 @@ class WorkerSetup:
     where: DataLocation
     device: str = "cpu"
     dist_port: int = 0  # gloo rendezvous on 127.0.0.1 when count > 1
-
-
-@dataclass(frozen=True)
-class RoundTask:
-    round: int
-    rank: int
-    world: int
-    local_steps: int
-    batch_size: int
-    sample_offset: int
-    weights_file: str = ""  # read the weights from this same-host file instead of the shared tensors
-    weights_layout: tuple[Any, ...] = ()  # its serde layout (pb.TensorPart entries without data)
-    update_file: str = ""  # write the trained weights into this new file instead of the shared tensors
-
-
-@dataclass(frozen=True)
-class UpdateFile:
-    """What a worker wrote into `RoundTask.update_file`: its layout and size, or why it could not."""
-
-    layout: tuple[Any, ...] = ()
-    size: int = 0
-    error: str = ""
-
-
-def _read_weights(task: RoundTask, state: dict[str, torch.Tensor]) -> None:
-    """Load the round's weights file into `state` (the model's own tensors), checked as the agent checks them."""
-    with samehost.open_shared(task.weights_file, samehost.READ) as f:
-        serde.decode_file(f, task.weights_layout, serde.spec_of(state), into=serde.into_tensors(state))
-
-
-def _write_update(task: RoundTask, state: dict[str, torch.Tensor]) -> UpdateFile:
-    try:
-        with samehost.open_shared(task.update_file, samehost.WRITE) as f:
-            layout = serde.write_raw(state, f)
-            return UpdateFile(tuple(layout), f.tell())
-    except OSError as err:
-        return UpdateFile(error=str(err))
 
 
 def _appender(times: list[float]) -> Callable[[int, float], None]:
@@ -121,7 +112,7 @@ def _main(setup: WorkerSetup, conn: Any) -> None:
                         dist.all_reduce(p.grad)
                         p.grad.div_(setup.count)
 
-        conn.send(("ready", workload.data.fingerprint, shared, os.getpid()))
+        conn.send(Ready(shared, os.getpid()))
         if shared is None:
             shared = conn.recv()  # worker 0's shared tensors, passed on by the agent
         shards: dict[tuple[int, int], torch.Tensor] = {}
@@ -131,18 +122,18 @@ def _main(setup: WorkerSetup, conn: Any) -> None:
             weights = weights.to(device)
         while True:
             msg = conn.recv()
-            if msg[0] == "stop":
+            if isinstance(msg, Stop):
                 break
-            task: RoundTask = msg[1]
+            task: RoundTask = msg.task
             key = (task.rank, task.world)
             if key not in shards:
                 shards = {key: workload.shard(task.rank, task.world)[setup.index :: setup.count]}
                 perms: dict[int, torch.Tensor] = {}  # the shard's shuffles, per epoch
             if task.weights_file:
                 try:
-                    _read_weights(task, model.state_dict())
+                    read_weights(task, model.state_dict())
                 except (OSError, WireError) as err:  # the agent re-asks for the weights streamed
-                    conn.send(("nofile", str(err)))
+                    conn.send(NoWeightsFile(str(err)))
                     continue
             else:
                 with torch.no_grad():
@@ -161,16 +152,15 @@ def _main(setup: WorkerSetup, conn: Any) -> None:
                 device=device, after_step=_appender(step_times), grad_hook=grad_hook,
                 class_weights=weights,
             )
-            written = _write_update(task, model.state_dict()) if task.update_file else None
+            written = write_update(task, model.state_dict()) if task.update_file else None
             if setup.index == 0 and (written is None or written.error):
                 with torch.no_grad():
                     for k, v in model.state_dict().items():
                         shared[k].copy_(v)
-            conn.send(("done", result, step_times, written))
+            conn.send(Trained(result, step_times, written))
     except Exception as exc:  # report, then exit: the agent turns it into a WorkerError
-        detail = str(exc) if isinstance(exc, EdgetrainError) else f"{type(exc).__name__}: {exc}"
         try:
-            conn.send(("error", detail, traceback.format_exc()))
+            conn.send(failed(exc))
         except (BrokenPipeError, OSError):
             pass
     finally:
@@ -186,51 +176,33 @@ class WorkerPool:
 
     def __init__(self, core_groups: list[list[int]], spec: RunSpec, where: DataLocation, device: str = "cpu",
                  start_timeout: float = 600.0) -> None:
-        self._ctx = tmp.get_context("spawn")
         self.device = device
-        self._conns: list[Any] = []
-        self.processes: list[Any] = []
         self.shared: dict[str, torch.Tensor] = {}
-        self.fingerprint = ""
         count = len(core_groups)
         port = free_port() if count > 1 else 0
-        for i, cores in enumerate(core_groups):
-            parent, child = self._ctx.Pipe()
-            setup = WorkerSetup(i, count, tuple(cores), spec, where, device, port)
-            proc = self._ctx.Process(target=_main, args=(setup, child), name=f"edgetrain-worker-{i}", daemon=True)
-            proc.start()
-            child.close()
-            self._conns.append(parent)
-            self.processes.append(proc)
+        setups = [(WorkerSetup(i, count, tuple(cores), spec, where, device, port),)
+                  for i, cores in enumerate(core_groups)]
+        self._children = Children(_main, setups, name="edgetrain-worker", describe=lambda i: "a training worker",
+                                  error=WorkerError, failure=lambda i, detail: detail)
         try:
-            for i, conn in enumerate(self._conns):
-                msg = self._recv(conn, start_timeout)
+            for i in range(count):
+                ready: Ready = self._children.recv(i, start_timeout)
                 if i == 0:
-                    _, self.fingerprint, self.shared, _ = msg
-            for conn in self._conns[1:]:
-                conn.send(self.shared)
+                    assert ready.shared is not None
+                    self.shared = ready.shared
+            for i in range(1, count):
+                self._children.send(i, self.shared)
         except BaseException:
             self.stop()
             raise
 
     @property
-    def pids(self) -> list[int]:
-        return [p.pid for p in self.processes]
+    def processes(self) -> list[Any]:
+        return self._children.processes
 
-    def _recv(self, conn: Any, timeout: float) -> Any:
-        end = time.monotonic() + timeout
-        while not conn.poll(0.2):
-            if any(not p.is_alive() for p in self.processes) and not conn.poll(0.5):
-                raise WorkerError("a training worker exited unexpectedly")
-            if time.monotonic() > end:
-                raise WorkerError(f"no answer from a training worker in {timeout:.0f} s")
-        try:
-            msg = conn.recv()
-        except EOFError as exc:
-            raise WorkerError("a training worker exited unexpectedly") from exc
-        if msg[0] == "error":
-            raise WorkerError(msg[1])
-        return msg
+    @property
+    def pids(self) -> list[int]:
+        return self._children.pids
 
     @property
     def reads_files(self) -> bool:
@@ -251,14 +223,12 @@ class WorkerPool:
             with torch.no_grad():
                 for k, v in weights.items():
                     self.shared[k].copy_(v)
-        for conn in self._conns:
-            conn.send(("train", task))
-        results = [self._recv(conn, timeout) for conn in self._conns]
-        if results[0][0] == "nofile":
-            raise WeightsFileError(results[0][1])
-        from edgetrain.training import StepResult
-
-        parts = [r[1] for r in results]
+        for i in range(len(self.processes)):
+            self._children.send(i, Train(task))
+        results = [self._children.recv(i, timeout) for i in range(len(self.processes))]
+        if isinstance(results[0], NoWeightsFile):
+            raise WeightsFileError(results[0].why)
+        parts = [r.result for r in results]
         samples = sum(p.samples for p in parts)
         combined = StepResult(
             samples=samples,
@@ -266,19 +236,7 @@ class WorkerPool:
             accuracy=sum(p.accuracy * p.samples for p in parts) / max(1, samples),
             seconds=max(p.seconds for p in parts),
         )
-        return combined, results[0][2], results[0][3]
+        return combined, results[0].step_times, results[0].written
 
     def stop(self, timeout: float = 10.0) -> None:
-        for conn in self._conns:
-            try:
-                conn.send(("stop",))
-            except (BrokenPipeError, OSError):
-                pass
-        for proc in self.processes:
-            proc.join(timeout)
-            if proc.is_alive():
-                proc.kill()
-                proc.join(timeout)
-        for conn in self._conns:
-            conn.close()
-        self._conns = []
+        self._children.stop(timeout)

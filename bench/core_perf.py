@@ -76,6 +76,7 @@ def peer_rate(target: object, groups: list[list[int]], spec: RunSpec, where: Dat
 def _client_main(port: int, agents: int, rounds: int, model: str) -> None:
     """In a separate process: `agents` threads, each the agents' real client (streaming, as from another host)."""
     from agent.client import CoordinatorClient
+    from agent.route import Route
     from edgetrain import serde
     from edgetrain.models import ModelInput, build_model
     from edgetrain.proto import edgetrain_pb2 as pb
@@ -84,18 +85,18 @@ def _client_main(port: int, agents: int, rounds: int, model: str) -> None:
 
     def agent(i: int) -> None:
         client = CoordinatorClient(f"127.0.0.1:{port}")
-        client.shared_memory = False  # measure the path remote agents take
+        route = Route(client, same_host=False)  # measure the path remote agents take
         client.join(pb.JoinRequest(agent_name=f"load-{i}"))
         after = -1
         while True:
-            rnd = client.get_round(after, expected)
+            rnd = route.fetch(after, expected)
             h = rnd.header
             if h.status == pb.FINISHED:
                 break
             if h.status != pb.WORK or rnd.state is None:
                 continue
             state = {k: v + 0.001 * (i + 1) if v.is_floating_point() else v for k, v in rnd.state.items()}
-            client.submit(h.round, 64, pb.NodeStats(), state)
+            route.send(h.round, 64, pb.NodeStats(), state)
             after = h.round
         client.close()
 
@@ -152,7 +153,7 @@ def _serve(agents: int, rounds: int, model: str, slots: tuple[int, int] | None =
         nonlocal peak, peak_anon, staged
         while not stop.is_set():
             peak, peak_anon = max(peak, proc.memory_info().rss), max(peak_anon, _rss_anon())
-            staged = max(staged, svc.staged_bytes())
+            staged = max(staged, svc.transfer.staged_bytes())
             time.sleep(0.002)
 
     sampler = threading.Thread(target=sample, daemon=True)

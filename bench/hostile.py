@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -37,16 +36,11 @@ sys.path.insert(0, str(ROOT))
 import grpc  # noqa: E402
 
 from edgetrain import grpc_options  # noqa: E402
+from edgetrain.procs import free_port  # noqa: E402
 from edgetrain.proto import edgetrain_pb2 as pb  # noqa: E402
 from edgetrain.proto import edgetrain_pb2_grpc as pb_grpc  # noqa: E402
 
 FLOOD = 1000
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Target:

@@ -34,6 +34,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from edgetrain.procs import free_port  # noqa: E402
 from tests.integration.netns import Cluster, unavailable  # noqa: E402
 
 
@@ -70,7 +71,7 @@ def run_once(link: Link, net: Cluster | None, data_dir: Path, k: int, dtype: str
     run_dir = folder / "run"
     py = [sys.executable, "-m"]
     if net is None:
-        host, port, wrap = "127.0.0.1", _free_port(), {"coord": [], "a": [], "b": []}
+        host, port, wrap = "127.0.0.1", free_port(), {"coord": [], "a": [], "b": []}
     else:
         host, port = net.address("coord"), PORT
         wrap = {h: net.wrap(h) for h in ("coord", "a", "b")}
@@ -110,14 +111,6 @@ def run_once(link: Link, net: Cluster | None, data_dir: Path, k: int, dtype: str
         if relay is not None:
             relay.close()
     return [json.loads(line) for line in (run_dir / "rounds.jsonl").read_text().splitlines()]
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def shaped(link: Link) -> Cluster:

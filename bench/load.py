@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -34,17 +33,13 @@ sys.path.insert(0, str(ROOT))
 import grpc  # noqa: E402
 
 from agent.client import CoordinatorClient  # noqa: E402
+from agent.route import Route  # noqa: E402
 from edgetrain import serde  # noqa: E402
+from edgetrain.procs import free_port  # noqa: E402
 from edgetrain.proto import edgetrain_pb2 as pb  # noqa: E402
 from edgetrain.spec import RunSpec  # noqa: E402
 from edgetrain.training import state_of  # noqa: E402
 from edgetrain.workload import load_workload  # noqa: E402
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Agent(threading.Thread):
@@ -55,7 +50,7 @@ class Agent(threading.Thread):
         self.port, self.expected = port, expected
         # the agents' own client (paced uploads, deadlines, decoding), streaming as from another host
         self.client = client = CoordinatorClient(f"127.0.0.1:{port}")
-        client.shared_memory = False
+        self.route = Route(client, same_host=False)
         self.rounds = 0
         self.finished = False
         self.killed = False
@@ -72,7 +67,7 @@ class Agent(threading.Thread):
             client.join(pb.JoinRequest(agent_name=self.name))
             after = -1
             while True:
-                rnd = client.get_round(after, self.expected)
+                rnd = self.route.fetch(after, self.expected)
                 h = rnd.header
                 if h.status == pb.FINISHED:
                     self.finished = True
@@ -80,7 +75,7 @@ class Agent(threading.Thread):
                 if h.status != pb.WORK or rnd.state is None:
                     continue
                 state = {k: v + 1e-3 if v.is_floating_point() else v for k, v in rnd.state.items()}
-                client.submit(h.round, h.local_steps * h.batch_size, pb.NodeStats(), state)
+                self.route.send(h.round, h.local_steps * h.batch_size, pb.NodeStats(), state)
                 self.rounds += 1
                 after = h.round
         except (grpc.RpcError, ValueError) as err:  # ValueError: a call on the channel kill() closed

@@ -39,10 +39,11 @@ import psutil
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from load import Agent, free_port  # noqa: E402 - bench/load.py, beside this script
+from load import Agent  # noqa: E402 - bench/load.py, beside this script
 
 from coordinator.config import UPLOAD_SLOTS  # noqa: E402
 from edgetrain import serde  # noqa: E402
+from edgetrain.procs import free_port  # noqa: E402
 from edgetrain.spec import RunSpec  # noqa: E402
 from edgetrain.training import state_of  # noqa: E402
 from edgetrain.workload import load_workload  # noqa: E402

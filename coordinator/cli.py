@@ -13,10 +13,12 @@ import typer
 
 from coordinator.admission import Limits
 from coordinator.config import UPLOAD_SLOTS
+from edgetrain import cli_options as opt
+from edgetrain.aggregation import AGGREGATORS, MEAN
 from edgetrain.cli_util import count_or_auto, entry, made_output_folder, read_token, setup_logging
 from edgetrain.errors import ConfigError
 from edgetrain.models import DEFAULT_LR, MODELS
-from edgetrain.recipes import SKEW_THRESHOLD
+from edgetrain.recipes import LR_DECAY, SKEW_THRESHOLD
 from edgetrain.spec import DataLocation, RunSpec
 from edgetrain.split import parse_count
 
@@ -30,7 +32,6 @@ LR_HELP = "Learning rate (default: the model's: {}).".format(", ".join(
 # Options the bench commands share (one help text each).
 DatasetOpt = Annotated[str, typer.Option(help="tweets (embedded) or mnist (with --data-dir), ...")]
 ModelOpt = Annotated[str, typer.Option(help="Model name, e.g. text-cnn, text-ngram (default: the data set's).")]
-DataDirOpt = Annotated[Optional[Path], typer.Option(help="Folder with the data set's files.")]  # noqa: UP045
 LimitOpt = Annotated[int, typer.Option(help="Use only the first N train and test examples (0: all).")]
 LrOpt = Annotated[Optional[float], typer.Option(help=LR_HELP)]  # noqa: UP045
 OptimizerOpt = Annotated[str, typer.Option(help="sgd, adam or adadelta.")]
@@ -97,14 +98,12 @@ def make_app() -> typer.Typer:
             help="tweets, tweeteval (--data-dir: any TweetEval task), tweeteval-sentiment, mnist, mnist-5k, csv, tsv."
         )] = "tweets",
         model: Annotated[str, typer.Option(help="Model name (default: the data set's).")] = "",
-        data_dir: Annotated[Optional[Path], typer.Option(help="Folder with the data set's files.")] = None,  # noqa: UP045
-        data_path: Annotated[Optional[Path], typer.Option(help="A csv/tsv file (datasets csv, tsv).")] = None,  # noqa: UP045
-        test_path: Annotated[Optional[Path], typer.Option(  # noqa: UP045
-            help="csv/tsv: your own test file (default: 10% of --data-path, at random per class).")] = None,
-        val_path: Annotated[Optional[Path], typer.Option(  # noqa: UP045
-            help="csv/tsv: your own val file, where the best round is chosen (default: 10% of train).")] = None,
-        cache_dir: Annotated[Optional[Path], typer.Option(help="Download cache.")] = None,  # noqa: UP045
-        no_download: Annotated[bool, typer.Option("--no-download", help="Never download data.")] = False,
+        data_dir: opt.DataDirOpt = None,
+        data_path: opt.DataPathOpt = None,
+        test_path: opt.TestPathOpt = None,
+        val_path: opt.ValPathOpt = None,
+        cache_dir: opt.CacheDirOpt = None,
+        no_download: opt.NoDownloadOpt = False,
         limit: Annotated[int, typer.Option(help="Use only the first N train and test examples (0: all).")] = 0,
         max_len: Annotated[int, typer.Option(help="Text: tokens per example.")] = 64,
         seed: Annotated[int, typer.Option(help="Seed of split, shards, initial weights and batches.")] = 0,
@@ -136,7 +135,7 @@ def make_app() -> typer.Typer:
         host: Annotated[str, typer.Option(help="Address to serve gRPC on.")] = "127.0.0.1",
         port: Annotated[int, typer.Option(help="gRPC port (0: any free port).")] = 50051,
         metrics_port: Annotated[Optional[int], typer.Option(help="Serve /metrics and /sd here.")] = None,  # noqa: UP045
-        metrics_host: Annotated[str, typer.Option(help="Address for /metrics.")] = "127.0.0.1",
+        metrics_host: opt.MetricsHostOpt = "127.0.0.1",
         round_timeout: Annotated[float, typer.Option(help="A round's deadline in seconds.")] = 600.0,
         join_timeout: Annotated[float, typer.Option(help="Wait this long for --min-agents.")] = 600.0,
         eval_every: Annotated[int, typer.Option(help="Evaluate every N rounds.")] = 1,
@@ -148,7 +147,7 @@ def make_app() -> typer.Typer:
             help="List agents' /metrics on any host they name in /sd (default: only their own address).")] = False,
         staging_dir: Annotated[Optional[Path], typer.Option(  # noqa: UP045
             help="Where uploads wait until whole (default: the temp dir).")] = None,
-        aggregator: Annotated[str, typer.Option(help="mean, median or trimmed-mean.")] = "mean",
+        aggregator: Annotated[str, typer.Option(help=f"{', '.join(AGGREGATORS[:-1])} or {AGGREGATORS[-1]}.")] = MEAN,
         trim: Annotated[float, typer.Option(help="Trimmed mean: fraction cut at each end.")] = 0.2,
         balance: Annotated[bool, typer.Option(help="Size each node's work by its speed.")] = False,
         shard_scheme: Annotated[str, typer.Option(help="iid or dirichlet.")] = "iid",
@@ -158,20 +157,20 @@ def make_app() -> typer.Typer:
             help=f"none, balanced, or auto: balanced when --metric is not accuracy and the largest class of train is "
                  f">= {SKEW_THRESHOLD:g}x the smallest.")] = "auto",
         lr_decay: Annotated[Optional[float], typer.Option(  # noqa: UP045
-            help="Multiply the learning rate by this each epoch (default: 0.7; text-ngram on a small set spreads "
-                 "the same decay over its longer run).")] = None,
+            help=f"Multiply the learning rate by this each epoch (default: {LR_DECAY:g}; text-ngram on a small set "
+                 "spreads the same decay over its longer run).")] = None,
         run_dir: Annotated[Optional[Path], typer.Option(help="Checkpoints, log and final model.")] = None,  # noqa: UP045
         resume: Annotated[bool, typer.Option(help="Resume from --run-dir's checkpoint.")] = False,
         auto_resume: Annotated[bool, typer.Option(
             "--auto-resume", help="Resume if --run-dir holds a run, else start one there (restarted pods).")] = False,
-        token_env: Annotated[str, typer.Option(help="Env variable with the operator token.")] = "EDGETRAIN_TOKEN",
-        token_file: Annotated[Optional[Path], typer.Option(help="File with the operator token.")] = None,  # noqa: UP045
+        token_env: opt.TokenEnvOpt = "EDGETRAIN_TOKEN",
+        token_file: opt.TokenFileOpt = None,
         tls_cert: Annotated[Optional[Path], typer.Option(help="Server certificate (PEM).")] = None,  # noqa: UP045
         tls_key: Annotated[Optional[Path], typer.Option(help="Server key (PEM).")] = None,  # noqa: UP045
         tls_client_ca: Annotated[Optional[Path], typer.Option(help="Require client certs from this CA.")] = None,  # noqa: UP045
         insecure: Annotated[bool, typer.Option(help="Allow plaintext on a non-loopback address.")] = False,
         progress: Annotated[bool, typer.Option(help="Show a live progress bar.")] = True,
-        log_level: Annotated[str, typer.Option(help="debug, info, warning, error or critical.")] = "warning",
+        log_level: opt.LogLevelOpt = "warning",
     ) -> int:
         """Run a training: wait for agents, run synchronous rounds, evaluate, checkpoint, print a summary."""
         from rich.console import Console
@@ -248,7 +247,7 @@ def make_bench_app() -> typer.Typer:
     def parallel(
         dataset: DatasetOpt = "tweets",
         model: ModelOpt = "",
-        data_dir: DataDirOpt = None,
+        data_dir: opt.DataDirOpt = None,
         limit: LimitOpt = 0,
         epochs: Annotated[float, typer.Option(help="Passes over the training split, for every method.")] = 1.0,
         agents: Annotated[int, typer.Option(help="Local agents / DDP processes (0: one per allowed core).")] = 0,
@@ -256,7 +255,7 @@ def make_bench_app() -> typer.Typer:
         local_steps: Annotated[int, typer.Option(help="edgetrain: K local steps per round.")] = 8,
         lr: LrOpt = None,
         optimizer: OptimizerOpt = "adam",
-        lr_decay: LrDecayOpt = 0.7,
+        lr_decay: LrDecayOpt = LR_DECAY,
         seed: SeedOpt = 0,
         repeats: Annotated[int, typer.Option(help="Runs of each method (medians are reported).")] = 1,
         target_accuracy: Annotated[Optional[float], typer.Option(help="Also time reaching this accuracy.")] = None,  # noqa: UP045
@@ -301,13 +300,13 @@ def make_bench_app() -> typer.Typer:
     def affinity(
         dataset: DatasetOpt = "tweets",
         model: ModelOpt = "",
-        data_dir: DataDirOpt = None,
+        data_dir: opt.DataDirOpt = None,
         limit: LimitOpt = 0,
         epochs: Annotated[float, typer.Option(help="Passes over the training split per configuration.")] = 1.0,
         batch_size: Annotated[int, typer.Option(help="Batch per step (per process for layouts).")] = 64,
         lr: LrOpt = None,
         optimizer: OptimizerOpt = "adam",
-        lr_decay: LrDecayOpt = 0.7,
+        lr_decay: LrDecayOpt = LR_DECAY,
         seed: SeedOpt = 0,
         repeats: Annotated[int, typer.Option(help="Runs of each configuration.")] = 3,
         affinity: Annotated[str, typer.Option(help="Core counts 1,2,4,8 or sets 0;0,1;0-3.")] = "",

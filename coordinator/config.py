@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from coordinator.admission import Limits
-from edgetrain.aggregation import AGGREGATORS
+from edgetrain.aggregation import AGGREGATORS, MEAN
 from edgetrain.cli_util import check_tls_ca, check_tls_pair
 from edgetrain.errors import ConfigError
 from edgetrain.grpc_options import is_loopback
@@ -38,7 +38,7 @@ class CoordinatorConfig:
     join_timeout: float = 600.0  # wait this long for --min-agents before giving up
     round_timeout: float = 600.0  # a round's deadline: updates after it are refused
     eval_every: int = 1
-    aggregator: str = "mean"
+    aggregator: str = MEAN
     trim: float = 0.2
     balance: bool = False
     local_agents: int = 0

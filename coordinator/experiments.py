@@ -48,6 +48,7 @@ from edgetrain.peers import (
     torch_ddp,
     torch_single,
 )
+from edgetrain.recipes import LR_DECAY
 from edgetrain.spec import DataLocation, RunSpec
 from edgetrain.split import TIE, Trial, cpu_model_name, pick
 
@@ -66,7 +67,7 @@ class BenchSettings:
     batch_size: int = 64  # per worker (per process), as in `coordinator run`
     lr: float | None = None  # None: the model's own (RunSpec fills it in)
     optimizer: str = "adam"
-    lr_decay: float = 0.7  # x per epoch of each worker's data, as `coordinator run` does (RunSpec's default)
+    lr_decay: float = LR_DECAY  # x per epoch of each worker's data, as `coordinator run` does (RunSpec's default)
     seed: int = 0
     max_len: int = 64
     repeats: int = 1

@@ -50,6 +50,8 @@ class CoordinatorMetrics:
                                 registry)
         self.bytes_in = _counter(m.NODE_RECEIVED_BYTES, "Tensor bytes of a node's accepted updates.", node, registry)
         self.bytes_out = _counter(m.NODE_SENT_BYTES, "Tensor bytes of the weights handed to a node.", node, registry)
+        self.polls_deferred = _counter(m.POLLS_DEFERRED, "GetRounds answered WAIT at once: the long-polls an agent "
+                                       "like it may hold were all held.", [], registry)
         self.rounds_short = _counter(m.ROUNDS_SHORT, "Rounds closed at the deadline without every update.", [],
                                      registry)
 

@@ -1,4 +1,4 @@
-"""`coordinator report RUN_DIR`: a finished run's rounds.jsonl as PNG plots, for users without Grafana."""
+"""`coordinator report RUN_DIR`: a run's log (runlog.py) as PNG plots (for users without Grafana)."""
 
 from __future__ import annotations
 
@@ -6,61 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from edgetrain.errors import EdgetrainError
-
-
-class ReportError(EdgetrainError):
-    """The run folder has no readable log."""
-
-
-def read_log(run_dir: Path) -> list[dict[str, Any]]:
-    path = run_dir / "rounds.jsonl"
-    if not path.exists():
-        raise ReportError(f"no rounds.jsonl in {run_dir}: is it a run folder?")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ReportError(f"cannot read {path}: {exc}") from exc
-    records = []
-    for i, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ReportError(f"{path}:{i}: not JSON ({exc.msg})") from exc
-        problem = _record_problem(record)
-        if problem:  # valid JSON that is not a round record would otherwise end in a KeyError/TypeError
-            raise ReportError(f"{path}:{i}: not a round record ({problem})")
-        records.append(record)
-    if not records:
-        raise ReportError(f"{path} is empty: no round has completed yet")
-    return records
-
-
-def _is_number(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
-
-
-def _record_problem(record: object) -> str:
-    """What keeps `record` from being plotted ("" if nothing): the fields write_report reads."""
-    if not isinstance(record, dict):
-        return f"a JSON {type(record).__name__}, not an object"
-    for key in ("round", "duration_seconds", "elapsed_seconds"):
-        if not _is_number(record.get(key)):
-            return f"{key} missing or not a number"
-    if "accuracy" in record and not _is_number(record["accuracy"]):
-        return "accuracy is not a number"
-    nodes = record.get("nodes")
-    if not isinstance(nodes, dict):
-        return "nodes missing or not an object"
-    for name, stats in nodes.items():
-        if not isinstance(stats, dict):
-            return f"nodes.{name} is not an object"
-        for key in ("accuracy", "compute_seconds", "communication_seconds"):
-            if not _is_number(stats.get(key)):
-                return f"nodes.{name}.{key} missing or not a number"
-    return ""
+from coordinator.runlog import ReportError, read_log
 
 
 def training_times(records: list[dict[str, Any]]) -> list[float]:

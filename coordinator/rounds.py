@@ -21,6 +21,7 @@ from coordinator.admission import Limits
 from edgetrain import aggregation, serde
 from edgetrain.errors import EdgetrainError
 from edgetrain.memory import Recycler
+from edgetrain.metric_names import REFUSAL_REASONS
 
 State = dict[str, torch.Tensor]
 
@@ -30,6 +31,12 @@ class RefusedError(EdgetrainError):
 
     reason = "malformed"
     status = "INVALID_ARGUMENT"
+
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        """Each refusal's reason is one of the metric's labels (a bounded label set, pre-created per node)."""
+        super().__init_subclass__(**kwargs)
+        if cls.reason not in REFUSAL_REASONS:
+            raise TypeError(f"{cls.__name__}: reason {cls.reason!r} is not in edgetrain.metric_names.REFUSAL_REASONS")
 
 
 class StaleRoundError(RefusedError):
@@ -191,7 +198,7 @@ class RoundEngine:
         batch_size: int,
         local_steps: int,
         round_timeout: float,
-        aggregator: str = "mean",
+        aggregator: str = aggregation.MEAN,
         trim: float = 0.2,
         balance: bool = False,
         completed_rounds: int = 0,
@@ -387,7 +394,7 @@ class RoundEngine:
             applied = len(contributions) >= max(1, min_updates) and not spoiled
             overflow = False
             if applied:
-                if self.aggregator == "mean":
+                if not aggregation.keeps_updates(self.aggregator):
                     new_state = self._acc.result(self._global)
                 else:
                     new_state = aggregation.aggregate(
@@ -475,6 +482,11 @@ class RoundEngine:
         """Whether an earlier update measured the agent's round time (see `_waived`)."""
         with self._cv:
             return agent_id in self._per_step
+
+    def measured_any(self) -> bool:
+        """Whether any agent's round time has been measured yet (none before a run's, or a resume's, first update)."""
+        with self._cv:
+            return bool(self._per_step)
 
     def busy(self) -> set[str]:
         """Agents that may be training now: never evicted as idle.
@@ -567,7 +579,7 @@ class RoundEngine:
         """Take a decoded, validated update into the round's aggregate (all checks repeated under the lock).
 
         `checked_finite`: the caller's decoder already refused NaN and Inf in exactly these tensors (~0.5 ms
-        per update not spent twice). Staged tensors (serde.Stage: read a slice at a time) only for the mean.
+        per update not spent twice). Staged tensors (read a slice at a time: transfer/staging.py) only for the mean.
         """
         try:
             if not checked_finite and not serde.finite(tensors):  # e.g. a delta that overflows as weights
@@ -576,7 +588,7 @@ class RoundEngine:
             raise StagingError(f"the update could not be read back ({err})") from err
         with self._cv:
             self._check(agent_id, round_, num_samples)
-            if self.aggregator == "mean":
+            if not aggregation.keeps_updates(self.aggregator):
                 if self._acc.spoiled:
                     raise StagingError(f"round {round_} runs again: an update failed while it was being added")
                 try:

@@ -29,6 +29,7 @@ from coordinator.config import CoordinatorConfig
 from coordinator.membership import Membership
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.rounds import Outcome, RoundEngine
+from coordinator.runlog import LOG, trim_log
 from coordinator.server import start_server
 from coordinator.servicer import ServiceState
 from edgetrain import recipes
@@ -111,27 +112,7 @@ class Choice:
                 "val": figures(self.val), "test": figures(self.test), "majority": figures(self.majority)}
 
 
-LOG = "rounds.jsonl"
 RESULT = "result.json"  # the kept model's figures: what `coordinator report` draws the confusion matrix from
-
-
-def trim_log(path: Path, completed: int) -> None:
-    """Keep the log's records of rounds before `completed` (the checkpoint's), atomically.
-
-    A coordinator killed after logging round r but before checkpointing it runs round r again on resume;
-    without this the log would hold r twice (or a torn last line).
-    """
-    if not path.exists():
-        return
-    kept = []
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(record, dict) and isinstance(record.get("round"), int) and record["round"] < completed:
-            kept.append(line + "\n")
-    checkpoint.atomic_write_text(path, "".join(kept))
 
 
 def holds_run(run_dir: Path) -> bool:
@@ -221,8 +202,7 @@ class Coordinator:
         )
         self._svc = ServiceState(self.engine, self.membership, spec, self.metrics,
                                  upload_slots=cfg.upload_slots, staging_dir=cfg.staging_dir, limits=cfg.limits)
-        if cfg.aggregator == "mean":
-            self._svc.prepare_staging()
+        self._svc.transfer.prepare_staging()
         self._server, self.port, self.health = start_server(
             self._svc, cfg.host, cfg.port, token=cfg.token, tls_cert=cfg.tls_cert, tls_key=cfg.tls_key,
             tls_client_ca=cfg.tls_client_ca,

@@ -13,7 +13,9 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from coordinator.admission import CONTROL_MESSAGE_BYTES, HANDLER_THREADS
 from coordinator.metrics import CoordinatorMetrics
-from coordinator.servicer import CoordinatorServicer, Oversize, ServiceState, serialize_round
+from coordinator.servicer import CoordinatorServicer, ServiceState
+from coordinator.streams import Oversize
+from coordinator.transfer import serialize_round
 from edgetrain import grpc_options
 from edgetrain import metric_names as m
 from edgetrain.cli_util import read_file

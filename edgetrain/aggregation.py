@@ -18,7 +18,13 @@ if TYPE_CHECKING:
     from edgetrain.serde import Sliced
 
 State = Mapping[str, torch.Tensor]
-AGGREGATORS = ("mean", "median", "trimmed-mean")
+MEAN = "mean"  # the default: a running sum, weighted by samples (memory O(model))
+AGGREGATORS = (MEAN, "median", "trimmed-mean")
+
+
+def keeps_updates(name: str) -> bool:
+    """Whether aggregator `name` keeps every update of a round whole (the robust ones) instead of summing them."""
+    return name != MEAN
 
 
 class RunningWeightedMean:
@@ -182,7 +188,7 @@ def trimmed_mean(states: Sequence[State], trim: float = 0.2) -> dict[str, torch.
 
 def aggregate(name: str, states: Sequence[State], weights: Sequence[int], trim: float = 0.2) -> dict[str, torch.Tensor]:
     """Dispatch by aggregator name."""
-    if name == "mean":
+    if name == MEAN:
         return weighted_mean(states, weights)
     if name == "median":
         return coordinate_median(states)

@@ -36,6 +36,9 @@ UPDATES_ACCEPTED = f"{PREFIX}_updates_accepted_total"  # counter{node}
 UPDATES_REFUSED = f"{PREFIX}_updates_refused_total"  # counter{node, reason}
 NODE_RECEIVED_BYTES = f"{PREFIX}_node_received_bytes_total"  # counter{node}: bytes from the node
 NODE_SENT_BYTES = f"{PREFIX}_node_sent_bytes_total"  # counter{node}: bytes to the node
+# counter: GetRounds answered WAIT at once (with poll_again_ms) because Limits.held_polls or newcomer_polls long-polls
+# were held; no node label, so agents that join only to poll add no series
+POLLS_DEFERRED = f"{PREFIX}_polls_deferred_total"
 ROUNDS_SHORT = f"{PREFIX}_rounds_closed_short_total"  # counter: rounds closed at the deadline without everyone
 
 # ---- agent
@@ -86,5 +89,4 @@ REFUSAL_REASONS = (
     "stream_timeout",  # an update stream sent no message within its deadline (first message, or between parts)
     "rate_limited",  # Joins from one peer address faster than Limits.joins_per_second
     "too_many_agents",  # Limits.max_agents agents admitted already
-    POLLS_FULL := "polls_full",  # a GetRound answered WAIT at once: Limits.held_polls / newcomer_polls were held
 )

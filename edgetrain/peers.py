@@ -9,31 +9,29 @@ batch and cores:
   each other (a gloo barrier), exchanging nothing. No synchronous data-parallel scheme can beat it on the same
   cores: it is the bound that waiting for the slower rank alone sets. Each rank scores its own model.
 
-All three run inside `run_pinned`, which starts `spawn` children (gRPC and OpenMP do not survive fork),
-pins each to its own cores with `sched_setaffinity` and sets torch's thread count to match before any
-torch work runs. The training loops here use nothing of edgetrain but the data and the model (so all
-methods start from the same weights on the same tensors).
+All three run inside `run_pinned`, which starts `spawn` children (`edgetrain.procs`, as the agent's workers
+are started: gRPC and OpenMP do not survive fork), pins each to its own cores with `sched_setaffinity` and
+sets torch's thread count to match before any torch work runs. `edgetrain.split`'s probe (`--workers auto`)
+times candidate splits with `torch_ddp` and `torch_lockstep`: that is why these loops are in the kernel.
+The training loops here use nothing of edgetrain but the data and the model (so all methods start from the
+same weights on the same tensors).
 """
 
 from __future__ import annotations
 
 import math
-import os
-import socket
-import sys
 import time
-import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.multiprocessing as tmp
 from torch import nn
 from torch.nn import functional as F  # noqa: N812
 
-from edgetrain.cores import allowed_cores, format_cores, pin_current_process
-from edgetrain.errors import ConfigError, CoresError, EdgetrainError
+from edgetrain.cores import allowed_cores, format_cores
+from edgetrain.errors import ConfigError, CoresError
+from edgetrain.procs import ChildError, Children, failed, free_port, prepare_child
 from edgetrain.recipes import METRICS
 from edgetrain.spec import DataLocation, RunSpec
 from edgetrain.training import confusion, confusion_scores, make_optimizer
@@ -41,7 +39,7 @@ from edgetrain.training import confusion, confusion_scores, make_optimizer
 EVAL_BATCH = 1024  # inference batch: large enough to keep the cores busy, small enough for any edge box
 
 
-class PeerError(EdgetrainError):
+class PeerError(ChildError):
     """A benchmark child process failed or hung; the message is the child's own."""
 
 
@@ -108,39 +106,25 @@ class TrainOutcome:
 # ---------------------------------------------------------------------------- pinned children
 
 
-def free_port() -> int:
-    """A TCP port free on loopback right now (for a gloo rendezvous)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def prepare_child(cores: Sequence[int], threads: int, world: int) -> None:
-    """What every spawned training child does first (the agent's workers and the peers' children alike).
-
-    Pins itself to `cores` before torch runs anything (its pools start lazily), runs `threads` intra-op threads
-    and one inter-op thread, and keeps a gloo group of `world` > 1 processes on loopback.
-    """
-    pin_current_process(list(cores))
-    torch.set_num_threads(threads)
-    torch.set_num_interop_threads(1)
-    if world > 1 and sys.platform.startswith("linux"):
-        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # rendezvous and traffic stay on loopback
-
-
 def _child(target: Callable[..., Any], setup: ChildSetup, args: tuple[Any, ...], conn: Any) -> None:
     """Entry point of a spawned child: prepare it (pinned, thread pools sized), run `target`, send its result."""
     try:
         prepare_child(setup.cores, setup.threads, setup.world)
-        conn.send(("ok", target(setup, *args)))
+        conn.send(Result(target(setup, *args)))
     except BaseException as exc:  # report, then exit: the parent raises PeerError
-        detail = str(exc) if isinstance(exc, EdgetrainError) else f"{type(exc).__name__}: {exc}"
         try:
-            conn.send(("error", detail, traceback.format_exc()))
+            conn.send(failed(exc))
         except (BrokenPipeError, OSError):
             pass
     finally:
         conn.close()
+
+
+@dataclass(frozen=True)
+class Result:
+    """A pinned child's one message: what `target` returned."""
+
+    value: Any
 
 
 def run_pinned(
@@ -160,48 +144,18 @@ def run_pinned(
         raise ConfigError("run_pinned needs at least one core group")
     world = len(groups)
     port = free_port() if world > 1 else 0
-    ctx = tmp.get_context("spawn")
-    conns: list[Any] = []
-    procs: list[Any] = []
-    results: list[Any] = [None] * world
+    setups = [(target, ChildSetup(rank, world, tuple(cores), threads or len(cores), port), args)
+              for rank, cores in enumerate(groups)]
+    children = Children(_child, setups, name="edgetrain-bench", error=PeerError,
+                        describe=lambda r: f"benchmark child {r} (cores {format_cores(list(groups[r]))})")
     finished = False
     try:
-        for rank, cores in enumerate(groups):
-            setup = ChildSetup(rank, world, tuple(cores), threads or len(cores), port)
-            parent, child = ctx.Pipe()
-            proc = ctx.Process(target=_child, args=(target, setup, args, child), name=f"edgetrain-bench-{rank}",
-                               daemon=True)
-            proc.start()
-            child.close()
-            conns.append(parent)
-            procs.append(proc)
         end = time.monotonic() + timeout
-        pending = set(range(world))
-        while pending:
-            for rank in sorted(pending):
-                if conns[rank].poll(0.05):
-                    try:
-                        msg = conns[rank].recv()
-                    except EOFError:
-                        raise PeerError(f"benchmark child {rank} exited without a result") from None
-                    if msg[0] == "error":
-                        raise PeerError(f"benchmark child {rank} (cores {format_cores(list(groups[rank]))}): {msg[1]}")
-                    results[rank] = msg[1]
-                    pending.discard(rank)
-                elif not procs[rank].is_alive() and not conns[rank].poll(0.2):
-                    raise PeerError(f"benchmark child {rank} died with exit code {procs[rank].exitcode}")
-            if pending and time.monotonic() > end:
-                raise PeerError(f"benchmark children gave no result in {timeout:.0f} s")
+        results = [children.recv(rank, max(0.0, end - time.monotonic())).value for rank in range(world)]
         finished = True
         return results
-    finally:
-        for proc in procs:  # after a result a child only closes its pipe; after a failure, stop it now
-            proc.join(10.0 if finished else 0.1)
-            if proc.is_alive():
-                proc.kill()
-                proc.join(5.0)
-        for conn in conns:
-            conn.close()
+    finally:  # after a result a child only closes its pipe; after a failure, stop it now
+        children.stop(10.0 if finished else 0.1)
 
 
 def core_groups(processes: int, threads: int, cores: Sequence[int] | None = None) -> list[list[int]]:

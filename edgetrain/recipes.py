@@ -10,6 +10,8 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+LR_DECAY = 0.7  # learning rate x this per epoch, as in PyTorch's MNIST example (StepLR, gamma 0.7)
+
 # ---- text: the fastText-style `text-ngram` model (linear over hashed word/character n-grams)
 TEXT_MODEL = "text-ngram"
 IMAGE_MODEL = "mnist-cnn"
@@ -78,13 +80,13 @@ def local_steps(model: str, train_examples: int, agents: int, batch_size: int) -
 
 
 def lr_decay(model: str, train_examples: int) -> float:
-    """Learning rate x this per epoch: 0.7, spread over the epochs of text-ngram's longer runs on small sets.
+    """Learning rate x this per epoch: LR_DECAY, spread over the epochs of text-ngram's longer runs on small sets.
 
-    A run of E epochs decays as much as TEXT_EPOCHS epochs at 0.7 each: 0.7 ** (TEXT_EPOCHS / E).
+    A run of E epochs decays as much as TEXT_EPOCHS epochs at LR_DECAY each: LR_DECAY ** (TEXT_EPOCHS / E).
     """
     if model != TEXT_MODEL:
-        return 0.7
-    return round(float(0.7 ** (TEXT_EPOCHS / epochs(model, train_examples))), 4)
+        return LR_DECAY
+    return round(float(LR_DECAY ** (TEXT_EPOCHS / epochs(model, train_examples))), 4)
 
 
 def epochs(model: str, train_examples: int) -> float:

@@ -1,10 +1,10 @@
 """Same-host files: where a coordinator keeps them, and how agents and workers open the ones it names.
 
-The coordinator (coordinator/shm.py) makes a private directory ``/dev/shm/edgetrain-<pid>-<random>`` (0700) for
-the round's weights and its local agents' updates. An agent opens a file there only as what it should be:
-a regular file of its own user with one name, never through a link, inside such a directory of its own user
-directly in /dev/shm. A listener on the coordinator's port that is not the coordinator can then not make an
-agent read or overwrite anything else (an agent sends back what it trained from what it read).
+The coordinator (coordinator/transfer/samehost.py) makes a private directory ``/dev/shm/edgetrain-<pid>-<random>``
+(0700) for the round's weights and its local agents' updates. An agent opens a file there only as what it should be:
+a regular file of its own user with one name, never through a link, inside such a directory of its own user directly
+in /dev/shm. A listener on the coordinator's port that is not the coordinator can then not make an agent read or
+overwrite anything else (an agent sends back what it trained from what it read).
 """
 
 from __future__ import annotations

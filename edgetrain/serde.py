@@ -8,10 +8,7 @@ from __future__ import annotations
 
 import io
 import math
-import os
 import sys
-import tempfile
-import weakref
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, BinaryIO, Protocol
@@ -69,7 +66,7 @@ def nbytes(spec: Mapping[str, TensorSpec]) -> int:
     return sum(s.nbytes for s in spec.values())
 
 
-def _numpy(t: torch.Tensor) -> np.ndarray[Any, Any]:
+def as_numpy(t: torch.Tensor) -> np.ndarray[Any, Any]:
     """A contiguous CPU tensor's own memory as a flat numpy array (shared, not copied)."""
     if t.dtype == torch.bfloat16:  # numpy has no bfloat16: the same 2 bytes as int16
         t = t.view(torch.int16)
@@ -77,7 +74,7 @@ def _numpy(t: torch.Tensor) -> np.ndarray[Any, Any]:
 
 
 def _raw_bytes(t: torch.Tensor) -> memoryview:
-    arr = _numpy(t.detach().to("cpu").contiguous())
+    arr = as_numpy(t.detach().to("cpu").contiguous())
     if arr.dtype.byteorder == ">":  # pragma: no cover - big-endian hosts only
         arr = arr.byteswap().view(arr.dtype.newbyteorder("<"))
     return arr.data.cast("B")
@@ -183,7 +180,7 @@ def _to_wire(t: torch.Tensor, target: torch.dtype) -> tuple[torch.Tensor, float]
     return t.to(target), 0.0
 
 
-def _from_wire(t: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
+def from_wire(t: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
     if t.dtype == torch.int8 and dtype.is_floating_point:
         return t.to(dtype) * scale
     return t.to(dtype)
@@ -192,7 +189,7 @@ def _from_wire(t: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tenso
 def roundtrip(t: torch.Tensor, wire_dtype: str) -> torch.Tensor:
     """What the receiver decodes when `t` is sent as `wire_dtype` (for error feedback)."""
     wire, scale = _to_wire(t.detach(), _wire_target(wire_dtype))
-    return _from_wire(wire, scale, t.dtype)
+    return from_wire(wire, scale, t.dtype)
 
 
 class Region(Protocol):
@@ -202,7 +199,7 @@ class Region(Protocol):
 
 
 class Sliced(Protocol):
-    """A floating tensor too big to hold twice, read back a slice at a time (an update waiting in a `Stage`)."""
+    """A floating tensor too big to hold twice, read back a slice at a time (a staged update)."""
 
     shape: torch.Size
 
@@ -217,141 +214,11 @@ class Buffers(Protocol):
     def __call__(self, name: str, dtype: torch.dtype, nbytes: int) -> memoryview | bytearray | Region: ...
 
 
-class Arena:
-    """One reusable buffer the size of a whole update of `expected`, cut per tensor.
-
-    Decoding update after update into it page-faults nothing (a fresh model-sized buffer per update cost ~2 ms
-    of the round).
-
-    Whoever decodes into it owns it until the decoded tensors are no longer used; a tensor that arrives in a
-    wider dtype than expected (float64 for float32) gets a fresh buffer instead.
-    """
-
-    def __init__(self, expected: Mapping[str, TensorSpec]) -> None:
-        self._slots: dict[str, tuple[int, int]] = {}
-        offset = 0
-        for name, spec in expected.items():
-            size = spec.nbytes
-            self._slots[name] = (offset, size)
-            offset += -(-size // 64) * 64  # each tensor on a 64-byte boundary, as allocators give them
-        self._memory = memoryview(bytearray(offset))
-
-    def __call__(self, name: str, dtype: torch.dtype, nbytes: int) -> memoryview | bytearray:
-        offset, size = self._slots.get(name, (0, -1))
-        if nbytes > size:
-            return bytearray(nbytes)
-        return self._memory[offset : offset + nbytes]
-
-
-class Stage:
-    """A reusable file where one streamed update waits, whole, until it is checked and added slice by slice.
-
-    The coordinator writes an update's parts here as they arrive instead of into a model-sized buffer; once every
-    part is in, `Assembler.finish_staged` hands out its floating tensors as `StagedTensor`s that read the file
-    back a slice at a time. The update is checked whole before any of it is added to the round's sum (a NaN in
-    its last part adds nothing). `end` empties the file again: its pages are in the kernel's page cache only
-    while an update is in it, and, in a directory on disk, can be written out when memory is short. On a tmpfs
-    they are memory as much as an `Arena` would be, but only while an update is in them.
-
-    The file has no name (it goes when the Stage is closed or collected, or the process dies). Whoever holds
-    the Stage owns the file until its tensors are no longer used. Staged tensors are float32 (the sum's dtype):
-    the coordinator stages updates only for models whose floating tensors are all float32.
-    """
-
-    CHUNK = 1 << 15  # elements per slice read back: 128 KiB of float32
-
-    def __init__(self, directory: str | os.PathLike[str] | None = None) -> None:
-        with tempfile.TemporaryFile(dir=directory) as f:
-            self.fd = os.dup(f.fileno())  # a plain descriptor, closed with the Stage or when it is collected
-        self.close = weakref.finalize(self, os.close, self.fd)
-        self._end = 0
-        self._read = bytearray(self.CHUNK * 8)  # the widest wire dtype (float64)
-        self._out = np.empty(self.CHUNK, dtype=np.float32)
-
-    def begin(self) -> Stage:
-        """Start a new update at the file's start."""
-        self._end = 0
-        return self
-
-    def end(self) -> None:
-        """Drop the update's bytes (the page cache's pages go back at once, none is written to disk)."""
-        os.ftruncate(self.fd, 0)
-        self._end = 0
-
-    def staged_bytes(self) -> int:
-        """Bytes of the file in the page cache or on disk now."""
-        return os.fstat(self.fd).st_blocks * 512
-
-    def __call__(self, name: str, dtype: torch.dtype, nbytes: int) -> _FileRegion:
-        region = _FileRegion(self, self._end, nbytes)
-        self._end += nbytes
-        return region
-
-    def tensor(self, region: _FileRegion, wire: torch.dtype, shape: tuple[int, ...], scale: float,
-               dtype: torch.dtype, base: torch.Tensor | None) -> StagedTensor | torch.Tensor:
-        """A staged float32 tensor; integer ones (counters, small) are read whole."""
-        if dtype.is_floating_point:
-            if dtype != torch.float32:
-                raise TypeError(f"a staged tensor is float32 (the sum's dtype), not {dtype}")
-            return StagedTensor(self, region, wire, shape, scale, base)
-        whole = bytearray(region.nbytes)
-        self.read_into(memoryview(whole), region.offset)
-        return _from_wire(_from_bytes(whole, wire, shape), scale, dtype)
-
-    def read_into(self, view: memoryview, offset: int) -> None:
-        while view:
-            n = os.preadv(self.fd, [view], offset)
-            if n <= 0:
-                raise OSError(f"the staging file ended {len(view)} bytes early")
-            view, offset = view[n:], offset + n
-
-
-class _FileRegion:
-    def __init__(self, stage: Stage, offset: int, nbytes: int) -> None:
-        self.stage, self.offset, self.nbytes = stage, offset, nbytes
-
-    def __setitem__(self, key: slice, data: bytes, /) -> None:
-        view, at = memoryview(data), self.offset + key.start
-        while view:
-            n = os.pwrite(self.stage.fd, view, at)
-            view, at = view[n:], at + n
-
-
-class StagedTensor:
-    """A float32 tensor in a `Stage`'s file, read back a slice at a time (`base` + it for a delta)."""
-
-    def __init__(self, stage: Stage, region: _FileRegion, wire: torch.dtype, shape: tuple[int, ...], scale: float,
-                 base: torch.Tensor | None) -> None:
-        self._stage, self._region, self._wire, self._scale = stage, region, wire, scale
-        self.shape = torch.Size(shape)
-        self._base = None if base is None else _numpy(base.detach().to(torch.float32).contiguous())
-
-    def slices(self) -> Iterator[tuple[int, np.ndarray[Any, np.dtype[np.float32]]]]:
-        """(element offset, float32 values): each array is only valid until the next one is asked for.
-
-        Bit for bit what `Assembler.finish` (and `apply_delta` for a delta) make of the same bytes: float16 and
-        bfloat16 widen exactly, int8 is float32(value) * float32(scale) as torch computes it. Into the Stage's
-        own buffers: nothing is allocated per slice.
-        """
-        stage, size = self._stage, self._wire.itemsize
-        numel = self.shape.numel()
-        for lo in range(0, numel, stage.CHUNK):
-            n = min(stage.CHUNK, numel - lo)
-            raw = memoryview(stage._read)[: n * size]
-            stage.read_into(raw, self._region.offset + lo * size)
-            out = stage._out[:n]
-            values = _widen(raw, self._wire, self._scale, out)
-            if self._base is not None:
-                with np.errstate(over="ignore", invalid="ignore"):  # an overflow is an Inf, which `finite` refuses
-                    values = np.add(self._base[lo : lo + n], values, out=out)
-            yield lo, values
-
-
-def _widen(raw: memoryview, wire: torch.dtype, scale: float,
+def widen(raw: memoryview, wire: torch.dtype, scale: float,
            out: np.ndarray[Any, np.dtype[np.float32]]) -> np.ndarray[Any, np.dtype[np.float32]]:
     """Little-endian wire values as float32, in `out` unless they are float32 already (then a view of `raw`)."""
     if sys.byteorder != "little":  # pragma: no cover - big-endian hosts only
-        np.copyto(out, _from_wire(_from_bytes(raw, wire, (len(out),)), scale, torch.float32).numpy())
+        np.copyto(out, from_wire(from_bytes(raw, wire, (len(out),)), scale, torch.float32).numpy())
         return out
     if wire == torch.float32:
         return np.frombuffer(raw, dtype=np.float32)
@@ -380,9 +247,20 @@ def into_tensors(state: Mapping[str, torch.Tensor]) -> Buffers:
         fits = dtype == t.dtype and t.device.type == "cpu" and t.is_contiguous()
         if not fits or nbytes != t.numel() * t.element_size():
             raise WireError(f"tensor {name!r} cannot be read in place (another dtype, or not in CPU memory)")
-        return _numpy(t).data.cast("B")
+        return as_numpy(t).data.cast("B")
 
     return view
+
+
+@dataclass(frozen=True)
+class Raw:
+    """One tensor as it arrived: its bytes (where `Buffers` put them), wire dtype, shape, scale and expected dtype."""
+
+    buffer: memoryview | bytearray | Region
+    wire: torch.dtype
+    shape: tuple[int, ...]
+    scale: float
+    dtype: torch.dtype
 
 
 class Assembler:
@@ -463,7 +341,7 @@ class Assembler:
         name = layout.name
         buf = self._buffers[name]
         if not isinstance(buf, (memoryview, bytearray)):
-            raise TypeError("add_file reads into memory, not into a Stage")
+            raise TypeError("add_file reads into memory, not into other buffers")
         view = memoryview(buf)
         filled = 0
         while filled < len(view):
@@ -490,29 +368,21 @@ class Assembler:
             wire, shape, scale = self._meta[name]
             buf = self._buffers[name]
             if not isinstance(buf, (memoryview, bytearray)):
-                raise TypeError("an update assembled into a Stage is read with finish_staged")
-            t = _from_wire(_from_bytes(buf, _WIRE_TO_TORCH[wire], shape), scale, spec.dtype)
+                raise TypeError("an update assembled into other buffers is read with finish_raw")
+            t = from_wire(from_bytes(buf, _WIRE_TO_TORCH[wire], shape), scale, spec.dtype)
             if self._check_finite and not all_finite(t):
                 raise NonFiniteError(f"tensor {name!r}: NaN or Inf values")
             out[name] = t
         self._buffers.clear()
         return out
 
-    def finish_staged(self, base: Mapping[str, torch.Tensor] | None = None) -> dict[str, Sliced | torch.Tensor]:
-        """`finish` for an update assembled into a `Stage`: its floating tensors stay in the file (`StagedTensor`).
-
-        `base`: the update is a delta, and the tensors read back are base + delta. Values are not checked here:
-        `finite` reads them back for that (a staged update is checked whole before any of it is used).
-        """
+    def finish_raw(self) -> dict[str, Raw]:
+        """Every tensor's bytes where `into` put them, undecoded, once all arrived (a `Buffers` of its own kind)."""
         self._check_complete()
-        out: dict[str, Sliced | torch.Tensor] = {}
+        out = {}
         for name, spec in self._expected.items():
             wire, shape, scale = self._meta[name]
-            region = self._buffers[name]
-            if not isinstance(region, _FileRegion):
-                raise TypeError("finish_staged is for an Assembler writing into a Stage")
-            delta_base = base[name] if base is not None and spec.dtype.is_floating_point else None
-            out[name] = region.stage.tensor(region, _WIRE_TO_TORCH[wire], shape, scale, spec.dtype, delta_base)
+            out[name] = Raw(self._buffers[name], _WIRE_TO_TORCH[wire], shape, scale, spec.dtype)
         self._buffers.clear()
         return out
 
@@ -568,7 +438,7 @@ def _dtype_allowed(expected: torch.dtype, wire: torch.dtype) -> bool:
     return wire == expected
 
 
-def _from_bytes(buf: memoryview | bytearray, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+def from_bytes(buf: memoryview | bytearray, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
     if not buf:
         return torch.zeros(shape, dtype=dtype)
     if sys.byteorder != "little":  # pragma: no cover - big-endian hosts only

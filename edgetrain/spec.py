@@ -9,6 +9,7 @@ from typing import Any
 from edgetrain.errors import ConfigError
 from edgetrain.models import default_lr
 from edgetrain.proto import edgetrain_pb2 as pb
+from edgetrain.recipes import LR_DECAY
 from edgetrain.serde import UPDATE_DTYPES
 from edgetrain.training import OPTIMIZERS, TrainConfig
 
@@ -36,9 +37,9 @@ class RunSpec:
     max_len: int = 64
     limit: int = 0  # 0 = the whole data set
     update_dtype: str = "float32"
-    # learning rate x this per epoch, as in PyTorch's MNIST example (StepLR, gamma 0.7); None: the recipe's
-    # (edgetrain.recipes.lr_decay), filled in once the data is loaded (workload.resolve_spec)
-    lr_decay: float | None = 0.7
+    # learning rate x this per epoch (LR_DECAY); None: the recipe's (edgetrain.recipes.lr_decay), filled in once
+    # the data is loaded (workload.resolve_spec)
+    lr_decay: float | None = LR_DECAY
     class_weighting: str = "none"  # "balanced": weigh the loss by inverse class frequency (for macro-recall)
 
     def __post_init__(self) -> None:

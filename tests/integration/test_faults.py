@@ -11,7 +11,6 @@ import errno
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -28,24 +27,21 @@ import pytest
 import torch
 
 from agent.client import CoordinatorClient
+from agent.route import Route
 from coordinator import checkpoint
 from coordinator.config import CoordinatorConfig
 from coordinator.run import Coordinator, RunResult
+from coordinator.transfer.staging import StagedTensor
 from edgetrain import grpc_options, serde
 from edgetrain.proto import edgetrain_pb2 as pb
 from edgetrain.proto import edgetrain_pb2_grpc as pb_grpc
 from edgetrain.spec import RunSpec
+from tests.conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 CORES = sorted(os.sched_getaffinity(0))
 # text-bag on 2,000 tweets: 1.7 MB of weights, ~2 ms a step, so 60 local steps make a round of ~0.15 s
 SPEC = RunSpec(dataset="tweets", model="text-bag", limit=2000, seed=3)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait_for(cond: Callable[[], bool], timeout: float, what: str, poll: float = 0.05) -> None:
@@ -244,6 +240,7 @@ class RawAgent:
 
     def __init__(self, port: int, name: str) -> None:
         self.client = CoordinatorClient(f"127.0.0.1:{port}")
+        self.route = Route(self.client)
         self.name = name
         self.after = -1
         self.refusals: list[tuple[int, grpc.StatusCode, str]] = []
@@ -255,13 +252,13 @@ class RawAgent:
 
     def fetch(self, expected: dict[str, serde.TensorSpec]) -> tuple[pb.RoundHeader, dict[str, torch.Tensor] | None]:
         while True:
-            rnd = self.client.get_round(self.after, expected)
+            rnd = self.route.fetch(self.after, expected)
             if rnd.header.status != pb.WAIT:
                 return rnd.header, rnd.state
 
     def send(self, header: pb.RoundHeader, state: dict[str, torch.Tensor]) -> bool:
         try:
-            self.client.submit(header.round, header.local_steps * header.batch_size, pb.NodeStats(), state)
+            self.route.send(header.round, header.local_steps * header.batch_size, pb.NodeStats(), state)
         except grpc.RpcError as err:
             self.refusals.append((header.round, err.code(), err.details() or ""))
             return False
@@ -395,10 +392,10 @@ def test_a_round_spoiled_by_an_update_that_fails_to_read_back_runs_again_and_ben
     """A streamed update's staging file fails (an I/O error) while the coordinator adds it to the round's sum: the
     round closes at once without being applied and runs again with the same agents. Nobody is taken out of the
     rounds nor counted short for it (it was nobody's fault), and the failed update is refused as "staging"."""
-    original = serde.StagedTensor.slices
+    original = StagedTensor.slices
     failures: list[int] = []
 
-    def slices(self: serde.StagedTensor) -> Any:
+    def slices(self: StagedTensor) -> Any:
         seen = self.__dict__.setdefault("_reads", [0])
         seen[0] += 1
         if seen[0] == 2 and not failures:  # its first read checked it whole; the second adds it
@@ -406,7 +403,7 @@ def test_a_round_spoiled_by_an_update_that_fails_to_read_back_runs_again_and_ben
             raise OSError(errno.EIO, "Input/output error")
         return original(self)
 
-    monkeypatch.setattr(serde.StagedTensor, "slices", slices)
+    monkeypatch.setattr(StagedTensor, "slices", slices)
     cfg = CoordinatorConfig(spec=SPEC, port=0, local_steps=1, rounds=3, min_agents=2, round_timeout=30,
                             eval_every=10_000, progress=False, join_timeout=30)
     with drive(cfg) as d:
@@ -418,7 +415,7 @@ def test_a_round_spoiled_by_an_update_that_fails_to_read_back_runs_again_and_ben
         try:
             threads = []
             for agent in agents:
-                agent.client.shared_memory = False  # streamed: staged before it is added
+                agent.route.same_host = False  # streamed: staged before it is added
                 agent.join()
                 threads.append(_thread(lambda agent=agent: agent.train_until_finished(expected, done)))
             d.start()
@@ -542,10 +539,11 @@ def test_every_rpc_the_agent_makes_has_a_deadline() -> None:
     submits = []
     try:
         client.join(pb.JoinRequest(agent_name="a"))
-        client.get_round(-1, serde.spec_of(big))
-        client.submit(0, 1, pb.NodeStats(), big)
+        route = Route(client)
+        route.fetch(-1, serde.spec_of(big))
+        route.send(0, 1, pb.NodeStats(), big)
         submits.append(recorder.deadlines["SubmitUpdate"])
-        client.submit(0, 1, pb.NodeStats(), big, round_deadline=time.time() + 1000)  # the round ends later
+        route.send(0, 1, pb.NodeStats(), big, round_deadline=time.time() + 1000)  # the round ends later
         submits.append(recorder.deadlines["SubmitUpdate"])
         client.leave()
     finally:

@@ -13,6 +13,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from agent import client as client_module
 from agent.client import CoordinatorClient
+from agent.route import Route
 from coordinator.rounds import RoundEngine
 from coordinator.servicer import ServiceState
 from edgetrain import grpc_options, serde
@@ -215,12 +216,14 @@ def test_a_staging_directory_that_cannot_take_files_stops_the_start(tmp_path: Pa
     svc = ServiceState(engine, Membership(), RunSpec(dataset="tweets"), CoordinatorMetrics(CollectorRegistry()),
                        staging_dir=tmp_path / "missing")
     with pytest.raises(ConfigError, match="cannot make staging files in .*missing"):
-        svc.prepare_staging()
-    svc.staging_dir = tmp_path
-    svc.prepare_staging()
+        svc.transfer.prepare_staging()
+    svc.close()
+    svc = ServiceState(engine, Membership(), RunSpec(dataset="tweets"), CoordinatorMetrics(CollectorRegistry()),
+                       staging_dir=tmp_path)
+    svc.transfer.prepare_staging()
     # the start goes on with one staging file made in the directory given, without a name there...
     assert _staged_in(tmp_path) == 1 and list(tmp_path.iterdir()) == []
-    with svc.stage():  # ...and kept: the first upload takes it instead of making another
+    with svc.transfer.stage():  # ...and kept: the first upload takes it instead of making another
         assert _staged_in(tmp_path) == 1
     svc.close()
     assert _staged_in(tmp_path) == 0  # closed with the service
@@ -328,19 +331,19 @@ def test_a_slow_download_gets_time_for_its_bytes(monkeypatch: pytest.MonkeyPatch
     for svc in make_service(big):
         with Relay(svc.port, down_bytes_per_s=rate) as link:
             client = CoordinatorClient(f"127.0.0.1:{link.port}")
-            client.shared_memory = False
+            route = Route(client, same_host=False)
             try:
                 client.join(pb.JoinRequest(agent_name="a"))
                 svc.engine.open_round([(client.agent_id, 0.0, 1)])
                 monkeypatch.setattr(client_module, "MIN_LINK_BYTES_PER_S", 10**12)  # no time for the bytes
                 with pytest.raises(grpc.RpcError) as err:
-                    client.get_round(-1, serde.spec_of(big))
+                    route.fetch(-1, serde.spec_of(big))
                 assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
                 assert link.down_bytes < nbytes  # cut off mid-download: the link was what took the time
                 # time for the bytes on a link 8x slower than this one (what the cut-off stream left queued goes
                 # first): 16 s more
                 monkeypatch.setattr(client_module, "MIN_LINK_BYTES_PER_S", rate / 8)
-                rnd = client.get_round(-1, serde.spec_of(big))
+                rnd = route.fetch(-1, serde.spec_of(big))
                 assert rnd.state is not None and torch.equal(rnd.state["w"], big["w"])
             finally:
                 client.close()

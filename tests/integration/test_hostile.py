@@ -257,6 +257,10 @@ def test_a_round_does_not_wait_for_agents_that_polled_once_and_vanished() -> Non
         assert outcome.applied and list(outcome.contributions) == [real.agent_id] and len(outcome.missing) == 50
 
 
+def _deferred(svc: Service) -> float:
+    return svc.registry.get_sample_value("edgetrain_polls_deferred_total") or 0.0
+
+
 def test_agents_that_only_poll_cannot_take_the_threads_that_serve_training() -> None:
     """Finding 5, held: 200 joined ghosts each holding a 20 s long-poll took every handler thread (0 rounds/s)."""
     n = HANDLER_THREADS + 16
@@ -271,7 +275,7 @@ def test_agents_that_only_poll_cannot_take_the_threads_that_serve_training() -> 
         try:
             quick = n - svc.state.limits.newcomer_polls
             deadline = time.monotonic() + 20
-            while sum(svc.refused("polls_full", name) for name in ghosts) < quick and time.monotonic() < deadline:
+            while _deferred(svc) < quick and time.monotonic() < deadline:
                 time.sleep(0.02)
             assert svc.state.polls.held() == (0, svc.state.limits.newcomer_polls)
             first = {name: pool.submit(next, call) for name, call in calls.items()}
@@ -290,6 +294,24 @@ def test_agents_that_only_poll_cannot_take_the_threads_that_serve_training() -> 
             for call in calls.values():
                 call.cancel()
             pool.shutdown()
+
+
+def test_before_anyone_is_measured_agents_past_the_poll_cap_still_count_towards_the_start() -> None:
+    """A fleet larger than newcomer_polls that starts together (--min-agents 16) must be able to start."""
+    for svc in make_service(small_state(), long_poll=30.0):
+        extra = 4
+        agents = {f"a{i}": svc.join(f"a{i}") for i in range(svc.state.limits.newcomer_polls + extra)}
+        calls = [svc.stub.GetRound(pb.RoundRequest(agent_id=reply.agent_id), metadata=md, timeout=60)
+                 for reply, md in agents.values()]
+        try:
+            deadline = time.monotonic() + 20
+            while _deferred(svc) < extra and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert _deferred(svc) == extra
+            assert {a.name for a in svc.membership.live(ready_only=True)} == set(agents)
+        finally:
+            for call in calls:
+                call.cancel()
 
 
 def test_messages_over_the_limit_are_refused_and_counted() -> None:

@@ -25,9 +25,10 @@ import pytest
 import torch
 
 from coordinator import checkpoint
+from tests.conftest import free_port
 from tests.integration.conftest import Hosts, need_netns
 from tests.integration.netns import Cluster, inside
-from tests.integration.test_faults import CORES, Procs, free_port, kill, wait_for
+from tests.integration.test_faults import CORES, Procs, kill, wait_for
 from tests.integration.test_security import TOKEN, _ca, _leaf
 
 PORT = 50051  # the coordinator's namespace is the test's own: any port is free there

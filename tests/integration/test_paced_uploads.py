@@ -17,6 +17,7 @@ import torch
 from prometheus_client import CollectorRegistry
 
 from agent.client import CoordinatorClient
+from agent.route import Route
 from coordinator.membership import Membership
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.rounds import RoundEngine
@@ -79,7 +80,7 @@ def test_an_upload_waits_for_the_go_ahead_while_the_slot_is_held_and_sends_when_
 
         def upload() -> None:
             try:
-                result.append(waiter.submit(0, 8, pb.NodeStats(), state))
+                result.append(Route(waiter).send(0, 8, pb.NodeStats(), state))
             except grpc.RpcError as err:  # pragma: no cover - reported by the assertion below
                 result.append(err)
             done.set()

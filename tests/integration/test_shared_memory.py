@@ -19,12 +19,13 @@ import torch
 from prometheus_client import CollectorRegistry
 
 from agent.client import CoordinatorClient
+from agent.route import Route
 from coordinator.membership import Membership
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.rounds import RoundEngine
 from coordinator.server import start_server
 from coordinator.servicer import ServiceState
-from coordinator.shm import SharedFiles
+from coordinator.transfer.samehost import SharedFiles
 from edgetrain import compression, grpc_options, serde
 from edgetrain.grpc_options import address_host, is_loopback
 from edgetrain.proto import edgetrain_pb2 as pb
@@ -43,11 +44,11 @@ class Setup:
     registry: CollectorRegistry
     port: int
 
-    def client(self, name: str, shared_memory: bool = True) -> CoordinatorClient:
+    def client(self, name: str, shared_memory: bool = True) -> Route:
+        """A joined agent's route (its client: `.client`)."""
         c = CoordinatorClient(f"127.0.0.1:{self.port}")
-        c.shared_memory = shared_memory
         c.join(pb.JoinRequest(agent_name=name))
-        return c
+        return Route(c, same_host=shared_memory)
 
     def refused(self, reason: str, node: str) -> float:
         return self.registry.get_sample_value("edgetrain_updates_refused_total", {"node": node, "reason": reason}) or 0
@@ -78,19 +79,19 @@ def trained(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def one_round(setup: Setup, shared_memory: bool, wire: str) -> tuple[dict[str, torch.Tensor], pb.RoundHeader]:
     client = setup.client("a", shared_memory)
     try:
-        setup.engine.open_round([(client.agent_id, 0.0, 1)])
-        rnd = client.get_round(-1, serde.spec_of(small_state()))
+        setup.engine.open_round([(client.client.agent_id, 0.0, 1)])
+        rnd = client.fetch(-1, serde.spec_of(small_state()))
         assert rnd.state is not None
         delta = wire != "float32"
         feedback = compression.ErrorFeedback(wire)
         new = trained(rnd.state)
         update = feedback.delta(new, rnd.state) if delta else new
-        ack, _, sent = client.submit(0, 8, STATS, update, wire, delta=delta, update_file=rnd.header.update_file)
+        ack, _, sent = client.send(0, 8, STATS, update, wire, delta=delta, update_file=rnd.header.update_file)
         assert ack.accepted and sent > 0
         assert setup.engine.close_round().applied
         return rnd.state, rnd.header
     finally:
-        client.close()
+        client.client.close()
 
 
 @pytest.mark.parametrize("wire", ["float32", "float16", "bfloat16", "int8"])
@@ -98,11 +99,11 @@ def test_files_give_the_same_bytes_as_streaming(wire: str) -> None:
     with serve() as files_setup, serve() as stream_setup:
         got_files, header = one_round(files_setup, True, wire)
         got_stream, stream_header = one_round(stream_setup, False, wire)
-        directory = files_setup.svc.shared_files(create=False)
+        directory = files_setup.svc.transfer.shared_files(create=False)
         assert directory is not None
         assert header.weights_file.startswith(str(directory.dir)) and header.update_file
         assert not stream_header.weights_file and not stream_header.update_file
-        assert stream_setup.svc.shared_files(create=False) is None  # nobody offered: no directory made
+        assert stream_setup.svc.transfer.shared_files(create=False) is None  # nobody offered: no directory made
         for k, v in small_state().items():
             assert got_files[k].numpy().tobytes() == got_stream[k].numpy().tobytes() == v.numpy().tobytes()
         assert files_setup.snapshot() == stream_setup.snapshot() != {k: v.numpy().tobytes()
@@ -117,38 +118,39 @@ def test_an_agent_that_does_not_offer_gets_streamed_weights_beside_one_that_does
     with serve() as setup:
         a, b = setup.client("a", True), setup.client("b", False)
         try:
-            setup.engine.open_round([(a.agent_id, 0.0, 1), (b.agent_id, 0.0, 1)])
-            md = [(grpc_options.SESSION_METADATA, b.session)]
-            msgs = list(b._stub.GetRound(pb.RoundRequest(agent_id=b.agent_id, after_round=-1), metadata=md, timeout=5))
+            setup.engine.open_round([(a.client.agent_id, 0.0, 1), (b.client.agent_id, 0.0, 1)])
+            md = [(grpc_options.SESSION_METADATA, b.client.session)]
+            msgs = list(b.client._stub.GetRound(pb.RoundRequest(agent_id=b.client.agent_id, after_round=-1),
+                                                metadata=md, timeout=5))
             assert not msgs[0].header.weights_file and len(msgs) > 1
             got = serde.decode([m.part for m in msgs[1:]], serde.spec_of(small_state()))
             assert all(torch.equal(got[k], v) for k, v in small_state().items())
-            rnd = a.get_round(-1, serde.spec_of(small_state()))
+            rnd = a.fetch(-1, serde.spec_of(small_state()))
             assert rnd.header.weights_file and len(rnd.header.weights_layout) == len(small_state())
         finally:
-            a.close()
-            b.close()
+            a.client.close()
+            b.client.close()
 
 
 def test_without_a_shared_memory_root_everything_streams(tmp_path: Path) -> None:
     with serve(shm_root=tmp_path / "missing") as setup:
         state, header = one_round(setup, True, "float32")
         assert not header.weights_file and not header.update_file
-        assert setup.svc.shared_files() is None
+        assert setup.svc.transfer.shared_files() is None
 
 
 @contextmanager
-def offering_client() -> Iterator[tuple[Setup, CoordinatorClient, SharedFiles]]:
+def offering_client() -> Iterator[tuple[Setup, Route, SharedFiles]]:
     """A served engine with round 0 open for one client that offers shared memory, and the coordinator's files."""
     with serve() as setup:
         client = setup.client("a", True)
         try:
-            setup.engine.open_round([(client.agent_id, 0.0, 1)])
-            files = setup.svc.shared_files()
+            setup.engine.open_round([(client.client.agent_id, 0.0, 1)])
+            files = setup.svc.transfer.shared_files()
             assert files is not None
             yield setup, client, files
         finally:
-            client.close()
+            client.client.close()
 
 
 def test_an_agent_that_cannot_read_the_weights_file_falls_back_to_streaming() -> None:
@@ -156,8 +158,8 @@ def test_an_agent_that_cannot_read_the_weights_file_falls_back_to_streaming() ->
         path, _, _ = files.weights(0, setup.engine.global_state)
         os.remove(path)
         os.mkdir(path)  # unreadable as a file, even for root (as another host's path would be missing)
-        rnd = client.get_round(-1, serde.spec_of(small_state()))
-        assert rnd.state is not None and not rnd.header.weights_file and not client.shared_memory
+        rnd = client.fetch(-1, serde.spec_of(small_state()))
+        assert rnd.state is not None and not rnd.header.weights_file and not client.same_host
         assert all(torch.equal(rnd.state[k], v) for k, v in small_state().items())
 
 
@@ -229,33 +231,35 @@ def test_bad_updates_through_files_are_refused_counted_and_change_nothing(
     with serve() as setup:
         client = setup.client("a", True)
         try:
-            setup.engine.open_round([(client.agent_id, 0.0, 1)])
-            rnd = client.get_round(-1, serde.spec_of(small_state()))
+            setup.engine.open_round([(client.client.agent_id, 0.0, 1)])
+            rnd = client.fetch(-1, serde.spec_of(small_state()))
             assert rnd.state is not None and rnd.header.update_file
             before = setup.snapshot()
             layout = write(Path(rnd.header.update_file), trained(rnd.state))
-            header = pb.UpdateHeader(agent_id=client.agent_id, round=round_, num_samples=8, stats=STATS, layout=layout)
-            md = [(grpc_options.SESSION_METADATA, client.session if session_ok else "wrong")]
+            header = pb.UpdateHeader(agent_id=client.client.agent_id, round=round_, num_samples=8, stats=STATS,
+                                     layout=layout)
+            md = [(grpc_options.SESSION_METADATA, client.client.session if session_ok else "wrong")]
             with pytest.raises(grpc.RpcError) as info:
                 if rpc == "SubmitFile":  # the unary call agents use, and the stream of its header alone
-                    client._stub.SubmitFile(header, metadata=md, timeout=5)
+                    client.client._stub.SubmitFile(header, metadata=md, timeout=5)
                 else:
-                    client._stub.SubmitUpdate(iter([pb.UpdateMessage(header=header)]), metadata=md, timeout=5)
+                    client.client._stub.SubmitUpdate(iter([pb.UpdateMessage(header=header)]), metadata=md, timeout=5)
             assert info.value.code() == code, info.value.details()
             assert setup.refused(reason, "a" if session_ok else "unknown") == 1  # who it is is unproven
             assert setup.snapshot() == before
             assert not setup.engine.close_round().applied
             assert setup.snapshot() == before
         finally:
-            client.close()
+            client.client.close()
 
 
 def test_submit_file_without_a_layout_is_malformed_and_counted() -> None:
     with offering_client() as (setup, client, _files):
         before = setup.snapshot()
-        header = pb.UpdateHeader(agent_id=client.agent_id, round=0, num_samples=8, stats=STATS)
+        header = pb.UpdateHeader(agent_id=client.client.agent_id, round=0, num_samples=8, stats=STATS)
         with pytest.raises(grpc.RpcError) as info:
-            client._stub.SubmitFile(header, metadata=[(grpc_options.SESSION_METADATA, client.session)], timeout=5)
+            client.client._stub.SubmitFile(header, metadata=[(grpc_options.SESSION_METADATA, client.client.session)],
+                                           timeout=5)
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "layout" in (info.value.details() or "")
         assert setup.refused("malformed", "unknown") == 1 and setup.snapshot() == before
 
@@ -264,23 +268,23 @@ def test_an_update_file_is_read_only_where_the_coordinator_named_one() -> None:
     with serve() as setup:
         a, b = setup.client("a", True), setup.client("b", False)
         try:
-            setup.engine.open_round([(a.agent_id, 0.0, 1), (b.agent_id, 0.0, 1)])
-            rnd_a = a.get_round(-1, serde.spec_of(small_state()))
-            rnd_b = b.get_round(-1, serde.spec_of(small_state()))
+            setup.engine.open_round([(a.client.agent_id, 0.0, 1), (b.client.agent_id, 0.0, 1)])
+            rnd_a = a.fetch(-1, serde.spec_of(small_state()))
+            rnd_b = b.fetch(-1, serde.spec_of(small_state()))
             assert rnd_a.state is not None and rnd_b.state is not None and not rnd_b.header.update_file
             before = setup.snapshot()
             # b was named no file; it points at a's in its layout-only update: refused, a's file untouched
             layout = _write(Path(rnd_a.header.update_file), trained(rnd_a.state))
-            header = pb.UpdateHeader(agent_id=b.agent_id, round=0, num_samples=8, stats=STATS, layout=layout)
-            md = [(grpc_options.SESSION_METADATA, b.session)]
+            header = pb.UpdateHeader(agent_id=b.client.agent_id, round=0, num_samples=8, stats=STATS, layout=layout)
+            md = [(grpc_options.SESSION_METADATA, b.client.session)]
             with pytest.raises(grpc.RpcError) as info:
-                b._stub.SubmitUpdate(iter([pb.UpdateMessage(header=header)]), metadata=md, timeout=5)
+                b.client._stub.SubmitUpdate(iter([pb.UpdateMessage(header=header)]), metadata=md, timeout=5)
             assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
             assert setup.refused("bad_tensor", "b") == 1 and setup.snapshot() == before
             assert Path(rnd_a.header.update_file).exists()
         finally:
-            a.close()
-            b.close()
+            a.client.close()
+            b.client.close()
 
 
 @pytest.mark.parametrize(("address", "loopback"), [
@@ -314,27 +318,27 @@ def test_directories_of_dead_coordinators_are_removed_and_live_ones_kept(tmp_pat
 def test_weights_stream_when_the_coordinator_cannot_write_its_file() -> None:
     with offering_client() as (_, client, files):
         files.dir.rmdir()  # writing fails as on a full /dev/shm
-        rnd = client.get_round(-1, serde.spec_of(small_state()))
+        rnd = client.fetch(-1, serde.spec_of(small_state()))
         assert rnd.state is not None and not rnd.header.weights_file and not rnd.header.update_file
         assert all(torch.equal(rnd.state[k], v) for k, v in small_state().items())
 
 
 def test_a_directory_planted_where_an_update_goes_is_removed_and_files_keep_working() -> None:
     with offering_client() as (setup, client, files):
-        rnd = client.get_round(-1, serde.spec_of(small_state()))
+        rnd = client.fetch(-1, serde.spec_of(small_state()))
         assert rnd.state is not None and rnd.header.update_file
         _directory(Path(rnd.header.update_file), trained(rnd.state))
-        header = pb.UpdateHeader(agent_id=client.agent_id, round=0, num_samples=8, stats=STATS,
+        header = pb.UpdateHeader(agent_id=client.client.agent_id, round=0, num_samples=8, stats=STATS,
                                  layout=serde.write_raw(small_state(), io.BytesIO()))
         with pytest.raises(grpc.RpcError) as info:
-            client._stub.SubmitUpdate(iter([pb.UpdateMessage(header=header)]),
-                                      metadata=[(grpc_options.SESSION_METADATA, client.session)], timeout=5)
+            md = [(grpc_options.SESSION_METADATA, client.client.session)]
+            client.client._stub.SubmitUpdate(iter([pb.UpdateMessage(header=header)]), metadata=md, timeout=5)
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert not Path(rnd.header.update_file).exists()
         setup.engine.close_round()
-        setup.engine.open_round([(client.agent_id, 0.0, 1)])
-        again = client.get_round(0, serde.spec_of(small_state()))
-        assert again.header.weights_file and client.shared_memory  # still through files
+        setup.engine.open_round([(client.client.agent_id, 0.0, 1)])
+        again = client.fetch(0, serde.spec_of(small_state()))
+        assert again.header.weights_file and client.same_host  # still through files
         with pytest.raises(OSError, match="older"):
             files.weights(again.header.round - 1, setup.engine.global_state)  # never sweeps the current round
 
@@ -342,7 +346,7 @@ def test_a_directory_planted_where_an_update_goes_is_removed_and_files_keep_work
 @pytest.mark.parametrize("plant", ["outside", "symlink", "hardlink", "foreign-directory", "open-directory"])
 def test_the_agent_writes_only_its_own_file_in_a_coordinators_directory(plant: str, tmp_path: Path) -> None:
     with offering_client() as (_, client, files):
-        rnd = client.get_round(-1, serde.spec_of(small_state()))
+        rnd = client.fetch(-1, serde.spec_of(small_state()))
         assert rnd.state is not None
         victim = tmp_path / "victim"
         if plant == "hardlink":  # a hard link needs the same file system: the victim sits in /dev/shm too
@@ -366,9 +370,9 @@ def test_the_agent_writes_only_its_own_file_in_a_coordinators_directory(plant: s
             target.write_bytes(b"keep me")
             victim = target
         try:
-            ack, _, _ = client.submit(0, 8, STATS, trained(rnd.state), update_file=str(target))
+            ack, _, _ = client.send(0, 8, STATS, trained(rnd.state), update_file=str(target))
             assert ack.accepted  # streamed instead
-            assert not client.shared_memory
+            assert not client.same_host
             assert victim.read_bytes() == b"keep me"
             assert plant != "outside" or not target.exists()
         finally:
@@ -380,19 +384,19 @@ def test_an_update_file_is_rewritten_in_place_round_after_round() -> None:
     """The same file (same inode) each round: no new tmpfs pages; a shorter update cuts it to its size."""
     with offering_client() as (setup, client, _files):
         expected = serde.spec_of(small_state())
-        rnd = client.get_round(-1, expected)
+        rnd = client.fetch(-1, expected)
         assert rnd.state is not None
-        client.submit(0, 8, STATS, trained(rnd.state), update_file=rnd.header.update_file)
+        client.send(0, 8, STATS, trained(rnd.state), update_file=rnd.header.update_file)
         path = Path(rnd.header.update_file)
         inode, size = path.stat().st_ino, path.stat().st_size
         path.write_bytes(path.read_bytes() + b"\0" * 64)  # longer than the next update
         assert setup.engine.close_round().applied
-        setup.engine.open_round([(client.agent_id, 0.0, 1)])
-        again = client.get_round(0, expected)
+        setup.engine.open_round([(client.client.agent_id, 0.0, 1)])
+        again = client.fetch(0, expected)
         assert again.state is not None and again.header.update_file == str(path)
         assert all(torch.equal(again.state[k], v) for k, v in trained(rnd.state).items())
-        ack, _, _ = client.submit(1, 8, STATS, trained(again.state), update_file=again.header.update_file)
-        assert ack.accepted and client.shared_memory
+        ack, _, _ = client.send(1, 8, STATS, trained(again.state), update_file=again.header.update_file)
+        assert ack.accepted and client.same_host
         assert path.stat().st_ino == inode and path.stat().st_size == size
         assert setup.engine.close_round().applied
         want = trained(trained(rnd.state))

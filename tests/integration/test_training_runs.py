@@ -110,7 +110,7 @@ def test_local_run_pins_workers_reaches_accuracy_and_cleans_up(tmp_path: Path) -
                 escaped += [(proc.pid, tid, read_affinity(tid)) for tid in _threads_of(proc.pid)
                             if read_affinity(tid) != seen[proc.pid]]
         while files is None and runner.is_alive() and time.monotonic() < deadline:  # local agents use /dev/shm
-            files = coord._svc.shared_files(create=False) if coord._svc is not None else None
+            files = coord._svc.transfer.shared_files(create=False) if coord._svc is not None else None
             time.sleep(0.05)
     except BaseException:
         coord.stop.set()  # never leave a run behind a failed check

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from agent.worker import RoundTask, WeightsFileError, WorkerPool
-from coordinator.shm import SharedFiles
+from coordinator.transfer.samehost import SharedFiles
 from edgetrain import serde
 from edgetrain.cores import allowed_cores
 from edgetrain.samehost import SHM_ROOT

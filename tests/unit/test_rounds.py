@@ -193,3 +193,17 @@ def test_a_running_mean_whose_add_failed_gives_no_result() -> None:
     assert acc.spoiled and acc.count == 1
     with pytest.raises(RuntimeError, match="failed while it was added"):
         acc.result({"w": torch.zeros(3)})
+
+
+def test_every_refusal_reason_has_its_error_and_every_error_a_status_code() -> None:
+    import grpc
+
+    from coordinator import rounds
+    from edgetrain.metric_names import REFUSAL_REASONS
+
+    def subclasses(cls: type) -> set[type]:
+        return {c for s in cls.__subclasses__() for c in {s, *subclasses(s)}}
+
+    errors = subclasses(rounds.RefusedError)
+    assert {e.reason for e in errors} == set(REFUSAL_REASONS)  # one error per label, no label without one
+    assert all(e.status in grpc.StatusCode.__members__ for e in errors)

@@ -1,0 +1,138 @@
+"""Spawned child processes pinned to cores, and the typed messages they exchange with their parent over a pipe.
+
+The agent's training workers (agent/worker.py) and the pinned runs of `edgetrain.peers` (benchmarks, the split
+probe of `--workers auto`) both start children this way: `spawn` (gRPC does not survive fork()), each child
+pinned first, then torch's thread pools sized. A child that fails sends `Failed` before it exits; the parent
+raises `ChildError` with the child's own message, as it does when a child dies or does not answer in time.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.multiprocessing as tmp
+
+from edgetrain.cores import pin_current_process
+from edgetrain.errors import EdgetrainError
+
+
+class ChildError(EdgetrainError):
+    """A child process failed, died or did not answer in time; the message says which and why."""
+
+
+@dataclass(frozen=True)
+class Failed:
+    """A child's last message when it fails: its error in one line, and the traceback."""
+
+    detail: str
+    trace: str = ""
+
+
+@dataclass(frozen=True)
+class Stop:
+    """Parent to a long-lived child: finish and exit."""
+
+
+def free_port() -> int:
+    """A TCP port free on loopback right now (for a gloo rendezvous)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def prepare_child(cores: Sequence[int], threads: int, world: int) -> None:
+    """What every spawned training child does first (the agent's workers and the peers' children alike).
+
+    Pins itself to `cores` before torch runs anything (its pools start lazily), runs `threads` intra-op threads
+    and one inter-op thread, and keeps a gloo group of `world` > 1 processes on loopback.
+    """
+    pin_current_process(list(cores))
+    torch.set_num_threads(threads)
+    torch.set_num_interop_threads(1)
+    if world > 1 and sys.platform.startswith("linux"):
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # rendezvous and traffic stay on loopback
+
+
+def failed(exc: BaseException) -> Failed:
+    """The message a child sends for `exc`: our own errors by their message, others with their type."""
+    import traceback
+
+    detail = str(exc) if isinstance(exc, EdgetrainError) else f"{type(exc).__name__}: {exc}"
+    return Failed(detail, traceback.format_exc())
+
+
+class Children:
+    """Spawned children, each running `target(*args)` with its own end of a pipe as the last argument.
+
+    `describe(i)` names child `i` in errors ("benchmark child 1 (cores 2-3)"); `error` is the ChildError raised,
+    with `failure(i, detail)` as its message when the child sent `Failed`.
+    """
+
+    def __init__(self, target: Callable[..., None], args: Sequence[tuple[Any, ...]], *, name: str,
+                 describe: Callable[[int], str], error: type[ChildError] = ChildError,
+                 failure: Callable[[int, str], str] | None = None) -> None:
+        self._ctx = tmp.get_context("spawn")
+        self._describe, self._error = describe, error
+        self._failure = failure or (lambda i, detail: f"{describe(i)}: {detail}")
+        self.conns: list[Any] = []
+        self.processes: list[Any] = []
+        try:
+            for i, child_args in enumerate(args):
+                parent, child = self._ctx.Pipe()
+                proc = self._ctx.Process(target=target, args=(*child_args, child), name=f"{name}-{i}", daemon=True)
+                proc.start()
+                child.close()
+                self.conns.append(parent)
+                self.processes.append(proc)
+        except BaseException:
+            self.stop(0.1)
+            raise
+
+    @property
+    def pids(self) -> list[int]:
+        return [p.pid for p in self.processes]
+
+    def send(self, i: int, msg: object) -> None:
+        self.conns[i].send(msg)
+
+    def recv(self, i: int, timeout: float) -> Any:
+        """Child `i`'s next message; `error` when it sent `Failed`, when any child died, or after `timeout` s."""
+        conn = self.conns[i]
+        end = time.monotonic() + timeout
+        while not conn.poll(0.2):  # returns at once when a message comes; 0.2 s: how soon a death is seen
+            dead = [j for j, p in enumerate(self.processes) if not p.is_alive()]
+            if dead and not conn.poll(0.5):
+                j = dead[0]
+                raise self._error(f"{self._describe(j)} exited unexpectedly (exit code {self.processes[j].exitcode})")
+            if time.monotonic() > end:
+                raise self._error(f"no answer from {self._describe(i)} in {timeout:.0f} s")
+        try:
+            msg = conn.recv()
+        except EOFError as exc:
+            raise self._error(f"{self._describe(i)} exited unexpectedly") from exc
+        if isinstance(msg, Failed):
+            raise self._error(self._failure(i, msg.detail))
+        return msg
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Tell every child to stop, wait up to `timeout` s for each, then kill what is left."""
+        for conn in self.conns:
+            try:
+                conn.send(Stop())
+            except (BrokenPipeError, OSError):
+                pass
+        for proc in self.processes:
+            proc.join(timeout)
+            if proc.is_alive():
+                proc.kill()
+                proc.join(5.0)
+        for conn in self.conns:
+            conn.close()
+        self.conns = []

@@ -1,0 +1,12 @@
+"""Shared by every test module: the one `free_port` of the tests (product code has its own: edgetrain.procs)."""
+
+from __future__ import annotations
+
+import socket
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now (a race is possible: whoever binds it later retries or fails)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
