@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import gc
 import threading
 import time
+import weakref
 
 import pytest
 import torch
@@ -111,6 +113,39 @@ def test_watchdog_fires_once_unless_reset_or_cancelled() -> None:
     late.reset(0.01)  # a fired timer stays fired
     time.sleep(0.05)
     assert fired == ["late"]
+    dog.close()
+
+
+def test_watchdog_holds_one_entry_per_armed_timer_and_nothing_of_a_closed_one() -> None:
+    """The soak's leak: each part's reset queued an entry holding the call's context for up to 30 s after."""
+
+    class Context:  # stands for the gRPC context a stream's callback holds
+        pass
+
+    dog = Watchdog()
+    ctx = Context()
+    gone = weakref.ref(ctx)
+    timer = dog.arm(30.0, lambda c=ctx: None)
+    del ctx
+    for i in range(100):  # a part each: the end moves later, the heap keeps its one entry
+        timer.reset(30.0 + i)
+    assert dog.pending() == 1
+    timer.cancel()
+    assert dog.pending() == 0
+    timer.reset(30.0)  # a cancelled timer may be armed again (an update that gets its upload slot)
+    assert dog.pending() == 1
+    gc.disable()  # freed by reference counts alone, not by a cyclic collection some time later
+    try:
+        timer.close()
+        assert dog.pending() == 0 and gone() is None
+    finally:
+        gc.enable()
+    timer.reset(0.0)  # closed for good
+    assert dog.pending() == 0
+    fired = threading.Event()
+    early = dog.arm(30.0, fired.set)
+    early.reset(0.01)  # an earlier end replaces the later entry
+    assert fired.wait(5) and early.fired and dog.pending() == 0
     dog.close()
 
 
