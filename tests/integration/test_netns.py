@@ -263,6 +263,25 @@ def test_ten_percent_loss_and_jitter_for_fifty_rounds_give_the_clean_link_model(
     assert_same_model(_model(run.dir), loopback_model)
 
 
+def test_an_agent_behind_one_megabit_is_waited_for_by_measure_never_dropped_and_named_in_the_summary(
+        hosts: Hosts, tmp_path: Path) -> None:
+    rounds, timeout = 6, 60.0
+    # The defaults otherwise (quorum 1, measured deadlines): b's round is its link's ~2 x 100 KB at 1 Mbit/s
+    run = Run(hosts, tmp_path, "--min-agents", "2", "--rounds", str(rounds), "--round-timeout", str(timeout))
+    hosts.net.shape("b", rate_bits=1e6)
+    agents = run.agents()
+    run.wait(agents, timeout=180)
+    records = assert_each_round_once(run, rounds)
+    assert all(set(r["nodes"]) == {"a", "b"} and not r["missing"] for r in records)  # b never dropped
+    # each round waited for b's link (seconds, not a's milliseconds), and none for the hard bound
+    assert all(0.5 < r["duration_seconds"] < timeout / 4 for r in records), [r["duration_seconds"] for r in records]
+    assert all(r["nodes"]["b"]["communication_seconds"] > 10 * r["nodes"]["a"]["communication_seconds"]
+               for r in records[1:])
+    log = hosts.procs.log("coordinator")
+    assert "slowest node: b, held back by its link: link " in log, log
+    assert "Mbit/s" in log.split("slowest node: b")[1].splitlines()[0]
+
+
 def test_half_open_connections_are_closed_by_keepalive_within_its_bound_and_the_run_goes_on(
         hosts: Hosts, tmp_path: Path) -> None:
     """Every packet silently dropped (no RST): a side finds its connection dead only by keepalive pings, within
