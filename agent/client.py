@@ -64,6 +64,19 @@ def backoff_delays(initial: float = 0.5, cap: float = 30.0, rng: random.Random |
         delay = min(cap, delay * 2)
 
 
+POLL_AGAIN_CAP_S = 60.0
+
+
+def poll_again_delay(header: pb.RoundHeader, rng: random.Random | None = None) -> float:
+    """How long to wait before the next GetRound after `header`: 0, or the coordinator's `poll_again_ms`.
+
+    Scaled by U(0.5, 1.5) so agents told to come back together do not, and capped at a minute.
+    """
+    if header.status != pb.WAIT or header.poll_again_ms <= 0:
+        return 0.0
+    return min(POLL_AGAIN_CAP_S, header.poll_again_ms / 1000) * (rng or random).uniform(0.5, 1.5)
+
+
 class CoordinatorClient:
     """One channel to the coordinator, with the session token once joined."""
 

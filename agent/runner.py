@@ -12,7 +12,7 @@ import grpc
 import torch
 from prometheus_client import CollectorRegistry
 
-from agent.client import CoordinatorClient, Round, TLSFiles, backoff_delays
+from agent.client import CoordinatorClient, Round, TLSFiles, backoff_delays, poll_again_delay
 from agent.config import AgentConfig
 from agent.metrics import AgentMetrics
 from agent.worker import RoundTask, WeightsFileError, WorkerPool
@@ -211,7 +211,9 @@ class AgentRunner:
                 detail = " ".join(header.detail.split())[:_DETAIL_MAX] or "no reason given"
                 self.failure = f"the coordinator stopped the run on an error: {detail}"
                 return "failed"
-            if header.status != pb.WORK:
+            if header.status != pb.WORK:  # WAIT: ask again, at once or when the coordinator asked us to
+                if self.stop.wait(poll_again_delay(header)):
+                    break
                 continue
             in_file = rnd.state is None
             task = RoundTask(header.round, header.rank, header.world, header.local_steps, header.batch_size,

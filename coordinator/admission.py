@@ -24,6 +24,15 @@ from edgetrain.metric_names import agent_name_problem, device_problem
 
 _A = TypeVar("_A")
 
+# The gRPC sync server's handler threads: every open call holds one. Each agent holds one in its long-poll and
+# one while uploading, so 64 serve ~30 agents at once, and more agents only wait a little longer for a thread.
+HANDLER_THREADS = 64
+# Join, GetRound, Leave and SubmitFile carry a few fields (the largest valid Join, 4,096 cores and every text
+# field at its limit, is ~13 KB): past this size they are refused before they are parsed (too_large, counted),
+# so a client cannot make the coordinator decode megabytes of repeated fields. Update parts may reach
+# grpc_options.MAX_MESSAGE_BYTES.
+CONTROL_MESSAGE_BYTES = 64 << 10
+
 
 @dataclass(frozen=True)
 class Limits:
@@ -64,6 +73,14 @@ class Limits:
     # that starts together is in within a few rounds (8, 16, 32, ...); agents that join and never send (ghosts
     # that do fetch) cost each round one grace and one download each, not one per ghost that joined.
     newcomers_per_round: int = 8
+    # Long-polls held at once (each holds a handler thread until its round opens or 20 s pass): at most
+    # `held_polls` in all, so half the threads stay free for uploads, Joins and answers; of them at most
+    # `newcomer_polls` by agents no update has measured yet, so agents that join and only poll (ghosts) cannot
+    # take the threads the agents that train need. Past either, GetRound answers WAIT at once with
+    # `poll_again_seconds`, and the agent asks again after that long.
+    held_polls: int = HANDLER_THREADS // 2
+    newcomer_polls: int = 8
+    poll_again_seconds: float = 1.0
     # A measured participant is waited for up to `slack` times its measured round time (at least `min_wait`).
     slack: float = 3.0
     min_wait_seconds: float = 2.0
@@ -72,13 +89,15 @@ class Limits:
 
     def __post_init__(self) -> None:
         for name in ("first_message_seconds", "part_gap_seconds", "joins_per_second", "first_poll_seconds",
-                     "idle_seconds", "fetch_grace_seconds", "slack", "min_wait_seconds"):
+                     "idle_seconds", "fetch_grace_seconds", "slack", "min_wait_seconds", "poll_again_seconds"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be positive")
         if self.max_agents < 1:
             raise ConfigError(f"--max-agents must be at least 1, got {self.max_agents}")
-        if self.calls_per_agent < 1 or self.join_burst < 1 or self.newcomers_per_round < 1:
-            raise ConfigError("calls_per_agent, join_burst and newcomers_per_round must be at least 1")
+        if min(self.calls_per_agent, self.join_burst, self.newcomers_per_round, self.newcomer_polls) < 1:
+            raise ConfigError("calls_per_agent, join_burst, newcomers_per_round and newcomer_polls must be at least 1")
+        if not self.newcomer_polls <= self.held_polls < HANDLER_THREADS:
+            raise ConfigError(f"held_polls must be in newcomer_polls..{HANDLER_THREADS - 1}")
 
 
 def with_newcomers_capped(agents: list[_A], measured: Callable[[_A], bool], cap: int) -> list[_A]:
@@ -229,6 +248,35 @@ class CallCounts:
     def open_calls(self, key: str) -> int:
         with self._lock:
             return self._open.get(key, 0)
+
+
+class PollSlots:
+    """Long-polls held at once (Limits.held_polls, of them Limits.newcomer_polls by unmeasured agents)."""
+
+    def __init__(self, total: int, newcomers: int) -> None:
+        self.total, self.newcomers = total, newcomers
+        self._lock = threading.Lock()
+        self._held = [0, 0]  # by measured agents, by newcomers
+
+    @contextmanager
+    def hold(self, measured: bool) -> Iterator[bool]:
+        """True: the call may wait for its round; False: answer at once (and ask to be polled again later)."""
+        kind = 0 if measured else 1
+        with self._lock:
+            ok = sum(self._held) < self.total and (measured or self._held[1] < self.newcomers)
+            if ok:
+                self._held[kind] += 1
+        try:
+            yield ok
+        finally:
+            if ok:
+                with self._lock:
+                    self._held[kind] -= 1
+
+    def held(self) -> tuple[int, int]:
+        """Long-polls held now: (by measured agents, by newcomers)."""
+        with self._lock:
+            return self._held[0], self._held[1]
 
 
 class Watchdog:

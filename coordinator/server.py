@@ -11,6 +11,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from coordinator.admission import CONTROL_MESSAGE_BYTES, HANDLER_THREADS
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.servicer import CoordinatorServicer, Oversize, ServiceState, serialize_round
 from edgetrain import grpc_options
@@ -20,9 +21,6 @@ from edgetrain.errors import ConfigError
 from edgetrain.proto import edgetrain_pb2_grpc as pb_grpc
 
 SERVICE_NAME = "edgetrain.v1.Coordinator"
-# Each agent holds one thread in its long-poll and one while uploading; 64 serves ~30 agents at once,
-# and more agents only wait a little longer for a thread.
-MAX_WORKERS = 64
 # Each update stream buffers what its flow-control window lets in, even while it waits for an upload slot
 # (ServiceState.upload_slots). With BDP probing the window grows to megabytes, so 16 agents uploading together
 # held ~5 MB each in gRPC's buffers: bench/core_perf.py measured the coordinator's peak RSS growth at 26x the
@@ -37,6 +35,10 @@ FLOW_CONTROL = [
 # transport takes up to twice our limit; our deserializer refuses what is over MAX_MESSAGE_BYTES as too_large,
 # counted. Past this cap gRPC still refuses on its own (RESOURCE_EXHAUSTED, uncounted: it offers no hook).
 RECEIVE_CAP = 2 * grpc_options.MAX_MESSAGE_BYTES
+# What each method's requests may weigh, past which they are refused unparsed (too_large): update parts and a
+# same-host update's header (its layout names every tensor) up to the message limit, the rest
+# admission.CONTROL_MESSAGE_BYTES.
+REQUEST_CAPS = {"SubmitUpdate": grpc_options.MAX_MESSAGE_BYTES, "SubmitFile": grpc_options.MAX_MESSAGE_BYTES}
 SERVER_OPTIONS = [
     *[(k, v) for k, v in grpc_options.SERVER if k != "grpc.max_receive_message_length"],
     ("grpc.max_receive_message_length", RECEIVE_CAP),
@@ -44,9 +46,9 @@ SERVER_OPTIONS = [
 ]
 
 
-def _sized(deserialize: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+def _sized(deserialize: Callable[[bytes], Any], cap: int) -> Callable[[bytes], Any]:
     def read(data: bytes) -> Any:
-        return Oversize(len(data)) if len(data) > grpc_options.MAX_MESSAGE_BYTES else deserialize(data)
+        return Oversize(len(data)) if len(data) > cap else deserialize(data)
 
     return read
 
@@ -102,8 +104,8 @@ def _add_servicer(servicer: CoordinatorServicer, server: grpc.Server) -> None:
     """
     got = _Handlers()
     pb_grpc.add_CoordinatorServicer_to_server(servicer, got)  # type: ignore[no-untyped-call]
-    handlers = {name: h._replace(request_deserializer=_sized(h.request_deserializer))
-                for name, h in got.handlers.items()}
+    handlers = {name: h._replace(request_deserializer=_sized(h.request_deserializer, REQUEST_CAPS.get(
+                    name, CONTROL_MESSAGE_BYTES))) for name, h in got.handlers.items()}
     handlers["GetRound"] = handlers["GetRound"]._replace(response_serializer=serialize_round)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
     server.add_registered_method_handlers(SERVICE_NAME, handlers)
@@ -122,7 +124,7 @@ def start_server(
     """Start serving; returns (server, bound port, health servicer). Port 0 picks a free port."""
     interceptors = [TokenInterceptor(token, state.metrics)] if token else []
     server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=MAX_WORKERS, thread_name_prefix="grpc"),
+        futures.ThreadPoolExecutor(max_workers=HANDLER_THREADS, thread_name_prefix="grpc"),
         options=SERVER_OPTIONS,
         interceptors=interceptors,
     )

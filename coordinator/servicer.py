@@ -17,12 +17,13 @@ import grpc
 import torch
 
 from coordinator import rounds
-from coordinator.admission import CallCounts, JoinRate, Limits, Watchdog, join_problem, metrics_address
+from coordinator.admission import CallCounts, JoinRate, Limits, PollSlots, Watchdog, join_problem, metrics_address
 from coordinator.config import UPLOAD_SLOTS
 from coordinator.membership import Agent, FullError, Membership
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.shm import SharedFiles
 from edgetrain import grpc_options, serde
+from edgetrain import metric_names as m
 from edgetrain.compression import apply_delta
 from edgetrain.cores import format_cores
 from edgetrain.errors import ConfigError, NonFiniteError, WireError
@@ -75,6 +76,7 @@ class ServiceState:
         self.calls = CallCounts(self.limits.calls_per_agent)
         self.upload_calls = CallCounts(1)  # one upload per agent at a time: two would hold two upload slots
         self.joins = JoinRate(self.limits.joins_per_second, self.limits.join_burst)
+        self.polls = PollSlots(self.limits.held_polls, self.limits.newcomer_polls)
         self.watchdog = Watchdog()
         self._reading_lock = threading.Lock()
         self._reading: dict[int, tuple[int, _Stream]] = {}  # update streams reading parts: id -> (round, stream)
@@ -445,11 +447,20 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         agent.ready = agent.polled = True
         remaining = context.time_remaining()
         hold = self.s.long_poll if remaining is None else max(0.0, min(self.s.long_poll, remaining - 5.0))
-        work = self.s.engine.get_work(agent.agent_id, request.after_round, hold, gone=gone.is_set)
+        with self.s.polls.hold(self.s.engine.measured(agent.agent_id)) as may_wait:
+            # No long-poll slot: only work that is there now, else WAIT at once, and a newcomer sits out the
+            # rounds until it holds one (a ghost that never polls again is in none of them).
+            work = self.s.engine.get_work(agent.agent_id, request.after_round, hold if may_wait else 0.0,
+                                          gone=gone.is_set)
         if work.status != "WORK":
             status = {"FINISHED": pb.FINISHED, "FAILED": pb.FAILED}.get(work.status, pb.WAIT)
+            header = pb.RoundHeader(status=status, round=work.round, detail=work.detail)
+            if status == pb.WAIT and not may_wait:
+                header.poll_again_ms = round(self.s.limits.poll_again_seconds * 1000)
+                agent.ready = agent.ready and self.s.engine.measured(agent.agent_id)
+                self.s.metrics.refused_update(agent.name, m.POLLS_FULL)
             answered.set()
-            yield pb.RoundMessage(header=pb.RoundHeader(status=status, round=work.round, detail=work.detail))
+            yield pb.RoundMessage(header=header)
             return
         answered.set()
         a = work.assignment

@@ -86,4 +86,5 @@ REFUSAL_REASONS = (
     "stream_timeout",  # an update stream sent no message within its deadline (first message, or between parts)
     "rate_limited",  # Joins from one peer address faster than Limits.joins_per_second
     "too_many_agents",  # Limits.max_agents agents admitted already
+    POLLS_FULL := "polls_full",  # a GetRound answered WAIT at once: Limits.held_polls / newcomer_polls were held
 )

@@ -10,12 +10,13 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor, wait
 
 import grpc
 import pytest
 import torch
 
-from coordinator.admission import Limits
+from coordinator.admission import CONTROL_MESSAGE_BYTES, HANDLER_THREADS, Limits
 from edgetrain import grpc_options, serde
 from edgetrain.proto import edgetrain_pb2 as pb
 from tests.integration.conftest import Service, make_service, small_state
@@ -198,15 +199,18 @@ def test_join_and_leave_cycles_leave_no_series() -> None:
 
 
 @pytest.mark.parametrize(("field", "value"), [
+    ("cores", list(range(5_000))),
     ("cores", list(range(1_000_000))),
+    ("device", "x" * 10_000),
     ("device", "x" * 3_000_000),
     ("device", "cpu\n2026-12-07 edgetrain.coordinator INFO forged"),
     ("metrics_address", "169.254.169.254:80"),
+    ("metrics_address", "y" * 10_000),
     ("metrics_address", "y" * 1_000_000),
 ])
 def test_join_fields_are_validated_and_nothing_is_stored(field: str, value: object) -> None:
     """Finding 4: huge or forged Join fields were stored as they came (42 MB a Join, a forged log line, any /sd
-    target)."""
+    target). Past CONTROL_MESSAGE_BYTES a Join is refused before it is parsed; below, field by field."""
     for svc in _svc():
         request = pb.JoinRequest(agent_name="a")
         if isinstance(value, list):
@@ -215,8 +219,13 @@ def test_join_fields_are_validated_and_nothing_is_stored(field: str, value: obje
             setattr(request, field, value)
         with pytest.raises(grpc.RpcError) as err:
             svc.stub.Join(request, timeout=10)
-        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and field in (err.value.details() or "")
-        assert len(svc.membership) == 0 and svc.refused("malformed", "unknown") == 1
+        if request.ByteSize() > CONTROL_MESSAGE_BYTES:
+            assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert svc.refused("too_large", "unknown") == 1
+        else:
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and field in (err.value.details() or "")
+            assert svc.refused("malformed", "unknown") == 1
+        assert len(svc.membership) == 0
 
 
 def test_a_round_does_not_wait_for_agents_that_polled_once_and_vanished() -> None:
@@ -248,6 +257,41 @@ def test_a_round_does_not_wait_for_agents_that_polled_once_and_vanished() -> Non
         assert outcome.applied and list(outcome.contributions) == [real.agent_id] and len(outcome.missing) == 50
 
 
+def test_agents_that_only_poll_cannot_take_the_threads_that_serve_training() -> None:
+    """Finding 5, held: 200 joined ghosts each holding a 20 s long-poll took every handler thread (0 rounds/s)."""
+    n = HANDLER_THREADS + 16
+    for svc in make_service(small_state(), long_poll=30.0):
+        real, real_md = svc.join("real")
+        svc.engine.open_round([(real.agent_id, 0.0, 1)])
+        _real_round(svc, real.agent_id, real_md)  # its update measured it
+        ghosts = {f"ghost-{i}": svc.join(f"ghost-{i}") for i in range(n)}
+        calls = {name: svc.stub.GetRound(pb.RoundRequest(agent_id=reply.agent_id, after_round=0), metadata=md,
+                                         timeout=60) for name, (reply, md) in ghosts.items()}
+        pool = ThreadPoolExecutor(n)  # gRPC reads a stream's status only once its messages are read
+        try:
+            quick = n - svc.state.limits.newcomer_polls
+            deadline = time.monotonic() + 20
+            while sum(svc.refused("polls_full", name) for name in ghosts) < quick and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert svc.state.polls.held() == (0, svc.state.limits.newcomer_polls)
+            first = {name: pool.submit(next, call) for name, call in calls.items()}
+            done, _ = wait(first.values(), timeout=5)
+            answered = {name for name, f in first.items() if f in done}
+            assert len(answered) == quick
+            for name in answered:
+                header = first[name].result().header
+                assert header.status == pb.WAIT and header.poll_again_ms == 1000
+            # answered at once, they sit out the next rounds; those still holding a poll are in them
+            ready = {a.name for a in svc.membership.live(ready_only=True)}
+            assert ready == {"real"} | (set(ghosts) - answered)
+            svc.engine.open_round([(real.agent_id, 0.0, 1)])
+            _real_round(svc, real.agent_id, real_md)  # a thread served it
+        finally:
+            for call in calls.values():
+                call.cancel()
+            pool.shutdown()
+
+
 def test_messages_over_the_limit_are_refused_and_counted() -> None:
     """Finding 6: gRPC refused them itself (RESOURCE_EXHAUSTED) and nothing counted them as too_large."""
     big = "z" * (grpc_options.MAX_MESSAGE_BYTES + 1024)
@@ -259,6 +303,13 @@ def test_messages_over_the_limit_are_refused_and_counted() -> None:
             stub.Join(pb.JoinRequest(agent_name="a", device=big), timeout=10)
         assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert svc.refused("too_large", "unknown") == 1
+        fat = pb.JoinRequest(agent_name="fat")  # a control message past its own, smaller cap: refused unparsed
+        fat.cores.extend(range(30_000))
+        assert CONTROL_MESSAGE_BYTES < fat.ByteSize() < grpc_options.MAX_MESSAGE_BYTES
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Join(fat, timeout=10)
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert svc.refused("too_large", "unknown") == 2
         reply, md = svc.join("a")
         svc.engine.open_round([(reply.agent_id, 0.0, 1)])
         msgs = _update(reply.agent_id, 0)

@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import gc
+import random
 import threading
 import time
 import weakref
+from contextlib import ExitStack
 
 import pytest
 import torch
 
+from agent.client import poll_again_delay
 from coordinator.admission import (
+    HANDLER_THREADS,
     CallCounts,
     JoinRate,
     Limits,
+    PollSlots,
     Watchdog,
     join_problem,
     metrics_address,
@@ -23,6 +28,7 @@ from coordinator.config import CoordinatorConfig
 from coordinator.membership import FullError, Membership
 from coordinator.rounds import LateUpdateError, NotParticipantError, RoundEngine, StaleRoundError, quorum_of
 from edgetrain.errors import ConfigError
+from edgetrain.proto import edgetrain_pb2 as pb
 from edgetrain.spec import RunSpec
 
 
@@ -99,6 +105,27 @@ def test_call_counts_refuse_past_the_limit_and_free_on_exit() -> None:
     assert counts.open_calls("a") == 0
     with counts.hold("a") as again:
         assert again
+
+
+def test_poll_slots_keep_room_for_measured_agents_past_the_newcomers_share() -> None:
+    slots = PollSlots(total=3, newcomers=1)
+    with ExitStack() as stack:
+        assert stack.enter_context(slots.hold(measured=False))
+        assert not stack.enter_context(slots.hold(measured=False))  # the newcomers' share is taken
+        assert stack.enter_context(slots.hold(measured=True))
+        assert stack.enter_context(slots.hold(measured=True))
+        assert slots.held() == (2, 1)
+        assert not stack.enter_context(slots.hold(measured=True))  # all taken
+    assert slots.held() == (0, 0)
+    with slots.hold(measured=False) as ok:
+        assert ok
+
+
+def test_limits_keep_long_polls_below_the_handler_threads() -> None:
+    with pytest.raises(ConfigError, match="held_polls"):
+        Limits(held_polls=HANDLER_THREADS)
+    with pytest.raises(ConfigError, match="held_polls"):
+        Limits(held_polls=4, newcomer_polls=8)
 
 
 def test_watchdog_fires_once_unless_reset_or_cancelled() -> None:
@@ -326,3 +353,12 @@ def test_a_round_with_no_update_yet_gives_up_only_on_ghosts() -> None:
     assert engine._waived(clock.t)[0] == {"ghost"}
     engine.submit("a", 1, 8, {"w": torch.ones(3)})
     assert engine.wait_for_updates() is False and engine.close_round().applied
+
+
+def test_an_agent_told_to_poll_again_waits_about_that_long_and_never_past_a_minute() -> None:
+    rng = random.Random(0)
+    assert poll_again_delay(pb.RoundHeader(status=pb.WAIT), rng) == 0.0  # a long-poll that ran out: at once
+    assert poll_again_delay(pb.RoundHeader(status=pb.WORK, poll_again_ms=1000), rng) == 0.0
+    delays = [poll_again_delay(pb.RoundHeader(status=pb.WAIT, poll_again_ms=1000), rng) for _ in range(200)]
+    assert 0.5 <= min(delays) < 0.6 and 1.4 < max(delays) <= 1.5  # spread, so agents told together come apart
+    assert poll_again_delay(pb.RoundHeader(status=pb.WAIT, poll_again_ms=10**9), rng) <= 90.0
