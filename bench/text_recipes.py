@@ -19,6 +19,7 @@ test figure (the model picked on val) and of the val figure, per task, as markdo
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import statistics
@@ -89,9 +90,9 @@ def one(args: argparse.Namespace) -> None:
 
 def sweep(args: argparse.Namespace) -> None:
     torch.set_num_threads(1)
-    print(f"lr decay {args.lr_decay or 'the rule'} per epoch, weight decay {args.weight_decay:g}")
-    print("| task | train | skew | weighting | lr | buckets | best val | test there | at epoch | seconds |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print(f"lr decay {args.lr_decay or 'the rule'} per epoch, weight decay {args.weight_decay:g}, seed {args.seed}")
+    print("| task | train | skew | weighting | lr | buckets | embedding | best val | test there | at epoch | seconds |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for task in args.tasks.split(","):
         dataset, folder, _ = TASKS[task]
         for buckets in [int(b) for b in args.buckets.split(",")]:
@@ -102,34 +103,38 @@ def sweep(args: argparse.Namespace) -> None:
             metric = recipes.resolve_metric(recipes.default_metric(dataset, data.classes, counts), data.classes)
             n = len(data.train)
             epochs = recipes.epochs(recipes.TEXT_MODEL, n) if args.epochs == 0 else args.epochs
-            for weighting in args.weighting.split(","):
-                for lr in [float(v) for v in args.lr.split(",")]:
-                    t0 = time.perf_counter()
-                    model = build_model(recipes.TEXT_MODEL, ModelInput(data.num_classes, 2, data.ngram_buckets))
-                    decay = args.lr_decay or recipes.lr_decay(recipes.TEXT_MODEL, n)
-                    spec = RunSpec(dataset=dataset, model=recipes.TEXT_MODEL, lr=lr, lr_decay=decay,
-                                   weight_decay=args.weight_decay)
-                    opt = make_optimizer(model, spec.train_config())
-                    balanced = weighting == "balanced"
-                    weights = balanced_class_weights(data.train.y, data.num_classes) if balanced else None
-                    quarter = max(1, n // spec.batch_size // 4)
-                    best = (-1.0, 0.0, 0.0)
-                    pos = 0
-                    while pos < epochs * n:
-                        set_lr(opt, spec.lr_at(pos // n))
-                        plan = batch_plan(torch.arange(n), seed=0, rank=0, start_sample=pos, steps=quarter,
-                                          batch_size=spec.batch_size)
-                        train_steps(model, opt, data.train.x, data.train.y, plan, class_weights=weights)
-                        pos += quarter * spec.batch_size
-                        val = evaluate(model, data.val.x, data.val.y, data.num_classes).value(
+            for weighting, lr, dim in itertools.product(
+                    [recipes.class_weighting(counts, metric.name) if w == "auto" else w
+                     for w in args.weighting.split(",")],
+                    [float(v) for v in args.lr.split(",")],
+                    [int(v) for v in args.dims.split(",")]):
+                t0 = time.perf_counter()
+                inp = ModelInput(data.num_classes, 2, data.ngram_buckets, dim)
+                model = build_model(recipes.TEXT_MODEL, inp, seed=args.seed)
+                decay = args.lr_decay or recipes.lr_decay(recipes.TEXT_MODEL, n)
+                spec = RunSpec(dataset=dataset, model=recipes.TEXT_MODEL, lr=lr, lr_decay=decay,
+                               weight_decay=args.weight_decay)
+                opt = make_optimizer(model, spec.train_config())
+                balanced = weighting == "balanced"
+                weights = balanced_class_weights(data.train.y, data.num_classes) if balanced else None
+                quarter = max(1, n // spec.batch_size // 4)
+                best = (-1.0, 0.0, 0.0)
+                pos = 0
+                while pos < epochs * n:
+                    set_lr(opt, spec.lr_at(pos // n))
+                    plan = batch_plan(torch.arange(n), seed=args.seed, rank=0, start_sample=pos, steps=quarter,
+                                      batch_size=spec.batch_size)
+                    train_steps(model, opt, data.train.x, data.train.y, plan, class_weights=weights)
+                    pos += quarter * spec.batch_size
+                    val = evaluate(model, data.val.x, data.val.y, data.num_classes).value(
+                        metric.name, metric.class_index)
+                    if val > best[0]:
+                        test = evaluate(model, data.test.x, data.test.y, data.num_classes).value(
                             metric.name, metric.class_index)
-                        if val > best[0]:
-                            test = evaluate(model, data.test.x, data.test.y, data.num_classes).value(
-                                metric.name, metric.class_index)
-                            best = (val, test, pos / n)
-                    print(f"| {task} ({metric.name}) | {n} | {recipes.skew(counts):.2f} | {weighting} | {lr:g} | "
-                          f"{data.ngram_buckets} | {100 * best[0]:.1f} | {100 * best[1]:.1f} | {best[2]:.2f} | "
-                          f"{time.perf_counter() - t0:.0f} |", flush=True)
+                        best = (val, test, pos / n)
+                print(f"| {task} ({metric.name}) | {n} | {recipes.skew(counts):.2f} | {weighting} | {lr:g} | "
+                      f"{data.ngram_buckets} | {dim} | {100 * best[0]:.1f} | {100 * best[1]:.1f} | {best[2]:.2f} | "
+                      f"{time.perf_counter() - t0:.0f} |", flush=True)
 
 
 def _run(task: str, seed: int, extra: list[str], lock: str) -> dict[str, object]:
@@ -181,9 +186,11 @@ def main() -> None:
     o.add_argument("--batch-size", type=int, default=64)
     s = sub.add_parser("sweep", help="text-ngram recipes per task, picked on val")
     s.add_argument("--tasks", default=",".join(TASKS))
-    s.add_argument("--weighting", default="none,balanced")
+    s.add_argument("--weighting", default="none,balanced", help="comma-separated; auto: the rule's")
     s.add_argument("--lr", default="0.1")
     s.add_argument("--buckets", default="0", help="comma-separated; 0: the rule's")
+    s.add_argument("--dims", default="0", help="text-ngram's feature embedding widths, comma-separated; 0: none")
+    s.add_argument("--seed", type=int, default=0, help="of the initial weights and the batch order")
     s.add_argument("--epochs", type=float, default=0, help="0: the rule's")
     s.add_argument("--lr-decay", type=float, default=0, help="0: the rule's")
     s.add_argument("--weight-decay", type=float, default=0.0)

@@ -7,7 +7,7 @@ import threading
 import time
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
@@ -19,6 +19,9 @@ from edgetrain.models import DEFAULT_LR, MODELS
 from edgetrain.recipes import SKEW_THRESHOLD
 from edgetrain.spec import DataLocation, RunSpec
 from edgetrain.split import parse_count
+
+if TYPE_CHECKING:
+    from coordinator.experiments import BenchSettings
 
 LR_HELP = "Learning rate (default: the model's: {}).".format(", ".join(
     [f"{DEFAULT_LR:g}"] + [f"{name} {m.lr:g}" for name, m in MODELS.items() if m.lr != DEFAULT_LR]))
@@ -263,6 +266,12 @@ def make_bench_app() -> typer.Typer:
         seed: SeedOpt = 0,
         repeats: Annotated[int, typer.Option(help="Runs of each method (medians are reported).")] = 1,
         target_accuracy: Annotated[Optional[float], typer.Option(help="Also time reaching this accuracy.")] = None,  # noqa: UP045
+        until: Annotated[str, typer.Option(
+            help="Time to target: train every method until METRIC=VALUE (accuracy=0.99, macro-f1=0.6); "
+                 "--epochs is then the budget.")] = "",
+        ks: Annotated[str, typer.Option(help="With --until: the local steps the K search tries.")] = "1,2,4,8,16",
+        eval_every_epochs: Annotated[float, typer.Option(
+            help="With --until: evaluate every method after every this many epochs.")] = 0.25,
         quiet_wait: QuietWaitOpt = 0.0,
         max_other_load: MaxOtherLoadOpt = 100.0,
         retries: RetriesOpt = 3,
@@ -278,6 +287,8 @@ def make_bench_app() -> typer.Typer:
                                     batch_size=batch_size, lr=lr, optimizer=optimizer, lr_decay=lr_decay,
                                     seed=seed, repeats=repeats,
                                     quiet_wait=quiet_wait, max_other_load=max_other_load, retries=retries)
+        if until:
+            return _parallel_until(settings, until, ks, eval_every_epochs, agents, target_accuracy, out, progress)
         folder = out or Path("runs") / f"bench-parallel-{dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
         with made_output_folder(folder, "--out"):
             report = ex.run_parallel(settings, agents=agents or None, local_steps=local_steps,
@@ -339,6 +350,31 @@ def make_bench_app() -> typer.Typer:
         return 0
 
     return bench
+
+
+def _parallel_until(settings: BenchSettings, until: str, ks: str, eval_every_epochs: float, agents: int,
+                    target_accuracy: float | None, out: Path | None, progress: bool) -> int:
+    """`bench parallel --until`: every method to a target (coordinator.bench_ttt)."""
+    import sys
+
+    from coordinator import bench_ttt as ttt
+    from coordinator import experiments as ex
+
+    if target_accuracy is not None:
+        raise ConfigError("--until and --target-accuracy both set a target: give one of them")
+    target, candidates = ttt.parse_target(until), ttt.parse_ks(ks)
+    folder = out or Path("runs") / f"bench-parallel-until-{settings.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    with made_output_folder(folder, "--out"):
+        report = ttt.run_ttt(settings, target, agents=agents or None, ks=candidates,
+                             eval_every_epochs=eval_every_epochs, progress=progress)
+    paths = ttt.write_ttt(report, folder, command=" ".join(["coordinator", *sys.argv[1:]]))
+    console = ex.console()
+    console.print(ex.rich_table(f"bench parallel --until {target}: {settings.dataset}, {report.facts.model}",
+                                ttt.ttt_headers(target), ttt.ttt_cells(report), caption=report.machine.describe()))
+    for line in ttt.verdict(report):
+        console.print(f"  {line}", highlight=False)
+    console.print("wrote " + ", ".join(str(p) for p in paths))
+    return 0
 
 
 main = entry(make_app, "coordinator")

@@ -243,7 +243,8 @@ def edgetrain_serial(setup: ChildSetup, job: TrainJob) -> TrainOutcome:
     """The serial baseline: edgetrain.training's batch plan, local steps and evaluation in one process.
 
     As an agent's worker does, it multiplies the learning rate by `spec.lr_decay` for every completed
-    pass over its data (here the whole training split) and weighs the loss as the spec says.
+    pass over its data (here the whole training split) and weighs the loss as the spec says. Evaluations
+    score `job.metric`; their times (and the time to target) are training seconds, evaluations excluded.
     """
     from edgetrain.training import batch_plan, evaluate, make_optimizer, set_lr, train_steps
     from edgetrain.workload import load_workload
@@ -277,12 +278,14 @@ def edgetrain_serial(setup: ChildSetup, job: TrainJob) -> TrainOutcome:
         if done < job.steps and not (job.eval_every and done % job.eval_every == 0):
             continue
         e0 = time.perf_counter()
-        accuracy = evaluate(model, test.x, test.y, workload.data.num_classes, device=device).accuracy
-        elapsed = time.perf_counter() - t0
-        eval_seconds += elapsed - (e0 - t0)
-        evals.append((elapsed, accuracy))
+        trained = e0 - t0 - eval_seconds
+        accuracy = evaluate(model, test.x, test.y, workload.data.num_classes, device=device).value(job.metric)
+        eval_seconds += time.perf_counter() - e0
+        evals.append((trained, accuracy))
         if job.target_accuracy is not None and time_to_target is None and accuracy >= job.target_accuracy:
-            time_to_target = elapsed
+            time_to_target = trained
+            if job.stop_at_target:
+                break
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
@@ -404,29 +407,27 @@ def startup_seconds(history: Sequence[dict[str, Any]]) -> float:
 
 
 def _edgetrain_run(settings: BenchSettings, plan: ParallelPlan, target: float | None) -> tuple[TrainOutcome, float]:
-    """One data-parallel run through the real coordinator and real agent processes; (outcome, raw wall)."""
+    """One data-parallel run through the real coordinator and real agent processes; (outcome, raw wall).
+
+    Its time to target is training seconds, the coordinator's evaluations taken off as for the other methods.
+    """
+    from coordinator.bench_ttt import EvalTimedCoordinator, coordinator_outcome
     from coordinator.config import CoordinatorConfig
-    from coordinator.run import Coordinator
 
     cfg = CoordinatorConfig(
         spec=settings.spec(), where=settings.where(), port=0, local_agents=plan.agents, min_agents=plan.agents,
         local_steps=plan.local_steps, rounds=plan.rounds, join_timeout=300.0,
         eval_every=1 if plan.eval_every_round else plan.rounds + 1, progress=False,
     )
-    result = Coordinator(cfg, console=Console(stderr=True, quiet=True)).run()
+    coordinator = EvalTimedCoordinator(cfg, None)
+    result = coordinator.run()
     if result.completed_rounds < plan.rounds or result.final is None:
         raise ConfigError(f"edgetrain run stopped after {result.completed_rounds} of {plan.rounds} rounds "
                           f"({result.stopped_by})")
-    lost = startup_seconds(result.history)
-    time_to_target = None
-    if target is not None:
-        for h in result.history:
-            if h.get("accuracy", -1.0) >= target:
-                time_to_target = max(0.0, float(h["elapsed_seconds"]) - lost)
-                break
+    timed = coordinator_outcome(result.history, coordinator.evaluations, result.wall_seconds, target)
     outcome = TrainOutcome(
-        seconds=result.wall_seconds - lost, train_seconds=result.wall_seconds - lost, samples=result.samples,
-        accuracy=result.final.accuracy, time_to_target=time_to_target, cores=tuple(allowed_cores()), threads=1,
+        seconds=timed.seconds, train_seconds=timed.seconds, samples=result.samples, accuracy=result.final.accuracy,
+        time_to_target=timed.time_to_target, cores=timed.cores, threads=1, evals=timed.evals,
     )
     return outcome, result.wall_seconds
 

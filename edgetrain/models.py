@@ -21,6 +21,7 @@ class ModelInput:
     num_classes: int
     vocab_size: int = 0  # text models only
     ngram_buckets: int = NGRAM_BUCKETS  # text-ngram: hash buckets of its features (the data set's)
+    ngram_dim: int = 0  # text-ngram: width of its feature embeddings (0, the default: the linear model alone)
 
 
 class MnistCNN(nn.Module):
@@ -93,23 +94,38 @@ class TextGRU(nn.Module):
 
 
 class TextNgram(nn.Module):
-    """fastText-style linear classifier over hashed word, word-bigram and character 2-5-gram features.
+    """fastText-style classifier over hashed word, word-bigram and character 2-5-gram features.
 
     Logits are the mean of one learned row per feature of a text (``encode_ngrams``), plus a bias: a
     convex model (multinomial logistic regression over n-gram indicators) with 786k parameters for
     2^18 buckets: the strongest of our tweet models on TweetEval sentiment (docs/accuracy.md), cheap to
     compute, so give it many local steps per round. It learns fast only with a large step: its
     default learning rate is 0.1 (Adam; see ``default_lr``).
+
+    With ``dim`` > 0 it also learns a ``dim``-wide embedding per feature: the mean embedding of a text,
+    through a linear layer, adds to the logits (fastText's own model, beside the linear one). Measured on
+    the small TweetEval tasks' val splits it did not earn its 3-9x training time (docs/accuracy.md), so
+    no recipe turns it on; ``bench/text_recipes.py sweep --dims`` measures it.
     """
 
-    def __init__(self, num_classes: int, buckets: int = NGRAM_BUCKETS) -> None:
+    def __init__(self, num_classes: int, buckets: int = NGRAM_BUCKETS, dim: int = 0) -> None:
         super().__init__()
         self.weight = nn.EmbeddingBag(buckets, num_classes, mode="mean", padding_idx=0)
         nn.init.zeros_(self.weight.weight)
         self.bias = nn.Parameter(torch.zeros(num_classes))
+        self.embedding: nn.EmbeddingBag | None = None
+        self.out: nn.Linear | None = None
+        if dim > 0:
+            self.embedding = nn.EmbeddingBag(buckets, dim, mode="mean", padding_idx=0)
+            nn.init.uniform_(self.embedding.weight, -1.0 / dim, 1.0 / dim)
+            with torch.no_grad():
+                self.embedding.weight[0] = 0.0
+            self.out = nn.Linear(dim, num_classes, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         logits: torch.Tensor = self.weight(x) + self.bias
+        if self.embedding is not None and self.out is not None:
+            logits = logits + self.out(self.embedding(x))
         return logits
 
 
@@ -154,7 +170,8 @@ MODELS: dict[str, ModelInfo] = {
     "text-gru": ModelInfo(lambda inp: TextGRU(inp.vocab_size, inp.num_classes)),
     # A mean over hundreds of sparse features moves each logit by lr / (features per text) per step, so the
     # linear model needs a larger learning rate than the rest.
-    "text-ngram": ModelInfo(lambda inp: TextNgram(inp.num_classes, inp.ngram_buckets), lr=0.1, features=NGRAMS),
+    "text-ngram": ModelInfo(lambda inp: TextNgram(inp.num_classes, inp.ngram_buckets, inp.ngram_dim), lr=0.1,
+                            features=NGRAMS),
     "text-bag": ModelInfo(_text_mlp),
 }
 

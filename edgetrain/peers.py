@@ -34,8 +34,9 @@ from torch.nn import functional as F  # noqa: N812
 
 from edgetrain.cores import allowed_cores, format_cores, pin_current_process
 from edgetrain.errors import ConfigError, CoresError, EdgetrainError
+from edgetrain.recipes import METRICS
 from edgetrain.spec import DataLocation, RunSpec
-from edgetrain.training import make_optimizer
+from edgetrain.training import confusion, confusion_scores, make_optimizer
 
 EVAL_BATCH = 1024  # inference batch: large enough to keep the cores busy, small enough for any edge box
 
@@ -60,14 +61,17 @@ class TrainJob:
     """A fixed amount of training: `steps` optimizer steps of `spec.batch_size` examples per process.
 
     `eval_every` > 0 evaluates the test split every that many steps (for time-to-accuracy); the
-    final evaluation always runs. Evaluation time counts in `seconds`, not in `train_seconds`.
+    final evaluation always runs. Evaluation time counts in `seconds`, not in `train_seconds`, nor in the
+    times of `TrainOutcome.evals` and `time_to_target`: those are training seconds, evaluations excluded.
     """
 
     spec: RunSpec
     where: DataLocation = field(default_factory=DataLocation)
     steps: int = 1
     eval_every: int = 0
-    target_accuracy: float | None = None
+    target_accuracy: float | None = None  # the target of `metric`
+    metric: str = "accuracy"  # what evaluations score: accuracy, macro-f1 or macro-recall
+    stop_at_target: bool = False  # end training at the first evaluation that reaches the target
     device: str = "cpu"
     sync_every: int = 1  # torch_lockstep's steps between barriers (the K of a synchronous round)
     warmup_steps: int = 0  # of `steps`, run before the clock starts (a short probe: the first steps allocate)
@@ -82,6 +86,8 @@ class TrainJob:
             raise ConfigError(f"a training job needs at least one step, got {self.steps}")
         if self.eval_every < 0:
             raise ConfigError(f"eval_every cannot be negative, got {self.eval_every}")
+        if self.metric not in METRICS:
+            raise ConfigError(f"a benchmark scores {', '.join(METRICS)}, not {self.metric!r}")
 
 
 @dataclass(frozen=True)
@@ -91,11 +97,11 @@ class TrainOutcome:
     seconds: float  # training and evaluations, wall clock
     train_seconds: float  # training only (seconds minus evaluation time)
     samples: int  # examples this process trained on
-    accuracy: float  # final test accuracy (DDP: every rank scores a slice; all ranks hold the total)
-    time_to_target: float | None  # seconds until the test accuracy first reached the target
+    accuracy: float  # final test figure of `TrainJob.metric` (DDP: every rank scores a slice; all hold the total)
+    time_to_target: float | None  # training seconds until the test figure first reached the target
     cores: tuple[int, ...]  # the affinity the kernel reports for this child
     threads: int  # torch.get_num_threads() in this child
-    evals: tuple[tuple[float, float], ...] = ()  # (seconds, accuracy) of every evaluation
+    evals: tuple[tuple[float, float], ...] = ()  # (training seconds so far, figure) of every evaluation
     barriers: int = 0  # torch_lockstep: the barriers this rank passed while training
 
 
@@ -216,20 +222,25 @@ def core_groups(processes: int, threads: int, cores: Sequence[int] | None = None
 
 
 @torch.no_grad()
-def torch_correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device) -> int:
-    """Correct test predictions, the plain way: eval mode, batches, argmax."""
+def torch_confusion(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int,
+                    device: torch.device) -> torch.Tensor:
+    """The confusion matrix of test predictions, the plain way: eval mode, batches, argmax."""
     was_training = model.training
     model.eval()
-    correct = 0
+    counts = torch.zeros(num_classes, num_classes, dtype=torch.int64)
     for s in range(0, len(y), EVAL_BATCH):
         logits = model(x[s : s + EVAL_BATCH].to(device))
-        correct += int((logits.argmax(1).cpu() == y[s : s + EVAL_BATCH]).sum())
+        counts += confusion(logits.argmax(1).cpu(), y[s : s + EVAL_BATCH], num_classes)
     model.train(was_training)
-    return correct
+    return counts
 
 
-def torch_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device) -> float:
-    return torch_correct(model, x, y, device) / max(1, len(y))
+def confusion_figure(counts: torch.Tensor, metric: str) -> float:
+    """`metric` (accuracy, macro-f1 or macro-recall) of a confusion matrix, as edgetrain.training.evaluate has it."""
+    if metric == "accuracy":
+        return float(counts.trace()) / max(1, int(counts.sum()))
+    f1, recall = confusion_scores(counts)
+    return f1 if metric == "macro-f1" else recall
 
 
 def _torch_train(setup: ChildSetup, job: TrainJob, mode: str) -> TrainOutcome:
@@ -275,21 +286,25 @@ def _torch_train(setup: ChildSetup, job: TrainJob, mode: str) -> TrainOutcome:
         time_to_target: float | None = None
         accuracy = 0.0
 
-        def evaluate(t0: float) -> None:
+        classes = workload.data.num_classes
+
+        def evaluate(t0: float) -> bool:
+            """Score the test split (time not counted as training); True once the target is reached."""
             nonlocal eval_seconds, time_to_target, accuracy
             e0 = time.perf_counter()
+            trained = e0 - t0 - eval_seconds
             if mode == "ddp":  # every rank scores its slice of the test split on its own cores; counts are summed
                 r, w = setup.rank, setup.world
-                correct = torch.tensor([float(torch_correct(net, test_x[r::w], test_y[r::w], device))])
-                dist.all_reduce(correct)
-                accuracy = float(correct.item()) / max(1, len(test_y))
+                counts = torch_confusion(net, test_x[r::w], test_y[r::w], classes, device).double()
+                dist.all_reduce(counts)  # (float64: exact for any test split's counts)
             else:
-                accuracy = torch_accuracy(net, test_x, test_y, device)
-            elapsed = time.perf_counter() - t0
-            evals.append((elapsed, accuracy))
+                counts = torch_confusion(net, test_x, test_y, classes, device)
+            accuracy = confusion_figure(counts, job.metric)
+            evals.append((trained, accuracy))
             if job.target_accuracy is not None and time_to_target is None and accuracy >= job.target_accuracy:
-                time_to_target = elapsed
+                time_to_target = trained
             eval_seconds += time.perf_counter() - e0
+            return time_to_target is not None
 
         model.train()
         if distributed:
@@ -313,18 +328,20 @@ def _torch_train(setup: ChildSetup, job: TrainJob, mode: str) -> TrainOutcome:
                     t0 = time.perf_counter()
                 if step >= job.steps:
                     break
-                if job.eval_every and step % job.eval_every == 0:
-                    evaluate(t0)
+                if job.eval_every and step % job.eval_every == 0 and evaluate(t0) and job.stop_at_target:
+                    break  # every rank scored the same summed counts: all stop at the same step
             else:  # a whole pass over this process's data
                 scheduler.step()
-            epoch += 1
-        if job.final_eval:
+                epoch += 1
+                continue
+            break
+        if job.final_eval and not (job.stop_at_target and time_to_target is not None):
             evaluate(t0)
         if device.type == "cuda":
             torch.cuda.synchronize()
         seconds = time.perf_counter() - t0
         return TrainOutcome(
-            seconds=seconds, train_seconds=seconds - eval_seconds, samples=job.steps * spec.batch_size,
+            seconds=seconds, train_seconds=seconds - eval_seconds, samples=step * spec.batch_size,
             accuracy=accuracy, time_to_target=time_to_target, cores=tuple(allowed_cores()),
             threads=torch.get_num_threads(), evals=tuple(evals), barriers=barriers,
         )

@@ -204,8 +204,21 @@ class EvalResult:
 
 def classification_scores(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> tuple[float, float]:
     """Macro-F1 and macro-recall over the classes that occur in `target` or `pred`."""
-    cm = torch.bincount(target * num_classes + pred, minlength=num_classes * num_classes)
-    cm = cm.reshape(num_classes, num_classes).double()
+    return confusion_scores(confusion(pred, target, num_classes))
+
+
+def confusion(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """`[t][p]`: how many examples of true class t were predicted as p (int64, num_classes x num_classes)."""
+    return torch.bincount(target * num_classes + pred, minlength=num_classes * num_classes).reshape(
+        num_classes, num_classes)
+
+
+def confusion_scores(counts: torch.Tensor) -> tuple[float, float]:
+    """Macro-F1 and macro-recall of a confusion matrix, over the classes that occur as truth or prediction.
+
+    Confusion matrices add up: one summed over slices of a split scores the whole split.
+    """
+    cm = counts.double()
     tp = cm.diag()
     support = cm.sum(1)
     predicted = cm.sum(0)
@@ -238,8 +251,8 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: in
         preds.append(logits.argmax(1).cpu())
     pred = torch.cat(preds)
     acc = float((pred == y).double().mean())
-    f1, recall = classification_scores(pred, y, num_classes)
-    cm = torch.bincount(y * num_classes + pred, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+    cm = confusion(pred, y, num_classes)
+    f1, recall = confusion_scores(cm)
     return EvalResult(n, total / n, acc, f1, recall, tuple(tuple(int(v) for v in row) for row in cm.tolist()))
 
 

@@ -95,6 +95,37 @@ def test_text_ngram_is_a_mean_over_features_that_ignores_padding() -> None:
     assert torch.allclose(alone[0], model.weight.weight[ids].mean(0) + model.bias, atol=1e-6)
 
 
+def test_text_ngram_with_embeddings_adds_a_mean_embedding_path_that_ignores_padding() -> None:
+    from edgetrain.datasets.text import encode_ngrams, tokenize
+    from edgetrain.models import TextNgram
+
+    buckets, dim = 4096, 8
+    linear = build_model("text-ngram", ModelInput(3, 2, buckets))
+    assert isinstance(linear, TextNgram) and linear.embedding is None  # dim 0: the linear model, unchanged
+    assert sorted(linear.state_dict()) == ["bias", "weight.weight"]
+    model = build_model("text-ngram", ModelInput(3, 2, buckets, ngram_dim=dim))
+    assert isinstance(model, TextNgram) and model.embedding is not None and model.out is not None
+    assert count_parameters(model) == buckets * 3 + 3 + buckets * dim + dim * 3
+    with torch.no_grad():
+        model.weight.weight.normal_()
+        model.weight.weight[0] = 0.0
+    x = encode_ngrams([tokenize("good day"), tokenize("a much longer tweet than the first one")], buckets=buckets)
+    alone = model(x[:1, : int((x[0] != 0).sum())])
+    assert torch.allclose(model(x)[:1], alone, atol=1e-6)  # padding dilutes neither mean
+    ids = x[0][x[0] != 0].long()
+    want = model.weight.weight[ids].mean(0) + model.bias + model.out(model.embedding.weight[ids].mean(0))
+    assert torch.allclose(alone[0], want, atol=1e-6)
+    # the same seed, the same start on every node; the embedding path is trained, not a fixed projection
+    again = build_model("text-ngram", ModelInput(3, 2, buckets, ngram_dim=dim))
+    assert torch.equal(again.embedding.weight, model.embedding.weight)  # type: ignore[union-attr]
+    assert torch.equal(again.out.weight, model.out.weight)  # type: ignore[union-attr]
+    before = again.embedding.weight.detach().clone()  # type: ignore[union-attr]
+    opt = make_optimizer(again, TrainConfig(lr=0.1, optimizer="adam"))
+    train_steps(again, opt, x, torch.tensor([0, 2]), [torch.tensor([0, 1])], seed=0)
+    moved = (again.embedding.weight.detach() - before).abs().sum(1) > 0  # type: ignore[union-attr]
+    assert moved[ids].all() and not moved[0]  # the rows of the features seen moved; padding's did not
+
+
 def test_text_ngram_learns_a_keyword_rule_with_a_large_step() -> None:
     from edgetrain.datasets.text import encode_ngrams
 
