@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 
 import grpc  # noqa: E402
 
-from agent.client import CoordinatorClient  # noqa: E402
+from agent.client import CoordinatorClient, poll_again_delay  # noqa: E402
 from agent.route import Route  # noqa: E402
 from edgetrain import serde  # noqa: E402
 from edgetrain.procs import free_port  # noqa: E402
@@ -73,6 +73,7 @@ class Agent(threading.Thread):
                     self.finished = True
                     return
                 if h.status != pb.WORK or rnd.state is None:
+                    time.sleep(poll_again_delay(h))  # as the agent does: a WAIT at once asks it to hold off
                     continue
                 state = {k: v + 1e-3 if v.is_floating_point() else v for k, v in rnd.state.items()}
                 self.route.send(h.round, h.local_steps * h.batch_size, pb.NodeStats(), state)

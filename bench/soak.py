@@ -2,7 +2,9 @@
 
 The coordinator is the real one (`python -m coordinator run`, a child process with a run dir and its own
 staging dir); the agents are N threads in this process, each the agents' own client with its own channel (as in
-bench/load.py: Join, long-poll GetRound, decode, a real-size update back; no training). Every ~K rounds (uniform
+bench/load.py: Join, long-poll GetRound, decode, a real-size update back; no training) and its own TCP
+connection (gRPC would otherwise share one among the channels of a process to the same address, and a leak per
+connection would not show). Every ~K rounds (uniform
 in [K/2, 3K/2]) one agent, at random, is killed at a random moment: its channel is closed under whatever call it
 is in and it never says Leave, as a process that dies; after a random pause (0-1 s) it is started again under
 the same name. `--min-agents` is half the agents, so a round with a killed agent in it closes short and is
@@ -42,11 +44,14 @@ sys.path.insert(0, str(ROOT))
 from load import Agent  # noqa: E402 - bench/load.py, beside this script
 
 from coordinator.config import UPLOAD_SLOTS  # noqa: E402
-from edgetrain import serde  # noqa: E402
+from edgetrain import grpc_options, serde  # noqa: E402
 from edgetrain.procs import free_port  # noqa: E402
 from edgetrain.spec import RunSpec  # noqa: E402
 from edgetrain.training import state_of  # noqa: E402
 from edgetrain.workload import load_workload  # noqa: E402
+
+# A subchannel pool per channel: each agent its own TCP connection, as agents on other hosts have
+grpc_options.CLIENT = [*grpc_options.CLIENT, ("grpc.use_local_subchannel_pool", 1)]
 
 
 @dataclass
@@ -56,6 +61,7 @@ class Sample:
     fds: int
     threads: int
     staged: int  # files the coordinator holds open in its staging dir (unnamed: "#inode (deleted)")
+    connections: int = 0  # its established TCP connections (the agents')
 
 
 @dataclass
@@ -94,6 +100,10 @@ def _staged(proc: psutil.Process, staging: Path) -> int:
             continue
         n += os.path.dirname(target) == str(staging)
     return n
+
+
+def _connections(proc: psutil.Process) -> int:
+    return sum(c.status == psutil.CONN_ESTABLISHED for c in proc.net_connections("tcp"))
 
 
 def _log_rounds(path: Path) -> list[int]:
@@ -172,7 +182,7 @@ def soak(agents: int, rounds: int, kill_every: float, *, model: str, limit: int,
                 if proc.status() == psutil.STATUS_ZOMBIE:  # exited, not yet reaped: nothing left to measure
                     return
                 result.samples.append(Sample(current[0], proc.memory_info().rss, proc.num_fds(), proc.num_threads(),
-                                             _staged(proc, staging)))
+                                             _staged(proc, staging), _connections(proc)))
             except (psutil.NoSuchProcess, FileNotFoundError, ProcessLookupError):
                 return
             done.wait(0.25)
@@ -236,7 +246,7 @@ def soak(agents: int, rounds: int, kill_every: float, *, model: str, limit: int,
 def report(r: Soak, warmup: float, model: str) -> str:
     rounds_seen = max((s.rounds for s in r.samples), default=0)
     lines = [
-        f"soak: {r.agents} agents (threads, one channel each) x {r.rounds} rounds, {model} "
+        f"soak: {r.agents} agents (threads, one channel and TCP connection each) x {r.rounds} rounds, {model} "
         f"({r.model_bytes / 1e6:.2f} MB), loopback, {len(os.sched_getaffinity(0))} cores shared; "
         f"{r.kills} agents killed and restarted; {r.wall:.0f} s",
         "",
@@ -245,7 +255,7 @@ def report(r: Soak, warmup: float, model: str) -> str:
         "|---|---|---|---|",
     ]
     first, last = (r.samples[0], r.samples[-1]) if r.samples else (None, None)
-    for attr, unit, scale in (("rss", "MB", 1e6), ("fds", "", 1), ("threads", "", 1)):
+    for attr, unit, scale in (("rss", "MB", 1e6), ("fds", "", 1), ("threads", "", 1), ("connections", "", 1)):
         s, err = slope(r.samples, attr, warmup)
         a = f"{getattr(first, attr) / scale:.1f} {unit}" if first else "-"
         b = f"{getattr(last, attr) / scale:.1f} {unit}" if last else "-"
@@ -280,7 +290,7 @@ def main() -> int:
              round_timeout=args.round_timeout, timeout=args.timeout)
     print(report(r, args.warmup, args.model))
     if args.json is not None:
-        slopes = {attr: slope(r.samples, attr, args.warmup) for attr in ("rss", "fds", "threads")}
+        slopes = {attr: slope(r.samples, attr, args.warmup) for attr in ("rss", "fds", "threads", "connections")}
         args.json.write_text(json.dumps({
             "exit_code": r.exit_code, "rounds": r.rounds, "lost": r.lost, "twice": r.twice, "short": r.short,
             "reruns": r.reruns, "kills": r.kills, "finished": r.finished, "agents": r.agents, "errors": r.errors,

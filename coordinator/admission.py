@@ -286,7 +286,10 @@ class Watchdog:
     """Runs a callback when a timer runs out, unless it was reset or cancelled first; one thread for all timers.
 
     Update streams arm one each: the callback ends the stream, which a handler thread blocked on reading it
-    cannot do itself (a gRPC sync server has no read timeout).
+    cannot do itself (a gRPC sync server has no read timeout). The heap holds one entry per armed timer and none
+    for a cancelled one: an entry holds its timer, the timer its callback, the callback the call's context (gRPC's
+    call state, native memory). Before, each part's reset pushed an entry, and each stayed until its time came,
+    up to `part_gap_seconds` after the stream ended: the soak measured ~1,400 calls held that way per 60 rounds.
     """
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
@@ -302,16 +305,32 @@ class Watchdog:
         timer.reset(seconds)
         return timer
 
-    def _schedule(self, timer: Timer, when: float) -> None:
+    def pending(self) -> int:
+        """Entries in the heap: the timers armed now."""
         with self._cv:
-            if self._closed:
+            return len(self._heap)
+
+    def _set(self, timer: Timer, end: float | None) -> None:
+        """Move `timer`'s end (None: cancel it). A later end keeps its entry: when that comes due, it moves on."""
+        with self._cv:
+            if self._closed or timer.fired or timer.callback is None:
                 return
-            heapq.heappush(self._heap, (when, next(self._ids), timer))
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="stream-watchdog", daemon=True)
-                self._thread.start()
-            if self._heap[0][2] is timer:  # due before what it sleeps for: wake it (not at every part's reset)
-                self._cv.notify()
+            timer.end = end
+            if timer.queued is not None and (end is None or end < timer.queued):
+                self._heap = [e for e in self._heap if e[2] is not timer]
+                heapq.heapify(self._heap)
+                timer.queued = None
+            if end is not None and timer.queued is None:
+                self._push(timer, end)
+
+    def _push(self, timer: Timer, when: float) -> None:  # under self._cv
+        heapq.heappush(self._heap, (when, next(self._ids), timer))
+        timer.queued = when
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="stream-watchdog", daemon=True)
+            self._thread.start()
+        if self._heap[0][2] is timer:  # due before what it sleeps for: wake it
+            self._cv.notify()
 
     def _run(self) -> None:
         while True:
@@ -321,12 +340,18 @@ class Watchdog:
                 if self._closed:
                     return
                 when, _, timer = heapq.heappop(self._heap)
-                due = timer.due_at(when)
-            if due:
-                try:
-                    timer.callback()
-                except Exception:  # noqa: BLE001 - a callback's failure must not stop every other timer
-                    pass
+                timer.queued = None
+                if timer.end is None or timer.callback is None:
+                    continue
+                if timer.end > when:  # reset since it was queued
+                    self._push(timer, timer.end)
+                    continue
+                timer.fired = True
+                callback, timer.callback = timer.callback, None  # it fires once: keep nothing of it after
+            try:
+                callback()
+            except Exception:  # noqa: BLE001 - a callback's failure must not stop every other timer
+                pass
 
     def close(self) -> None:
         with self._cv:
@@ -336,30 +361,25 @@ class Watchdog:
 
 
 class Timer:
-    """One watchdog timer: `reset(seconds)` moves its end, `cancel()` stops it; it fires at most once."""
+    """One watchdog timer: `reset(seconds)` moves its end, `cancel()` stops it; it fires at most once.
+
+    `close()` cancels it for good and lets go of its callback (which usually holds what owns the timer).
+    """
 
     def __init__(self, dog: Watchdog, callback: Callable[[], None]) -> None:
-        self._dog, self.callback = dog, callback
-        self._lock = threading.Lock()
-        self._end: float | None = None
+        self._dog = dog
+        self.callback: Callable[[], None] | None = callback  # these three are the watchdog's, under its lock
+        self.end: float | None = None
+        self.queued: float | None = None  # the time of its heap entry, if it has one (never after `end`)
         self.fired = False
 
     def reset(self, seconds: float) -> None:
-        end = self._dog._clock() + seconds
-        with self._lock:
-            if self.fired:
-                return
-            self._end = end
-        self._dog._schedule(self, end)
+        self._dog._set(self, self._dog._clock() + seconds)
 
     def cancel(self) -> None:
-        with self._lock:
-            self._end = None
+        self._dog._set(self, None)
 
-    def due_at(self, when: float) -> bool:
-        """Whether the heap entry for `when` is this timer's current end (older entries are stale); marks it fired."""
-        with self._lock:
-            if self._end is None or self._end != when or self.fired:
-                return False
-            self.fired = True
-            return True
+    def close(self) -> None:
+        self._dog._set(self, None)
+        with self._dog._cv:
+            self.callback = None

@@ -136,7 +136,11 @@ def make_app() -> typer.Typer:
         port: Annotated[int, typer.Option(help="gRPC port (0: any free port).")] = 50051,
         metrics_port: Annotated[Optional[int], typer.Option(help="Serve /metrics and /sd here.")] = None,  # noqa: UP045
         metrics_host: opt.MetricsHostOpt = "127.0.0.1",
-        round_timeout: Annotated[float, typer.Option(help="A round's deadline in seconds.")] = 600.0,
+        round_timeout: Annotated[float, typer.Option(
+            help="A round's hard deadline in seconds (rounds close sooner by their measured times).")] = 600.0,
+        quorum: Annotated[int, typer.Option(
+            help="Updates a round holds before it gives up on a participant past its measured deadline (k of the "
+                 "n; --round-timeout still bounds the wait). 1: any one; n: wait for all.")] = 1,
         join_timeout: Annotated[float, typer.Option(help="Wait this long for --min-agents.")] = 600.0,
         eval_every: Annotated[int, typer.Option(help="Evaluate every N rounds.")] = 1,
         checkpoint_every: Annotated[int, typer.Option(help="Checkpoint every N rounds, and at the end.")] = 1,
@@ -176,7 +180,7 @@ def make_app() -> typer.Typer:
         from rich.console import Console
 
         from coordinator.config import CoordinatorConfig
-        from coordinator.run import Coordinator, holds_run, quality_tables, summary_table
+        from coordinator.run import Coordinator, holds_run, quality_tables, slow_node, summary_table
 
         setup_logging(log_level)
         gpus = parse_gpus(local_gpus)
@@ -199,7 +203,7 @@ def make_app() -> typer.Typer:
             local_steps=local_steps, rounds=rounds, epochs=epochs, target_accuracy=target_accuracy, metric=metric,
             target=target,
             min_agents=min_agents, join_timeout=join_timeout,
-            round_timeout=round_timeout, eval_every=eval_every, checkpoint_every=checkpoint_every,
+            round_timeout=round_timeout, quorum=quorum, eval_every=eval_every, checkpoint_every=checkpoint_every,
             upload_slots=upload_slots, staging_dir=staging_dir, aggregator=aggregator, trim=trim, balance=balance,
             local_agents=n_local, local_workers=local_workers, local_devices=gpus,
             run_dir=run_dir or (None if resume else Path("runs") / f"{dataset}-{time.strftime('%Y%m%d-%H%M%S')}"),
@@ -217,6 +221,8 @@ def make_app() -> typer.Typer:
         console.print(f"coordinator listening on {cfg.host}:{coord.port}; run dir {cfg.run_dir}")
         result = coord.run()
         console.print(summary_table(result))
+        if (slow := slow_node(result)) is not None:
+            console.print(slow, soft_wrap=True, highlight=False, markup=False)  # one line, for people and for grep
         if result.choice is not None:
             for table in quality_tables(result.choice):
                 console.print(table)

@@ -37,6 +37,7 @@ class CoordinatorConfig:
     min_agents: int = 0  # 0: the local agents and GPUs started here, or 1 when there are none
     join_timeout: float = 600.0  # wait this long for --min-agents before giving up
     round_timeout: float = 600.0  # a round's deadline: updates after it are refused
+    quorum: int = 1  # past their measured deadlines, slow participants are given up on once this many sent
     eval_every: int = 1
     aggregator: str = MEAN
     trim: float = 0.2
@@ -105,6 +106,8 @@ class CoordinatorConfig:
             raise ConfigError(f"--metrics-port {self.metrics_port} out of range")
         if not self.round_timeout > 0 or not self.join_timeout > 0:
             raise ConfigError("timeouts must be positive")
+        if self.quorum < 1:
+            raise ConfigError(f"--quorum must be at least 1, got {self.quorum}")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ConfigError("--tls-cert and --tls-key go together")
         if self.tls_client_ca is not None and self.tls_cert is None:

@@ -188,6 +188,16 @@ def balanced_steps(throughputs: list[float], local_steps: int) -> list[int]:
     return [max(1, round(total * (s / sum(speeds)))) for s in speeds]
 
 
+def quorum_of(k: int, participants: int) -> int:
+    """Updates a round must hold before it gives up on slow participants (`--quorum` k of n, at most n, at least 1).
+
+    Past its measured deadline a participant is waived only once the round holds this many updates; until then
+    the round waits for everyone who fetched, up to `--round-timeout`, the hard bound (ghosts that never fetched
+    are given up on regardless: they cannot count towards it).
+    """
+    return max(1, min(k, participants))
+
+
 class RoundEngine:
     """Thread-safe synchronous rounds over a replaceable global model."""
 
@@ -205,6 +215,7 @@ class RoundEngine:
         cursors: dict[str, int] | None = None,
         clock: Callable[[], float] = time.time,
         limits: Limits | None = None,
+        quorum: int = 1,
     ) -> None:
         if aggregator not in aggregation.AGGREGATORS:
             raise ValueError(f"unknown aggregator {aggregator!r}")
@@ -220,6 +231,7 @@ class RoundEngine:
         self.cursors: dict[str, int] = dict(cursors or {})  # "world/rank" -> samples consumed
         self._clock = clock
         self.limits = limits or Limits()
+        self.quorum = quorum  # see `quorum_of`
         self._open = False
         self._finished = False
         self._failure = ""  # why the run stopped, when it failed: agents hear FAILED with it instead of FINISHED
@@ -341,7 +353,8 @@ class RoundEngine:
           round) the round waits for them until its deadline, as it always did.
         Their updates are still taken while the round is open; their first one, even late, measures them.
         Until the round has one update, only ghosts are given up on: a round closed empty would run again, and an
-        honest agent slowed past its allowance (a loaded machine) would miss it and every re-run.
+        honest agent slowed past its allowance (a loaded machine) would miss it and every re-run. `--quorum` k
+        raises that one to k (`quorum_of`).
         """
         lim = self.limits
         waived: set[str] = set()
@@ -349,11 +362,12 @@ class RoundEngine:
         measured_done = self._opened_at
         unmeasured = []
         measured_pending = False
+        need = quorum_of(self.quorum, len(self._expected))
         for agent_id in self._expected - set(self._received):
             fetched = self._fetched_at.get(agent_id)
             if fetched is None:
                 end = self._opened_at + lim.fetch_grace_seconds
-            elif not self._received:  # an empty round helps nobody: who fetched is waited for until one update is in
+            elif len(self._received) < need:  # an empty round helps nobody: who fetched is waited for until k are in
                 continue
             elif agent_id in self._measured:
                 steps = self._assignments[agent_id].local_steps

@@ -32,6 +32,7 @@ from coordinator.rounds import Outcome, RoundEngine
 from coordinator.runlog import LOG, trim_log
 from coordinator.server import start_server
 from coordinator.servicer import ServiceState
+from coordinator.stragglers import NodeTimes, slowest
 from edgetrain import recipes
 from edgetrain.cli_util import new_folder_kept_only_if_used, output_folder
 from edgetrain.cores import allowed_cores, format_cores, split_cores
@@ -58,6 +59,11 @@ class NodeSummary:
     communication_seconds: float = 0.0
     last_accuracy: float = 0.0
     last_loss: float = 0.0
+    bytes: float = 0.0  # its updates' tensor bytes, as received
+    missed: int = 0  # applied rounds that closed without its update
+
+    def times(self) -> NodeTimes:
+        return NodeTimes(self.rounds, self.compute_seconds, self.communication_seconds, self.bytes, self.missed)
 
     @property
     def samples_per_second(self) -> float:
@@ -198,7 +204,7 @@ class Coordinator:
         self.engine = RoundEngine(
             state, batch_size=spec.batch_size, local_steps=cfg.local_steps or 1, round_timeout=cfg.round_timeout,
             aggregator=cfg.aggregator, trim=cfg.trim, balance=cfg.balance, completed_rounds=completed,
-            cursors=cursors, limits=cfg.limits,
+            cursors=cursors, limits=cfg.limits, quorum=cfg.quorum,
         )
         self._svc = ServiceState(self.engine, self.membership, spec, self.metrics,
                                  upload_slots=cfg.upload_slots, staging_dir=cfg.staging_dir, limits=cfg.limits)
@@ -501,9 +507,13 @@ class Coordinator:
             s.samples += c.samples
             s.compute_seconds += c.stats.compute_seconds
             s.communication_seconds += c.stats.communication_seconds
+            s.bytes += c.stats.bytes
             s.last_accuracy = c.stats.accuracy
             s.last_loss = c.stats.loss
             per_node[name] = {"samples": c.samples, **asdict(c.stats)}
+        for agent_id in outcome.missing:  # named in the summary, not silently gone
+            name = names.get(agent_id, agent_id)
+            nodes.setdefault(name, NodeSummary(name)).missed += 1
         slowest = max((n["compute_seconds"] for n in per_node.values()), default=0.0)
         return {
             "round": outcome.round,
@@ -598,16 +608,22 @@ def _constant_prediction(y: torch.Tensor, label: int, num_classes: int) -> EvalR
 def summary_table(result: RunResult) -> Table:
     """Per-node figures at the end of a run."""
     table = Table(title=f"{result.completed_rounds} rounds in {result.wall_seconds:.1f} s ({result.stopped_by})")
-    for col in ("node", "rounds", "samples", "compute s", "comm s", "samples/s", "local acc"):
+    for col in ("node", "rounds", "missed", "samples", "compute s", "comm s", "samples/s", "local acc"):
         table.add_column(col, justify="left" if col == "node" else "right")
     for s in sorted(result.nodes.values(), key=lambda s: s.name):
-        table.add_row(s.name, str(s.rounds), str(s.samples), f"{s.compute_seconds:.2f}",
+        table.add_row(s.name, str(s.rounds), str(s.missed), str(s.samples), f"{s.compute_seconds:.2f}",
                       f"{s.communication_seconds:.2f}", f"{s.samples_per_second:.0f}", f"{s.last_accuracy:.3f}")
     if result.final is not None:
         f = result.final
         table.caption = (f"last round's global model, test: accuracy {f.accuracy:.4f}, loss {f.loss:.4f}, "
                          f"macro-F1 {f.macro_f1:.4f}, macro-recall {f.macro_recall:.4f} on {f.n} examples")
     return table
+
+
+def slow_node(result: RunResult) -> str | None:
+    """The run summary's line naming the node that held rounds back, and why (coordinator/stragglers.py)."""
+    straggler = slowest({s.name: s.times() for s in result.nodes.values()})
+    return None if straggler is None else str(straggler)
 
 
 def quality_tables(choice: Choice) -> list[Table]:

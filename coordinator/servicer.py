@@ -252,7 +252,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
                     node[0] = agent.name
                     return self._take_update(agent, h, request_iterator, context, stream)
                 finally:
-                    stream.timer.cancel()
+                    stream.timer.close()  # and lets go of the context: the timer's callback holds it
         raise AssertionError("unreachable")  # pragma: no cover
 
     def SubmitFile(self, request: pb.UpdateHeader | Oversize, context: grpc.ServicerContext,  # noqa: N802

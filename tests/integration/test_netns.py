@@ -264,6 +264,47 @@ def test_ten_percent_loss_and_jitter_for_fifty_rounds_give_the_clean_link_model(
     assert_same_model(_model(run.dir), loopback_model)
 
 
+def test_an_agent_behind_one_megabit_is_waited_for_by_measure_never_dropped_and_named_in_the_summary(
+        hosts: Hosts, tmp_path: Path) -> None:
+    rounds, timeout = 6, 60.0
+    # The defaults otherwise (quorum 1, measured deadlines): b's round is its link's ~2 x 100 KB at 1 Mbit/s
+    run = Run(hosts, tmp_path, "--min-agents", "2", "--rounds", str(rounds), "--round-timeout", str(timeout))
+    hosts.net.shape("b", rate_bits=1e6)
+    agents = run.agents()
+    run.wait(agents, timeout=180)
+    records = assert_each_round_once(run, rounds)
+    assert all(set(r["nodes"]) == {"a", "b"} and not r["missing"] for r in records)  # b never dropped
+    # each round waited for b's link (seconds, not a's milliseconds), and none for the hard bound
+    assert all(0.5 < r["duration_seconds"] < timeout / 4 for r in records), [r["duration_seconds"] for r in records]
+    assert all(r["nodes"]["b"]["communication_seconds"] > 10 * r["nodes"]["a"]["communication_seconds"]
+               for r in records[1:])
+    log = hosts.procs.log("coordinator")
+    assert "slowest node: b, held back by its link: link " in log, log
+    assert "Mbit/s" in log.split("slowest node: b")[1].splitlines()[0]
+
+
+@pytest.mark.parametrize("quorum", [2])
+def test_with_a_quorum_of_all_an_agent_slowed_past_its_measured_deadline_is_waited_for_up_to_the_hard_bound(
+        hosts: Hosts, tmp_path: Path, quorum: int) -> None:
+    timeout = 60.0
+    # --min-agents 1: a round without b would be applied (with 2, it would run again until b is in)
+    run = Run(hosts, tmp_path, "--min-agents", "1", "--rounds", "100000", "--round-timeout", str(timeout),
+              "--quorum", str(quorum))
+    agents = run.agents()
+    wait_for(lambda: len(run.rounds_with({"a", "b"})) >= 3, 120, "3 rounds on the clean link")  # b: ~10 ms a round
+    hosts.net.shape("b", rate_bits=100e3)  # its download and upload now take seconds: past its allowance (2 s)
+    shaped = len(run.records())
+    wait_for(lambda: len(run.records()) >= shaped + 3, 150, "rounds on the slow link")
+    hosts.net.shape("b", rate_bits=1e9)  # b's goodbye need not crawl
+    run.stop()
+    run.wait(agents)
+    records = assert_each_round_once(run)[shaped:-1]  # the last round was cut short by the stop
+    # the round the slow link caught ran past b's allowance, and waited for it: no round gave up on b
+    assert any(r["duration_seconds"] > 2.5 for r in records), [r["duration_seconds"] for r in records]
+    assert all(set(r["nodes"]) == {"a", "b"} and not r["missing"] for r in records), [r["missing"] for r in records]
+    assert all(r["duration_seconds"] < timeout / 2 for r in records)
+
+
 def test_half_open_connections_are_closed_by_keepalive_within_its_bound_and_the_run_goes_on(
         hosts: Hosts, tmp_path: Path) -> None:
     """Every packet silently dropped (no RST): a side finds its connection dead only by keepalive pings, within

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import gc
 import random
 import threading
 import time
+import weakref
 from contextlib import ExitStack
 
 import pytest
@@ -22,10 +24,12 @@ from coordinator.admission import (
     metrics_address,
     with_newcomers_capped,
 )
+from coordinator.config import CoordinatorConfig
 from coordinator.membership import FullError, Membership
-from coordinator.rounds import LateUpdateError, NotParticipantError, RoundEngine, StaleRoundError
+from coordinator.rounds import LateUpdateError, NotParticipantError, RoundEngine, StaleRoundError, quorum_of
 from edgetrain.errors import ConfigError
 from edgetrain.proto import edgetrain_pb2 as pb
+from edgetrain.spec import RunSpec
 
 
 class Clock:
@@ -142,6 +146,39 @@ def test_watchdog_fires_once_unless_reset_or_cancelled() -> None:
     dog.close()
 
 
+def test_watchdog_holds_one_entry_per_armed_timer_and_nothing_of_a_closed_one() -> None:
+    """The soak's leak: each part's reset queued an entry holding the call's context for up to 30 s after."""
+
+    class Context:  # stands for the gRPC context a stream's callback holds
+        pass
+
+    dog = Watchdog()
+    ctx = Context()
+    gone = weakref.ref(ctx)
+    timer = dog.arm(30.0, lambda c=ctx: None)
+    del ctx
+    for i in range(100):  # a part each: the end moves later, the heap keeps its one entry
+        timer.reset(30.0 + i)
+    assert dog.pending() == 1
+    timer.cancel()
+    assert dog.pending() == 0
+    timer.reset(30.0)  # a cancelled timer may be armed again (an update that gets its upload slot)
+    assert dog.pending() == 1
+    gc.disable()  # freed by reference counts alone, not by a cyclic collection some time later
+    try:
+        timer.close()
+        assert dog.pending() == 0 and gone() is None
+    finally:
+        gc.enable()
+    timer.reset(0.0)  # closed for good
+    assert dog.pending() == 0
+    fired = threading.Event()
+    early = dog.arm(30.0, fired.set)
+    early.reset(0.01)  # an earlier end replaces the later entry
+    assert fired.wait(5) and early.fired and dog.pending() == 0
+    dog.close()
+
+
 def test_membership_is_capped_and_a_replacement_does_not_count_twice() -> None:
     members = Membership(max_agents=2)
     members.admit("a")
@@ -167,10 +204,10 @@ def test_sweep_evicts_agents_that_never_poll_or_go_quiet_but_not_busy_ones() -> 
     assert {a.name for a in members.live()} == {"busy", "calling", "fresh"}
 
 
-def _engine(clock: Clock, **limits: float) -> RoundEngine:
+def _engine(clock: Clock, quorum: int = 1, **limits: float) -> RoundEngine:
     state = {"w": torch.zeros(3)}
     return RoundEngine(state, batch_size=4, local_steps=2, round_timeout=100.0, clock=clock,
-                       limits=Limits(**limits))  # type: ignore[arg-type]
+                       limits=Limits(**limits), quorum=quorum)  # type: ignore[arg-type]
 
 
 def test_a_round_does_not_wait_for_a_ghost_that_never_fetches() -> None:
@@ -208,6 +245,40 @@ def test_a_measured_agent_is_waited_for_up_to_slack_times_its_round_time() -> No
     assert engine._waived(clock.t)[0] == set()
     clock.t += 0.2
     assert engine._waived(clock.t)[0] == {"b"}
+
+
+def test_quorum_is_k_of_the_participants_at_most_all_and_at_least_one() -> None:
+    assert [quorum_of(k, 3) for k in (1, 2, 3, 5)] == [1, 2, 3, 3]
+    assert quorum_of(0, 3) == 1 and quorum_of(2, 0) == 1
+
+
+def test_a_quorum_below_one_is_refused() -> None:
+    with pytest.raises(ConfigError, match="--quorum must be at least 1, got 0"):
+        CoordinatorConfig(spec=RunSpec(dataset="tweets"), quorum=0)
+
+
+def test_with_a_quorum_participants_past_their_measured_deadline_are_waited_for_until_k_updates_are_in() -> None:
+    clock = Clock()
+    engine = _engine(clock, quorum=2, slack=3.0, min_wait_seconds=0.1)
+    names = ("a", "b", "c")
+    for _ in range(2):  # every agent measured: 1 s a round, 0.5 s a step
+        engine.open_round([(n, 0.0, 1) for n in names])
+        for n in names:
+            engine.get_work(n, engine.completed_rounds - 1, 0)
+        clock.t += 1.0
+        for n in names:
+            engine.submit(n, engine.completed_rounds, 8, {"w": torch.ones(3)})
+        engine.close_round()
+    engine.open_round([(n, 0.0, 1) for n in names])
+    for n in names:
+        engine.get_work(n, 1, 0)
+    engine.submit("a", 2, 8, {"w": torch.ones(3)})
+    clock.t += 10.0  # b and c far past 3 x their 1 s: one update in, the quorum is two
+    assert engine._waived(clock.t)[0] == set()
+    engine.submit("b", 2, 8, {"w": torch.ones(3)})
+    assert engine._waived(clock.t)[0] == {"c"}  # two in: c is given up on
+    assert engine.wait_for_updates() is False
+    assert engine.close_round().missing == ["c"]
 
 
 def test_an_unmeasured_participant_gets_a_grace_once_the_measured_are_in_and_a_late_update_measures_it() -> None:
