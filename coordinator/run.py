@@ -168,6 +168,7 @@ class Coordinator:
         self.started_at = time.time() if started_at is None else started_at
         self.startup_seconds = 0.0  # from `started_at` to the first round
         self._final: EvalResult | None = None  # the global model's last figures on test
+        self._logged = 0  # rounds completed when the last record was logged
         self._log_file: IO[str] | None = None  # opened with the first round's record: a run that never trains
         # leaves no log
         self.cfg = cfg
@@ -394,6 +395,7 @@ class Coordinator:
             self.metrics.metric.labels(choice.metric.name).set(choice.value(final))
             self._final = final
         history.append(record)
+        self._logged = record["round"] + 1
         if cfg.run_dir is not None:
             try:
                 if self._log_file is None:
@@ -425,6 +427,7 @@ class Coordinator:
             self.start()
         assert self.engine is not None and self.workload is not None
         cfg, engine = self.cfg, self.engine
+        self._logged = engine.completed_rounds
         n_train = len(self.workload.data.train)
         # every round's record, for the benchmarks that read them; a long CLI run keeps the last one only (the soak
         # measured ~1.6 MB per 100 rounds of 32 agents held here), its log on disk has them all
@@ -533,7 +536,8 @@ class Coordinator:
         except checkpoint.CheckpointWriteError as exc:
             # Stop rather than train on without checkpoints: every round after the last one on disk would be
             # lost to the next crash, and the final model could not be written either (docs/security.md).
-            failed = TrainingError(f"{exc}; the run stopped after {engine.completed_rounds} rounds, "
+            # the rounds logged: the after-work of later rounds, if any closed meanwhile, was not done
+            failed = TrainingError(f"{exc}; the run stopped after {self._logged} rounds, "
                                    f"{self._resume_hint()}")
             self._failure = str(failed)
             raise failed from exc

@@ -50,11 +50,10 @@ def fill(path: Path, leave: int = 0) -> Path:
     """A ballast file in `path`'s filesystem that leaves about `leave` bytes free (whole pages); delete it to free."""
     ballast = path / "ballast"
     chunk = b"\xa5" * (1 << 16)
-    with open(ballast, "ab") as fh:
+    with open(ballast, "ab", buffering=0) as fh:  # unbuffered: a failed write leaves nothing to flush at close
         while (room := free_bytes(path) - leave) > 0:
             try:
                 fh.write(chunk[:room])
-                fh.flush()
             except OSError:  # ENOSPC a little early (page rounding): full enough
                 break
     return ballast
