@@ -19,6 +19,7 @@ from coordinator.config import CoordinatorConfig
 from coordinator.run import Coordinator, RunResult
 from edgetrain import metric_names as m
 from edgetrain.cores import read_affinity
+from edgetrain.datasets import encoded
 from edgetrain.spec import DataLocation, RunSpec
 from edgetrain.training import batch_plan
 from edgetrain.workload import load_workload
@@ -145,7 +146,9 @@ def test_local_run_pins_workers_reaches_accuracy_and_cleans_up(tmp_path: Path) -
     assert set(result.nodes) == {"local-0", "local-1"}
     assert all(n.samples == 12 * 8 * 64 for n in result.nodes.values())
     assert (tmp_path / "run" / checkpoint.LATEST).exists() and (tmp_path / "run" / "rounds.jsonl").exists()
-    assert not (tmp_path / "cache").exists()  # nothing was fetched
+    # nothing was fetched: the cache holds only the encoded corpus, which the agents' workers read (one entry)
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [encoded.FOLDER]
+    assert len(list((tmp_path / "cache" / encoded.FOLDER).iterdir())) == 1
     # the same-host files' directory was used and is gone, every process gone, no thread left behind
     assert files is not None and not files.dir.exists()
     for proc in agents:
