@@ -216,7 +216,11 @@ def make_app() -> typer.Typer:
         stop = threading.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: stop.set())
-        coord = Coordinator(cfg, stop=stop, keep_history=False)  # a run of days must not grow with its rounds
+        import psutil
+
+        # start-up is counted from the command: this process's start, imports included
+        coord = Coordinator(cfg, stop=stop, keep_history=False,  # a run of days must not grow with its rounds
+                            started_at=psutil.Process().create_time())
         coord.start()
         console.print(f"coordinator listening on {cfg.host}:{coord.port}; run dir {cfg.run_dir}")
         result = coord.run()

@@ -36,6 +36,10 @@ class CoordinatorMetrics:
                             "the run (its name in the label).", [m.METRIC], registry=registry)
         self.agents = Gauge(m.AGENTS_CONNECTED, "Agents admitted and not gone.", registry=registry)
         self.elapsed = Gauge(m.TRAINING_SECONDS, "Seconds since the first round opened.", registry=registry)
+        self.training_share = Gauge(m.TRAINING_SHARE, "Agents' time in training steps over the wall time since the "
+                                    "first round opened (mean over the nodes).", registry=registry)
+        self.startup = Gauge(m.STARTUP_SECONDS, "Seconds from the coordinator's start to its first round.",
+                             registry=registry)
         self.compute = Gauge(m.NODE_COMPUTE, "Node's compute time in its last round.", node, registry=registry)
         self.communication = Gauge(m.NODE_COMMUNICATION, "Node's download+upload time, as it measured it.", node,
                                    registry=registry)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -15,7 +16,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 from prometheus_client import CollectorRegistry
@@ -25,6 +26,7 @@ from rich.table import Table
 
 from coordinator import checkpoint
 from coordinator.admission import with_newcomers_capped
+from coordinator.afterwork import AfterWork
 from coordinator.config import CoordinatorConfig
 from coordinator.membership import Membership
 from coordinator.metrics import CoordinatorMetrics
@@ -83,6 +85,8 @@ class RunResult:
     time_to_target: float | None = None
     sync_overheads: list[float] = field(default_factory=list)  # round wall time minus slowest compute
     choice: Choice | None = None  # the model kept (best on val) and what it scores
+    startup_seconds: float = 0.0  # from the command (Coordinator's `started_at`) to the first round
+    training_share: float = 0.0  # the nodes' mean time in training steps over `wall_seconds`
 
 
 @dataclass
@@ -142,9 +146,18 @@ class Coordinator:
 
     def __init__(self, cfg: CoordinatorConfig, *, registry: CollectorRegistry | None = None,
                  stop: threading.Event | None = None, console: Console | None = None,
-                 keep_history: bool = True) -> None:
-        """`keep_history` False: `RunResult.history` holds the last round's record only (the log has them all)."""
+                 keep_history: bool = True, started_at: float | None = None) -> None:
+        """`keep_history` False: `RunResult.history` holds the last round's record only (the log has them all).
+
+        `started_at`: when the command started (time.time(); default: now), whence the start-up time is counted.
+        """
         tune_malloc()
+        self.started_at = time.time() if started_at is None else started_at
+        self.startup_seconds = 0.0  # from `started_at` to the first round
+        self._final: EvalResult | None = None  # the global model's last figures on test
+        self._logged = 0  # rounds completed when the last record was logged
+        self._log_file: IO[str] | None = None  # opened with the first round's record: a run that never trains
+        # leaves no log
         self.cfg = cfg
         self.keep_history = keep_history
         self.registry = registry or CollectorRegistry()
@@ -336,36 +349,92 @@ class Coordinator:
         choice.majority = _constant_prediction(data.test.y, top, data.num_classes)
         return choice
 
-    def _consider(self, choice: Choice, test: EvalResult, val: EvalResult | None, rounds: int) -> None:
-        """Keep this round's global model if it is the best on val so far (every round's, with no val split)."""
-        assert self.engine is not None
+    def _consider(self, choice: Choice, test: EvalResult, val: EvalResult | None, rounds: int,
+                  state: dict[str, torch.Tensor]) -> None:
+        """Keep this round's global model (`state`) if it is the best on val so far (every round's, with no val)."""
         better = val is None or choice.val is None or choice.value(val) > choice.value(choice.val)
         if better:
             choice.round, choice.val, choice.test = rounds, val, test
             # a copy: the engine's global tensors are replaced, not changed in place, but a copy is certain
-            choice.state = {k: v.clone() for k, v in self.engine.global_state.items()} if val is not None else None
+            choice.state = {k: v.clone() for k, v in state.items()} if val is not None else None
+
+    def _after_round(self, record: dict[str, Any], state: dict[str, torch.Tensor] | None, evaluate: bool,
+                     snap: dict[str, Any] | None, choice: Choice, history: deque[dict[str, Any]]) -> None:
+        """A closed round's after-work: evaluate its global model `state`, log the record, checkpoint (`snap` given).
+
+        Runs on the after-work thread (coordinator/afterwork.py), in the order rounds closed, while the agents
+        train the next round; inline when a --target is judged.
+        """
+        cfg = self.cfg
+        if evaluate:
+            assert state is not None
+            final, val = self._evaluate(state)
+            self._consider(choice, final, val, record["round"] + 1, state)
+            record.update(accuracy=final.accuracy, loss=final.loss, macro_f1=final.macro_f1,
+                          macro_recall=final.macro_recall, metric=choice.value(final))
+            if val is not None:
+                record.update(val_accuracy=val.accuracy, val_loss=val.loss, val_macro_f1=val.macro_f1,
+                              val_macro_recall=val.macro_recall, val_metric=choice.value(val))
+            self.metrics.accuracy.set(final.accuracy)
+            self.metrics.loss.set(final.loss)
+            self.metrics.macro_f1.set(final.macro_f1)
+            self.metrics.metric.labels(choice.metric.name).set(choice.value(final))
+            self._final = final
+        history.append(record)
+        self._logged = record["round"] + 1
+        if cfg.run_dir is not None:
+            try:
+                if self._log_file is None:
+                    self._log_file = open(cfg.run_dir / LOG, "a" if cfg.resume else "w")  # noqa: SIM115
+                self._log_file.write(json.dumps(record) + "\n")
+                self._log_file.flush()
+            except OSError as exc:  # a torn last line is dropped by --resume (trim_log)
+                raise checkpoint.write_error(cfg.run_dir / LOG, exc) from exc
+        if snap is not None:
+            assert state is not None
+            self._checkpoint(state, snap)
+
+    def _report_share(self, nodes: dict[str, NodeSummary], record: dict[str, Any] | None,
+                      wall: float | None = None) -> float:
+        """The training share so far: the nodes' mean time in training steps over the wall time since round 1.
+
+        Into the round's `record` (wall: its elapsed seconds) and the gauge; returned.
+        """
+        elapsed = wall if wall is not None else record["elapsed_seconds"] if record is not None else 0.0
+        computed = [s.compute_seconds for s in nodes.values()]
+        share = sum(computed) / len(computed) / elapsed if computed and elapsed > 0 else 0.0
+        if record is not None:
+            record["training_share"] = share
+        self.metrics.training_share.set(share)
+        return share
 
     def run(self) -> RunResult:
         if self.engine is None:
             self.start()
         assert self.engine is not None and self.workload is not None
         cfg, engine = self.cfg, self.engine
+        self._logged = engine.completed_rounds
         n_train = len(self.workload.data.train)
         # every round's record, for the benchmarks that read them; a long CLI run keeps the last one only (the soak
         # measured ~1.6 MB per 100 rounds of 32 agents held here), its log on disk has them all
         history: deque[dict[str, Any]] = deque(maxlen=None if self.keep_history else 1)
         nodes: dict[str, NodeSummary] = {}
         overheads: list[float] = []
-        log_file = None  # opened with the first round's record: a run that never trains leaves no log
         final: EvalResult | None = None
         choice = self._new_choice()
         samples_total = sum(engine.cursors.values())  # every sample trained so far, a resumed run's included
         stopped_by = "stop"
         time_to_target: float | None = None
         t_start = time.perf_counter()
+        # Local agents hold every core of this host: the after-work thread's evaluation takes one thread, as the
+        # agent's own tensor work does (with torch's default, one per core, it took ~4x longer, spinning meanwhile).
+        after = AfterWork(init=(lambda: torch.set_num_threads(1)) if cfg.local_agents + len(cfg.local_devices)
+                          else None)
         try:
             self._wait_for_agents()
             t_start = time.perf_counter()
+            self.startup_seconds = time.time() - self.started_at
+            self.metrics.startup.set(self.startup_seconds)
             with self._progress() as progress:
                 task = progress.add_task("training", total=cfg.rounds, acc="-", tput="-", slow="-")
                 def budget_spent() -> str | None:
@@ -411,56 +480,50 @@ class Coordinator:
                     overheads.append(record["sync_overhead_seconds"])
                     last = budget_spent() is not None  # the last round is evaluated and logged
                     evaluated = last or cfg.target is not None or engine.completed_rounds % cfg.eval_every == 0
-                    if evaluated:
-                        final, val = self._evaluate(engine.global_state)
-                        self._consider(choice, final, val, engine.completed_rounds)
-                        record.update(accuracy=final.accuracy, loss=final.loss, macro_f1=final.macro_f1,
-                                      macro_recall=final.macro_recall, metric=choice.value(final))
-                        if val is not None:
-                            record.update(val_accuracy=val.accuracy, val_loss=val.loss, val_macro_f1=val.macro_f1,
-                                          val_macro_recall=val.macro_recall, val_metric=choice.value(val))
-                        self.metrics.accuracy.set(final.accuracy)
-                        self.metrics.loss.set(final.loss)
-                        self.metrics.macro_f1.set(final.macro_f1)
-                        self.metrics.metric.labels(choice.metric.name).set(choice.value(final))
                     record["elapsed_seconds"] = time.perf_counter() - t_start
                     self.metrics.elapsed.set(record["elapsed_seconds"])
-                    history.append(record)
-                    if cfg.run_dir is not None:
-                        try:
-                            if log_file is None:
-                                log_file = open(cfg.run_dir / LOG, "a" if cfg.resume else "w")  # noqa: SIM115
-                            log_file.write(json.dumps(record) + "\n")
-                            log_file.flush()
-                        except OSError as exc:  # a torn last line is dropped by --resume (trim_log)
-                            raise checkpoint.write_error(cfg.run_dir / LOG, exc) from exc
-                    if cfg.run_dir is not None and engine.completed_rounds % cfg.checkpoint_every == 0:
-                        self._checkpoint()
+                    self._report_share(nodes, record)
+                    state = engine.global_state  # replaced by the next round, never changed: this round's
+                    snap = (engine.snapshot() if cfg.run_dir is not None
+                            and engine.completed_rounds % cfg.checkpoint_every == 0 else None)
+                    held = evaluated or snap is not None
+                    job = functools.partial(self._after_round, record, state if held else None, evaluated, snap,
+                                            choice, history)
+                    if cfg.target is None:  # the agents train the next round meanwhile
+                        after.submit(job, holds_state=held)
+                    else:  # the target is judged before the next round opens
+                        job()
                     slow = max(record["nodes"].items(), key=lambda kv: kv[1]["compute_seconds"], default=("-", {}))[0]
-                    progress.update(task, advance=1, acc=f"{final.accuracy:.4f}" if final else "-",
+                    progress.update(task, advance=1, acc=f"{self._final.accuracy:.4f}" if self._final else "-",
                                     tput=f"{record['samples_per_second']:.0f}", slow=slow)
                     judged = record.get("val_metric", record.get("metric"))  # on val, on test only without one
                     if cfg.target is not None and evaluated and judged is not None and judged >= cfg.target:
                         time_to_target = record["elapsed_seconds"]
                         stopped_by = "target"
                         break
+            after.drain()
+            final = self._final
             if final is None or (history and "accuracy" not in history[-1]):
                 final, val = self._evaluate(engine.global_state)
-                self._consider(choice, final, val, engine.completed_rounds)
+                self._consider(choice, final, val, engine.completed_rounds, engine.global_state)
             wall = time.perf_counter() - t_start
+            share = self._report_share(nodes, None, wall)
             if cfg.run_dir is not None:
-                self._checkpoint()
+                self._checkpoint(engine.global_state, engine.snapshot())
                 # the model kept: the best round on val (the last round's without a val split)
                 kept = choice.state if choice.state is not None else engine.global_state
                 checkpoint.save_model(cfg.run_dir, kept, self._run_facts())
-                checkpoint.atomic_write_text(cfg.run_dir / RESULT, json.dumps(choice.to_json(), indent=1) + "\n")
+                result = {**choice.to_json(), "wall_seconds": wall, "startup_seconds": self.startup_seconds,
+                          "training_share": share}
+                checkpoint.atomic_write_text(cfg.run_dir / RESULT, json.dumps(result, indent=1) + "\n")
             choice.state = None
             return RunResult(engine.completed_rounds, wall, final, list(history), nodes, cfg.run_dir, samples_total,
-                             stopped_by, time_to_target, overheads, choice)
+                             stopped_by, time_to_target, overheads, choice, self.startup_seconds, share)
         except checkpoint.CheckpointWriteError as exc:
             # Stop rather than train on without checkpoints: every round after the last one on disk would be
             # lost to the next crash, and the final model could not be written either (docs/security.md).
-            failed = TrainingError(f"{exc}; the run stopped after {engine.completed_rounds} rounds, "
+            # the rounds logged: the after-work of later rounds, if any closed meanwhile, was not done
+            failed = TrainingError(f"{exc}; the run stopped after {self._logged} rounds, "
                                    f"{self._resume_hint()}")
             self._failure = str(failed)
             raise failed from exc
@@ -468,9 +531,11 @@ class Coordinator:
             self._failure = " ".join(str(exc).split()) or type(exc).__name__
             raise
         finally:
-            if log_file is not None:
+            after.close()
+            if self._log_file is not None:
                 with contextlib.suppress(OSError):  # a full disk fails the close's flush too: already said
-                    log_file.close()
+                    self._log_file.close()
+                self._log_file = None
             self.close()
 
     def _resume_hint(self) -> str:
@@ -525,11 +590,11 @@ class Coordinator:
             "nodes": per_node,
         }
 
-    def _checkpoint(self) -> None:
-        assert self.engine is not None and self.workload is not None and self.cfg.run_dir is not None
-        snap = self.engine.snapshot()
+    def _checkpoint(self, state: dict[str, torch.Tensor], snap: dict[str, Any]) -> None:
+        """Write `state`, the global model after `snap["completed_rounds"]` rounds, with the engine's `snap`."""
+        assert self.workload is not None and self.cfg.run_dir is not None
         checkpoint.save(self.cfg.run_dir, checkpoint.Checkpoint(
-            completed_rounds=snap["completed_rounds"], state=self.engine.global_state, cursors=snap["cursors"],
+            completed_rounds=snap["completed_rounds"], state=state, cursors=snap["cursors"],
             meta=self._run_facts(),
         ))
         self._checkpointed = snap["completed_rounds"]
@@ -607,7 +672,8 @@ def _constant_prediction(y: torch.Tensor, label: int, num_classes: int) -> EvalR
 
 def summary_table(result: RunResult) -> Table:
     """Per-node figures at the end of a run."""
-    table = Table(title=f"{result.completed_rounds} rounds in {result.wall_seconds:.1f} s ({result.stopped_by})")
+    table = Table(title=f"{result.completed_rounds} rounds in {result.wall_seconds:.1f} s ({result.stopped_by}); "
+                        f"training share {result.training_share:.1%}, start-up {result.startup_seconds:.1f} s")
     for col in ("node", "rounds", "missed", "samples", "compute s", "comm s", "samples/s", "local acc"):
         table.add_column(col, justify="left" if col == "node" else "right")
     for s in sorted(result.nodes.values(), key=lambda s: s.name):

@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from edgetrain import recipes
-from edgetrain.datasets import Dataset, load_dataset, shard_indices
+from edgetrain.datasets import Dataset, default_cache_dir, load_dataset, shard_indices
+from edgetrain.datasets.encoded import cached
 from edgetrain.errors import ConfigError
 from edgetrain.models import ModelInput, build_model, default_lr, input_features
 from edgetrain.spec import DataLocation, RunSpec
@@ -56,21 +57,23 @@ def load_workload(
     returned workload's spec names everything.
     """
     where = where or DataLocation()
-    # Text is encoded for the model: the default one's encoding when none is named (images ignore it).
-    data = load_dataset(
-        spec.dataset,
-        data_dir=where.data_dir,
-        data_path=where.data_path,
-        test_path=where.test_path,
-        val_path=where.val_path,
-        cache_dir=where.cache_dir,
-        download=where.download,
-        seed=spec.seed,
-        max_len=spec.max_len,
-        limit=spec.limit or None,
-        progress=progress,
-        text_features=input_features(spec.model or recipes.TEXT_MODEL),
-    )
+    cache = where.cache_dir.expanduser() if where.cache_dir is not None else default_cache_dir()
+    features = input_features(spec.model or recipes.TEXT_MODEL)  # text as the model takes it (the default's)
+
+    def build() -> Dataset:
+        return load_dataset(
+            spec.dataset, data_dir=where.data_dir, data_path=where.data_path, test_path=where.test_path,
+            val_path=where.val_path, cache_dir=where.cache_dir, download=where.download, seed=spec.seed,
+            max_len=spec.max_len, limit=spec.limit or None, progress=progress, text_features=features,
+        )
+
+    # Encoded once per machine (edgetrain.datasets.encoded): the coordinator's load fills the cache its local
+    # agents' workers read, instead of each tokenising the text again.
+    options: dict[str, object] = {"seed": spec.seed, "max_len": spec.max_len, "limit": spec.limit,
+                                  "features": features, "where": [str(where.data_dir), str(where.data_path),
+                                                                  str(where.test_path), str(where.val_path)]}
+    data = cached(spec.dataset, data_dir=where.data_dir, data_path=where.data_path, test_path=where.test_path,
+                  val_path=where.val_path, cache_dir=cache, options=options, build=build)
     if spec.data_fingerprint and data.fingerprint != spec.data_fingerprint:
         raise ConfigError(
             f"data set {spec.dataset!r} here has fingerprint {data.fingerprint[:12]}, the coordinator's is "

@@ -249,6 +249,11 @@ def panels() -> list[Panel]:
             decimals=4,
         ),
         stat("Training time", f"max({m.TRAINING_SECONDS})", "s", "Wall time since the first round opened."),
+        stat("Training share", f"max({m.TRAINING_SHARE})", "percentunit",
+             "The agents' time in training steps (mean over the nodes) over the wall time since the first round "
+             "opened; the rest is waiting: transfer, aggregation, stragglers."),
+        stat("Start-up", f"max({m.STARTUP_SECONDS})", "s",
+             "From the coordinator's start (the command) to its first round: imports, data, agents joining."),
         stat(
             "Rounds closed short",
             f"sum({m.ROUNDS_SHORT}) or vector(0)",

@@ -6,7 +6,7 @@ import csv
 import hashlib
 import json
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -99,6 +99,7 @@ class Dataset:
     default_model: str
     ngram_buckets: int = 0  # hash buckets of n-gram features (0: token ids or images)
     class_descriptions: tuple[str, ...] = ()  # what mapping.txt says of each class beyond its name, if anything
+    params: Mapping[str, object] = field(default_factory=dict)  # the load options the fingerprint hashes
 
     @property
     def num_classes(self) -> int:

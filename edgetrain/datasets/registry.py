@@ -387,4 +387,4 @@ def _finish(
     )
     default_model = TEXT_MODEL if vocab is not None else IMAGE_MODEL
     return Dataset(name, kind, train, test, val, classes, vocab, fingerprint, default_model,
-                   ngram_buckets=buckets, class_descriptions=descriptions)
+                   ngram_buckets=buckets, class_descriptions=descriptions, params=dict(params))

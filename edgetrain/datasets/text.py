@@ -117,10 +117,16 @@ def tokenize(text: str) -> list[str]:
         elif kind == "user":
             tokens.append(USER)
         elif kind == "word":  # letters repeated 3+ times cut to 2: sooooo -> soo
-            tokens.append(_ELONGATED.sub(r"\1\1", match.group()))
+            tokens.append(_shortened(match.group()))
         else:
             tokens.append(match.group())
     return tokens
+
+
+@functools.lru_cache(maxsize=1 << 17)
+def _shortened(word: str) -> str:
+    """A word with its letters repeated 3+ times cut to 2, once per distinct word (a corpus repeats its words)."""
+    return _ELONGATED.sub(r"\1\1", word)
 
 
 @dataclass(frozen=True, eq=False)
@@ -232,8 +238,14 @@ def ngram_ids(tokens: Sequence[str], buckets: int = NGRAM_BUCKETS) -> list[int]:
     ids: set[int] = set()
     for tok in tokens:
         ids.update(_token_ids(tok, buckets))
-    ids.update(_hash(f"b {a} {b}", buckets) for a, b in zip(tokens, tokens[1:], strict=False))
+    ids.update(_bigram_id(a, b, buckets) for a, b in zip(tokens, tokens[1:], strict=False))
     return sorted(ids)
+
+
+@functools.lru_cache(maxsize=1 << 18)
+def _bigram_id(a: str, b: str, buckets: int) -> int:
+    """The id of a word bigram, once per distinct pair."""
+    return _hash(f"b {a} {b}", buckets)
 
 
 def _hash(gram: str, buckets: int) -> int:

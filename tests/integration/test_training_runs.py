@@ -7,6 +7,7 @@ import os
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -18,6 +19,7 @@ from coordinator.config import CoordinatorConfig
 from coordinator.run import Coordinator, RunResult
 from edgetrain import metric_names as m
 from edgetrain.cores import read_affinity
+from edgetrain.datasets import encoded
 from edgetrain.spec import DataLocation, RunSpec
 from edgetrain.training import batch_plan
 from edgetrain.workload import load_workload
@@ -144,7 +146,9 @@ def test_local_run_pins_workers_reaches_accuracy_and_cleans_up(tmp_path: Path) -
     assert set(result.nodes) == {"local-0", "local-1"}
     assert all(n.samples == 12 * 8 * 64 for n in result.nodes.values())
     assert (tmp_path / "run" / checkpoint.LATEST).exists() and (tmp_path / "run" / "rounds.jsonl").exists()
-    assert not (tmp_path / "cache").exists()  # nothing was fetched
+    # nothing was fetched: the cache holds only the encoded corpus, which the agents' workers read (one entry)
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [encoded.FOLDER]
+    assert len(list((tmp_path / "cache" / encoded.FOLDER).iterdir())) == 1
     # the same-host files' directory was used and is gone, every process gone, no thread left behind
     assert files is not None and not files.dir.exists()
     for proc in agents:
@@ -189,10 +193,10 @@ def test_checkpoints_every_n_rounds_and_at_the_end(tmp_path: Path, monkeypatch: 
     saved: list[int] = []
     original = Coordinator._checkpoint
 
-    def spy(self: Coordinator) -> None:
-        saved.append(self.engine.completed_rounds)  # type: ignore[union-attr]
+    def spy(self: Coordinator, state: dict[str, torch.Tensor], snap: dict[str, Any]) -> None:
+        saved.append(snap["completed_rounds"])
         assert self._svc is not None and self._svc.upload_slots == 1  # the option reached the servicer
-        original(self)
+        original(self, state, snap)
 
     monkeypatch.setattr(Coordinator, "_checkpoint", spy)
     coord = Coordinator(cfg)
@@ -283,3 +287,42 @@ def test_agent_leaves_cleanly_on_sigterm(tmp_path: Path) -> None:
             agent.kill()
         coord.stop.set()
         runner.join(60)
+
+
+def test_evaluation_off_the_critical_path_gives_todays_figures_of_each_rounds_model(tmp_path: Path) -> None:
+    """The after-work thread evaluates, logs and checkpoints while the next round trains: each record's figures are
+    those `evaluate` gives the model of that round (the kept one and the last one, read back from disk), exactly."""
+    from edgetrain.training import evaluate
+
+    spec = RunSpec(dataset="tweets", model="text-ngram", lr=0.1, limit=3000, seed=5)
+    cfg = CoordinatorConfig(spec=spec, port=0, local_steps=4, rounds=4, local_agents=2, eval_every=1,
+                            run_dir=tmp_path, progress=False, round_timeout=120)
+    coord = Coordinator(cfg)
+    result = coord.run()
+    logged = [json.loads(line) for line in (tmp_path / "rounds.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in logged] == [0, 1, 2, 3] and all("val_metric" in r for r in logged)
+    data = coord.workload.data  # type: ignore[union-attr]
+    model = coord.workload.new_model()  # type: ignore[union-attr]
+
+    def figures(path: Path) -> tuple[Any, Any]:
+        model.load_state_dict(checkpoint.load_model(path) if path.name == checkpoint.MODEL
+                              else checkpoint.load(path.parent).state)
+        assert data.val is not None
+        return (evaluate(model, data.test.x, data.test.y, data.num_classes),
+                evaluate(model, data.val.x, data.val.y, data.num_classes))
+
+    test, val = figures(tmp_path / checkpoint.LATEST)  # the last round's model
+    last = logged[-1]
+    assert (last["accuracy"], last["loss"], last["macro_f1"], last["macro_recall"]) == (
+        test.accuracy, test.loss, test.macro_f1, test.macro_recall)
+    assert (last["val_accuracy"], last["val_loss"]) == (val.accuracy, val.loss)
+    kept = json.loads((tmp_path / "result.json").read_text())
+    test, val = figures(tmp_path / checkpoint.MODEL)  # the round chosen on val
+    chosen = logged[kept["round"] - 1]
+    assert kept["val"]["value"] == max(r["val_metric"] for r in logged) == chosen["val_metric"]
+    assert (kept["test"]["accuracy"], kept["test"]["confusion"]) == (test.accuracy, [list(r) for r in test.confusion])
+    assert (chosen["accuracy"], chosen["val_accuracy"]) == (test.accuracy, val.accuracy)
+    # the run's training share and start-up: in the records, result.json and the summary's figures
+    assert all(0 < r["training_share"] <= 1 for r in logged)
+    assert 0 < result.training_share <= 1 and kept["training_share"] == result.training_share
+    assert 0 < result.startup_seconds == kept["startup_seconds"] < 300

@@ -25,6 +25,7 @@ def node(samples: int, compute: float, comm: float, acc: float) -> dict[str, flo
 def make_records(rounds: int = 8, eval_every: int = 2, start_round: int = 0) -> list[dict[str, Any]]:
     """Records with exactly the fields Coordinator.run writes; agent-c joins at round 3, agent-b misses round 5."""
     records, elapsed = [], 0.0
+    computed: dict[str, float] = {}
     for r in range(start_round, start_round + rounds):
         nodes = {"agent-a": node(256, 0.30 + 0.01 * r, 0.05, 0.40 + 0.04 * r)}
         missing = []
@@ -47,6 +48,9 @@ def make_records(rounds: int = 8, eval_every: int = 2, start_round: int = 0) -> 
             record.update(val_accuracy=0.46 + 0.03 * r, val_loss=1.0 - 0.05 * r, val_macro_f1=0.41 + 0.03 * r,
                           val_macro_recall=0.42 + 0.03 * r, val_metric=0.46 + 0.03 * r)
         record["elapsed_seconds"] = elapsed
+        for name, n in nodes.items():
+            computed[name] = computed.get(name, 0.0) + n["compute_seconds"]
+        record["training_share"] = sum(computed.values()) / len(computed) / elapsed  # mean over the nodes so far
         records.append(record)
     return records
 
