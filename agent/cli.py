@@ -53,8 +53,8 @@ def make_app() -> typer.Typer:
         log_level: opt.LogLevelOpt = "info",
     ) -> int:
         """Join a coordinator and train until it says the run is over (SIGINT/SIGTERM leave cleanly)."""
-        from agent.config import AgentConfig
-        from agent.runner import AgentRunner
+        from .config import AgentConfig
+        from .runner import AgentRunner
 
         setup_logging(log_level)
         core_list, why = resolve_cores(cores)

@@ -30,7 +30,7 @@ from edgetrain.proto import edgetrain_pb2 as pb
 from edgetrain.samehost import READ, WRITE, open_shared
 
 if TYPE_CHECKING:  # the worker imports this module: no gRPC in its process
-    from agent.client import CoordinatorClient
+    from .client import CoordinatorClient
 
 log = logging.getLogger("edgetrain.agent")
 

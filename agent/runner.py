@@ -12,11 +12,6 @@ import grpc
 import torch
 from prometheus_client import CollectorRegistry
 
-from agent.client import CoordinatorClient, TLSFiles, backoff_delays, poll_again_delay
-from agent.config import AgentConfig
-from agent.metrics import AgentMetrics
-from agent.route import Round, Route
-from agent.worker import WeightsFileError, WorkerPool
 from edgetrain import serde
 from edgetrain.cli_util import read_file
 from edgetrain.compression import ErrorFeedback
@@ -25,6 +20,12 @@ from edgetrain.errors import ConfigError
 from edgetrain.httpmetrics import MetricsServer
 from edgetrain.proto import edgetrain_pb2 as pb
 from edgetrain.spec import RunSpec
+
+from .client import CoordinatorClient, TLSFiles, backoff_delays, poll_again_delay
+from .config import AgentConfig
+from .metrics import AgentMetrics
+from .route import Round, Route
+from .worker import WeightsFileError, WorkerPool
 
 log = logging.getLogger("edgetrain.agent")
 

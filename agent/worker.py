@@ -20,11 +20,12 @@ from typing import Any
 
 import torch
 
-from agent.route import RoundTask, UpdateFile, read_weights, write_update
 from edgetrain.errors import EdgetrainError, WireError
 from edgetrain.procs import ChildError, Children, Stop, failed, free_port, prepare_child
 from edgetrain.spec import DataLocation, RunSpec
 from edgetrain.training import StepResult, batch_plan, make_optimizer, set_lr, train_steps
+
+from .route import RoundTask, UpdateFile, read_weights, write_update
 
 
 class WorkerError(ChildError):

@@ -17,8 +17,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from coordinator.config import CoordinatorConfig  # noqa: E402
-from coordinator.run import Coordinator  # noqa: E402
+from edgetrain.coordinator.config import CoordinatorConfig  # noqa: E402
+from edgetrain.coordinator.run import Coordinator  # noqa: E402
+
 from edgetrain.spec import RunSpec  # noqa: E402
 
 

@@ -35,8 +35,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from coordinator.config import CoordinatorConfig  # noqa: E402
-from coordinator.run import Coordinator  # noqa: E402
+from edgetrain.coordinator.config import CoordinatorConfig  # noqa: E402
+from edgetrain.coordinator.run import Coordinator  # noqa: E402
+
 from edgetrain.cores import allowed_cores  # noqa: E402
 from edgetrain.memory import tune_malloc  # noqa: E402
 from edgetrain.peers import TrainJob, combine, run_pinned, torch_ddp, torch_lockstep, torch_single  # noqa: E402
@@ -75,8 +76,9 @@ def peer_rate(target: object, groups: list[list[int]], spec: RunSpec, where: Dat
 
 def _client_main(port: int, agents: int, rounds: int, model: str) -> None:
     """In a separate process: `agents` threads, each the agents' real client (streaming, as from another host)."""
-    from agent.client import CoordinatorClient
-    from agent.route import Route
+    from edgetrain.agent.client import CoordinatorClient
+    from edgetrain.agent.route import Route
+
     from edgetrain import serde
     from edgetrain.models import ModelInput, build_model
     from edgetrain.proto import edgetrain_pb2 as pb
@@ -121,13 +123,13 @@ def memory_with_agents(agents: int, rounds: int, model: str = "mnist-cnn",
 
 
 def _serve(agents: int, rounds: int, model: str, slots: tuple[int, int] | None = None) -> dict[str, float]:
+    from edgetrain.coordinator.membership import Membership
+    from edgetrain.coordinator.metrics import CoordinatorMetrics
+    from edgetrain.coordinator.rounds import RoundEngine
+    from edgetrain.coordinator.server import start_server
+    from edgetrain.coordinator.servicer import ServiceState
     from prometheus_client import CollectorRegistry
 
-    from coordinator.membership import Membership
-    from coordinator.metrics import CoordinatorMetrics
-    from coordinator.rounds import RoundEngine
-    from coordinator.server import start_server
-    from coordinator.servicer import ServiceState
     from edgetrain.models import ModelInput, build_model
 
     state = {k: v.clone() for k, v in build_model(model, ModelInput(10)).state_dict().items()}

@@ -1,7 +1,7 @@
 """Hostile clients beside one real agent: its pace and the coordinator's resources, without and with each attack.
 
 A benchmark, not a test (tests/integration/test_hostile.py asserts the behaviour). It starts a real coordinator
-(`python -m coordinator run`, a child process) and one real agent pinned to a core (`edge-agent start --cores
+(`python -m edgetrain.coordinator run`, a child process) and one real agent pinned to a core (`edge-agent start --cores
 1`), measures the agent's rounds/s from the coordinator's /metrics, then runs each attack from this process
 (niced, so the attackers' own CPU weighs least on the 2-core machine) and measures again: rounds/s during and
 after, and the coordinator's RSS, threads, open fds and metric series before, during and after.
@@ -278,13 +278,14 @@ def main() -> int:
     run_dir = Path(tempfile.mkdtemp(prefix="edgetrain-hostile-"))
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     coord = subprocess.Popen(
-        [sys.executable, "-m", "coordinator", "run", "--dataset", "tweets", "--model", args.model,
+        [sys.executable, "-m", "edgetrain.coordinator", "run", "--dataset", "tweets", "--model", args.model,
          "--local-steps", str(args.local_steps), "--rounds", str(10**6), "--port", str(port),
          "--metrics-port", str(metrics_port), "--round-timeout", "30", "--eval-every", str(10**6),
          "--checkpoint-every", str(10**6), "--run-dir", str(run_dir / "run"), "--no-progress", "--log-level",
          "error"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=open(run_dir / "coordinator.log", "wb"))
     agent = subprocess.Popen(
-        [sys.executable, "-m", "agent", "start", "--coordinator", f"127.0.0.1:{port}", "--cores", "1", "--name",
+        [sys.executable, "-m", "edgetrain.agent", "start", "--coordinator", f"127.0.0.1:{port}", "--cores", "1",
+         "--name",
          "real", "--log-level", "error"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
         stderr=open(run_dir / "agent.log", "wb"))
     target = Target(port, metrics_port, coord)

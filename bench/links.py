@@ -75,7 +75,7 @@ def run_once(link: Link, net: Cluster | None, data_dir: Path, k: int, dtype: str
     else:
         host, port = net.address("coord"), PORT
         wrap = {h: net.wrap(h) for h in ("coord", "a", "b")}
-    coord_cmd = [*wrap["coord"], *py, "coordinator", "run", *train_args(data_dir, k, dtype, rounds, run_dir),
+    coord_cmd = [*wrap["coord"], *py, "edgetrain.coordinator", "run", *train_args(data_dir, k, dtype, rounds, run_dir),
                  "--host", host, "--port", str(PORT if net else port)]
     if net is not None:
         coord_cmd.append("--insecure")  # plaintext across the emulated hosts: TLS is not what is measured
@@ -94,7 +94,8 @@ def run_once(link: Link, net: Cluster | None, data_dir: Path, k: int, dtype: str
             log = open(folder / f"{name}.log", "wb")  # noqa: SIM115
             logs.append(log)
             procs.append(subprocess.Popen(
-                [*wrap[name], *py, "agent", "start", "--coordinator", f"{host}:{agent_port}", "--cores", str(core),
+                [*wrap[name], *py, "edgetrain.agent", "start", "--coordinator", f"{host}:{agent_port}", "--cores",
+                 str(core),
                  "--name", name, "--data-dir", str(data_dir), "--give-up-after", "120"],
                 cwd=ROOT, stdout=log, stderr=subprocess.STDOUT))
         if procs[0].wait(3600) != 0:

@@ -1,6 +1,6 @@
 """Protocol load: N agents against a real coordinator on loopback; prints figures (a benchmark, not a test).
 
-The coordinator is the real one (`python -m coordinator run`, a child process, so its memory is its own);
+The coordinator is the real one (`python -m edgetrain.coordinator run`, a child process, so its memory is its own);
 the agents are N threads in this process, each the agents' own client with its own channel, streaming as from
 another host: Join, long-poll GetRound, decode the weights, send a real-size update back when the coordinator
 has an upload slot for it (the weights nudged; no training, so the load is the protocol's). Reports whether
@@ -31,9 +31,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import grpc  # noqa: E402
+from edgetrain.agent.client import CoordinatorClient, poll_again_delay  # noqa: E402
+from edgetrain.agent.route import Route  # noqa: E402
 
-from agent.client import CoordinatorClient, poll_again_delay  # noqa: E402
-from agent.route import Route  # noqa: E402
 from edgetrain import serde  # noqa: E402
 from edgetrain.procs import free_port  # noqa: E402
 from edgetrain.proto import edgetrain_pb2 as pb  # noqa: E402
@@ -104,7 +104,8 @@ def main() -> int:
     params = sum(v.numel() for v in state.values())
     port = free_port()
     run_dir = Path(tempfile.mkdtemp(prefix="edgetrain-load-"))
-    cmd = [sys.executable, "-m", "coordinator", "run", "--dataset", "tweets", "--model", args.model, "--limit",
+    cmd = [sys.executable, "-m", "edgetrain.coordinator", "run", "--dataset", "tweets", "--model", args.model,
+           "--limit",
            str(args.limit), "--rounds", str(args.rounds), "--min-agents", str(args.agents), "--local-steps", "1",
            "--port", str(port), "--run-dir", str(run_dir), "--round-timeout", "300", "--join-timeout", "300",
            "--eval-every", str(10**9), "--no-progress", "--log-level", "error"]

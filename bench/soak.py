@@ -1,6 +1,6 @@
 """Soak: N agents x R rounds on loopback, an agent killed at random and restarted every ~K rounds (a benchmark).
 
-The coordinator is the real one (`python -m coordinator run`, a child process with a run dir and its own
+The coordinator is the real one (`python -m edgetrain.coordinator run`, a child process with a run dir and its own
 staging dir); the agents are N threads in this process, each the agents' own client with its own channel (as in
 bench/load.py: Join, long-poll GetRound, decode, a real-size update back; no training) and its own TCP
 connection (gRPC would otherwise share one among the channels of a process to the same address, and a leak per
@@ -41,9 +41,9 @@ import psutil
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from edgetrain.coordinator.config import UPLOAD_SLOTS  # noqa: E402
 from load import Agent  # noqa: E402 - bench/load.py, beside this script
 
-from coordinator.config import UPLOAD_SLOTS  # noqa: E402
 from edgetrain import grpc_options, serde  # noqa: E402
 from edgetrain.procs import free_port  # noqa: E402
 from edgetrain.spec import RunSpec  # noqa: E402
@@ -147,7 +147,7 @@ def soak(agents: int, rounds: int, kill_every: float, *, model: str, limit: int,
     work = Path(tempfile.mkdtemp(prefix="edgetrain-soak-"))
     run_dir, staging = work / "run", work / "staging"
     staging.mkdir()
-    cmd = [sys.executable, "-m", "coordinator", "run", "--dataset", "tweets", "--model", model, "--limit",
+    cmd = [sys.executable, "-m", "edgetrain.coordinator", "run", "--dataset", "tweets", "--model", model, "--limit",
            str(limit), "--rounds", str(rounds), "--min-agents", str(max(1, agents // 2)), "--local-steps", "1",
            "--port", str(port), "--run-dir", str(run_dir), "--staging-dir", str(staging),
            "--round-timeout", str(round_timeout), "--join-timeout", "300", "--eval-every", str(10**9),

@@ -13,9 +13,9 @@ import argparse
 import tempfile
 from pathlib import Path
 
+from edgetrain.coordinator import experiments as ex
 from rich.console import Console
 
-from coordinator import experiments as ex
 from edgetrain.cores import allowed_cores
 from edgetrain.spec import DataLocation
 from edgetrain.split import candidates, choose_split, split_table

@@ -34,9 +34,6 @@ from typing import Any
 import torch
 from rich.console import Console
 
-from coordinator import experiments as ex
-from coordinator.config import CoordinatorConfig
-from coordinator.run import Coordinator
 from edgetrain.cores import allowed_cores, format_cores, split_cores
 from edgetrain.errors import ConfigError
 from edgetrain.models import default_lr
@@ -44,6 +41,10 @@ from edgetrain.peers import TrainJob, TrainOutcome, combine, run_pinned, torch_d
 from edgetrain.recipes import METRICS
 from edgetrain.spec import RunSpec
 from edgetrain.training import EvalResult
+
+from . import experiments as ex
+from .config import CoordinatorConfig
+from .run import Coordinator
 
 K_CANDIDATES = (1, 2, 4, 8, 16)
 K_TIE = 0.03  # the best K: the smallest whose samples/s is within this share of the fastest candidate's

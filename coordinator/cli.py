@@ -11,8 +11,6 @@ from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
-from coordinator.admission import Limits
-from coordinator.config import UPLOAD_SLOTS
 from edgetrain import cli_options as opt
 from edgetrain.aggregation import AGGREGATORS, MEAN
 from edgetrain.cli_util import count_or_auto, entry, made_output_folder, read_token, setup_logging
@@ -22,8 +20,11 @@ from edgetrain.recipes import LR_DECAY, SKEW_THRESHOLD
 from edgetrain.spec import DataLocation, RunSpec
 from edgetrain.split import parse_count
 
+from .admission import Limits
+from .config import UPLOAD_SLOTS
+
 if TYPE_CHECKING:
-    from coordinator.experiments import BenchSettings
+    from .experiments import BenchSettings
 
 LR_HELP = "Learning rate (default: the model's: {}).".format(", ".join(
     [f"{DEFAULT_LR:g}"] + [f"{name} {m.lr:g}" for name, m in MODELS.items() if m.lr != DEFAULT_LR]))
@@ -179,8 +180,8 @@ def make_app() -> typer.Typer:
         """Run a training: wait for agents, run synchronous rounds, evaluate, checkpoint, print a summary."""
         from rich.console import Console
 
-        from coordinator.config import CoordinatorConfig
-        from coordinator.run import Coordinator, holds_run, quality_tables, slow_node, summary_table
+        from .config import CoordinatorConfig
+        from .run import Coordinator, holds_run, quality_tables, slow_node, summary_table
 
         setup_logging(log_level)
         gpus = parse_gpus(local_gpus)
@@ -238,7 +239,7 @@ def make_app() -> typer.Typer:
         out: Annotated[Optional[Path], typer.Option(help="Where to write the PNGs (default: RUN_DIR).")] = None,  # noqa: UP045
     ) -> int:
         """Turn a run's log into PNG plots: accuracy vs time per node, round-time breakdown, confusion matrix."""
-        from coordinator.report import write_report
+        from .report import write_report
 
         with made_output_folder(out, "--out") if out is not None else nullcontext(run_dir) as folder:
             for path in write_report(run_dir, folder):
@@ -284,7 +285,7 @@ def make_bench_app() -> typer.Typer:
         """Serial vs data-parallel (edgetrain) vs plain PyTorch and DDP vs GPU: time, accuracy, speed-up."""
         import sys
 
-        from coordinator import experiments as ex
+        from . import experiments as ex
 
         settings = ex.BenchSettings(dataset=dataset, model=model, data_dir=data_dir, limit=limit, epochs=epochs,
                                     batch_size=batch_size, lr=lr, optimizer=optimizer, lr_decay=lr_decay,
@@ -330,7 +331,7 @@ def make_bench_app() -> typer.Typer:
         """The CPU-affinity sweep of the paper's Table 1: processing time per core set, % gain vs slowest."""
         import sys
 
-        from coordinator import experiments as ex
+        from . import experiments as ex
 
         settings = ex.BenchSettings(dataset=dataset, model=model, data_dir=data_dir, limit=limit, epochs=epochs,
                                     batch_size=batch_size, lr=lr, optimizer=optimizer, lr_decay=lr_decay,
@@ -360,8 +361,8 @@ def _parallel_until(settings: BenchSettings, until: str, ks: str, eval_every_epo
     """`bench parallel --until`: every method to a target (coordinator.bench_ttt)."""
     import sys
 
-    from coordinator import bench_ttt as ttt
-    from coordinator import experiments as ex
+    from . import bench_ttt as ttt
+    from . import experiments as ex
 
     if target_accuracy is not None:
         raise ConfigError("--until and --target-accuracy both set a target: give one of them")

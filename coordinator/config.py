@@ -5,13 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from coordinator.admission import Limits
 from edgetrain.aggregation import AGGREGATORS, MEAN
 from edgetrain.cli_util import check_tls_ca, check_tls_pair
 from edgetrain.errors import ConfigError
 from edgetrain.grpc_options import is_loopback
 from edgetrain.recipes import metric_problem
 from edgetrain.spec import DataLocation, RunSpec
+
+from .admission import Limits
 
 # Uploads taken at once (the others wait, sending nothing, until one ends). A streamed update waits in a staging
 # file, so each slot costs the coordinator only the parts in flight, ~0.3x the MNIST CNN with agents on loopback

@@ -412,8 +412,8 @@ def _edgetrain_run(settings: BenchSettings, plan: ParallelPlan, target: float | 
 
     Its time to target is training seconds, the coordinator's evaluations taken off as for the other methods.
     """
-    from coordinator.bench_ttt import EvalTimedCoordinator, coordinator_outcome
-    from coordinator.config import CoordinatorConfig
+    from .bench_ttt import EvalTimedCoordinator, coordinator_outcome
+    from .config import CoordinatorConfig
 
     cfg = CoordinatorConfig(
         spec=settings.spec(), where=settings.where(), port=0, local_agents=plan.agents, min_agents=plan.agents,

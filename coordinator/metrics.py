@@ -9,7 +9,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from edgetrain import metric_names as m
 
 if TYPE_CHECKING:
-    from coordinator.rounds import NodeReport
+    from .rounds import NodeReport
 
 # Rounds and a node's compute in one take from a millisecond (tiny models, K=1) to minutes (big models on slow
 # boards).

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from coordinator.runlog import ReportError, read_log
+from .runlog import ReportError, read_log
 
 
 def training_times(records: list[dict[str, Any]]) -> list[float]:

@@ -17,11 +17,12 @@ from typing import Any
 
 import torch
 
-from coordinator.admission import Limits
 from edgetrain import aggregation, serde
 from edgetrain.errors import EdgetrainError
 from edgetrain.memory import Recycler
 from edgetrain.metric_names import REFUSAL_REASONS
+
+from .admission import Limits
 
 State = dict[str, torch.Tensor]
 

@@ -24,17 +24,6 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from coordinator import checkpoint
-from coordinator.admission import with_newcomers_capped
-from coordinator.afterwork import AfterWork
-from coordinator.config import CoordinatorConfig
-from coordinator.membership import Membership
-from coordinator.metrics import CoordinatorMetrics
-from coordinator.rounds import Outcome, RoundEngine
-from coordinator.runlog import LOG, trim_log
-from coordinator.server import start_server
-from coordinator.servicer import ServiceState
-from coordinator.stragglers import NodeTimes, slowest
 from edgetrain import recipes
 from edgetrain.cli_util import new_folder_kept_only_if_used, output_folder
 from edgetrain.cores import allowed_cores, format_cores, split_cores
@@ -44,6 +33,18 @@ from edgetrain.memory import compute_heap, tune_malloc
 from edgetrain.recipes import Metric
 from edgetrain.training import EvalResult, evaluate, state_of
 from edgetrain.workload import Workload, label_counts, load_workload
+
+from . import checkpoint
+from .admission import with_newcomers_capped
+from .afterwork import AfterWork
+from .config import CoordinatorConfig
+from .membership import Membership
+from .metrics import CoordinatorMetrics
+from .rounds import Outcome, RoundEngine
+from .runlog import LOG, trim_log
+from .server import start_server
+from .servicer import ServiceState
+from .stragglers import NodeTimes, slowest
 
 log = logging.getLogger("edgetrain.coordinator")
 
@@ -284,7 +285,7 @@ class Coordinator:
         for i, cores in enumerate(groups):
             device = devices[i - cfg.local_agents] if i >= cfg.local_agents else "cpu"
             name = f"local-{i}" if device == "cpu" else f"gpu-{device.split(':')[-1]}"
-            cmd = [sys.executable, "-m", "agent", "start", "--coordinator", f"{host}:{self.port}",
+            cmd = [sys.executable, "-m", "edgetrain.agent", "start", "--coordinator", f"{host}:{self.port}",
                    "--cores", format_cores(cores), "--name", name, "--device", device,
                    "--workers", str(min(cfg.local_workers, len(cores))), "--give-up-after", "60"]
             w = cfg.where

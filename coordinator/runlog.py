@@ -10,8 +10,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from coordinator import checkpoint
 from edgetrain.errors import EdgetrainError
+
+from . import checkpoint
 
 LOG = "rounds.jsonl"
 

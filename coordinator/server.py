@@ -11,16 +11,17 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from coordinator.admission import CONTROL_MESSAGE_BYTES, HANDLER_THREADS
-from coordinator.metrics import CoordinatorMetrics
-from coordinator.servicer import CoordinatorServicer, ServiceState
-from coordinator.streams import Oversize
-from coordinator.transfer import serialize_round
 from edgetrain import grpc_options
 from edgetrain import metric_names as m
 from edgetrain.cli_util import read_file
 from edgetrain.errors import ConfigError
 from edgetrain.proto import edgetrain_pb2_grpc as pb_grpc
+
+from .admission import CONTROL_MESSAGE_BYTES, HANDLER_THREADS
+from .metrics import CoordinatorMetrics
+from .servicer import CoordinatorServicer, ServiceState
+from .streams import Oversize
+from .transfer import serialize_round
 
 SERVICE_NAME = "edgetrain.v1.Coordinator"
 # Each update stream buffers what its flow-control window lets in, even while it waits for an upload slot

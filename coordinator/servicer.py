@@ -13,13 +13,6 @@ from pathlib import Path
 
 import grpc
 
-from coordinator import rounds
-from coordinator.admission import CallCounts, JoinRate, Limits, PollSlots, Watchdog, join_problem, metrics_address
-from coordinator.config import UPLOAD_SLOTS
-from coordinator.membership import Agent, FullError, Membership
-from coordinator.metrics import CoordinatorMetrics
-from coordinator.streams import STATUS, Oversize, Stream, timed_parts
-from coordinator.transfer import SEND_SLOTS, SEND_WAIT, Outgoing, Transfer, UpdateSource
 from edgetrain import grpc_options
 from edgetrain.cores import format_cores
 from edgetrain.errors import NonFiniteError, WireError
@@ -29,6 +22,14 @@ from edgetrain.proto import edgetrain_pb2 as pb
 from edgetrain.proto import edgetrain_pb2_grpc as pb_grpc
 from edgetrain.samehost import SHM_ROOT
 from edgetrain.spec import RunSpec
+
+from . import rounds
+from .admission import CallCounts, JoinRate, Limits, PollSlots, Watchdog, join_problem, metrics_address
+from .config import UPLOAD_SLOTS
+from .membership import Agent, FullError, Membership
+from .metrics import CoordinatorMetrics
+from .streams import STATUS, Oversize, Stream, timed_parts
+from .transfer import SEND_SLOTS, SEND_WAIT, Outgoing, Transfer, UpdateSource
 
 log = logging.getLogger("edgetrain.coordinator")
 

@@ -6,10 +6,11 @@ from collections.abc import Iterator
 
 import grpc
 
-from coordinator import rounds
-from coordinator.admission import Watchdog
 from edgetrain import grpc_options
 from edgetrain.proto import edgetrain_pb2 as pb
+
+from . import rounds
+from .admission import Watchdog
 
 STATUS = {code.name: code for code in grpc.StatusCode}  # a refusal's status name -> gRPC's code
 

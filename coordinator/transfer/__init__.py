@@ -25,16 +25,17 @@ from typing import Protocol
 
 import torch
 
-from coordinator import rounds
-from coordinator.config import UPLOAD_SLOTS
-from coordinator.transfer.samehost import SharedFiles
-from coordinator.transfer.staging import Arena, Pool, Stage, finish_staged
 from edgetrain import aggregation, serde
 from edgetrain.compression import apply_delta
 from edgetrain.errors import ConfigError
 from edgetrain.memory import in_memory_fs
 from edgetrain.proto import edgetrain_pb2 as pb
 from edgetrain.samehost import SHM_ROOT
+
+from .. import rounds
+from ..config import UPLOAD_SLOTS
+from .samehost import SharedFiles
+from .staging import Arena, Pool, Stage, finish_staged
 
 log = logging.getLogger("edgetrain.coordinator")
 

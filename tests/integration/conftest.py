@@ -11,14 +11,14 @@ from pathlib import Path
 import grpc
 import pytest
 import torch
+from edgetrain.coordinator.admission import Limits
+from edgetrain.coordinator.membership import Membership
+from edgetrain.coordinator.metrics import CoordinatorMetrics
+from edgetrain.coordinator.rounds import RoundEngine
+from edgetrain.coordinator.server import start_server
+from edgetrain.coordinator.servicer import ServiceState
 from prometheus_client import CollectorRegistry
 
-from coordinator.admission import Limits
-from coordinator.membership import Membership
-from coordinator.metrics import CoordinatorMetrics
-from coordinator.rounds import RoundEngine
-from coordinator.server import start_server
-from coordinator.servicer import ServiceState
 from edgetrain import grpc_options
 from edgetrain.proto import edgetrain_pb2 as pb
 from edgetrain.proto import edgetrain_pb2_grpc as pb_grpc

@@ -9,9 +9,9 @@ import csv
 from pathlib import Path
 
 import pytest
+from edgetrain.coordinator.bench_ttt import first_reach
+from edgetrain.coordinator.cli import make_app
 
-from coordinator.bench_ttt import first_reach
-from coordinator.cli import make_app
 from edgetrain.cli_util import run_app
 from edgetrain.cores import allowed_cores
 

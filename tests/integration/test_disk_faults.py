@@ -15,8 +15,8 @@ from pathlib import Path
 import grpc
 import pytest
 import torch
+from edgetrain.coordinator import checkpoint
 
-from coordinator import checkpoint
 from tests.conftest import free_port
 from tests.integration.conftest import make_service
 from tests.integration.test_faults import CORES, ROOT, Procs, _rounds, procs, wait_for  # noqa: F401
@@ -70,7 +70,7 @@ def test_a_full_disk_at_a_checkpoint_fails_the_run_agents_exit_1_and_resume_goes
 
         ballast.unlink()  # space freed: the run goes on from its checkpoint
         resumed = subprocess.run(
-            [sys.executable, "-m", "coordinator", "run", *QUICK, "--rounds", str(stopped + 2), "--port", "0",
+            [sys.executable, "-m", "edgetrain.coordinator", "run", *QUICK, "--rounds", str(stopped + 2), "--port", "0",
              "--run-dir", str(run_dir), "--resume", "--local-agents", "1"],
             cwd=ROOT, capture_output=True, text=True, timeout=300)
         assert resumed.returncode == 0, resumed.stderr

@@ -12,8 +12,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from edgetrain.coordinator.cli import make_app
 
-from coordinator.cli import make_app
 from edgetrain.cli_util import run_app
 from edgetrain.cores import allowed_cores
 from edgetrain.errors import ConfigError
@@ -106,7 +106,8 @@ def test_bench_affinity_rows_and_gain(tmp_path: Path) -> None:
     ["--layout", f"{N_CORES + 1}x1"],
 ])
 def test_oversize_sets_are_refused_in_one_line(args: list[str], tmp_path: Path) -> None:
-    proc = subprocess.run([sys.executable, "-m", "coordinator", "bench", "affinity", *args, "--out", str(tmp_path)],
+    proc = subprocess.run([sys.executable, "-m", "edgetrain.coordinator", "bench", "affinity", *args, "--out",
+                           str(tmp_path)],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1, proc.stderr
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
@@ -117,7 +118,8 @@ def test_oversize_sets_are_refused_in_one_line(args: list[str], tmp_path: Path) 
 
 
 def test_every_loop_trains_the_planned_steps_and_evaluates_on_cadence() -> None:
-    from coordinator.experiments import edgetrain_serial
+    from edgetrain.coordinator.experiments import edgetrain_serial
+
     from edgetrain.peers import TrainJob, combine, run_pinned, torch_single
     from edgetrain.spec import RunSpec
 

@@ -1,6 +1,6 @@
 """Faults with real processes and real gRPC on loopback: agents killed, the coordinator killed, stragglers.
 
-Agents are `python -m agent start` subprocesses (each in its own session, so a test can kill one and clean
+Agents are `python -m edgetrain.agent start` subprocesses (each in its own session, so a test can kill one and clean
 up its workers); the coordinator is in-process (port 0) or, when it is the one killed, a subprocess on a
 fixed free port so the agents can reconnect to the same address.
 """
@@ -25,13 +25,13 @@ import grpc
 import psutil
 import pytest
 import torch
+from edgetrain.agent.client import CoordinatorClient
+from edgetrain.agent.route import Route
+from edgetrain.coordinator import checkpoint
+from edgetrain.coordinator.config import CoordinatorConfig
+from edgetrain.coordinator.run import Coordinator, RunResult
+from edgetrain.coordinator.transfer.staging import StagedTensor
 
-from agent.client import CoordinatorClient
-from agent.route import Route
-from coordinator import checkpoint
-from coordinator.config import CoordinatorConfig
-from coordinator.run import Coordinator, RunResult
-from coordinator.transfer.staging import StagedTensor
 from edgetrain import grpc_options, serde
 from edgetrain.proto import edgetrain_pb2 as pb
 from edgetrain.proto import edgetrain_pb2_grpc as pb_grpc
@@ -63,7 +63,8 @@ class Procs:
               wrap: Sequence[str] = ()) -> subprocess.Popen[bytes]:
         """`python -m ARGS`, after the command prefix `wrap` if any (tests/integration/netns.py: on a host)."""
         log = open(self.folder / f"{key}.log", "ab")  # noqa: SIM115 - the child holds it
-        proc = subprocess.Popen([*wrap, sys.executable, "-m", *args], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+        proc = subprocess.Popen([*wrap, sys.executable, "-m", f"edgetrain.{args[0]}",
+                                 *args[1:]], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
                                 env={**os.environ, **(env or {})}, start_new_session=True)
         log.close()
         self.procs[f"{key}#{proc.pid}"] = proc
@@ -556,7 +557,7 @@ def test_every_rpc_the_agent_makes_has_a_deadline() -> None:
     def about(got: float | None, want: float) -> bool:  # the wire rounds a timeout up to its unit (<= ~1%)
         return got is not None and want - 10 < got <= want * 1.01 + 0.1
 
-    from agent import client as c
+    from edgetrain.agent import client as c
 
     transfer = 4 * big["w"].numel() / c.MIN_LINK_BYTES_PER_S  # 20 MB on the slowest link allowed for: 160 s
     assert transfer == 160

@@ -19,16 +19,16 @@ from typing import Any
 import grpc
 import pytest
 import torch
+from edgetrain.coordinator.membership import Membership
+from edgetrain.coordinator.metrics import CoordinatorMetrics
+from edgetrain.coordinator.rounds import RoundEngine
+from edgetrain.coordinator.server import start_server
+from edgetrain.coordinator.servicer import MAX_THROUGHPUT, ServiceState
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 
-from coordinator.membership import Membership
-from coordinator.metrics import CoordinatorMetrics
-from coordinator.rounds import RoundEngine
-from coordinator.server import start_server
-from coordinator.servicer import MAX_THROUGHPUT, ServiceState
 from edgetrain import aggregation, grpc_options, serde
 from edgetrain.compression import apply_delta
 from edgetrain.errors import WireError

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from edgetrain.coordinator.config import CoordinatorConfig
+from edgetrain.coordinator.run import Coordinator
 
-from coordinator.config import CoordinatorConfig
-from coordinator.run import Coordinator
 from edgetrain.spec import RunSpec
 
 HAS_CUDA = torch.cuda.is_available()
@@ -45,7 +45,8 @@ def test_a_local_gpu_worker_joins_the_same_rounds_as_a_cpu_agent(tmp_path: Path)
 @pytest.mark.skipif(HAS_CUDA, reason="checks the message given when CUDA is missing")
 def test_asking_for_cuda_without_it_is_one_clear_line() -> None:
     agent = subprocess.run(
-        [sys.executable, "-m", "agent", "start", "--coordinator", "127.0.0.1:9", "--cores", "0", "--device", "cuda:0"],
+        [sys.executable, "-m", "edgetrain.agent", "start", "--coordinator", "127.0.0.1:9", "--cores", "0", "--device",
+         "cuda:0"],
         capture_output=True,
         text=True,
         timeout=120,
@@ -55,7 +56,7 @@ def test_asking_for_cuda_without_it_is_one_clear_line() -> None:
         "edge-agent: error: device cuda:0 requested, but torch sees no CUDA device here"
     ]
     coord = subprocess.run(
-        [sys.executable, "-m", "coordinator", "run", "--rounds", "1", "--local-gpus", "all"],
+        [sys.executable, "-m", "edgetrain.coordinator", "run", "--rounds", "1", "--local-gpus", "all"],
         capture_output=True,
         text=True,
         timeout=120,

@@ -9,13 +9,13 @@ from pathlib import Path
 import grpc
 import pytest
 import torch
+from edgetrain.agent import client as client_module
+from edgetrain.agent.client import CoordinatorClient
+from edgetrain.agent.route import Route
+from edgetrain.coordinator.rounds import RoundEngine
+from edgetrain.coordinator.servicer import ServiceState
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from agent import client as client_module
-from agent.client import CoordinatorClient
-from agent.route import Route
-from coordinator.rounds import RoundEngine
-from coordinator.servicer import ServiceState
 from edgetrain import grpc_options, serde
 from edgetrain.proto import edgetrain_pb2 as pb
 from tests.integration.conftest import Service, make_service, small_state
@@ -205,10 +205,10 @@ def test_an_update_the_coordinator_cannot_stage_is_refused_unavailable_and_count
 
 
 def test_a_staging_directory_that_cannot_take_files_stops_the_start(tmp_path: Path) -> None:
+    from edgetrain.coordinator.membership import Membership
+    from edgetrain.coordinator.metrics import CoordinatorMetrics
     from prometheus_client import CollectorRegistry
 
-    from coordinator.membership import Membership
-    from coordinator.metrics import CoordinatorMetrics
     from edgetrain.errors import ConfigError
     from edgetrain.spec import RunSpec
 

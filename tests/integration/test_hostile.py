@@ -15,8 +15,8 @@ from concurrent.futures import ThreadPoolExecutor, wait
 import grpc
 import pytest
 import torch
+from edgetrain.coordinator.admission import CONTROL_MESSAGE_BYTES, HANDLER_THREADS, Limits
 
-from coordinator.admission import CONTROL_MESSAGE_BYTES, HANDLER_THREADS, Limits
 from edgetrain import grpc_options, serde
 from edgetrain.proto import edgetrain_pb2 as pb
 from tests.integration.conftest import Service, make_service, small_state

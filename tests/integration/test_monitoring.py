@@ -1,7 +1,7 @@
 """Monitoring end to end: a real training, real agent processes serving /metrics, a real Prometheus.
 
 One live stack for the module: a coordinator (in a thread, /metrics and /sd on a free port), two
-`python -m agent start --metrics-port 0` subprocesses pinned to one core each, and Prometheus running
+`python -m edgetrain.agent start --metrics-port 0` subprocesses pinned to one core each, and Prometheus running
 deploy/prometheus/prometheus.yml itself (aimed at the coordinator, 1 s intervals), which finds the
 agents only through the coordinator's /sd. The run has far more rounds than the tests need: it is
 live while every check queries Prometheus and is stopped (coord.stop) at teardown, which also ends
@@ -25,9 +25,9 @@ from typing import IO, Any
 
 import grpc
 import pytest
+from edgetrain.coordinator.config import CoordinatorConfig
+from edgetrain.coordinator.run import Coordinator, RunResult
 
-from coordinator.config import CoordinatorConfig
-from coordinator.run import Coordinator, RunResult
 from edgetrain import grpc_options, serde
 from edgetrain import metric_names as m
 from edgetrain.proto import edgetrain_pb2 as pb
@@ -95,7 +95,7 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveRun]:
         for name, core in AGENTS.items():
             logs[name] = open(tmp / f"{name}.log", "wb")  # noqa: SIM115 - closed in finally
             agents[name] = subprocess.Popen(
-                [sys.executable, "-m", "agent", "start", "--coordinator", f"127.0.0.1:{coord.port}",
+                [sys.executable, "-m", "edgetrain.agent", "start", "--coordinator", f"127.0.0.1:{coord.port}",
                  "--cores", str(core), "--name", name, "--metrics-port", "0", "--give-up-after", "60"],
                 stdin=subprocess.DEVNULL, stdout=logs[name], stderr=subprocess.STDOUT,
             )

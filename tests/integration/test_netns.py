@@ -23,8 +23,8 @@ from typing import Any
 
 import pytest
 import torch
+from edgetrain.coordinator import checkpoint
 
-from coordinator import checkpoint
 from tests.conftest import free_port
 from tests.integration.conftest import Hosts, need_netns
 from tests.integration.netns import Cluster, inside

@@ -14,15 +14,15 @@ from collections.abc import Iterator
 import grpc
 import pytest
 import torch
+from edgetrain.agent.client import CoordinatorClient
+from edgetrain.agent.route import Route
+from edgetrain.coordinator.membership import Membership
+from edgetrain.coordinator.metrics import CoordinatorMetrics
+from edgetrain.coordinator.rounds import RoundEngine
+from edgetrain.coordinator.server import start_server
+from edgetrain.coordinator.servicer import ServiceState
 from prometheus_client import CollectorRegistry
 
-from agent.client import CoordinatorClient
-from agent.route import Route
-from coordinator.membership import Membership
-from coordinator.metrics import CoordinatorMetrics
-from coordinator.rounds import RoundEngine
-from coordinator.server import start_server
-from coordinator.servicer import ServiceState
 from edgetrain import grpc_options, serde
 from edgetrain.proto import edgetrain_pb2 as pb
 from edgetrain.spec import RunSpec

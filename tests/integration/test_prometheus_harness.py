@@ -19,14 +19,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
+from edgetrain.agent.metrics import AgentMetrics
+from edgetrain.coordinator.config import CoordinatorConfig
+from edgetrain.coordinator.metrics import CoordinatorMetrics
+from edgetrain.coordinator.rounds import NodeReport
+from edgetrain.coordinator.run import Coordinator
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
-from agent.metrics import AgentMetrics
-from coordinator.config import CoordinatorConfig
-from coordinator.metrics import CoordinatorMetrics
-from coordinator.rounds import NodeReport
-from coordinator.run import Coordinator
 from edgetrain import metric_names as m
 from edgetrain.cores import format_cores
 from edgetrain.httpmetrics import MetricsServer

@@ -12,17 +12,17 @@ from pathlib import Path
 import grpc
 import pytest
 import torch
+from edgetrain.coordinator.cli import make_app
+from edgetrain.coordinator.config import CoordinatorConfig
+from edgetrain.coordinator.membership import Membership
+from edgetrain.coordinator.metrics import CoordinatorMetrics
+from edgetrain.coordinator.rounds import RoundEngine
+from edgetrain.coordinator.run import Coordinator
+from edgetrain.coordinator.server import SERVICE_NAME, start_server
+from edgetrain.coordinator.servicer import ServiceState
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry
 
-from coordinator.cli import make_app
-from coordinator.config import CoordinatorConfig
-from coordinator.membership import Membership
-from coordinator.metrics import CoordinatorMetrics
-from coordinator.rounds import RoundEngine
-from coordinator.run import Coordinator
-from coordinator.server import SERVICE_NAME, start_server
-from coordinator.servicer import ServiceState
 from edgetrain import grpc_options
 from edgetrain.cli_util import run_app
 from edgetrain.errors import ConfigError

@@ -3,7 +3,7 @@ SIGTERM to the coordinator alone. Either is a stop by request: exit 0, the summa
 checkpoint holds every logged round, the final model is written, and nothing of the run is left behind
 (local agents, their workers, the same-host files in /dev/shm).
 
-The coordinator is a real `python -m coordinator run` process in its own session, with one local agent on
+The coordinator is a real `python -m edgetrain.coordinator run` process in its own session, with one local agent on
 real gRPC over loopback (port 0).
 """
 
@@ -20,8 +20,8 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
+from edgetrain.coordinator import checkpoint
 
-from coordinator import checkpoint
 from edgetrain.samehost import DIR_PREFIX, SHM_ROOT
 from edgetrain.spec import RunSpec
 from edgetrain.training import evaluate
@@ -61,7 +61,7 @@ def test_a_signal_stops_the_run_cleanly_with_a_checkpoint_of_every_logged_round(
     out_path, err_path = tmp_path / "stdout.txt", tmp_path / "stderr.txt"
     # text-bag on 2,000 tweets, 2 local steps: rounds of a few ms, so many are done by the time the signal lands.
     # No periodic checkpoint: the one read below is the one written at the stop.
-    cmd = [sys.executable, "-m", "coordinator", "run", "--dataset", "tweets", "--model", "text-bag",
+    cmd = [sys.executable, "-m", "edgetrain.coordinator", "run", "--dataset", "tweets", "--model", "text-bag",
            "--limit", "2000", "--local-agents", "1", "--rounds", "100000", "--local-steps", "2",
            "--eval-every", "1", "--checkpoint-every", "1000000", "--run-dir", str(run_dir), "--port", "0",
            "--no-progress", "--no-download", "--cache-dir", str(tmp_path / "cache"), "--round-timeout", "60"]

@@ -11,7 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from coordinator.config import UPLOAD_SLOTS
+from edgetrain.coordinator.config import UPLOAD_SLOTS
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -12,9 +12,9 @@ import time
 from pathlib import Path
 
 import pytest
+from edgetrain.coordinator.config import CoordinatorConfig
+from edgetrain.coordinator.run import Coordinator
 
-from coordinator.config import CoordinatorConfig
-from coordinator.run import Coordinator
 from edgetrain.spec import DataLocation, RunSpec
 from edgetrain.split import MAX_STEPS, MIN_STEPS, ROUNDS, cache_key, cached_split, candidates, choose_split, pick
 
@@ -49,7 +49,8 @@ def test_probe_measures_every_candidate_picks_by_the_rule_and_caches(tmp_path: P
 
 def test_local_agents_auto_starts_the_chosen_number_and_the_next_start_is_cached(tmp_path: Path) -> None:
     env = dict(os.environ, EDGETRAIN_CACHE=str(tmp_path / "cache"))
-    cmd = [sys.executable, "-m", "coordinator", "run", "--dataset", "tweets", "--model", "text-bag", "--limit", "600",
+    cmd = [sys.executable, "-m", "edgetrain.coordinator", "run", "--dataset", "tweets", "--model", "text-bag",
+           "--limit", "600",
            "--batch-size", "16", "--local-agents", "auto", "--rounds", "2", "--local-steps", "2", "--port", "0",
            "--no-progress"]
     first = subprocess.run([*cmd, "--run-dir", str(tmp_path / "a")], capture_output=True, text=True, env=env,
@@ -77,7 +78,8 @@ def test_an_agent_with_workers_auto_leaves_probes_and_joins_again_with_the_chose
     env = dict(os.environ, EDGETRAIN_CACHE=str(tmp_path / "cache"))
     try:
         agent = subprocess.run(
-            [sys.executable, "-m", "agent", "start", "--coordinator", f"127.0.0.1:{coord.port}", "--cores", "auto",
+            [sys.executable, "-m", "edgetrain.agent", "start", "--coordinator", f"127.0.0.1:{coord.port}", "--cores",
+             "auto",
              "--workers", "auto", "--name", "prober", "--give-up-after", "60"],
             capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
         runner.join(120)

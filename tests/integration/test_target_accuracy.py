@@ -9,10 +9,10 @@ import json
 from pathlib import Path
 
 import torch
+from edgetrain.coordinator import checkpoint
+from edgetrain.coordinator.config import CoordinatorConfig
+from edgetrain.coordinator.run import LOG, Coordinator, RunResult
 
-from coordinator import checkpoint
-from coordinator.config import CoordinatorConfig
-from coordinator.run import LOG, Coordinator, RunResult
 from edgetrain.spec import RunSpec
 from edgetrain.training import evaluate
 from edgetrain.workload import load_workload

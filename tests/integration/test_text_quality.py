@@ -10,13 +10,13 @@ import json
 from pathlib import Path
 
 import torch
+from edgetrain.coordinator import checkpoint
+from edgetrain.coordinator.config import CoordinatorConfig
+from edgetrain.coordinator.report import write_report
+from edgetrain.coordinator.run import LOG, RESULT, Coordinator, quality_tables
 from prometheus_client import CollectorRegistry
 from rich.console import Console
 
-from coordinator import checkpoint
-from coordinator.config import CoordinatorConfig
-from coordinator.report import write_report
-from coordinator.run import LOG, RESULT, Coordinator, quality_tables
 from edgetrain import metric_names as m
 from edgetrain.spec import RunSpec
 from edgetrain.training import evaluate

@@ -12,11 +12,11 @@ from typing import Any
 import psutil
 import pytest
 import torch
+from edgetrain.coordinator import checkpoint
+from edgetrain.coordinator.config import CoordinatorConfig
+from edgetrain.coordinator.run import Coordinator, RunResult
 from torch.nn import functional as F  # noqa: N812
 
-from coordinator import checkpoint
-from coordinator.config import CoordinatorConfig
-from coordinator.run import Coordinator, RunResult
 from edgetrain import metric_names as m
 from edgetrain.cores import read_affinity
 from edgetrain.datasets import encoded
@@ -229,7 +229,8 @@ def test_an_epochs_run_logs_its_final_evaluation(tmp_path: Path) -> None:
     assert "accuracy" not in logged[0]  # eval_every=1000: only the last round is evaluated
     assert result.final is not None and logged[-1]["accuracy"] == result.final.accuracy
     # `coordinator report` on this real log (its own tests use hand-made records: they must have a real log's shape)
-    from coordinator.report import write_report
+    from edgetrain.coordinator.report import write_report
+
     from tests.unit.test_report import assert_sensible_png, make_records
 
     made = make_records()
@@ -255,7 +256,8 @@ def test_agent_leaves_cleanly_on_sigterm(tmp_path: Path) -> None:
     coord.start()
     runner = threading.Thread(target=coord.run)
     runner.start()
-    agent = subprocess.Popen([sys.executable, "-m", "agent", "start", "--coordinator", f"127.0.0.1:{coord.port}",
+    agent = subprocess.Popen([sys.executable, "-m", "edgetrain.agent", "start", "--coordinator",
+                              f"127.0.0.1:{coord.port}",
                               "--cores", str(CORES[0]), "--name", "leaver", "--give-up-after", "30"])
     try:
         assert coord.engine is not None

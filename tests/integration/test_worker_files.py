@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from edgetrain.agent.worker import RoundTask, WeightsFileError, WorkerPool
+from edgetrain.coordinator.transfer.samehost import SharedFiles
 
-from agent.worker import RoundTask, WeightsFileError, WorkerPool
-from coordinator.transfer.samehost import SharedFiles
 from edgetrain import serde
 from edgetrain.cores import allowed_cores
 from edgetrain.samehost import SHM_ROOT

@@ -11,9 +11,8 @@ from contextlib import ExitStack
 
 import pytest
 import torch
-
-from agent.client import poll_again_delay
-from coordinator.admission import (
+from edgetrain.agent.client import poll_again_delay
+from edgetrain.coordinator.admission import (
     HANDLER_THREADS,
     CallCounts,
     JoinRate,
@@ -24,9 +23,10 @@ from coordinator.admission import (
     metrics_address,
     with_newcomers_capped,
 )
-from coordinator.config import CoordinatorConfig
-from coordinator.membership import FullError, Membership
-from coordinator.rounds import LateUpdateError, NotParticipantError, RoundEngine, StaleRoundError, quorum_of
+from edgetrain.coordinator.config import CoordinatorConfig
+from edgetrain.coordinator.membership import FullError, Membership
+from edgetrain.coordinator.rounds import LateUpdateError, NotParticipantError, RoundEngine, StaleRoundError, quorum_of
+
 from edgetrain.errors import ConfigError
 from edgetrain.proto import edgetrain_pb2 as pb
 from edgetrain.spec import RunSpec

@@ -5,8 +5,7 @@ from __future__ import annotations
 import threading
 
 import pytest
-
-from coordinator.afterwork import AfterWork
+from edgetrain.coordinator.afterwork import AfterWork
 
 
 def test_jobs_run_in_order_off_the_calling_thread() -> None:

@@ -11,7 +11,7 @@ QUICK = ("--dataset", "tweets", "--model", "text-bag", "--limit", "300", "--port
 
 
 def _run(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "coordinator", "run", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "edgetrain.coordinator", "run", *args], capture_output=True, text=True,
                           timeout=180)
 
 

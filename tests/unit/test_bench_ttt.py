@@ -5,9 +5,9 @@ import math
 from pathlib import Path
 
 import pytest
+from edgetrain.coordinator import bench_ttt as ttt
+from edgetrain.coordinator import experiments as ex
 
-from coordinator import bench_ttt as ttt
-from coordinator import experiments as ex
 from edgetrain.errors import ConfigError
 from edgetrain.spec import RunSpec
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import safetensors.torch
 import torch
+from edgetrain.coordinator import checkpoint
 
-from coordinator import checkpoint
 from tests.smallfs import fill, free_bytes, tmpfs
 
 

@@ -10,7 +10,8 @@ import pytest
 
 
 def _run(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, timeout=120)
+    return subprocess.run([sys.executable, "-m", f"edgetrain.{args[0]}",
+                           *args[1:]], capture_output=True, text=True, timeout=120)
 
 
 @pytest.mark.parametrize(
@@ -96,7 +97,8 @@ def test_a_busy_metrics_port_is_one_line(command: tuple[str, ...], tmp_path: Pat
         held.bind(("127.0.0.1", 0))
         held.listen()
         port = held.getsockname()[1]
-        proc = subprocess.run([sys.executable, "-m", *command, "--metrics-port", str(port)], capture_output=True,
+        proc = subprocess.run([sys.executable, "-m", f"edgetrain.{command[0]}", *command[1:], "--metrics-port",
+                               str(port)], capture_output=True,
                               text=True, timeout=120, cwd=tmp_path)
     prog = "edge-agent" if command[0] == "agent" else "coordinator"
     assert _one_error_line(proc) == f"{prog}: error: cannot serve /metrics on 127.0.0.1:{port}: Address already in use"
@@ -155,7 +157,7 @@ def test_give_up_after_must_be_a_positive_number_of_seconds(seconds: str) -> Non
 
 
 def test_the_agents_log_level_help_names_every_level_it_takes() -> None:
-    proc = subprocess.run([sys.executable, "-m", "agent", "start", "--help"], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-m", "edgetrain.agent", "start", "--help"], capture_output=True, text=True,
                           timeout=120, env={**os.environ, "COLUMNS": "200", "NO_COLOR": "1"})
     assert proc.returncode == 0, proc.stderr
     assert "debug, info, warning, error or critical." in proc.stdout

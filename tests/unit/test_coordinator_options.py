@@ -17,7 +17,8 @@ QUICK = ("--dataset", "tweets", "--model", "text-bag", "--limit", "300", "--port
 
 
 def _run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, timeout=180, cwd=cwd)
+    return subprocess.run([sys.executable, "-m", f"edgetrain.{args[0]}",
+                           *args[1:]], capture_output=True, text=True, timeout=180, cwd=cwd)
 
 
 def _one_line_error(proc: subprocess.CompletedProcess[str], message: str) -> None:
@@ -96,7 +97,7 @@ def test_tls_files_that_are_no_certificate_or_do_not_match_are_named(tmp_path: P
     _one_line_error(_run(*base, "--tls-cert", str(cert_a), "--tls-key", str(tmp_path / "missing.key")),
                     "No such file or directory")
     cert_e, key_e = _pem_pair(tmp_path, "e", *EC_KEY, "-passout", "pass:secret")
-    proc = subprocess.run([sys.executable, "-m", "coordinator", "run", "--rounds", "1", *QUICK, "--tls-cert",
+    proc = subprocess.run([sys.executable, "-m", "edgetrain.coordinator", "run", "--rounds", "1", *QUICK, "--tls-cert",
                            str(cert_e), "--tls-key", str(key_e)], capture_output=True, text=True, timeout=180,
                           stdin=subprocess.DEVNULL)
     _one_line_error(proc, f"--tls-key {key_e}: the key is encrypted; gRPC needs it unencrypted")  # and no prompt
@@ -107,14 +108,14 @@ def test_a_small_rsa_key_gRPC_takes_is_not_called_malformed(tmp_path: Path) -> N
     """A 1024-bit RSA pair (self-signed, so also its own CA) that OpenSSL's default level refuses but gRPC serves."""
     import ssl
 
+    from edgetrain.agent.client import CoordinatorClient, TLSFiles
+    from edgetrain.coordinator.membership import Membership
+    from edgetrain.coordinator.metrics import CoordinatorMetrics
+    from edgetrain.coordinator.rounds import RoundEngine
+    from edgetrain.coordinator.server import start_server
+    from edgetrain.coordinator.servicer import ServiceState
     from prometheus_client import CollectorRegistry
 
-    from agent.client import CoordinatorClient, TLSFiles
-    from coordinator.membership import Membership
-    from coordinator.metrics import CoordinatorMetrics
-    from coordinator.rounds import RoundEngine
-    from coordinator.server import start_server
-    from coordinator.servicer import ServiceState
     from edgetrain.cli_util import check_tls_ca, check_tls_pair
     from edgetrain.proto import edgetrain_pb2 as pb
     from edgetrain.spec import RunSpec

@@ -118,7 +118,8 @@ def test_auto_follows_the_real_affinity_taskset_gives() -> None:
     out = subprocess.run(["taskset", "-c", str(core), sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, cwd=REPO)
     assert out.stdout.strip() == f"[{core}]"
-    refused = subprocess.run(["taskset", "-c", str(core), sys.executable, "-m", "agent", "start", "--coordinator",
+    refused = subprocess.run(["taskset", "-c", str(core), sys.executable, "-m", "edgetrain.agent", "start",
+                              "--coordinator",
                               "127.0.0.1:1", "--cores", "auto-1"], capture_output=True, text=True, cwd=REPO)
     assert refused.returncode != 0
     lines = refused.stderr.strip().splitlines()

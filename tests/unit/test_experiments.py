@@ -9,8 +9,8 @@ import time
 from pathlib import Path
 
 import pytest
+from edgetrain.coordinator import experiments as ex
 
-from coordinator import experiments as ex
 from edgetrain.errors import ConfigError, CoresError
 from edgetrain.peers import core_groups, steps_for
 

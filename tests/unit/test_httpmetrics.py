@@ -10,9 +10,9 @@ import urllib.request
 from collections.abc import Iterator
 
 import pytest
+from edgetrain.coordinator.admission import metrics_address
 from prometheus_client import CollectorRegistry, Counter
 
-from coordinator.admission import metrics_address
 from edgetrain.errors import ConfigError
 from edgetrain.httpmetrics import MetricsServer
 

@@ -23,10 +23,10 @@ from typing import Any
 import pytest
 import typer
 import yaml
+from edgetrain.agent.cli import make_app as agent_app
+from edgetrain.coordinator.cli import make_app as coordinator_app
+from edgetrain.coordinator.server import SERVICE_NAME
 
-from agent.cli import make_app as agent_app
-from coordinator.cli import make_app as coordinator_app
-from coordinator.server import SERVICE_NAME
 from edgetrain.cores import is_auto
 
 REPO = Path(__file__).resolve().parents[2]

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from edgetrain.coordinator.rounds import RoundEngine
 
-from coordinator.rounds import RoundEngine
 from edgetrain.memory import Recycler
 
 

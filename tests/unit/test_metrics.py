@@ -10,11 +10,11 @@ import time
 
 import psutil
 import pytest
+from edgetrain.agent.metrics import STEP_BUCKETS, AgentMetrics
+from edgetrain.coordinator.metrics import ROUND_BUCKETS, CoordinatorMetrics
+from edgetrain.coordinator.rounds import NodeReport
 from prometheus_client import REGISTRY, CollectorRegistry
 
-from agent.metrics import STEP_BUCKETS, AgentMetrics
-from coordinator.metrics import ROUND_BUCKETS, CoordinatorMetrics
-from coordinator.rounds import NodeReport
 from edgetrain import metric_names as m
 
 CORES = sorted(os.sched_getaffinity(0))

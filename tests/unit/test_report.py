@@ -10,8 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-from coordinator.report import ReportError, read_log, training_times, write_report
+from edgetrain.coordinator.report import ReportError, read_log, training_times, write_report
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 REPO = Path(__file__).resolve().parents[2]
@@ -87,7 +86,8 @@ def assert_sensible_png(path: Path) -> None:
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "coordinator", "report", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "edgetrain.coordinator", "report",
+                           *args], capture_output=True, text=True,
                           cwd=REPO, timeout=120, check=False)
 
 

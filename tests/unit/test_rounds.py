@@ -5,9 +5,8 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-
-from coordinator import rounds
-from coordinator.rounds import RoundEngine, balanced_steps
+from edgetrain.coordinator import rounds
+from edgetrain.coordinator.rounds import RoundEngine, balanced_steps
 
 
 class Clock:
@@ -197,8 +196,8 @@ def test_a_running_mean_whose_add_failed_gives_no_result() -> None:
 
 def test_every_refusal_reason_has_its_error_and_every_error_a_status_code() -> None:
     import grpc
+    from edgetrain.coordinator import rounds
 
-    from coordinator import rounds
     from edgetrain.metric_names import REFUSAL_REASONS
 
     def subclasses(cls: type) -> set[type]:

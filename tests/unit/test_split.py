@@ -109,7 +109,7 @@ def test_one_core_has_nothing_to_measure(tmp_path: Path) -> None:
 
 
 def test_bench_affinity_names_the_layout_the_same_rule_chooses() -> None:
-    from coordinator.experiments import (
+    from edgetrain.coordinator.experiments import (
         AffinityReport,
         AffinityRow,
         BenchSettings,

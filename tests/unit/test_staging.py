@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from edgetrain.coordinator.transfer.staging import Stage, StagedTensor, finish_staged
 
-from coordinator.transfer.staging import Stage, StagedTensor, finish_staged
 from edgetrain import serde
 from edgetrain.compression import apply_delta
 

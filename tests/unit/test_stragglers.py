@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import pytest
-
-from coordinator.stragglers import NodeTimes, slowest
+from edgetrain.coordinator.stragglers import NodeTimes, slowest
 
 
 def _fleet(**slow: NodeTimes) -> dict[str, NodeTimes]:
