@@ -23,11 +23,12 @@ class AfterWork:
     """One worker thread running jobs in submission order."""
 
     def __init__(self, max_states: int = 1, init: Callable[[], None] | None = None) -> None:
-        """`init` runs first on the thread (e.g. its torch threads: OpenMP's count is per calling thread)."""
+        """`init` runs first on the thread (e.g. torch.set_num_threads, which holds for the whole process)."""
         self._init = init
         self._jobs: queue.Queue[tuple[Job, bool] | None] = queue.Queue()
         self._states = threading.BoundedSemaphore(max_states)
         self._error: BaseException | None = None
+        self._failed = False  # stays set once a job failed: later jobs are skipped (the run stops)
         self._idle = threading.Condition()
         self._pending = 0
         self._thread = threading.Thread(target=self._run, name="edgetrain-afterwork", daemon=True)
@@ -63,17 +64,17 @@ class AfterWork:
             if self._init is not None:
                 self._init()
         except BaseException as exc:
-            self._error = exc
+            self._error, self._failed = exc, True
         while True:
             item = self._jobs.get()
             if item is None:
                 return
             job, holds_state = item
             try:
-                if self._error is None:  # after a failure the run stops: later jobs would only add to it
+                if not self._failed:  # after a failure the run stops: later jobs would only add to it
                     job()
             except BaseException as exc:  # handed to the driver, raised there
-                self._error = exc
+                self._error, self._failed = exc, True
             finally:
                 if holds_state:
                     self._states.release()

@@ -185,7 +185,13 @@ def first_reach(trace: Sequence[tuple[float, float]], target: float) -> float | 
 
 
 class EvalTimedCoordinator(Coordinator):
-    """The real coordinator, its evaluations timed (to take them off its clock) and stopped once `target` holds."""
+    """The real coordinator, its evaluations timed (to take them off its clock) and stopped once `target` holds.
+
+    Its evaluations pause the rounds: on the after-work thread they would overlap training, and taking their
+    seconds off the clock would then credit edgetrain with time it never lost.
+    """
+
+    evaluate_inline = True
 
     def __init__(self, cfg: CoordinatorConfig, target: Target | None) -> None:
         super().__init__(cfg, console=Console(stderr=True, quiet=True))

@@ -363,7 +363,7 @@ class RoundEngine:
         measured_done = self._opened_at
         unmeasured = []
         measured_pending = False
-        need = quorum_of(self.quorum, len(self._expected))
+        need = quorum_of(self.quorum, len(self._fetched_at.keys() & self._expected))  # ghosts never count
         for agent_id in self._expected - set(self._received):
             fetched = self._fetched_at.get(agent_id)
             if fetched is None:

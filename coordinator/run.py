@@ -145,6 +145,10 @@ def local_core_groups(n: int, cores: list[int] | None = None) -> list[list[int]]
 class Coordinator:
     """One training run. `run()` blocks until a stopping rule holds; `stop` ends it early but cleanly."""
 
+    # True: each round's evaluation, log record and checkpoint pause the rounds (as with --target), for
+    # benchmarks that time evaluations to take them off their clock; False: they overlap the next round.
+    evaluate_inline = False
+
     def __init__(self, cfg: CoordinatorConfig, *, registry: CollectorRegistry | None = None,
                  stop: threading.Event | None = None, console: Console | None = None,
                  keep_history: bool = True, started_at: float | None = None) -> None:
@@ -220,7 +224,7 @@ class Coordinator:
             aggregator=cfg.aggregator, trim=cfg.trim, balance=cfg.balance, completed_rounds=completed,
             cursors=cursors, limits=cfg.limits, quorum=cfg.quorum,
         )
-        self._svc = ServiceState(self.engine, self.membership, spec, self.metrics,
+        self._svc = ServiceState(self.engine, self.membership, spec, self.metrics, min_agents=cfg.min_agents,
                                  upload_slots=cfg.upload_slots, staging_dir=cfg.staging_dir, limits=cfg.limits)
         self._svc.transfer.prepare_staging()
         self._server, self.port, self.health = start_server(
@@ -382,7 +386,6 @@ class Coordinator:
             self.metrics.metric.labels(choice.metric.name).set(choice.value(final))
             self._final = final
         history.append(record)
-        self._logged = record["round"] + 1
         if cfg.run_dir is not None:
             try:
                 if self._log_file is None:
@@ -391,6 +394,7 @@ class Coordinator:
                 self._log_file.flush()
             except OSError as exc:  # a torn last line is dropped by --resume (trim_log)
                 raise checkpoint.write_error(cfg.run_dir / LOG, exc) from exc
+        self._logged = record["round"] + 1  # once its record is on disk: a failed write does not count it
         if snap is not None:
             assert state is not None
             self._checkpoint(state, snap)
@@ -427,8 +431,9 @@ class Coordinator:
         stopped_by = "stop"
         time_to_target: float | None = None
         t_start = time.perf_counter()
-        # Local agents hold every core of this host: the after-work thread's evaluation takes one thread, as the
-        # agent's own tensor work does (with torch's default, one per core, it took ~4x longer, spinning meanwhile).
+        # Local agents hold every core of this host: the coordinator's tensor work (the after-work thread's
+        # evaluation, the handlers adding updates) takes one thread, as the agent's own does (with torch's default,
+        # one per core, evaluation took ~4x longer, spinning meanwhile). torch keeps this count process-wide.
         after = AfterWork(init=(lambda: torch.set_num_threads(1)) if cfg.local_agents + len(cfg.local_devices)
                           else None)
         try:
@@ -490,7 +495,7 @@ class Coordinator:
                     held = evaluated or snap is not None
                     job = functools.partial(self._after_round, record, state if held else None, evaluated, snap,
                                             choice, history)
-                    if cfg.target is None:  # the agents train the next round meanwhile
+                    if cfg.target is None and not self.evaluate_inline:  # the agents train the next round meanwhile
                         after.submit(job, holds_state=held)
                     else:  # the target is judged before the next round opens
                         job()

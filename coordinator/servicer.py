@@ -51,6 +51,7 @@ class ServiceState:
     send_wait: float | None = SEND_WAIT
     shm_root: Path | None = SHM_ROOT
     staging_dir: Path | None = None
+    min_agents: int = 1  # the run's --min-agents: newcomers past the poll cap stay ready while fewer are
     limits: Limits = field(default_factory=Limits)  # what one client may hold (coordinator/admission.py)
 
     def __post_init__(self) -> None:
@@ -191,24 +192,24 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
                 self.s.engine.wake()
 
         context.add_callback(ended)
-        agent.ready = agent.polled = True
+        agent.polled = True
         remaining = context.time_remaining()
         hold = self.s.long_poll if remaining is None else max(0.0, min(self.s.long_poll, remaining - 5.0))
-        with self.s.polls.hold(self.s.engine.measured(agent.agent_id)) as may_wait:
-            # No long-poll slot: only work that is there now, else WAIT at once, and a newcomer sits out the
-            # rounds until it holds one (a ghost that never polls again is in none of them).
-            work = self.s.engine.get_work(agent.agent_id, request.after_round, hold if may_wait else 0.0,
-                                          gone=gone.is_set)
+        engine = self.s.engine
+        measured = engine.measured(agent.agent_id)
+        with self.s.polls.hold(measured) as may_wait:
+            # No long-poll slot: only work that is there now, else WAIT at once (poll_again_ms). Such a newcomer
+            # sits out the rounds until it holds a poll (a ghost that never asks again is in none of them), unless
+            # the run needs it to start or go on: before anyone is measured, or while fewer than --min-agents are
+            # ready (it comes back within poll_again, well inside the fetch grace).
+            agent.ready = (may_wait or measured or not engine.measured_any()
+                           or self.s.membership.ready_count() < self.s.min_agents)
+            work = engine.get_work(agent.agent_id, request.after_round, hold if may_wait else 0.0, gone=gone.is_set)
         if work.status != "WORK":
             status = {"FINISHED": pb.FINISHED, "FAILED": pb.FAILED}.get(work.status, pb.WAIT)
             header = pb.RoundHeader(status=status, round=work.round, detail=work.detail)
             if status == pb.WAIT and not may_wait:
                 header.poll_again_ms = round(self.s.limits.poll_again_seconds * 1000)
-                # once training runs, a newcomer sits out the rounds until it holds a poll (a ghost that never
-                # asks again is in none); before anyone is measured every agent that asked counts towards
-                # --min-agents, and comes back within poll_again to fetch the first round
-                engine = self.s.engine
-                agent.ready = agent.ready and (engine.measured(agent.agent_id) or not engine.measured_any())
                 self.s.metrics.polls_deferred.inc()
             answered.set()
             yield pb.RoundMessage(header=header)

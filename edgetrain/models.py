@@ -104,7 +104,7 @@ class TextNgram(nn.Module):
 
     With ``dim`` > 0 it also learns a ``dim``-wide embedding per feature: the mean embedding of a text,
     through a linear layer, adds to the logits (fastText's own model, beside the linear one). Measured on
-    the small TweetEval tasks' val splits it did not earn its 3-9x training time (docs/accuracy.md), so
+    the small TweetEval tasks' val splits it did not earn its 3.5-15x training time (docs/accuracy.md), so
     no recipe turns it on; ``bench/text_recipes.py sweep --dims`` measures it.
     """
 

@@ -72,7 +72,7 @@ def test_the_codec_opens_no_files_and_the_transfer_never_reaches_back_into_the_s
 def test_a_worker_process_loads_no_grpc() -> None:
     """The worker imports agent.route; the route names the gRPC client for types only."""
     assert "agent.client" not in _imports(ROOT / "agent" / "route.py", typing_only=False)
-    out = subprocess.run([sys.executable, "-c", "import sys, agent.worker; print('grpc' in sys.modules)"],
+    out = subprocess.run([sys.executable, "-c", "import sys, edgetrain.agent.worker; print('grpc' in sys.modules)"],
                          capture_output=True, text=True, check=True, cwd=ROOT)
     assert out.stdout.strip() == "False"
 
