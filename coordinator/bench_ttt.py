@@ -214,7 +214,8 @@ def coordinator_outcome(history: Sequence[dict[str, Any]], evaluations: Sequence
     """A coordinator run as the other methods report theirs.
 
     The clock of each evaluation is its round's `elapsed_seconds` minus the agents' start-up
-    (`experiments.startup_seconds`) minus every evaluation up to and including this one.
+    (`experiments.startup_seconds`) minus every earlier evaluation: a round's record takes its time before its
+    own evaluation runs (inline, `EvalTimedCoordinator`), and the rounds after it waited for that evaluation.
     """
     lost = ex.startup_seconds(history)
     evaluated = {rounds: (seconds, figure) for rounds, seconds, figure in evaluations}
@@ -225,8 +226,8 @@ def coordinator_outcome(history: Sequence[dict[str, Any]], evaluations: Sequence
         samples += int(h["samples"])
         if h["round"] + 1 in evaluated:
             seconds, figure = evaluated[h["round"] + 1]
-            spent += seconds
             trace.append((max(0.0, float(h["elapsed_seconds"]) - lost - spent), figure))
+            spent += seconds
     all_evals = sum(seconds for _, seconds, _ in evaluations)
     final = evaluations[-1][2] if evaluations else 0.0
     reached = first_reach(trace, target) if target is not None else None

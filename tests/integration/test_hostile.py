@@ -232,6 +232,8 @@ def test_a_round_does_not_wait_for_agents_that_polled_once_and_vanished() -> Non
     """Finding 5: 100 agents that polled once made the next round wait for its whole deadline."""
     for svc in _svc(fetch_grace_seconds=0.5):
         real, real_md = svc.join("real")
+        svc.engine.open_round([(real.agent_id, 0.0, 1)])
+        _real_round(svc, real.agent_id, real_md)  # training runs (before it, every agent that asked counts)
         ghosts = [svc.join(f"ghost-{i}") for i in range(100)]
         polls = [svc.stub.GetRound(pb.RoundRequest(agent_id=reply.agent_id), metadata=md, timeout=10)
                  for reply, md in ghosts[:50]]  # these poll and hang up mid-poll (the server holds a poll 1 s)

@@ -75,11 +75,11 @@ def test_coordinator_clock_takes_off_start_up_and_every_evaluation() -> None:
     history = []
     elapsed = 0.0
     evaluations = [(2, 0.5, 0.95), (4, 0.7, 0.991)]
-    for r in range(4):
+    for r in range(4):  # a round's record takes its time, then its evaluation runs (the next round waits)
         elapsed += 5.0 if r == 0 else 1.0
-        elapsed += sum(s for n, s, _ in evaluations if n == r + 1)
         history.append({"round": r, "duration_seconds": 5.0 if r == 0 else 1.0, "samples": 256,
                         "elapsed_seconds": elapsed})
+        elapsed += sum(s for n, s, _ in evaluations if n == r + 1)
     out = ttt.coordinator_outcome(history, evaluations, wall=elapsed + 0.1, target=0.99)
     assert [t for t, _ in out.evals] == pytest.approx([2.0, 4.0])  # round 0 counts as a typical 1 s round
     assert [v for _, v in out.evals] == [0.95, 0.991]
