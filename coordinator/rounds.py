@@ -543,7 +543,7 @@ class RoundEngine:
         still lacks may hold one.
         """
         with self._cv:
-            if self._open and agent_id in self._assignments and agent_id not in self._received:
+            if self._owes(agent_id):
                 return
             if agent_id in self._missed:
                 self._measure_late(agent_id)
@@ -555,6 +555,14 @@ class RoundEngine:
                 raise DuplicateUpdateError(f"an update for round {self.completed_rounds} from this agent was "
                                            "already taken")
             raise NotParticipantError(f"agent takes part from the next round, not round {self.completed_rounds}")
+
+    def owes(self, agent_id: str) -> bool:
+        """Whether the open round still lacks this participant's update."""
+        with self._cv:
+            return self._owes(agent_id)
+
+    def _owes(self, agent_id: str) -> bool:
+        return self._open and agent_id in self._assignments and agent_id not in self._received
 
     def _measure_late(self, agent_id: str) -> None:
         """A late update still tells how long its agent takes: rounds wait for it from then on (not past slack)."""

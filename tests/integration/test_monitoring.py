@@ -34,6 +34,7 @@ from edgetrain.proto import edgetrain_pb2 as pb
 from edgetrain.proto import edgetrain_pb2_grpc as pb_grpc
 from edgetrain.spec import RunSpec
 from tests.integration.prom import AGENTS_JOB, COORDINATOR_JOB, Prometheus, dashboard_queries, find_binary, promtool
+from tests.integration.test_faults import wait_for
 
 CORES = sorted(os.sched_getaffinity(0))
 AGENTS = {f"agent-{i}": CORES[i % len(CORES)] for i in range(2)}  # name -> the one core it is pinned to
@@ -205,27 +206,38 @@ def test_refusal_counters_start_at_zero_and_a_stale_update_is_counted(live: Live
         m.UPDATES_REFUSED, {m.NODE: name, m.REASON: "stale_round"})
 
     # A genuine update (the real global state) for a round that has already closed, with agent-0's own session.
-    assert coord.engine is not None
+    # Sent while agent-0 still owes the open round: once its update is in, the coordinator refuses its next
+    # stream before reading the header (a duplicate: nothing it sends could be taken), and counts that instead.
+    engine = coord.engine
+    assert engine is not None
     agent = next(a for a in coord.membership.live() if a.name == name)
-    closed_round = coord.engine.completed_rounds - 1
-    assert closed_round >= 0
-    header = pb.UpdateHeader(agent_id=agent.agent_id, round=closed_round, num_samples=8,
-                             stats=pb.NodeStats(compute_seconds=0.1))
-    messages = [pb.UpdateMessage(header=header)]
-    messages += [pb.UpdateMessage(part=p) for p in serde.encode(coord.engine.global_state)]
+    duplicates = 0
     with grpc.insecure_channel(f"127.0.0.1:{coord.port}", options=grpc_options.CLIENT) as channel:
         stub = pb_grpc.CoordinatorStub(channel)
-        with pytest.raises(grpc.RpcError) as err:
-            stub.SubmitUpdate(iter(messages), metadata=[(grpc_options.SESSION_METADATA, agent.session_token)],
-                              timeout=10)
+        for _ in range(20):
+            wait_for(lambda: engine.owes(agent.agent_id), 15, "agent-0 to owe the open round", poll=0.005)
+            closed_round = engine.completed_rounds - 1
+            assert closed_round >= 0
+            header = pb.UpdateHeader(agent_id=agent.agent_id, round=closed_round, num_samples=8,
+                                     stats=pb.NodeStats(compute_seconds=0.1))
+            messages = [pb.UpdateMessage(header=header)]
+            messages += [pb.UpdateMessage(part=p) for p in serde.encode(engine.global_state)]
+            with pytest.raises(grpc.RpcError) as err:
+                stub.SubmitUpdate(iter(messages), metadata=[(grpc_options.SESSION_METADATA, agent.session_token)],
+                                  timeout=10)
+            if err.value.code() != grpc.StatusCode.ALREADY_EXISTS:  # agent-0's own update came in between
+                break
+            duplicates += 1
     assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION, err.value.details()
+    assert "is not open" in (err.value.details() or ""), err.value.details()
 
     want = before[(name, "stale_round")] + 1
     stale = f'{m.UPDATES_REFUSED}{{job="{COORDINATOR_JOB}",{m.NODE}="{name}",{m.REASON}="stale_round"}}'
     live.prom.wait_for(stale, timeout=15, predicate=lambda r: float(r[0]["value"][1]) == want)
     after = {(r["metric"][m.NODE], r["metric"][m.REASON]): float(r["value"][1]) for r in live.prom.query(refused)}
-    changed = {pair for pair in after if after[pair] != before.get(pair)}
-    assert changed == {(name, "stale_round")}, changed  # nothing else counted, no new label values
+    changed = {pair: after[pair] - before[pair] for pair in after if after[pair] != before.get(pair)}
+    counted = {(name, "stale_round"): 1.0} | ({(name, "duplicate"): float(duplicates)} if duplicates else {})
+    assert changed == counted, changed  # each refusal counted once under its reason, no new label values
     # The dashboard's panels see it: the stat and the by-reason rate.
     (stat,) = [q for q in dashboard_queries(rate_interval=RATE_WINDOW) if q.title == "Refused updates"]
     assert live.prom.value(stat.expr) >= 1
@@ -253,8 +265,8 @@ def test_agent_info_carries_its_cores_and_cpu_is_sampled_per_pinned_core(live: L
         assert 0.0 <= float(cpu[0]["value"][1]) <= 1.0
         # Over the run the core was busy at some scrape (the agent trains on it).
         end = time.time()
-        samples = live.prom.query_range(f'{m.CORE_CPU}{{{m.NODE}="{name}"}}', end - 60, end)
-        assert max(float(v) for _, v in samples[0]["values"]) > 0.0
+        series = live.prom.query_range(f'{m.CORE_CPU}{{job="{AGENTS_JOB}",{m.NODE}="{name}"}}', end - 60, end)
+        assert len(series) == 1 and max(float(v) for _, v in series[0]["values"]) > 0.0, (name, series)
         memory = live.prom.value(f'{m.AGENT_MEMORY}{{{m.NODE}="{name}"}}')
         assert memory > 50e6  # agent + worker, both with torch loaded
         assert live.prom.value(f'{m.AGENT_ROUNDS}{{{m.NODE}="{name}"}}') >= 1

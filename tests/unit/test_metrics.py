@@ -10,7 +10,7 @@ import time
 
 import psutil
 import pytest
-from edgetrain.agent.metrics import STEP_BUCKETS, AgentMetrics
+from edgetrain.agent.metrics import STEP_BUCKETS, AgentMetrics, busy_fractions, read_core_times
 from edgetrain.coordinator.metrics import ROUND_BUCKETS, CoordinatorMetrics
 from edgetrain.coordinator.rounds import NodeReport
 from prometheus_client import REGISTRY, CollectorRegistry
@@ -173,7 +173,7 @@ def _burn(core: int, seconds: float) -> None:
 def test_host_collector_reports_each_pinned_core_and_memory() -> None:
     core = CORES[-1]
     agent = make_agent(cores=[core])
-    _burn(core, 0.4)  # the constructor primed psutil; this interval has the core busy
+    _burn(core, 0.4)  # the constructor took its first reading; this interval has the core busy
     cpu = samples_of(agent.registry, m.CORE_CPU)
     assert list(cpu) == [((m.CORE, str(core)),)]  # one series, for the pinned core only
     assert 0.5 <= cpu[((m.CORE, str(core)),)] <= 1.0  # a ratio, not a percentage
@@ -186,6 +186,29 @@ def test_host_collector_covers_every_core_given() -> None:
     cpu = samples_of(agent.registry, m.CORE_CPU)
     assert sorted(int(dict(k)[m.CORE]) for k in cpu) == CORES
     assert all(0.0 <= v <= 1.0 for v in cpu.values())
+
+
+def test_core_times_are_keyed_by_cpu_id_not_by_line(tmp_path) -> None:
+    # CPU 1 offline: the second cpuN line is CPU 2, and a reading by position would call it CPU 1.
+    stat = tmp_path / "stat"
+    stat.write_text("cpu  30 0 30 300 0 0 0 0 0 0\n"
+                    "cpu0 10 0 10 100 0 0 0 0 0 0\n"
+                    "cpu2 20 0 20 200 0 0 0 0 0 0\n"
+                    "intr 1 2 3\nctxt 5\n")
+    assert read_core_times(stat) == {0: (20.0, 120.0), 2: (40.0, 240.0)}
+    stat.write_text("cpu0 10 0 10 200 0 0 0 0 0 0\n"      # idle for 100 ticks
+                    "cpu2 95 0 20 200 5 0 0 0 0 0\n")     # busy 75 of 80 ticks (iowait counts as idle)
+    after = read_core_times(stat)
+    assert busy_fractions({0: (20.0, 120.0), 2: (40.0, 240.0)}, after) == {0: 0.0, 2: 75 / 80}
+    assert busy_fractions(after, after) == {0: 0.0, 2: 0.0}  # no tick passed: 0, not a division by zero
+
+
+def test_two_collectors_do_not_shorten_each_others_interval() -> None:
+    core = CORES[-1]
+    first, second = make_agent(cores=[core]), make_agent(cores=[core])
+    _burn(core, 0.4)
+    samples_of(second.registry, m.CORE_CPU)  # a read just before, by another collector (psutil's state was shared)
+    assert samples_of(first.registry, m.CORE_CPU)[((m.CORE, str(core)),)] >= 0.5
 
 
 def test_memory_adds_the_workers_and_skips_those_gone() -> None:
