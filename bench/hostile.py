@@ -269,6 +269,7 @@ def main() -> int:
     p.add_argument("--window", type=float, default=20.0, help="seconds each pace is measured over")
     p.add_argument("--model", default="text-cnn")
     p.add_argument("--local-steps", type=int, default=8)
+    p.add_argument("--keep", action="store_true", help="keep the run's folder (rounds.jsonl, logs) and print it")
     args = p.parse_args()
     names = [a for a in args.attacks.split(",") if a]
     unknown = set(names) - set(ATTACKS)
@@ -311,7 +312,10 @@ def main() -> int:
             peak: dict[str, float] = {}
             end = ATTACKS[name](target)
             time.sleep(2)  # the attack under way
+            first = target.round()
             during = pace(target, args.window, peak)
+            if args.keep:  # which records of rounds.jsonl the window holds
+                print(f"{name}: rounds {first:.0f}-{target.round():.0f} ran under attack", flush=True)
             end()
             time.sleep(2)
             after = pace(target, args.window)
@@ -330,7 +334,10 @@ def main() -> int:
                 proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 proc.kill()
-        shutil.rmtree(run_dir, ignore_errors=True)
+        if args.keep:
+            print(f"run folder kept: {run_dir}")
+        else:
+            shutil.rmtree(run_dir, ignore_errors=True)
     print()
     print(f"| attack | rounds/s before | during | after | pace during | coordinator CPU during (cores) "
           f"| peak RSS (x idle {idle['rss_mb']:.0f} MB) | peak threads | peak fds | peak series | series after |")
