@@ -64,14 +64,20 @@ class Limits:
     # A round does not wait for a participant that has not fetched its weights this soon after the round opened
     # (one that polls fetches within milliseconds) ...
     fetch_grace_seconds: float = 3.0
-    # ... nor, once every participant with a measured round time is in, for one without (a new agent, or one
-    # that missed its last round) longer than this fraction of the round so far (and at least `min_grace`):
-    # its first update that arrives, even late, gives it a measured time, and rounds wait for it from then on.
+    # ... nor, once every participant with a measured round time is in, for one that missed its last round
+    # (an update measured it before) longer than this fraction of the round so far (and at least `min_grace`):
+    # its next update that arrives, even late, measures it again, and rounds wait for it from then on.
     # The floor keeps very short rounds (15 ms on loopback) from giving up on an honest agent that only missed
-    # its last round: without it, such an agent under load lost the next round too (test_netns). Taking it away
-    # did not speed the real agent under bench/hostile's ghost flood (2.2 rounds/s either way).
+    # its last round: without it, such an agent under load lost the next round too (test_netns).
     probation_grace_ratio: float = 0.25
     min_grace_seconds: float = 0.2
+    # A newcomer (no update has measured it yet, fetched or not; an agent restarted under its name is none) is
+    # waited for this fraction of the round so far once the measured are in, with no floor, unless the round
+    # needs its update (--min-agents): its first round is a trial, whose update, late or not, measures it.
+    # Agents that join and never send (ghosts) then cost a round nothing but their download. With the 0.2 s
+    # floor and the fetch grace they had, 8 ghosts a round held the real agent of bench/hostile to 2.2-2.6
+    # rounds/s (34 %); an honest newcomer slower than the measured agents now loses its first round's work.
+    newcomer_grace_ratio: float = 0.0
     # Unmeasured agents that join one round: at most this many, or as many as its measured ones if more. A fleet
     # that starts together is in within a few rounds (8, 16, 32, ...); agents that join and never send (ghosts
     # that do fetch) cost each round one grace and one download each, not one per ghost that joined.
@@ -95,6 +101,9 @@ class Limits:
                      "idle_seconds", "fetch_grace_seconds", "slack", "min_wait_seconds", "poll_again_seconds"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be positive")
+        for name in ("probation_grace_ratio", "min_grace_seconds", "newcomer_grace_ratio"):
+            if not getattr(self, name) >= 0:
+                raise ConfigError(f"{name} must be 0 or more")
         if self.max_agents < 1:
             raise ConfigError(f"--max-agents must be at least 1, got {self.max_agents}")
         if min(self.calls_per_agent, self.join_burst, self.newcomers_per_round, self.newcomer_polls) < 1:

@@ -257,6 +257,8 @@ class RoundEngine:
         self._fetched_at: dict[str, float] = {}
         self._per_step: dict[str, float] = {}
         self._late_fetch: dict[str, tuple[float, int]] = {}  # the last round's missing: (fetched at, its steps)
+        self._contributed: set[str] = set()  # agents an update (on time or late) ever measured: not newcomers
+        self._min_updates = 1  # the open round's: see open_round
         self._measured: dict[str, float] = {}  # the open round's participants measured when it opened
         self.on_close: list[Callable[[int], None]] = []  # called with a round's number once it closed
 
@@ -280,8 +282,12 @@ class RoundEngine:
         return self._finished
 
     # ---- driver side
-    def open_round(self, agents: list[tuple[str, float, int]]) -> dict[str, Assignment]:
-        """Open round `completed_rounds` for (agent_id, throughput, workers) in rank order."""
+    def open_round(self, agents: list[tuple[str, float, int]], min_updates: int = 1) -> dict[str, Assignment]:
+        """Open round `completed_rounds` for (agent_id, throughput, workers) in rank order.
+
+        `min_updates`: what the round needs to be applied (the driver's `close_round`): newcomers are not let go
+        before it has that many, since a round short of them runs again anyway.
+        """
         if not agents:
             raise ValueError("cannot open a round without agents")
         world = len(agents)
@@ -307,6 +313,7 @@ class RoundEngine:
             self._received = {}
             self._acc = self._new_mean()
             self._kept = []
+            self._min_updates = max(1, min_updates)
             self._opened_at = self._clock()
             self._deadline = self._opened_at + self.round_timeout
             self._opening += 1
@@ -314,14 +321,20 @@ class RoundEngine:
             self._cv.notify_all()
             return dict(self._assignments)
 
-    def forget(self, agent_id: str) -> None:
-        """Stop waiting for an agent that left or was replaced (its sent update, if any, stays)."""
+    def forget(self, agent_id: str, successor: str | None = None) -> None:
+        """Stop waiting for an agent that left or was replaced (its sent update, if any, stays).
+
+        `successor`: the agent that replaced it (a restart under the same name): no newcomer if it was none.
+        """
         with self._cv:
+            if successor is not None and agent_id in self._contributed:
+                self._contributed.add(successor)
             self._expected.discard(agent_id)
             self._handed.pop(agent_id, None)
             self._missed.pop(agent_id, None)
             self._per_step.pop(agent_id, None)
             self._late_fetch.pop(agent_id, None)
+            self._contributed.discard(agent_id)
             self._cv.notify_all()
 
     def wait_for_updates(self, stop: threading.Event | None = None) -> bool:
@@ -349,9 +362,12 @@ class RoundEngine:
 
         - Not fetched `fetch_grace_seconds` after the round opened: a ghost (an agent that polls fetches at once).
         - Measured (an earlier update gave its time per step): past max(min_wait, slack x that time x its steps).
-        - Unmeasured (new, or it missed its last round): once every measured participant is in or waived, after
-          a grace of `probation_grace_ratio` of the round so far. With no measured participant (a run's first
-          round) the round waits for them until its deadline, as it always did.
+        - Unmeasured, once every measured participant is in or waived: one that missed its last round (an update
+          measured it before) after a grace of `probation_grace_ratio` of the round so far, at least
+          `min_grace_seconds`; a newcomer (no update ever measured it, fetched or not) after
+          `newcomer_grace_ratio` of it, no floor: its first round is a trial, so agents that join, fetch and never
+          send (ghosts) cost the rounds nothing. With no measured participant (a run's first round) the round
+          waits for them until its deadline, as it always did.
         Their updates are still taken while the round is open; their first one, even late, measures them.
         Until the round has one update, only ghosts are given up on: a round closed empty would run again, and an
         honest agent slowed past its allowance (a loaded machine) would miss it and every re-run. `--quorum` k
@@ -364,10 +380,13 @@ class RoundEngine:
         unmeasured = []
         measured_pending = False
         need = quorum_of(self.quorum, len(self._fetched_at.keys() & self._expected))  # ghosts never count
+        has_measured = bool(self._measured)
         for agent_id in self._expected - set(self._received):
             fetched = self._fetched_at.get(agent_id)
             if fetched is None:
                 end = self._opened_at + lim.fetch_grace_seconds
+                if has_measured and agent_id not in self._contributed:
+                    unmeasured.append(agent_id)  # a newcomer that has not even fetched: let go with the others
             elif len(self._received) < need:  # an empty round helps nobody: who fetched is waited for until k are in
                 continue
             elif agent_id in self._measured:
@@ -385,14 +404,20 @@ class RoundEngine:
         for agent_id in self._received:
             if agent_id in self._measured:
                 measured_done = max(measured_done, self._received[agent_id].received_at)
-        has_measured = bool(self._measured)
-        if unmeasured and has_measured and not measured_pending:
+        if unmeasured and has_measured and not measured_pending and len(self._received) >= max(need, self._min_updates):
             so_far = measured_done - self._opened_at
-            end = measured_done + max(lim.min_grace_seconds, lim.probation_grace_ratio * so_far)
-            if now >= end:
-                waived.update(unmeasured)
-            else:
-                wake = min(wake, end)
+            returning = [a for a in unmeasured if a in self._contributed]
+            for group, end in (
+                (returning, measured_done + max(lim.min_grace_seconds, lim.probation_grace_ratio * so_far)),
+                ([a for a in unmeasured if a not in self._contributed],
+                 measured_done + lim.newcomer_grace_ratio * so_far),
+            ):
+                if not group:
+                    continue
+                if now >= end:
+                    waived.update(group)
+                else:
+                    wake = min(wake, end)
         return waived, wake
 
     def close_round(self, min_updates: int = 1) -> Outcome:
@@ -570,6 +595,7 @@ class RoundEngine:
         if fetched is not None:
             at, steps = fetched
             self._per_step[agent_id] = max(self._clock() - at, 1e-6) / max(1, steps)
+            self._contributed.add(agent_id)
 
     def _check(self, agent_id: str, round_: int, num_samples: int) -> Assignment:
         if not self._open or round_ != self.completed_rounds:
@@ -633,6 +659,7 @@ class RoundEngine:
                 seconds = max(now - fetched, 1e-6) / steps
                 old = self._per_step.get(agent_id)
                 self._per_step[agent_id] = seconds if old is None else 0.5 * (old + seconds)
+                self._contributed.add(agent_id)
             self._cv.notify_all()
 
     def snapshot(self) -> dict[str, Any]:

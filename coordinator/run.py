@@ -464,13 +464,14 @@ class Coordinator:
                         break
                     if not live:  # the last agent left between the wait and now
                         continue
-                    engine.open_round([(a.agent_id, a.throughput, a.workers) for a in live])
+                    min_updates = min(cfg.min_agents, len(live))
+                    engine.open_round([(a.agent_id, a.throughput, a.workers) for a in live], min_updates)
                     for a in live:  # left or replaced since `live` was read: its forget() came too early
                         if self.membership.get(a.agent_id) is None:
                             engine.forget(a.agent_id)
                     names = {a.agent_id: a.name for a in live}
                     engine.wait_for_updates(self.stop)
-                    outcome = engine.close_round(min_updates=min(cfg.min_agents, len(live)))
+                    outcome = engine.close_round(min_updates=min_updates)
                     if not self.stop.is_set() and not outcome.spoiled:  # a round cut short by a stop or by
                         self._bench(outcome, names)  # a staged update's failed read is nobody's fault
                         if outcome.missing:

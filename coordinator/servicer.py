@@ -159,7 +159,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
                 raise rounds.TooManyAgentsError(str(err)) from err
             self.s.metrics.node_admitted(name)
             if replaced is not None:
-                self.s.engine.forget(replaced.agent_id)
+                self.s.engine.forget(replaced.agent_id, successor=agent.agent_id)
             log.info("agent %s joined (%s, cores %s)", name, agent.device, format_cores(sorted(agent.cores)))
             return pb.JoinReply(agent_id=agent.agent_id, session_token=agent.session_token,
                                 spec=self.s.spec.to_proto(), paced_uploads=True)

@@ -200,6 +200,19 @@ def test_coordinator_restarted_behind_its_address_resumes_and_the_agents_on_othe
 # ------------------------------------------------------------------------------------------------ faults
 
 
+def newcomer_trials(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rounds whose only missing agents had never sent an update: a newcomer's first round is its trial (it is
+    not waited for past the measured agents; its late update measures it), so an agent that joins a running
+    round may miss it (coordinator/rounds.py `_waived`)."""
+    sent: set[str] = set()
+    trials = []
+    for r in records:
+        if r["missing"] and not set(r["missing"]) & sent:
+            trials.append(r)
+        sent |= set(r["nodes"])
+    return trials
+
+
 def test_agent_partitioned_past_the_round_timeout_rejoins_after_healing_and_no_round_is_lost_or_repeated(
         hosts: Hosts, tmp_path: Path) -> None:
     timeout = 2.0
@@ -216,7 +229,9 @@ def test_agent_partitioned_past_the_round_timeout_rejoins_after_healing_and_no_r
     run.stop()
     run.wait(agents)
     records = assert_each_round_once(run)[:-1]  # the last round was cut short by the stop
-    short = [r for r in records if r["missing"]]
+    trials = newcomer_trials(records)
+    assert all(len(r["missing"]) == 1 for r in trials) and len(trials) <= 2, trials  # one at most per agent
+    short = [r for r in records if r["missing"] and r not in trials]
     assert [r["missing"] for r in short] == [["b"]], short  # the round the partition caught, closed at its deadline
     assert short[0]["duration_seconds"] >= timeout - 0.1
     assert "out of the rounds until it asks for work again" in hosts.procs.log("coordinator")

@@ -121,6 +121,13 @@ def test_poll_slots_keep_room_for_measured_agents_past_the_newcomers_share() -> 
         assert ok
 
 
+@pytest.mark.parametrize("name", ["probation_grace_ratio", "min_grace_seconds", "newcomer_grace_ratio"])
+def test_limits_refuse_a_negative_grace(name: str) -> None:
+    with pytest.raises(ConfigError, match=f"{name} must be 0 or more"):
+        Limits(**{name: -0.1})  # type: ignore[arg-type]
+    assert getattr(Limits(**{name: 0.0}), name) == 0.0  # type: ignore[arg-type]
+
+
 def test_limits_keep_long_polls_below_the_handler_threads() -> None:
     with pytest.raises(ConfigError, match="held_polls"):
         Limits(held_polls=HANDLER_THREADS)
@@ -281,9 +288,9 @@ def test_with_a_quorum_participants_past_their_measured_deadline_are_waited_for_
     assert engine.close_round().missing == ["c"]
 
 
-def test_an_unmeasured_participant_gets_a_grace_once_the_measured_are_in_and_a_late_update_measures_it() -> None:
+def test_a_newcomer_is_let_go_once_the_measured_are_in_and_its_late_update_measures_it() -> None:
     clock = Clock()
-    engine = _engine(clock, probation_grace_ratio=0.5, min_grace_seconds=0.25)  # the test's, not the defaults
+    engine = _engine(clock, newcomer_grace_ratio=0.5, min_grace_seconds=0.25)  # the test's, not the defaults
     engine.open_round([("a", 0.0, 1)])
     engine.get_work("a", -1, 0)
     clock.t += 1.0
@@ -293,7 +300,7 @@ def test_an_unmeasured_participant_gets_a_grace_once_the_measured_are_in_and_a_l
     engine.get_work("a", 0, 0)
     engine.get_work("new", -1, 0)
     clock.t += 2.0
-    engine.submit("a", 1, 8, {"w": torch.ones(3)})  # in after 2 s: the newcomer gets 1 s more
+    engine.submit("a", 1, 8, {"w": torch.ones(3)})  # in after 2 s: the newcomer gets 0.5 x 2 s more, no floor
     assert engine._waived(clock.t + 0.9)[0] == set()
     assert engine._waived(clock.t + 1.1)[0] == {"new"}
     clock.t += 1.1
@@ -302,6 +309,93 @@ def test_an_unmeasured_participant_gets_a_grace_once_the_measured_are_in_and_a_l
     with pytest.raises(LateUpdateError):  # its update comes late: refused, and it measures it
         engine.awaiting("new")
     assert engine._per_step["new"] == pytest.approx((2.0 + 1.1 + 3.0) / 2)
+
+
+def test_by_default_a_newcomer_holds_no_round_past_its_measured_participants_fetched_or_not() -> None:
+    clock = Clock()
+    engine = _engine(clock)  # the defaults: newcomer_grace_ratio 0, fetch_grace 3 s
+    engine.open_round([("a", 0.0, 1)])
+    engine.get_work("a", -1, 0)
+    clock.t += 1.0
+    engine.submit("a", 0, 8, {"w": torch.ones(3)})
+    engine.close_round()
+    engine.open_round([("a", 0.0, 1), ("fetcher", 0.0, 1), ("poller", 0.0, 1)])
+    engine.get_work("a", 0, 0)
+    engine.get_work("fetcher", -1, 0)  # fetches and never sends; "poller" never even fetches
+    clock.t += 0.5
+    assert engine._waived(clock.t)[0] == set()  # the measured one is still at work: nobody is let go
+    engine.submit("a", 1, 8, {"w": torch.ones(3)})
+    assert engine._waived(clock.t)[0] == {"fetcher", "poller"}  # not 3 s for the one that never fetched
+    assert engine.wait_for_updates() is False
+
+
+def test_with_no_measured_participant_an_unfetched_newcomer_still_has_the_fetch_grace() -> None:
+    clock = Clock()
+    engine = _engine(clock, fetch_grace_seconds=3.0)
+    engine.open_round([("a", 0.0, 1), ("b", 0.0, 1)])  # a run's first round: nobody measured yet
+    engine.get_work("a", -1, 0)
+    engine.submit("a", 0, 8, {"w": torch.ones(3)})
+    assert engine._waived(clock.t + 2.9)[0] == set()
+    assert engine._waived(clock.t + 3.1)[0] == {"b"}
+
+
+def test_a_newcomer_is_waited_for_while_the_round_needs_its_update_to_be_applied() -> None:
+    clock = Clock()
+    engine = _engine(clock)
+    engine.open_round([("a", 0.0, 1)])
+    engine.get_work("a", -1, 0)
+    engine.submit("a", 0, 8, {"w": torch.ones(3)})
+    engine.close_round()
+    engine.open_round([("a", 0.0, 1), ("new", 0.0, 1)], min_updates=2)  # --min-agents 2
+    engine.get_work("a", 0, 0)
+    engine.get_work("new", -1, 0)
+    engine.submit("a", 1, 8, {"w": torch.ones(3)})
+    clock.t += 50.0
+    assert engine._waived(clock.t)[0] == set()  # let go, the round would close short and run again anyway
+    engine.submit("new", 1, 8, {"w": torch.ones(3)})
+    assert engine.wait_for_updates() is True and engine.close_round(min_updates=2).applied
+
+
+def test_an_agent_restarted_under_its_name_is_no_newcomer() -> None:
+    clock = Clock()
+    engine = _engine(clock, min_grace_seconds=0.5)
+    engine.open_round([("a", 0.0, 1), ("b", 0.0, 1)])
+    for agent in ("a", "b"):
+        engine.get_work(agent, -1, 0)
+        engine.submit(agent, 0, 8, {"w": torch.ones(3)})
+    engine.close_round()
+    engine.forget("b", successor="b2")  # b restarted: its name's history goes on
+    engine.forget("ghost", successor="ghost2")  # one that never sent passes nothing on
+    engine.open_round([("a", 0.0, 1), ("b2", 0.0, 1), ("ghost2", 0.0, 1)])
+    for agent in ("a", "b2", "ghost2"):
+        engine.get_work(agent, -1 if agent != "a" else 0, 0)
+    engine.submit("a", 1, 8, {"w": torch.ones(3)})
+    assert engine._waived(clock.t)[0] == {"ghost2"}  # the newcomer at once; b2 has the returning agent's grace
+    assert engine._waived(clock.t + 0.6)[0] == {"ghost2", "b2"}
+
+
+def test_an_agent_that_missed_its_last_round_gets_the_floored_grace_not_the_newcomers() -> None:
+    clock = Clock()
+    engine = _engine(clock, probation_grace_ratio=0.5, min_grace_seconds=1.5)  # the test's, not the defaults
+    engine.open_round([("a", 0.0, 1), ("b", 0.0, 1)])
+    for agent in ("a", "b"):
+        engine.get_work(agent, -1, 0)
+    clock.t += 1.0
+    for agent in ("a", "b"):
+        engine.submit(agent, 0, 8, {"w": torch.ones(3)})
+    engine.close_round()  # both measured
+    engine.open_round([("a", 0.0, 1), ("b", 0.0, 1)])
+    engine.get_work("a", 0, 0)
+    engine.submit("a", 1, 8, {"w": torch.ones(3)})
+    clock.t += 200.0
+    engine.close_round()  # b missed it: unmeasured again, but it has sent before
+    engine.open_round([("a", 0.0, 1), ("b", 0.0, 1)])
+    engine.get_work("a", 1, 0)
+    engine.get_work("b", 1, 0)
+    clock.t += 1.0
+    engine.submit("a", 2, 8, {"w": torch.ones(3)})  # in after 1 s: b gets max(1.5, 0.5 x 1 s)
+    assert engine._waived(clock.t + 1.4)[0] == set()
+    assert engine._waived(clock.t + 1.6)[0] == {"b"}
 
 
 def test_an_update_stream_is_refused_before_its_header_when_nothing_could_be_taken() -> None:
