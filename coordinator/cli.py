@@ -143,8 +143,12 @@ def make_app() -> typer.Typer:
             help="Updates a round holds before it gives up on a participant past its measured deadline (k of the "
                  "n; --round-timeout still bounds the wait). 1: any one; n: wait for all.")] = 1,
         join_timeout: Annotated[float, typer.Option(help="Wait this long for --min-agents.")] = 600.0,
-        eval_every: Annotated[int, typer.Option(help="Evaluate every N rounds.")] = 1,
-        checkpoint_every: Annotated[int, typer.Option(help="Checkpoint every N rounds, and at the end.")] = 1,
+        eval_every: Annotated[str, typer.Option(
+            callback=count_or_auto, help="Evaluate every N rounds, or auto: whenever that keeps evaluation within "
+                                         "5 % of the wall time (and after the last round).")] = "auto",
+        checkpoint_every: Annotated[str, typer.Option(
+            callback=count_or_auto, help="Checkpoint every N rounds, or auto (as --eval-every), and at the "
+                                         "end.")] = "auto",
         upload_slots: Annotated[int, typer.Option(help="Uploads taken at once; the others wait.")] = UPLOAD_SLOTS,
         max_agents: Annotated[int, typer.Option(help="Agents admitted at once (docs/security.md, Limits).")] = (
             Limits.max_agents),
@@ -204,7 +208,8 @@ def make_app() -> typer.Typer:
             local_steps=local_steps, rounds=rounds, epochs=epochs, target_accuracy=target_accuracy, metric=metric,
             target=target,
             min_agents=min_agents, join_timeout=join_timeout,
-            round_timeout=round_timeout, quorum=quorum, eval_every=eval_every, checkpoint_every=checkpoint_every,
+            round_timeout=round_timeout, quorum=quorum, eval_every=parse_count(eval_every, "--eval-every"),
+            checkpoint_every=parse_count(checkpoint_every, "--checkpoint-every"),
             upload_slots=upload_slots, staging_dir=staging_dir, aggregator=aggregator, trim=trim, balance=balance,
             local_agents=n_local, local_workers=local_workers, local_devices=gpus,
             run_dir=run_dir or (None if resume else Path("runs") / f"{dataset}-{time.strftime('%Y%m%d-%H%M%S')}"),

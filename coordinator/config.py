@@ -39,7 +39,7 @@ class CoordinatorConfig:
     join_timeout: float = 600.0  # wait this long for --min-agents before giving up
     round_timeout: float = 600.0  # a round's deadline: updates after it are refused
     quorum: int = 1  # past their measured deadlines, slow participants are given up on once this many sent
-    eval_every: int = 1
+    eval_every: int | None = None  # every N rounds; None (auto): by its measured cost (coordinator/cadence.py)
     aggregator: str = MEAN
     trim: float = 0.2
     balance: bool = False
@@ -47,7 +47,7 @@ class CoordinatorConfig:
     local_workers: int = 1  # workers per local agent
     local_devices: tuple[str, ...] = ()  # GPUs as local workers: "cuda:0", ...
     run_dir: Path | None = None
-    checkpoint_every: int = 1
+    checkpoint_every: int | None = None  # every N rounds; None (auto): as eval_every
     upload_slots: int = UPLOAD_SLOTS  # uploads taken at once; the others wait their turn before they send
     staging_dir: Path | None = None  # where streamed updates wait until whole (None: the system's temp dir)
     resume: bool = False
@@ -84,14 +84,14 @@ class CoordinatorConfig:
             object.__setattr__(self, "min_agents", max(1, self.local_agents + len(self.local_devices)))
         if self.local_agents < 0:
             raise ConfigError(f"--local-agents cannot be negative, got {self.local_agents}")
-        if self.eval_every < 1:
-            raise ConfigError(f"--eval-every must be at least 1, got {self.eval_every}")
+        if self.eval_every is not None and self.eval_every < 1:
+            raise ConfigError(f"--eval-every must be at least 1 or auto, got {self.eval_every}")
         if not 0 <= self.trim < 0.5:
             raise ConfigError(f"--trim must be in [0, 0.5), got {self.trim}")
         if self.local_workers < 1:
             raise ConfigError(f"--local-workers must be at least 1, got {self.local_workers}")
-        if self.checkpoint_every < 1:
-            raise ConfigError(f"--checkpoint-every must be at least 1, got {self.checkpoint_every}")
+        if self.checkpoint_every is not None and self.checkpoint_every < 1:
+            raise ConfigError(f"--checkpoint-every must be at least 1 or auto, got {self.checkpoint_every}")
         if self.upload_slots < 1:
             raise ConfigError(f"--upload-slots must be at least 1, got {self.upload_slots}")
         if self.staging_dir is not None and not self.staging_dir.is_dir():

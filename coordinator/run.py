@@ -37,6 +37,7 @@ from edgetrain.workload import Workload, label_counts, load_workload
 from . import checkpoint
 from .admission import with_newcomers_capped
 from .afterwork import AfterWork
+from .cadence import Cadence
 from .config import CoordinatorConfig
 from .membership import Membership
 from .metrics import CoordinatorMetrics
@@ -183,6 +184,7 @@ class Coordinator:
         self.health: Any = None  # grpc_health HealthServicer: SERVING while the run goes, NOT_SERVING after
         self._failure = ""  # why run() failed: agents hear FAILED with it, never FINISHED
         self._checkpointed: int | None = None  # the round count of the last checkpoint on disk
+        self._evals = self._saves = Cadence(1)  # when to evaluate and checkpoint: set per run
 
     # ---- set-up
     def start(self) -> None:
@@ -373,7 +375,9 @@ class Coordinator:
         cfg = self.cfg
         if evaluate:
             assert state is not None
+            began = time.perf_counter()
             final, val = self._evaluate(state)
+            self._evals.end(time.perf_counter() - began)
             self._consider(choice, final, val, record["round"] + 1, state)
             record.update(accuracy=final.accuracy, loss=final.loss, macro_f1=final.macro_f1,
                           macro_recall=final.macro_recall, metric=choice.value(final))
@@ -397,7 +401,9 @@ class Coordinator:
         self._logged = record["round"] + 1  # once its record is on disk: a failed write does not count it
         if snap is not None:
             assert state is not None
+            began = time.perf_counter()
             self._checkpoint(state, snap)
+            self._saves.end(time.perf_counter() - began)
 
     def _report_share(self, nodes: dict[str, NodeSummary], record: dict[str, Any] | None,
                       wall: float | None = None) -> float:
@@ -427,6 +433,7 @@ class Coordinator:
         overheads: list[float] = []
         final: EvalResult | None = None
         choice = self._new_choice()
+        self._evals, self._saves = Cadence(cfg.eval_every), Cadence(cfg.checkpoint_every)
         samples_total = sum(engine.cursors.values())  # every sample trained so far, a resumed run's included
         stopped_by = "stop"
         time_to_target: float | None = None
@@ -486,13 +493,17 @@ class Coordinator:
                     record = self._record(outcome, names, nodes, t_start)
                     overheads.append(record["sync_overhead_seconds"])
                     last = budget_spent() is not None  # the last round is evaluated and logged
-                    evaluated = last or cfg.target is not None or engine.completed_rounds % cfg.eval_every == 0
+                    evaluated = last or cfg.target is not None or self._evals.due(engine.completed_rounds)
+                    if evaluated:
+                        self._evals.begin()
                     record["elapsed_seconds"] = time.perf_counter() - t_start
                     self.metrics.elapsed.set(record["elapsed_seconds"])
                     self._report_share(nodes, record)
                     state = engine.global_state  # replaced by the next round, never changed: this round's
                     snap = (engine.snapshot() if cfg.run_dir is not None
-                            and engine.completed_rounds % cfg.checkpoint_every == 0 else None)
+                            and self._saves.due(engine.completed_rounds) else None)
+                    if snap is not None:
+                        self._saves.begin()
                     held = evaluated or snap is not None
                     job = functools.partial(self._after_round, record, state if held else None, evaluated, snap,
                                             choice, history)

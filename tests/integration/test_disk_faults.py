@@ -24,7 +24,7 @@ from tests.integration.test_grpc_servicer import open_round, snapshot, update
 from tests.smallfs import fill, free_bytes, tmpfs
 
 QUICK = ["--dataset", "tweets", "--model", "text-bag", "--limit", "300", "--seed", "3", "--local-steps", "2",
-         "--eval-every", "1000", "--no-progress"]
+         "--eval-every", "1000", "--checkpoint-every", "1", "--no-progress"]
 
 
 def _last_line(text: str) -> str:

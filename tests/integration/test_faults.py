@@ -457,7 +457,7 @@ def test_coordinator_killed_resumes_from_its_checkpoint_and_agents_carry_on(tmp_
     coordinator = ["coordinator", "run", "--dataset", "tweets", "--model", "text-bag", "--limit", "2000", "--seed",
                    "3", "--local-steps", "60", "--rounds", str(rounds), "--min-agents", "2", "--port", str(port),
                    "--run-dir", str(run_dir), "--round-timeout", "20", "--eval-every", "5", "--join-timeout", "120",
-                   "--no-progress"]
+                   "--checkpoint-every", "1", "--no-progress"]  # every round: a kill loses at most the one it was in
     first = procs.start("coordinator-1", coordinator)
     agents = [procs.agent(name, port, core) for name, core in (("a", CORES[0]), ("b", CORES[-1]))]
     log = run_dir / "rounds.jsonl"

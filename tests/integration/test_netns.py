@@ -35,7 +35,8 @@ PORT = 50051  # the coordinator's namespace is the test's own: any port is free 
 ROUNDS = 50
 # mnist-mlp on 5,000 digits: ~1 ms a step; lr 0.2 moves the weights visibly in 50 steps
 TRAIN = ["--dataset", "mnist-5k", "--model", "mnist-mlp", "--optimizer", "sgd", "--lr", "0.2", "--batch-size", "32",
-         "--seed", "5", "--local-steps", "1", "--eval-every", "1000", "--join-timeout", "120", "--no-progress"]
+         "--seed", "5", "--local-steps", "1", "--eval-every", "1000", "--checkpoint-every", "1",
+         "--join-timeout", "120", "--no-progress"]
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,7 @@ def test_the_best_round_on_val_is_kept_reported_and_exported(tmp_path: Path) -> 
     run_dir = tmp_path / "run"
     registry = CollectorRegistry()
     cfg = CoordinatorConfig(spec=SPEC, port=0, local_steps=3, rounds=10, metric="macro-recall", local_agents=1,
-                            run_dir=run_dir, progress=False, round_timeout=120)
+                            eval_every=1, run_dir=run_dir, progress=False, round_timeout=120)
     result = Coordinator(cfg, registry=registry).run()
     logged = [json.loads(line) for line in (run_dir / LOG).read_text().splitlines()]
     assert len(logged) == 10 and all("val_metric" in r and "metric" in r for r in logged)
