@@ -30,14 +30,7 @@ from edgetrain.coordinator.rounds import LateUpdateError, NotParticipantError, R
 from edgetrain.errors import ConfigError
 from edgetrain.proto import edgetrain_pb2 as pb
 from edgetrain.spec import RunSpec
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.t = 1000.0
-
-    def __call__(self) -> float:
-        return self.t
+from tests.conftest import Clock
 
 
 def test_wildcard_metrics_addresses_are_advertised_as_the_peer() -> None:

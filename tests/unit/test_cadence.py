@@ -5,13 +5,7 @@ from __future__ import annotations
 import pytest
 from edgetrain.coordinator.cadence import AUTO_BUDGET, Cadence
 
-
-class Clock:
-    def __init__(self) -> None:
-        self.t = 100.0
-
-    def __call__(self) -> float:
-        return self.t
+from tests.conftest import Clock
 
 
 def test_every_n_rounds_is_a_plain_modulo() -> None:

@@ -8,13 +8,7 @@ import torch
 from edgetrain.coordinator import rounds
 from edgetrain.coordinator.rounds import RoundEngine, balanced_steps
 
-
-class Clock:
-    def __init__(self) -> None:
-        self.t = 1000.0
-
-    def __call__(self) -> float:
-        return self.t
+from tests.conftest import Clock
 
 
 def _engine(clock: Clock | None = None, **kw: object) -> RoundEngine:
