@@ -27,8 +27,13 @@ def read_core_times(stat: Path = Path("/proc/stat")) -> dict[int, tuple[float, f
     """
     try:
         lines = stat.read_text().splitlines()
-    except OSError:
-        return {i: _busy_total(list(t)) for i, t in enumerate(psutil.cpu_times(percpu=True))}
+    except OSError:  # no /proc: psutil's fields by name (their order differs between systems)
+        out = {}
+        for i, t in enumerate(psutil.cpu_times(percpu=True)):
+            idle = t.idle + getattr(t, "iowait", 0.0)
+            total = sum(t) - getattr(t, "guest", 0.0) - getattr(t, "guest_nice", 0.0)
+            out[i] = (total - idle, total)
+        return out
     out = {}
     for line in lines:
         name, *fields = line.split()

@@ -71,9 +71,10 @@ class Limits:
     # its last round: without it, such an agent under load lost the next round too (test_netns).
     probation_grace_ratio: float = 0.25
     min_grace_seconds: float = 0.2
-    # A newcomer (no update has measured it yet, fetched or not; an agent restarted under its name is none) is
-    # waited for this fraction of the round so far once the measured are in, with no floor, unless the round
-    # needs its update (--min-agents): its first round is a trial, whose update, late or not, measures it.
+    # A newcomer (no update has measured it yet, fetched or not; an agent back under a name whose updates were
+    # taken is none: KnownNames) is waited for this fraction of the round so far once the measured are in, with
+    # no floor, unless the round needs its update (--min-agents; then as long as the slowest measured agent):
+    # its first round is a trial, whose update, late or not, measures it.
     # Agents that join and never send (ghosts) then cost a round nothing but their download. With the 0.2 s
     # floor and the fetch grace they had, 8 ghosts a round held the real agent of bench/hostile to 2.2-2.6
     # rounds/s (34 %); an honest newcomer slower than the measured agents now loses its first round's work.
@@ -260,6 +261,31 @@ class CallCounts:
     def open_calls(self, key: str) -> int:
         with self._lock:
             return self._open.get(key, 0)
+
+
+class KnownNames:
+    """Names of agents whose updates were taken, the latest `cap` (a fleet's, many times over).
+
+    An agent restarted under such a name, after a crash or a clean Leave, is no newcomer: rounds give it the
+    grace of one that missed a round (RoundEngine.vouch), not a trial. Only an update the coordinator took puts a
+    name here, and a name costs ~100 bytes.
+    """
+
+    def __init__(self, cap: int = 10_000) -> None:
+        self._cap = cap
+        self._names: OrderedDict[str, None] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def add(self, name: str) -> None:
+        with self._lock:
+            self._names[name] = None
+            self._names.move_to_end(name)
+            while len(self._names) > self._cap:
+                self._names.popitem(last=False)
+
+    def __contains__(self, name: object) -> bool:
+        with self._lock:
+            return name in self._names
 
 
 class PollSlots:

@@ -256,7 +256,7 @@ class RoundEngine:
         # agent's measured round time per local step (fetch to update, its link included), kept across rounds.
         self._fetched_at: dict[str, float] = {}
         self._per_step: dict[str, float] = {}
-        self._late_fetch: dict[str, tuple[float, int]] = {}  # the last round's missing: (fetched at, its steps)
+        self._late_fetch: dict[str, tuple[float, int]] = {}  # missed rounds' fetches: (fetched at, its steps)
         self._contributed: set[str] = set()  # agents an update (on time or late) ever measured: not newcomers
         self._min_updates = 1  # the open round's: see open_round
         self._measured: dict[str, float] = {}  # the open round's participants measured when it opened
@@ -321,14 +321,14 @@ class RoundEngine:
             self._cv.notify_all()
             return dict(self._assignments)
 
-    def forget(self, agent_id: str, successor: str | None = None) -> None:
-        """Stop waiting for an agent that left or was replaced (its sent update, if any, stays).
-
-        `successor`: the agent that replaced it (a restart under the same name): no newcomer if it was none.
-        """
+    def vouch(self, agent_id: str) -> None:
+        """No newcomer: an agent restarted under a name whose updates were taken before (admission.KnownNames)."""
         with self._cv:
-            if successor is not None and agent_id in self._contributed:
-                self._contributed.add(successor)
+            self._contributed.add(agent_id)
+
+    def forget(self, agent_id: str) -> None:
+        """Stop waiting for an agent that left or was replaced (its sent update, if any, stays)."""
+        with self._cv:
             self._expected.discard(agent_id)
             self._handed.pop(agent_id, None)
             self._missed.pop(agent_id, None)
@@ -366,8 +366,10 @@ class RoundEngine:
           measured it before) after a grace of `probation_grace_ratio` of the round so far, at least
           `min_grace_seconds`; a newcomer (no update ever measured it, fetched or not) after
           `newcomer_grace_ratio` of it, no floor: its first round is a trial, so agents that join, fetch and never
-          send (ghosts) cost the rounds nothing. With no measured participant (a run's first round) the round
-          waits for them until its deadline, as it always did.
+          send (ghosts) cost the rounds nothing. While the round has fewer than `min_updates` (it would close short
+          and run again), either kind is waited for as long as the slowest measured participant would be, from its
+          fetch. With no measured participant (a run's first round) the round waits for them until its deadline,
+          as it always did.
         Their updates are still taken while the round is open; their first one, even late, measures them.
         Until the round has one update, only ghosts are given up on: a round closed empty would run again, and an
         honest agent slowed past its allowance (a loaded machine) would miss it and every re-run. `--quorum` k
@@ -404,18 +406,21 @@ class RoundEngine:
         for agent_id in self._received:
             if agent_id in self._measured:
                 measured_done = max(measured_done, self._received[agent_id].received_at)
-        if unmeasured and has_measured and not measured_pending and len(self._received) >= max(need, self._min_updates):
+        if unmeasured and has_measured and not measured_pending and len(self._received) >= need:
             so_far = measured_done - self._opened_at
-            returning = [a for a in unmeasured if a in self._contributed]
-            for group, end in (
-                (returning, measured_done + max(lim.min_grace_seconds, lim.probation_grace_ratio * so_far)),
-                ([a for a in unmeasured if a not in self._contributed],
-                 measured_done + lim.newcomer_grace_ratio * so_far),
-            ):
-                if not group:
-                    continue
+            short = len(self._received) < self._min_updates  # the round is applied only with some of them
+            slowest = max(self._measured.values())
+            for agent_id in unmeasured:
+                if short:  # as long as the slowest measured agent would be waited for, from its own fetch
+                    start = self._fetched_at.get(agent_id, self._opened_at)
+                    steps = self._assignments[agent_id].local_steps
+                    end = start + max(lim.min_wait_seconds, lim.slack * slowest * steps)
+                elif agent_id in self._contributed:
+                    end = measured_done + max(lim.min_grace_seconds, lim.probation_grace_ratio * so_far)
+                else:
+                    end = measured_done + lim.newcomer_grace_ratio * so_far
                 if now >= end:
-                    waived.update(group)
+                    waived.add(agent_id)
                 else:
                     wake = min(wake, end)
         return waived, wake
@@ -466,8 +471,12 @@ class RoundEngine:
             self._kept = []
             for agent_id in missing:  # measured again by its next update: until then it is on probation
                 self._per_step.pop(agent_id, None)
-            self._late_fetch = {a: (self._fetched_at[a], self._assignments[a].local_steps)
-                                for a in missing if a in self._fetched_at}
+            # Kept until the late update comes (it may come rounds later: a slow newcomer let go at once sits out
+            # the next round, which may close first), the agent is handed work again, or its hard deadline passed.
+            now = self._clock()
+            self._late_fetch = {a: v for a, v in self._late_fetch.items() if now - v[0] < self.round_timeout}
+            self._late_fetch.update({a: (self._fetched_at[a], self._assignments[a].local_steps)
+                                     for a in missing if a in self._fetched_at})
             self._cv.notify_all()
         for listener in self.on_close:
             listener(outcome.round)
@@ -506,6 +515,7 @@ class RoundEngine:
                     self._handed[agent_id] = self._opening
                     self._fetched_at[agent_id] = self._clock()
                     self._missed.pop(agent_id, None)
+                    self._late_fetch.pop(agent_id, None)  # its late update, if it still comes, is of no use now
                     return Work(
                         "WORK",
                         round=self.completed_rounds,
@@ -591,7 +601,7 @@ class RoundEngine:
 
     def _measure_late(self, agent_id: str) -> None:
         """A late update still tells how long its agent takes: rounds wait for it from then on (not past slack)."""
-        fetched = self._late_fetch.get(agent_id)
+        fetched = self._late_fetch.pop(agent_id, None)
         if fetched is not None:
             at, steps = fetched
             self._per_step[agent_id] = max(self._clock() - at, 1e-6) / max(1, steps)

@@ -184,7 +184,7 @@ class Coordinator:
         self.health: Any = None  # grpc_health HealthServicer: SERVING while the run goes, NOT_SERVING after
         self._failure = ""  # why run() failed: agents hear FAILED with it, never FINISHED
         self._checkpointed: int | None = None  # the round count of the last checkpoint on disk
-        self._evals = self._saves = Cadence(1)  # when to evaluate and checkpoint: set per run
+        self._evals, self._saves = Cadence(1), Cadence(1)  # when to evaluate and checkpoint: set per run
 
     # ---- set-up
     def start(self) -> None:

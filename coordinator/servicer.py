@@ -24,7 +24,7 @@ from edgetrain.samehost import SHM_ROOT
 from edgetrain.spec import RunSpec
 
 from . import rounds
-from .admission import CallCounts, JoinRate, Limits, PollSlots, Watchdog, join_problem, metrics_address
+from .admission import CallCounts, JoinRate, KnownNames, Limits, PollSlots, Watchdog, join_problem, metrics_address
 from .config import UPLOAD_SLOTS
 from .membership import Agent, FullError, Membership
 from .metrics import CoordinatorMetrics
@@ -61,6 +61,7 @@ class ServiceState:
         self.upload_calls = CallCounts(1)  # one upload per agent at a time: two would hold two upload slots
         self.joins = JoinRate(self.limits.joins_per_second, self.limits.join_burst)
         self.polls = PollSlots(self.limits.held_polls, self.limits.newcomer_polls)
+        self.known = KnownNames()  # names whose updates were taken: restarted under one, no newcomer
         self.watchdog = Watchdog()
         self._swept_at = 0.0
 
@@ -159,7 +160,9 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
                 raise rounds.TooManyAgentsError(str(err)) from err
             self.s.metrics.node_admitted(name)
             if replaced is not None:
-                self.s.engine.forget(replaced.agent_id, successor=agent.agent_id)
+                self.s.engine.forget(replaced.agent_id)
+            if name in self.s.known:
+                self.s.engine.vouch(agent.agent_id)
             log.info("agent %s joined (%s, cores %s)", name, agent.device, format_cores(sorted(agent.cores)))
             return pb.JoinReply(agent_id=agent.agent_id, session_token=agent.session_token,
                                 spec=self.s.spec.to_proto(), paced_uploads=True)
@@ -295,6 +298,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
                                      checked_finite=update.checked_finite)
         if math.isfinite(h.stats.samples_per_second) and 0 < h.stats.samples_per_second <= MAX_THROUGHPUT:
             agent.throughput = h.stats.samples_per_second
+        self.s.known.add(agent.name)
         self.s.metrics.accepted_update(agent.name, h.num_samples, stats, update.received)
         return pb.UpdateAck(accepted=True, detail=f"round {h.round}")
 

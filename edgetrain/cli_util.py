@@ -44,7 +44,7 @@ def run_app(app: typer.Typer, prog: str, argv: list[str] | None = None) -> int:
 
 
 def count_or_auto(value: str) -> str:
-    """Option callback for `--workers` / `--local-agents`: a whole number or `auto`, else a usage error (exit 2)."""
+    """Option callback for options that take a whole number or `auto` (else a usage error, exit 2)."""
     if value.strip().lower() != "auto" and not value.strip().isdigit():
         raise typer.BadParameter(f"{value!r} is neither a whole number nor auto")
     return value

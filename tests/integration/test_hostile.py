@@ -263,6 +263,21 @@ def test_a_round_does_not_wait_for_agents_that_polled_once_and_vanished() -> Non
         assert outcome.applied and list(outcome.contributions) == [real.agent_id] and len(outcome.missing) == 50
 
 
+def test_an_agent_back_under_a_name_whose_updates_were_taken_is_no_newcomer() -> None:
+    """Ghosts are newcomers, each first round a trial; a real agent restarted (after a clean Leave) is not."""
+    for svc in _svc():
+        real, real_md = svc.join("real")
+        never, never_md = svc.join("never-sent")
+        svc.engine.open_round([(real.agent_id, 0.0, 1)])
+        _real_round(svc, real.agent_id, real_md)
+        for reply, md in ((real, real_md), (never, never_md)):
+            svc.stub.Leave(pb.LeaveRequest(agent_id=reply.agent_id), metadata=md, timeout=5)
+        again, _ = svc.join("real")
+        never_again, _ = svc.join("never-sent")
+        svc.engine.open_round([(again.agent_id, 0.0, 1), (never_again.agent_id, 0.0, 1)])
+        assert svc.engine._contributed == {again.agent_id}  # noqa: SLF001
+
+
 def _deferred(svc: Service) -> float:
     return svc.registry.get_sample_value("edgetrain_polls_deferred_total") or 0.0
 

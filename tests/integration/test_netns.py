@@ -231,7 +231,8 @@ def test_agent_partitioned_past_the_round_timeout_rejoins_after_healing_and_no_r
     run.wait(agents)
     records = assert_each_round_once(run)[:-1]  # the last round was cut short by the stop
     trials = newcomer_trials(records)
-    assert all(len(r["missing"]) == 1 for r in trials) and len(trials) <= 2, trials  # one at most per agent
+    missed = [name for r in trials for name in r["missing"]]
+    assert len(missed) == len(set(missed)) <= 2, trials  # one trial at most per agent
     short = [r for r in records if r["missing"] and r not in trials]
     assert [r["missing"] for r in short] == [["b"]], short  # the round the partition caught, closed at its deadline
     assert short[0]["duration_seconds"] >= timeout - 0.1

@@ -16,6 +16,7 @@ from edgetrain.coordinator.admission import (
     HANDLER_THREADS,
     CallCounts,
     JoinRate,
+    KnownNames,
     Limits,
     PollSlots,
     Watchdog,
@@ -332,24 +333,56 @@ def test_with_no_measured_participant_an_unfetched_newcomer_still_has_the_fetch_
     assert engine._waived(clock.t + 3.1)[0] == {"b"}
 
 
-def test_a_newcomer_is_waited_for_while_the_round_needs_its_update_to_be_applied() -> None:
+def test_a_newcomer_is_waited_for_while_the_round_needs_its_update_but_no_longer_than_a_slow_measured_one() -> None:
     clock = Clock()
-    engine = _engine(clock)
+    engine = _engine(clock, slack=3.0, min_wait_seconds=1.0)
     engine.open_round([("a", 0.0, 1)])
     engine.get_work("a", -1, 0)
+    clock.t += 1.0
     engine.submit("a", 0, 8, {"w": torch.ones(3)})
-    engine.close_round()
+    engine.close_round()  # a: 0.5 s a step, 2 steps: a measured agent is waited for 3 x 1 s
     engine.open_round([("a", 0.0, 1), ("new", 0.0, 1)], min_updates=2)  # --min-agents 2
     engine.get_work("a", 0, 0)
     engine.get_work("new", -1, 0)
+    fetched = clock.t
     engine.submit("a", 1, 8, {"w": torch.ones(3)})
-    clock.t += 50.0
-    assert engine._waived(clock.t)[0] == set()  # let go, the round would close short and run again anyway
+    assert engine._waived(fetched + 2.9)[0] == set()  # the round would close short and run again without it
+    assert engine._waived(fetched + 3.1)[0] == {"new"}  # a ghost holds it no longer than a slow measured agent
     engine.submit("new", 1, 8, {"w": torch.ones(3)})
     assert engine.wait_for_updates() is True and engine.close_round(min_updates=2).applied
 
 
-def test_an_agent_restarted_under_its_name_is_no_newcomer() -> None:
+def test_a_slow_newcomer_is_measured_by_its_late_update_even_rounds_later() -> None:
+    clock = Clock()
+    engine = _engine(clock)
+    engine.open_round([("a", 0.0, 1)])
+    engine.get_work("a", -1, 0)
+    clock.t += 0.2
+    engine.submit("a", 0, 8, {"w": torch.ones(3)})
+    engine.close_round()
+    engine.open_round([("a", 0.0, 1), ("slow", 0.0, 1)])
+    engine.get_work("a", 0, 0)
+    engine.get_work("slow", -1, 0)
+    clock.t += 0.2
+    engine.submit("a", 1, 8, {"w": torch.ones(3)})
+    engine.close_round()  # slow let go at once: it missed round 1
+    engine.open_round([("a", 0.0, 1)])  # sat out, and this round closes before slow's update comes
+    engine.get_work("a", 1, 0)
+    clock.t += 0.2
+    engine.submit("a", 2, 8, {"w": torch.ones(3)})
+    engine.close_round()
+    clock.t += 0.6
+    with pytest.raises(LateUpdateError):
+        engine.awaiting("slow")
+    assert engine._per_step["slow"] == pytest.approx(1.0 / 2)  # fetched 1 s before, 2 steps: no newcomer now
+    engine.open_round([("a", 0.0, 1), ("slow", 0.0, 1)])
+    engine.get_work("a", 2, 0)
+    engine.get_work("slow", 2, 0)
+    engine.submit("a", 3, 8, {"w": torch.ones(3)})
+    assert engine._waived(clock.t + 1.9)[0] == set()  # waited for as a measured agent (min_wait 2 s)
+
+
+def test_an_agent_restarted_under_a_known_name_is_no_newcomer() -> None:
     clock = Clock()
     engine = _engine(clock, min_grace_seconds=0.5)
     engine.open_round([("a", 0.0, 1), ("b", 0.0, 1)])
@@ -357,14 +390,21 @@ def test_an_agent_restarted_under_its_name_is_no_newcomer() -> None:
         engine.get_work(agent, -1, 0)
         engine.submit(agent, 0, 8, {"w": torch.ones(3)})
     engine.close_round()
-    engine.forget("b", successor="b2")  # b restarted: its name's history goes on
-    engine.forget("ghost", successor="ghost2")  # one that never sent passes nothing on
-    engine.open_round([("a", 0.0, 1), ("b2", 0.0, 1), ("ghost2", 0.0, 1)])
-    for agent in ("a", "b2", "ghost2"):
+    engine.forget("b")  # b left (or crashed) and came back as b2, under a name whose updates were taken
+    engine.vouch("b2")
+    engine.open_round([("a", 0.0, 1), ("b2", 0.0, 1), ("ghost", 0.0, 1)])
+    for agent in ("a", "b2", "ghost"):
         engine.get_work(agent, -1 if agent != "a" else 0, 0)
     engine.submit("a", 1, 8, {"w": torch.ones(3)})
-    assert engine._waived(clock.t)[0] == {"ghost2"}  # the newcomer at once; b2 has the returning agent's grace
-    assert engine._waived(clock.t + 0.6)[0] == {"ghost2", "b2"}
+    assert engine._waived(clock.t)[0] == {"ghost"}  # the newcomer at once; b2 has the returning agent's grace
+    assert engine._waived(clock.t + 0.6)[0] == {"ghost", "b2"}
+
+
+def test_known_names_keep_the_latest_cap() -> None:
+    known = KnownNames(cap=3)
+    for name in ("a", "b", "c", "a", "d"):  # a taken again: the latest
+        known.add(name)
+    assert [n for n in "abcd" if n in known] == ["a", "c", "d"]
 
 
 def test_an_agent_that_missed_its_last_round_gets_the_floored_grace_not_the_newcomers() -> None:
