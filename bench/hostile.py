@@ -46,8 +46,9 @@ FLOOD = 1000
 class Target:
     """The coordinator under attack: its address, /metrics and process."""
 
-    def __init__(self, port: int, metrics_port: int, proc: subprocess.Popen[bytes]) -> None:
+    def __init__(self, port: int, metrics_port: int, proc: subprocess.Popen[bytes], ghosts: int = 200) -> None:
         self.address, self.metrics_port, self.proc = f"127.0.0.1:{port}", metrics_port, proc
+        self.ghosts = ghosts  # ghost threads at a time
         self.ps = psutil.Process(proc.pid)
 
     def scrape(self) -> str:
@@ -215,7 +216,8 @@ def fat_joins(target: Target) -> Stop:
 
 
 def ghosts(target: Target) -> Stop:
-    """Finding 5: agents that Join, poll once and vanish (half hang up mid-poll), 200 at a time, again and again."""
+    """Finding 5: agents that Join, poll once and vanish (half hang up mid-poll), --ghosts at a time, again and
+    again."""
     counter = iter(range(10**9))
 
     def work(stub: pb_grpc.CoordinatorStub, i: int, stop: threading.Event) -> None:
@@ -234,7 +236,7 @@ def ghosts(target: Target) -> Stop:
                 except grpc.RpcError:
                     pass
 
-    return _attack(target, min(FLOOD, 200), work)
+    return _attack(target, target.ghosts, work)
 
 
 def oversize(target: Target) -> Stop:
@@ -269,6 +271,8 @@ def main() -> int:
     p.add_argument("--window", type=float, default=20.0, help="seconds each pace is measured over")
     p.add_argument("--model", default="text-cnn")
     p.add_argument("--local-steps", type=int, default=8)
+    p.add_argument("--ghosts", type=int, default=200, help="ghost threads at a time (each joins, polls "
+                   "once and goes, again and again)")
     p.add_argument("--keep", action="store_true", help="keep the run's folder (rounds.jsonl, logs) and print it")
     args = p.parse_args()
     names = [a for a in args.attacks.split(",") if a]
@@ -289,7 +293,7 @@ def main() -> int:
          "--name",
          "real", "--log-level", "error"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
         stderr=open(run_dir / "agent.log", "wb"))
-    target = Target(port, metrics_port, coord)
+    target = Target(port, metrics_port, coord, args.ghosts)
     os.nice(19)  # the attackers come last for the CPU: what is measured is the coordinator's limits
     rows = []
     try:
