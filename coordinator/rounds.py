@@ -285,8 +285,9 @@ class RoundEngine:
     def open_round(self, agents: list[tuple[str, float, int]], min_updates: int = 1) -> dict[str, Assignment]:
         """Open round `completed_rounds` for (agent_id, throughput, workers) in rank order.
 
-        `min_updates`: what the round needs to be applied (the driver's `close_round`): newcomers are not let go
-        before it has that many, since a round short of them runs again anyway.
+        `min_updates`: what the round needs to be applied (the driver's `close_round`): until it has that many,
+        unmeasured participants are waited for as long as the slowest measured one would be (`_waived`), since a
+        round short of them runs again anyway.
         """
         if not agents:
             raise ValueError("cannot open a round without agents")
