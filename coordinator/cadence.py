@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 AUTO_BUDGET = 0.05  # the share of the wall time an `auto` job may take
 
@@ -38,15 +39,21 @@ class Cadence:
                 return False
             return self._began is None or (self._clock() - self._began) * self.budget >= self._cost
 
-    def begin(self) -> float:
+    def begin(self) -> None:
         """A run is scheduled now (it may start later, on another thread): no other is due until it ends."""
         with self._lock:
             self._running = True
             self._began = self._clock()
-            return self._began
 
     def end(self, seconds: float) -> None:
         """The scheduled run took `seconds`."""
         with self._lock:
             self._running = False
             self._cost = max(0.0, seconds)
+
+    @contextmanager
+    def timed(self) -> Iterator[None]:
+        """Run the scheduled job in this block, and tell `end` its seconds (not if it raised: the run stops)."""
+        began = self._clock()
+        yield
+        self.end(self._clock() - began)

@@ -375,9 +375,8 @@ class Coordinator:
         cfg = self.cfg
         if evaluate:
             assert state is not None
-            began = time.perf_counter()
-            final, val = self._evaluate(state)
-            self._evals.end(time.perf_counter() - began)
+            with self._evals.timed():
+                final, val = self._evaluate(state)
             self._consider(choice, final, val, record["round"] + 1, state)
             record.update(accuracy=final.accuracy, loss=final.loss, macro_f1=final.macro_f1,
                           macro_recall=final.macro_recall, metric=choice.value(final))
@@ -401,9 +400,8 @@ class Coordinator:
         self._logged = record["round"] + 1  # once its record is on disk: a failed write does not count it
         if snap is not None:
             assert state is not None
-            began = time.perf_counter()
-            self._checkpoint(state, snap)
-            self._saves.end(time.perf_counter() - began)
+            with self._saves.timed():
+                self._checkpoint(state, snap)
 
     def _report_share(self, nodes: dict[str, NodeSummary], record: dict[str, Any] | None,
                       wall: float | None = None) -> float:

@@ -30,6 +30,17 @@ def test_auto_runs_at_once_then_keeps_its_cost_within_the_budget_of_the_wall_tim
     assert cadence.due(5)
 
 
+def test_timed_tells_end_the_seconds_of_its_block() -> None:
+    clock = Clock()
+    cadence = Cadence(None, budget=0.5, clock=clock)
+    cadence.begin()
+    with cadence.timed():
+        clock.t += 2.0  # the job takes 2 s: due again 4 s after it began
+    assert not cadence.due(1)
+    clock.t += 2.1
+    assert cadence.due(2)
+
+
 def test_a_cheap_job_runs_every_round_and_a_costly_one_about_once_in_twenty() -> None:
     clock = Clock()
     for cost, expected in ((0.001, 100), (0.1, 5)):
