@@ -82,6 +82,7 @@ def _client_main(port: int, agents: int, rounds: int, model: str) -> None:
     from edgetrain import serde
     from edgetrain.models import ModelInput, build_model
     from edgetrain.proto import edgetrain_pb2 as pb
+    from edgetrain.records import NodeStats
 
     expected = serde.spec_of(build_model(model, ModelInput(10)).state_dict())
 
@@ -98,7 +99,7 @@ def _client_main(port: int, agents: int, rounds: int, model: str) -> None:
             if h.status != pb.WORK or rnd.state is None:
                 continue
             state = {k: v + 0.001 * (i + 1) if v.is_floating_point() else v for k, v in rnd.state.items()}
-            route.send(h.round, 64, pb.NodeStats(), state)
+            route.send(h.round, NodeStats(samples=64), state)
             after = h.round
         client.close()
 

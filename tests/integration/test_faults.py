@@ -35,6 +35,7 @@ from edgetrain.coordinator.transfer.staging import StagedTensor
 from edgetrain import grpc_options, serde
 from edgetrain.proto import edgetrain_pb2 as pb
 from edgetrain.proto import edgetrain_pb2_grpc as pb_grpc
+from edgetrain.records import NodeStats
 from edgetrain.spec import RunSpec
 from tests.conftest import free_port
 
@@ -259,7 +260,7 @@ class RawAgent:
 
     def send(self, header: pb.RoundHeader, state: dict[str, torch.Tensor]) -> bool:
         try:
-            self.route.send(header.round, header.local_steps * header.batch_size, pb.NodeStats(), state)
+            self.route.send(header.round, NodeStats(samples=header.local_steps * header.batch_size), state)
         except grpc.RpcError as err:
             self.refusals.append((header.round, err.code(), err.details() or ""))
             return False
@@ -542,9 +543,9 @@ def test_every_rpc_the_agent_makes_has_a_deadline() -> None:
         client.join(pb.JoinRequest(agent_name="a"))
         route = Route(client)
         route.fetch(-1, serde.spec_of(big))
-        route.send(0, 1, pb.NodeStats(), big)
+        route.send(0, NodeStats(samples=1), big)
         submits.append(recorder.deadlines["SubmitUpdate"])
-        route.send(0, 1, pb.NodeStats(), big, round_deadline=time.time() + 1000)  # the round ends later
+        route.send(0, NodeStats(samples=1), big, round_deadline=time.time() + 1000)  # the round ends later
         submits.append(recorder.deadlines["SubmitUpdate"])
         client.leave()
     finally:
