@@ -27,6 +27,8 @@ from edgetrain import serde
 from edgetrain.errors import WireError
 from edgetrain.grpc_options import address_host, is_loopback
 from edgetrain.proto import edgetrain_pb2 as pb
+from edgetrain.records import Assignment, NodeStats
+from edgetrain.records_pb import assignment_of, stats_message
 from edgetrain.samehost import READ, WRITE, open_shared
 
 if TYPE_CHECKING:  # the worker imports this module: no gRPC in its process
@@ -47,12 +49,7 @@ class Round:
 class RoundTask:
     """What a worker trains in one round: the coordinator's assignment, and the same-host files it may use."""
 
-    round: int
-    rank: int
-    world: int
-    local_steps: int
-    batch_size: int
-    sample_offset: int
+    work: Assignment
     weights_file: str = ""  # read the weights from this same-host file instead of the shared tensors
     weights_layout: tuple[Any, ...] = ()  # its serde layout (pb.TensorPart entries without data)
     update_file: str = ""  # write the trained weights into this new file instead of the shared tensors
@@ -126,27 +123,27 @@ class Route:
         """The worker's task for a WORK round; `direct`: a single CPU worker writes the update file itself."""
         h = rnd.header
         in_file = rnd.state is None
-        return RoundTask(h.round, h.rank, h.world, h.local_steps, h.batch_size, h.sample_offset,
+        return RoundTask(assignment_of(h),
                          weights_file=h.weights_file if in_file else "",
                          weights_layout=tuple(h.weights_layout) if in_file else (),
                          update_file=h.update_file if direct and self.same_host else "")
 
-    def send(self, round_: int, num_samples: int, stats: pb.NodeStats, state: dict[str, torch.Tensor],
+    def send(self, round_: int, stats: NodeStats, state: dict[str, torch.Tensor],
              wire_dtype: str = "float32", delta: bool = False, update_file: str = "",
              written: UpdateFile | None = None, round_deadline: float = 0.0) -> tuple[pb.UpdateAck, float, int]:
         """Send one update (weights, or a delta against the round's weights); returns (ack, seconds, bytes).
 
-        Into `update_file` when the coordinator named one (same host), else streamed; `written`: the worker wrote
-        the update into `update_file` already, only the header goes (its `error`: it could not, and the update is
-        in `state`). `round_deadline`: the round header's `deadline_unix` (the coordinator's clock: it can only
-        lengthen the wait, never cut it).
+        `stats.samples` is its weight in the average. Into `update_file` when the coordinator named one (same
+        host), else streamed; `written`: the worker wrote the update into `update_file` already, only the header
+        goes (its `error`: it could not, and the update is in `state`). `round_deadline`: the round header's
+        `deadline_unix` (the coordinator's clock: it can only lengthen the wait, never cut it).
         """
         if written is not None and written.error:
             self.stream_from_now(f"cannot write the update file ({written.error})")
             written = None
         t0 = time.perf_counter()
-        header = pb.UpdateHeader(agent_id=self.client.agent_id, round=round_, num_samples=num_samples, stats=stats,
-                                 delta=delta)
+        header = pb.UpdateHeader(agent_id=self.client.agent_id, round=round_, num_samples=stats.samples,
+                                 stats=stats_message(stats), delta=delta)
         layout: tuple[Sequence[pb.TensorPart], int] | None = None
         if written is not None:
             layout = (written.layout, written.size)

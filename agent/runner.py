@@ -19,6 +19,7 @@ from edgetrain.cores import format_cores, pin_current_process
 from edgetrain.errors import ConfigError
 from edgetrain.httpmetrics import MetricsServer
 from edgetrain.proto import edgetrain_pb2 as pb
+from edgetrain.records import NodeStats
 from edgetrain.spec import RunSpec
 
 from .client import CoordinatorClient, TLSFiles, backoff_delays, poll_again_delay
@@ -223,7 +224,8 @@ class AgentRunner:
             except WeightsFileError as err:
                 route.stream_from_now(f"the worker cannot read the weights file ({err})")
                 continue  # the same round again, streamed
-            stats = pb.NodeStats(
+            stats = NodeStats(
+                samples=result.samples,
                 compute_seconds=result.seconds,
                 communication_seconds=rnd.download_seconds + previous_upload_seconds,  # see above
                 loss=result.loss,
@@ -238,7 +240,7 @@ class AgentRunner:
             try:
                 # a worker that could not write the update file left the trained weights in the shared tensors
                 _, previous_upload_seconds, _ = route.send(
-                    header.round, result.samples, stats, update, spec.update_dtype, delta=feedback.active,
+                    header.round, stats, update, spec.update_dtype, delta=feedback.active,
                     update_file=header.update_file, written=written, round_deadline=header.deadline_unix)
             except grpc.RpcError as err:
                 if err.code() in _REJOIN:

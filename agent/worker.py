@@ -126,9 +126,10 @@ def _main(setup: WorkerSetup, conn: Any) -> None:
             if isinstance(msg, Stop):
                 break
             task: RoundTask = msg.task
-            key = (task.rank, task.world)
+            work = task.work
+            key = (work.rank, work.world)
             if key not in shards:
-                shards = {key: workload.shard(task.rank, task.world)[setup.index :: setup.count]}
+                shards = {key: workload.shard(work.rank, work.world)[setup.index :: setup.count]}
                 perms: dict[int, torch.Tensor] = {}  # the shard's shuffles, per epoch
             if task.weights_file:
                 try:
@@ -141,15 +142,15 @@ def _main(setup: WorkerSetup, conn: Any) -> None:
                     for k, v in model.state_dict().items():
                         v.copy_(shared[k])
             plan = batch_plan(
-                shards[key], seed=setup.spec.seed, rank=task.rank * setup.count + setup.index,
-                start_sample=task.sample_offset // setup.count, steps=task.local_steps,
-                batch_size=task.batch_size, perms=perms,
+                shards[key], seed=setup.spec.seed, rank=work.rank * setup.count + setup.index,
+                start_sample=work.sample_offset // setup.count, steps=work.local_steps,
+                batch_size=work.batch_size, perms=perms,
             )
-            epoch = (task.sample_offset // setup.count) // max(1, len(shards[key]))
+            epoch = (work.sample_offset // setup.count) // max(1, len(shards[key]))
             set_lr(optimizer, setup.spec.lr_at(epoch))
             step_times: list[float] = []
             result = train_steps(
-                model, optimizer, x, y, plan, seed=setup.spec.seed * 1_000_003 + task.round * 101 + setup.index,
+                model, optimizer, x, y, plan, seed=setup.spec.seed * 1_000_003 + work.round * 101 + setup.index,
                 device=device, after_step=_appender(step_times), grad_hook=grad_hook,
                 class_weights=weights,
             )

@@ -34,12 +34,12 @@ def run(balance: bool, rounds: int, limit: int) -> dict[str, float]:
                             balance=balance, progress=False, round_timeout=600)
     result = Coordinator(cfg).run()
     hist = result.history[2:]  # the first rounds measure speeds (and warm up)
-    steps = {n: statistics.median(r["nodes"][n]["samples"] / 64 for r in hist if n in r["nodes"])
+    steps = {n: statistics.median(r.nodes[n].samples / 64 for r in hist if n in r.nodes)
              for n in result.nodes}
     assert result.final is not None
     return {
-        "round_s": statistics.median(r["duration_seconds"] for r in hist),
-        "samples_per_s": sum(r["samples"] for r in hist) / sum(r["duration_seconds"] for r in hist),
+        "round_s": statistics.median(r.duration_seconds for r in hist),
+        "samples_per_s": sum(r.samples for r in hist) / sum(r.duration_seconds for r in hist),
         "accuracy": result.final.accuracy,
         "macro_f1": result.final.macro_f1,
         **{f"steps_{n}": s for n, s in steps.items()},

@@ -36,8 +36,8 @@ def main() -> None:
                                 eval_every=args.rounds, progress=False, round_timeout=600)
         result = Coordinator(cfg).run()
         assert result.final is not None
-        per_update = statistics.median(n["bytes"] for r in result.history for n in r["nodes"].values())
-        per_round = statistics.median(sum(n["bytes"] for n in r["nodes"].values()) for r in result.history)
+        per_update = statistics.median(n.bytes for r in result.history for n in r.nodes.values())
+        per_round = statistics.median(sum(n.bytes for n in r.nodes.values()) for r in result.history)
         rows.append((dtype, per_update, per_round, result.final.accuracy, result.final.macro_f1))
     base = rows[0]
     print(f"{'update dtype':12} {'MB/update':>9} {'MB/round up':>11} {'vs first':>8} {'accuracy':>8} {'macro-F1':>8}")

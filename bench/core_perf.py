@@ -50,13 +50,13 @@ def edgetrain_rate(spec: RunSpec, where: DataLocation, agents: int, k: int, roun
     result = Coordinator(cfg).run()
     # round 0 warms up caches and allocators; the last round's record includes the final evaluation
     hist = result.history[1:-1]
-    samples = sum(r["samples"] for r in hist)
+    samples = sum(r.samples for r in hist)
     # wall time from round 0's end to the last timed round's end: the driver's work between rounds counts too
-    wall = result.history[-2]["elapsed_seconds"] - result.history[0]["elapsed_seconds"]
-    overheads = [r["sync_overhead_seconds"] for r in hist]
+    wall = result.history[-2].elapsed_seconds - result.history[0].elapsed_seconds
+    overheads = [r.sync_overhead_seconds for r in hist]
     # each agent's compute per step, and per round the slowest agent's (what a synchronous round waits for)
-    steps = [n["compute_seconds"] / k for r in hist for n in r["nodes"].values()]
-    slowest = [max(n["compute_seconds"] for n in r["nodes"].values()) / k for r in hist]
+    steps = [n.compute_seconds / k for r in hist for n in r.nodes.values()]
+    slowest = [max(n.compute_seconds for n in r.nodes.values()) / k for r in hist]
     return {"samples_per_s": samples / wall, "sync_ms": 1e3 * statistics.median(overheads),
             "sync_ms_p90": 1e3 * sorted(overheads)[int(0.9 * (len(overheads) - 1))],
             "round_ms": 1e3 * statistics.median(r["duration_seconds"] for r in hist),
@@ -82,6 +82,7 @@ def _client_main(port: int, agents: int, rounds: int, model: str) -> None:
     from edgetrain import serde
     from edgetrain.models import ModelInput, build_model
     from edgetrain.proto import edgetrain_pb2 as pb
+    from edgetrain.records import NodeStats
 
     expected = serde.spec_of(build_model(model, ModelInput(10)).state_dict())
 
@@ -98,7 +99,7 @@ def _client_main(port: int, agents: int, rounds: int, model: str) -> None:
             if h.status != pb.WORK or rnd.state is None:
                 continue
             state = {k: v + 0.001 * (i + 1) if v.is_floating_point() else v for k, v in rnd.state.items()}
-            route.send(h.round, 64, pb.NodeStats(), state)
+            route.send(h.round, NodeStats(samples=64), state)
             after = h.round
         client.close()
 

@@ -37,6 +37,7 @@ from edgetrain.agent.route import Route  # noqa: E402
 from edgetrain import serde  # noqa: E402
 from edgetrain.procs import free_port  # noqa: E402
 from edgetrain.proto import edgetrain_pb2 as pb  # noqa: E402
+from edgetrain.records import NodeStats  # noqa: E402
 from edgetrain.spec import RunSpec  # noqa: E402
 from edgetrain.training import state_of  # noqa: E402
 from edgetrain.workload import load_workload  # noqa: E402
@@ -76,7 +77,7 @@ class Agent(threading.Thread):
                     time.sleep(poll_again_delay(h))  # as the agent does: a WAIT at once asks it to hold off
                     continue
                 state = {k: v + 1e-3 if v.is_floating_point() else v for k, v in rnd.state.items()}
-                self.route.send(h.round, h.local_steps * h.batch_size, pb.NodeStats(), state)
+                self.route.send(h.round, NodeStats(samples=h.local_steps * h.batch_size), state)
                 self.rounds += 1
                 after = h.round
         except (grpc.RpcError, ValueError) as err:  # ValueError: a call on the channel kill() closed

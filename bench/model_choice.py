@@ -41,11 +41,11 @@ def main() -> None:
         assert coord.workload is not None and result.final is not None
         params = count_parameters(coord.workload.new_model())
         hist = result.history[1:]
-        nodes = [n for r in hist for n in r["nodes"].values()]
-        compute = statistics.median(n["compute_seconds"] for n in nodes)
-        comm = statistics.median(n["communication_seconds"] for n in nodes)
-        mb = statistics.median(n["bytes"] for n in nodes) / 1e6
-        round_s = statistics.median(r["duration_seconds"] for r in hist)
+        nodes = [n for r in hist for n in r.nodes.values()]
+        compute = statistics.median(n.compute_seconds for n in nodes)
+        comm = statistics.median(n.communication_seconds for n in nodes)
+        mb = statistics.median(n.bytes for n in nodes) / 1e6
+        round_s = statistics.median(r.duration_seconds for r in hist)
         print(f"{name:10} {params:9,d} {mb:9.2f} {compute:9.3f} {comm:7.3f} {compute / comm:6.1f} {round_s:7.3f} "
               f"{result.final.accuracy:8.4f} {result.final.macro_f1:8.4f}", flush=True)
 

@@ -39,7 +39,7 @@ def main() -> None:
             result = Coordinator(cfg).run()
             assert result.final is not None
             hist = result.history[1:]
-            rate = sum(r["samples"] for r in hist) / sum(r["duration_seconds"] for r in hist)
+            rate = sum(r.samples for r in hist) / sum(r.duration_seconds for r in hist)
             rates[workers] = rate
             layout = f"1 worker x {n} threads" if workers == 1 else f"{n} workers x 1 thread"
             print(f"{model:9} {layout:22} {rate:9.0f} {result.final.accuracy:8.4f}", flush=True)

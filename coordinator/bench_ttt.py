@@ -29,7 +29,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any
 
 import torch
 from rich.console import Console
@@ -45,6 +44,7 @@ from edgetrain.training import EvalResult
 from . import experiments as ex
 from .config import CoordinatorConfig
 from .run import Coordinator
+from .runlog import RoundRecord
 
 K_CANDIDATES = (1, 2, 4, 8, 16)
 K_TIE = 0.03  # the best K: the smallest whose samples/s is within this share of the fastest candidate's
@@ -209,7 +209,7 @@ class EvalTimedCoordinator(Coordinator):
         return test, val
 
 
-def coordinator_outcome(history: Sequence[dict[str, Any]], evaluations: Sequence[tuple[int, float, float]],
+def coordinator_outcome(history: Sequence[RoundRecord], evaluations: Sequence[tuple[int, float, float]],
                         wall: float, target: float | None) -> TrainOutcome:
     """A coordinator run as the other methods report theirs.
 
@@ -223,10 +223,10 @@ def coordinator_outcome(history: Sequence[dict[str, Any]], evaluations: Sequence
     spent = 0.0
     samples = 0
     for h in history:
-        samples += int(h["samples"])
-        if h["round"] + 1 in evaluated:
-            seconds, figure = evaluated[h["round"] + 1]
-            trace.append((max(0.0, float(h["elapsed_seconds"]) - lost - spent), figure))
+        samples += h.samples
+        if h.round + 1 in evaluated:
+            seconds, figure = evaluated[h.round + 1]
+            trace.append((max(0.0, h.elapsed_seconds - lost - spent), figure))
             spent += seconds
     all_evals = sum(seconds for _, seconds, _ in evaluations)
     final = evaluations[-1][2] if evaluations else 0.0
@@ -236,7 +236,7 @@ def coordinator_outcome(history: Sequence[dict[str, Any]], evaluations: Sequence
 
 
 def edgetrain_ttt(spec: RunSpec, settings: ex.BenchSettings, agents: int, k: int, rounds: int, eval_every: int,
-                  target: Target | None) -> tuple[TrainOutcome, list[dict[str, Any]]]:
+                  target: Target | None) -> tuple[TrainOutcome, list[RoundRecord]]:
     """N pinned local agents through the real coordinator, K local steps a round, evaluated every `eval_every`."""
     cfg = CoordinatorConfig(spec=spec, where=settings.where(), port=0, local_agents=agents, min_agents=agents,
                             local_steps=k, rounds=rounds, join_timeout=300.0, eval_every=eval_every, progress=False,
@@ -252,15 +252,15 @@ def edgetrain_ttt(spec: RunSpec, settings: ex.BenchSettings, agents: int, k: int
     return outcome, result.history
 
 
-def edgetrain_rate(history: Sequence[dict[str, Any]]) -> float:
+def edgetrain_rate(history: Sequence[RoundRecord]) -> float:
     """samples/s from round 1 to the second-last round (round 0 starts the agents, the last one evaluates)."""
     timed = history[1:-1]
-    wall = float(history[-2]["elapsed_seconds"]) - float(history[0]["elapsed_seconds"])
-    return sum(int(h["samples"]) for h in timed) / wall if wall > 0 else 0.0
+    wall = history[-2].elapsed_seconds - history[0].elapsed_seconds
+    return sum(h.samples for h in timed) / wall if wall > 0 else 0.0
 
 
-def median_sync_ms(history: Sequence[dict[str, Any]]) -> float | None:
-    values = [float(h["sync_overhead_seconds"]) for h in history[1:]]
+def median_sync_ms(history: Sequence[RoundRecord]) -> float | None:
+    values = [h.sync_overhead_seconds for h in history[1:]]
     return 1e3 * statistics.median(values) if values else None
 
 
@@ -549,7 +549,7 @@ def run_ttt(settings: ex.BenchSettings, target: Target, *, agents: int | None = 
 
     def probe(k: int) -> None:
         rounds = plan.rounds(plan.step_samples * max(ks) * PROBE_ROUNDS_AT_KMAX, k) + 2  # + start-up, last round
-        histories: list[list[dict[str, Any]]] = []
+        histories: list[list[RoundRecord]] = []
 
         def run() -> TrainOutcome:
             out, history = edgetrain_ttt(worker_spec, settings, n, k, rounds, rounds, None)

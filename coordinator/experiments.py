@@ -27,7 +27,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 from rich.console import Console
@@ -51,6 +51,9 @@ from edgetrain.peers import (
 from edgetrain.recipes import LR_DECAY
 from edgetrain.spec import DataLocation, RunSpec
 from edgetrain.split import TIE, Trial, cpu_model_name, pick
+
+if TYPE_CHECKING:
+    from .runlog import RoundRecord
 
 # ---------------------------------------------------------------------------- settings and machine
 
@@ -388,7 +391,7 @@ def _check_agents(agents: int, cores: list[int]) -> None:
         )
 
 
-def startup_seconds(history: Sequence[dict[str, Any]]) -> float:
+def startup_seconds(history: Sequence[RoundRecord]) -> float:
     """How much longer round 0 took than a typical round: the agents' worker start-up.
 
     An agent joins (and so lets the coordinator's clock start) before its pinned workers have loaded
@@ -397,13 +400,12 @@ def startup_seconds(history: Sequence[dict[str, Any]]) -> float:
     """
     if not history:
         return 0.0
-    first = float(history[0]["duration_seconds"])
+    first = history[0].duration_seconds
     if len(history) > 1:
-        typical = statistics.median(float(h["duration_seconds"]) for h in history[1:])
+        typical = statistics.median(h.duration_seconds for h in history[1:])
     else:  # one round: its own compute and communication are the typical part
-        nodes = history[0].get("nodes", {}).values()
-        typical = max((n.get("compute_seconds", 0.0) + n.get("communication_seconds", 0.0) for n in nodes),
-                      default=first)
+        nodes = history[0].nodes.values()
+        typical = max((n.compute_seconds + n.communication_seconds for n in nodes), default=first)
     return max(0.0, first - typical)
 
 

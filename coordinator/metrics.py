@@ -9,7 +9,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from edgetrain import metric_names as m
 
 if TYPE_CHECKING:
-    from .rounds import NodeReport
+    from edgetrain.records import NodeStats
 
 # Rounds and a node's compute in one take from a millisecond (tiny models, K=1) to minutes (big models on slow
 # boards).
@@ -59,10 +59,11 @@ class CoordinatorMetrics:
         self.rounds_short = _counter(m.ROUNDS_SHORT, "Rounds closed at the deadline without every update.", [],
                                      registry)
 
-    def accepted_update(self, node: str, samples: int, stats: NodeReport, nbytes: int) -> None:
+    def accepted_update(self, node: str, stats: NodeStats) -> None:
+        """An update taken: its samples and received bytes counted, its figures the node's latest."""
         self.accepted.labels(node).inc()
-        self.node_samples.labels(node).inc(samples)
-        self.bytes_in.labels(node).inc(nbytes)
+        self.node_samples.labels(node).inc(stats.samples)
+        self.bytes_in.labels(node).inc(stats.bytes)
         self.compute.labels(node).set(stats.compute_seconds)
         self.compute_hist.labels(node).observe(stats.compute_seconds)
         self.communication.labels(node).set(stats.communication_seconds)

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
-from .runlog import ReportError, read_log
+from .runlog import ReportError, RoundRecord, read_log
 
 
-def training_times(records: list[dict[str, Any]]) -> list[float]:
+def training_times(records: list[RoundRecord]) -> list[float]:
     """Each record's training time, continuing across restarts.
 
     `elapsed_seconds` starts again from 0 when a run is resumed (`--resume` appends to the same log), so
@@ -18,7 +17,7 @@ def training_times(records: list[dict[str, Any]]) -> list[float]:
     times: list[float] = []
     offset = previous = 0.0
     for record in records:
-        elapsed = float(record["elapsed_seconds"])
+        elapsed = float(record.elapsed_seconds)
         if elapsed < previous:
             offset += previous
         previous = elapsed
@@ -83,15 +82,15 @@ def write_report(run_dir: Path, out: Path) -> list[Path]:
 
     records = read_log(run_dir)
     out.mkdir(parents=True, exist_ok=True)
-    nodes = sorted({n for r in records for n in r["nodes"]})
+    nodes = sorted({n for r in records for n in r.nodes})
 
     fig, ax = plt.subplots(figsize=(8, 4.5))
     times = training_times(records)
-    evaluated = [(t, r) for t, r in zip(times, records, strict=True) if "accuracy" in r]
-    ax.plot([t for t, _ in evaluated], [r["accuracy"] for _, r in evaluated], "k-o", ms=3,
+    evaluated = [(t, r.test) for t, r in zip(times, records, strict=True) if r.test is not None]
+    ax.plot([t for t, _ in evaluated], [test.accuracy for _, test in evaluated], "k-o", ms=3,
             label="global model (test)")
     for node in nodes:
-        pts = [(t, r["nodes"][node]["accuracy"]) for t, r in zip(times, records, strict=True) if node in r["nodes"]]
+        pts = [(t, r.nodes[node].accuracy) for t, r in zip(times, records, strict=True) if node in r.nodes]
         ax.plot([p[0] for p in pts], [p[1] for p in pts], alpha=0.7, label=f"{node} (local batches)")
     ax.set_xlabel("training time (s)")
     ax.set_ylabel("accuracy")
@@ -106,14 +105,14 @@ def write_report(run_dir: Path, out: Path) -> list[Path]:
 
     fig, ax = plt.subplots(figsize=(8, 4.5))
     width = 0.8 / max(1, len(nodes))
-    rounds = [r["round"] for r in records]
+    rounds = [r.round for r in records]
     for i, node in enumerate(nodes):
-        xs = [r["round"] + (i - (len(nodes) - 1) / 2) * width for r in records if node in r["nodes"]]
-        comp = [r["nodes"][node]["compute_seconds"] for r in records if node in r["nodes"]]
-        comm = [r["nodes"][node]["communication_seconds"] for r in records if node in r["nodes"]]
+        xs = [r.round + (i - (len(nodes) - 1) / 2) * width for r in records if node in r.nodes]
+        comp = [r.nodes[node].compute_seconds for r in records if node in r.nodes]
+        comm = [r.nodes[node].communication_seconds for r in records if node in r.nodes]
         ax.bar(xs, comp, width, label=f"{node} compute")
         ax.bar(xs, comm, width, bottom=comp, label=f"{node} communication", alpha=0.6)
-    ax.plot(rounds, [r["duration_seconds"] for r in records], "k.-", label="round wall time")
+    ax.plot(rounds, [r.duration_seconds for r in records], "k.-", label="round wall time")
     ax.set_xlabel("round")
     ax.set_ylabel("seconds")
     ax.grid(alpha=0.3, axis="y")

@@ -12,7 +12,7 @@ import math
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -21,6 +21,7 @@ from edgetrain import aggregation, serde
 from edgetrain.errors import EdgetrainError
 from edgetrain.memory import Recycler
 from edgetrain.metric_names import REFUSAL_REASONS
+from edgetrain.records import Assignment, NodeStats
 
 from .admission import Limits
 
@@ -107,18 +108,6 @@ class StagingError(RefusedError):
 
 
 @dataclass(frozen=True)
-class Assignment:
-    """One agent's work in one round."""
-
-    rank: int
-    world: int
-    local_steps: int
-    batch_size: int
-    sample_offset: int
-    max_samples: int  # local_steps * batch_size * workers: more than this is a lie
-
-
-@dataclass(frozen=True)
 class Work:
     """What get_work hands an agent: status WORK with weights, WAIT, FINISHED, or FAILED (with `detail`)."""
 
@@ -130,29 +119,17 @@ class Work:
     detail: str = ""
 
 
-@dataclass(frozen=True)
-class NodeReport:
-    """An agent's own figures for one update (as it sent them), and the tensor bytes the coordinator received.
-
-    The round log and the summary table keep them under these field names.
-    """
-
-    compute_seconds: float = 0.0
-    communication_seconds: float = 0.0
-    loss: float = 0.0
-    accuracy: float = 0.0
-    samples_per_second: float = 0.0
-    bytes: float = 0.0
-
-
 @dataclass
 class Contribution:
     """An accepted update's bookkeeping (its tensors are already in the accumulator)."""
 
     agent_id: str
-    samples: int
-    stats: NodeReport
+    stats: NodeStats  # its `samples`: the update's weight, as the engine took it
     received_at: float
+
+    @property
+    def samples(self) -> int:
+        return self.stats.samples
 
 
 @dataclass
@@ -237,6 +214,7 @@ class RoundEngine:
         self._finished = False
         self._failure = ""  # why the run stopped, when it failed: agents hear FAILED with it instead of FINISHED
         self._assignments: dict[str, Assignment] = {}
+        self._max_samples: dict[str, int] = {}  # local_steps * batch_size * workers: more than this is a lie
         self._expected: set[str] = set()
         self._received: dict[str, Contribution] = {}
         self._recycler = Recycler()  # the sums' memory, used again once older global models are dropped
@@ -297,16 +275,17 @@ class RoundEngine:
         else:
             steps = [self.local_steps] * world
         with self._cv:
-            self._assignments = {}
+            self._assignments, self._max_samples = {}, {}
             for rank, ((agent_id, _, workers), k) in enumerate(zip(agents, steps, strict=True)):
                 self._assignments[agent_id] = Assignment(
+                    round=self.completed_rounds,
                     rank=rank,
                     world=world,
                     local_steps=k,
                     batch_size=self.batch_size,
                     sample_offset=self.cursors.get(f"{world}/{rank}", 0),
-                    max_samples=k * self.batch_size * max(1, workers),
                 )
+                self._max_samples[agent_id] = k * self.batch_size * max(1, workers)
             self._expected = set(self._assignments)
             self._fetched_at = {}
             # measured before the round opened: an update taken in this round measures its agent for the next
@@ -622,10 +601,9 @@ class RoundEngine:
             raise DuplicateUpdateError(f"an update for round {round_} from this agent was already taken")
         if self._clock() > self._deadline:
             raise LateUpdateError(f"round {round_} closed for updates at its deadline")
-        if not 0 < num_samples <= assignment.max_samples:
-            raise BadSampleCountError(
-                f"sample count {num_samples} outside 1..{assignment.max_samples} for this round"
-            )
+        most = self._max_samples[agent_id]
+        if not 0 < num_samples <= most:
+            raise BadSampleCountError(f"sample count {num_samples} outside 1..{most} for this round")
         return assignment
 
     def _open_round_text(self) -> str:
@@ -634,12 +612,13 @@ class RoundEngine:
     def submit(
         self, agent_id: str, round_: int, num_samples: int,
         tensors: Mapping[str, torch.Tensor | serde.Sliced],
-        stats: NodeReport | None = None, *, checked_finite: bool = False,
+        stats: NodeStats | None = None, *, checked_finite: bool = False,
     ) -> None:
         """Take a decoded, validated update into the round's aggregate (all checks repeated under the lock).
 
-        `checked_finite`: the caller's decoder already refused NaN and Inf in exactly these tensors (~0.5 ms
-        per update not spent twice). Staged tensors (read a slice at a time: transfer/staging.py) only for the mean.
+        `stats`: the update's figures, kept with its checked `num_samples` as their `samples`. `checked_finite`:
+        the caller's decoder already refused NaN and Inf in exactly these tensors (~0.5 ms per update not spent
+        twice). Staged tensors (read a slice at a time: transfer/staging.py) only for the mean.
         """
         try:
             if not checked_finite and not serde.finite(tensors):  # e.g. a delta that overflows as weights
@@ -663,7 +642,7 @@ class RoundEngine:
                     raise TypeError(f"the {self.aggregator} aggregator keeps whole tensors, not staged ones")
                 self._kept.append((whole, num_samples))
             now = self._clock()
-            self._received[agent_id] = Contribution(agent_id, num_samples, stats or NodeReport(), now)
+            self._received[agent_id] = Contribution(agent_id, replace(stats or NodeStats(), samples=num_samples), now)
             fetched = self._fetched_at.get(agent_id)
             if fetched is not None:
                 steps = max(1, self._assignments[agent_id].local_steps)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import logging
@@ -16,7 +15,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import torch
 from prometheus_client import CollectorRegistry
@@ -31,6 +30,7 @@ from edgetrain.errors import ConfigError, EdgetrainError
 from edgetrain.httpmetrics import MetricsServer
 from edgetrain.memory import compute_heap, tune_malloc
 from edgetrain.recipes import Metric
+from edgetrain.records import NodeStats
 from edgetrain.training import EvalResult, evaluate, state_of
 from edgetrain.workload import Workload, label_counts, load_workload
 
@@ -42,7 +42,7 @@ from .config import CoordinatorConfig
 from .membership import Membership
 from .metrics import CoordinatorMetrics
 from .rounds import Outcome, RoundEngine
-from .runlog import LOG, trim_log
+from .runlog import LOG, Figures, LogWriter, RoundRecord, trim_log
 from .server import start_server
 from .servicer import ServiceState
 from .stragglers import NodeTimes, slowest
@@ -56,6 +56,12 @@ class TrainingError(EdgetrainError):
 
 @dataclass
 class NodeSummary:
+    """One node's figures summed over the run's rounds, for the summary table and the straggler line.
+
+    Not a NodeStats: those are one round's figures (the log keeps them per round); this adds them up (rounds,
+    samples, seconds, bytes), keeps the last round's accuracy and loss, and counts the rounds it missed.
+    """
+
     name: str
     rounds: int = 0
     samples: int = 0
@@ -79,7 +85,7 @@ class RunResult:
     completed_rounds: int
     wall_seconds: float
     final: EvalResult | None
-    history: list[dict[str, Any]]
+    history: list[RoundRecord]
     nodes: dict[str, NodeSummary]
     run_dir: Path | None
     samples: int
@@ -172,8 +178,8 @@ class Coordinator:
         self.startup_seconds = 0.0  # from `started_at` to the first round
         self._final: EvalResult | None = None  # the global model's last figures on test
         self._logged = 0  # rounds completed when the last record was logged
-        self._log_file: IO[str] | None = None  # opened with the first round's record: a run that never trains
-        # leaves no log
+        self._log: LogWriter | None = None  # opens the file with the first round's record: a run that never
+        # trains leaves no log
         self.cfg = cfg
         self.keep_history = keep_history
         self.registry = registry or CollectorRegistry()
@@ -377,8 +383,8 @@ class Coordinator:
             # a copy: the engine's global tensors are replaced, not changed in place, but a copy is certain
             choice.state = {k: v.clone() for k, v in state.items()} if val is not None else None
 
-    def _after_round(self, record: dict[str, Any], state: dict[str, torch.Tensor] | None, evaluate: bool,
-                     snap: dict[str, Any] | None, choice: Choice, history: deque[dict[str, Any]]) -> None:
+    def _after_round(self, record: RoundRecord, state: dict[str, torch.Tensor] | None, evaluate: bool,
+                     snap: dict[str, Any] | None, choice: Choice, history: deque[RoundRecord]) -> None:
         """A closed round's after-work: evaluate its global model `state`, log the record, checkpoint (`snap` given).
 
         Runs on the after-work thread (coordinator/afterwork.py), in the order rounds closed, while the agents
@@ -389,12 +395,8 @@ class Coordinator:
             assert state is not None
             with self._evals.timed():
                 final, val = self._evaluate(state)
-            self._consider(choice, final, val, record["round"] + 1, state)
-            record.update(accuracy=final.accuracy, loss=final.loss, macro_f1=final.macro_f1,
-                          macro_recall=final.macro_recall, metric=choice.value(final))
-            if val is not None:
-                record.update(val_accuracy=val.accuracy, val_loss=val.loss, val_macro_f1=val.macro_f1,
-                              val_macro_recall=val.macro_recall, val_metric=choice.value(val))
+            self._consider(choice, final, val, record.round + 1, state)
+            record = replace(record, test=_figures(final, choice), val=None if val is None else _figures(val, choice))
             self.metrics.accuracy.set(final.accuracy)
             self.metrics.loss.set(final.loss)
             self.metrics.macro_f1.set(final.macro_f1)
@@ -402,30 +404,22 @@ class Coordinator:
             self._final = final
         history.append(record)
         if cfg.run_dir is not None:
-            try:
-                if self._log_file is None:
-                    self._log_file = open(cfg.run_dir / LOG, "a" if cfg.resume else "w")  # noqa: SIM115
-                self._log_file.write(json.dumps(record) + "\n")
-                self._log_file.flush()
-            except OSError as exc:  # a torn last line is dropped by --resume (trim_log)
-                raise checkpoint.write_error(cfg.run_dir / LOG, exc) from exc
-        self._logged = record["round"] + 1  # once its record is on disk: a failed write does not count it
+            if self._log is None:
+                self._log = LogWriter(cfg.run_dir, append=cfg.resume)
+            self._log.write(record)
+        self._logged = record.round + 1  # once its record is on disk: a failed write does not count it
         if snap is not None:
             assert state is not None
             with self._saves.timed():
                 self._checkpoint(state, snap)
 
-    def _report_share(self, nodes: dict[str, NodeSummary], record: dict[str, Any] | None,
-                      wall: float | None = None) -> float:
+    def _report_share(self, nodes: dict[str, NodeSummary], elapsed: float) -> float:
         """The training share so far: the nodes' mean time in training steps over the wall time since round 1.
 
-        Into the round's `record` (wall: its elapsed seconds) and the gauge; returned.
+        Into the gauge; returned (for the round's record, or the run's result).
         """
-        elapsed = wall if wall is not None else record["elapsed_seconds"] if record is not None else 0.0
         computed = [s.compute_seconds for s in nodes.values()]
         share = sum(computed) / len(computed) / elapsed if computed and elapsed > 0 else 0.0
-        if record is not None:
-            record["training_share"] = share
         self.metrics.training_share.set(share)
         return share
 
@@ -438,7 +432,7 @@ class Coordinator:
         n_train = len(self.workload.data.train)
         # every round's record, for the benchmarks that read them; a long CLI run keeps the last one only (the soak
         # measured ~1.6 MB per 100 rounds of 32 agents held here), its log on disk has them all
-        history: deque[dict[str, Any]] = deque(maxlen=None if self.keep_history else 1)
+        history: deque[RoundRecord] = deque(maxlen=None if self.keep_history else 1)
         nodes: dict[str, NodeSummary] = {}
         overheads: list[float] = []
         final: EvalResult | None = None
@@ -501,15 +495,12 @@ class Coordinator:
                         log.warning("round %d closed with %s; running it again", outcome.round, why)
                         continue
                     samples_total += outcome.samples
-                    record = self._record(outcome, names, nodes, t_start)
-                    overheads.append(record["sync_overhead_seconds"])
                     last = budget_spent() is not None  # the last round is evaluated and logged
                     evaluated = last or cfg.target is not None or self._evals.due(engine.completed_rounds)
                     if evaluated:
                         self._evals.begin()
-                    record["elapsed_seconds"] = time.perf_counter() - t_start
-                    self.metrics.elapsed.set(record["elapsed_seconds"])
-                    self._report_share(nodes, record)
+                    record = self._record(outcome, names, nodes, time.perf_counter() - t_start)
+                    overheads.append(record.sync_overhead_seconds)
                     state = engine.global_state  # replaced by the next round, never changed: this round's
                     snap = (engine.snapshot() if cfg.run_dir is not None
                             and self._saves.due(engine.completed_rounds) else None)
@@ -522,21 +513,22 @@ class Coordinator:
                         after.submit(job, holds_state=held)
                     else:  # the target is judged before the next round opens
                         job()
-                    slow = max(record["nodes"].items(), key=lambda kv: kv[1]["compute_seconds"], default=("-", {}))[0]
+                        record = history[-1]  # with its figures
+                    slow = max(record.nodes, key=lambda name: record.nodes[name].compute_seconds, default="-")
                     progress.update(task, advance=1, acc=f"{self._final.accuracy:.4f}" if self._final else "-",
-                                    tput=f"{record['samples_per_second']:.0f}", slow=slow)
-                    judged = record.get("val_metric", record.get("metric"))  # on val, on test only without one
+                                    tput=f"{record.samples_per_second:.0f}", slow=slow)
+                    judged = record.judged
                     if cfg.target is not None and evaluated and judged is not None and judged >= cfg.target:
-                        time_to_target = record["elapsed_seconds"]
+                        time_to_target = record.elapsed_seconds
                         stopped_by = "target"
                         break
             after.drain()
             final = self._final
-            if final is None or (history and "accuracy" not in history[-1]):
+            if final is None or (history and history[-1].test is None):
                 final, val = self._evaluate(engine.global_state)
                 self._consider(choice, final, val, engine.completed_rounds, engine.global_state)
             wall = time.perf_counter() - t_start
-            share = self._report_share(nodes, None, wall)
+            share = self._report_share(nodes, wall)
             if cfg.run_dir is not None:
                 self._checkpoint(engine.global_state, engine.snapshot())
                 # the model kept: the best round on val (the last round's without a val split)
@@ -561,10 +553,9 @@ class Coordinator:
             raise
         finally:
             after.close()
-            if self._log_file is not None:
-                with contextlib.suppress(OSError):  # a full disk fails the close's flush too: already said
-                    self._log_file.close()
-                self._log_file = None
+            if self._log is not None:
+                self._log.close()
+                self._log = None
             self.close()
 
     def _resume_hint(self) -> str:
@@ -589,11 +580,16 @@ class Coordinator:
                         "left or replaced" if agent is None else "out of the rounds until it asks for work again")
 
     def _record(self, outcome: Outcome, names: dict[str, str], nodes: dict[str, NodeSummary],
-                t_start: float) -> dict[str, Any]:
+                elapsed: float) -> RoundRecord:
+        """An applied round's record (without its evaluation), `elapsed` seconds after the first round opened.
+
+        The run's per-node summary and the round's gauges are brought up to date.
+        """
         duration = outcome.closed_at - outcome.opened_at
         self.metrics.round.set(outcome.round + 1)
         self.metrics.round_duration.observe(duration)
-        per_node: dict[str, dict[str, float]] = {}
+        self.metrics.elapsed.set(elapsed)
+        per_node: dict[str, NodeStats] = {}
         for agent_id, c in outcome.contributions.items():
             name = names.get(agent_id, agent_id)
             s = nodes.setdefault(name, NodeSummary(name))
@@ -604,20 +600,22 @@ class Coordinator:
             s.bytes += c.stats.bytes
             s.last_accuracy = c.stats.accuracy
             s.last_loss = c.stats.loss
-            per_node[name] = {"samples": c.samples, **asdict(c.stats)}
+            per_node[name] = c.stats
         for agent_id in outcome.missing:  # named in the summary, not silently gone
             name = names.get(agent_id, agent_id)
             nodes.setdefault(name, NodeSummary(name)).missed += 1
-        slowest = max((n["compute_seconds"] for n in per_node.values()), default=0.0)
-        return {
-            "round": outcome.round,
-            "duration_seconds": duration,
-            "sync_overhead_seconds": max(0.0, duration - slowest),
-            "samples": outcome.samples,
-            "samples_per_second": outcome.samples / duration if duration > 0 else 0.0,
-            "missing": [names.get(a, a) for a in outcome.missing],
-            "nodes": per_node,
-        }
+        slowest = max((n.compute_seconds for n in per_node.values()), default=0.0)
+        return RoundRecord(
+            round=outcome.round,
+            duration_seconds=duration,
+            sync_overhead_seconds=max(0.0, duration - slowest),
+            samples=outcome.samples,
+            samples_per_second=outcome.samples / duration if duration > 0 else 0.0,
+            missing=tuple(names.get(a, a) for a in outcome.missing),
+            nodes=per_node,
+            elapsed_seconds=elapsed,
+            training_share=self._report_share(nodes, elapsed),
+        )
 
     def _checkpoint(self, state: dict[str, torch.Tensor], snap: dict[str, Any]) -> None:
         """Write `state`, the global model after `snap["completed_rounds"]` rounds, with the engine's `snap`."""
@@ -685,6 +683,12 @@ class Coordinator:
         while time.monotonic() < end and any(
                 a.agent_id not in self.engine.told_finished for a in self.membership.live(ready_only=True)):
             time.sleep(0.05)
+
+
+def _figures(result: EvalResult, choice: Choice) -> Figures:
+    """The global model's figures on a split, as its round's record keeps them."""
+    return Figures(accuracy=result.accuracy, loss=result.loss, macro_f1=result.macro_f1,
+                   macro_recall=result.macro_recall, metric=choice.value(result))
 
 
 def _constant_prediction(y: torch.Tensor, label: int, num_classes: int) -> EvalResult:

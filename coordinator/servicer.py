@@ -20,6 +20,7 @@ from edgetrain.grpc_options import address_host, is_loopback
 from edgetrain.metric_names import UNKNOWN_NODE
 from edgetrain.proto import edgetrain_pb2 as pb
 from edgetrain.proto import edgetrain_pb2_grpc as pb_grpc
+from edgetrain.records_pb import stats_of, work_header
 from edgetrain.samehost import SHM_ROOT
 from edgetrain.spec import RunSpec
 
@@ -218,11 +219,8 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             yield pb.RoundMessage(header=header)
             return
         answered.set()
-        a = work.assignment
-        assert a is not None and work.state is not None
-        header = pb.RoundHeader(
-            status=pb.WORK, round=work.round, rank=a.rank, world=a.world, local_steps=a.local_steps,
-            sample_offset=a.sample_offset, deadline_unix=work.deadline, batch_size=a.batch_size)
+        assert work.assignment is not None and work.state is not None
+        header = work_header(work.assignment, work.deadline)
         same_host = request.shared_memory and is_loopback(address_host(context.peer()))
         yield from self.s.transfer.round_messages(header, work.state, agent.agent_id, same_host,
                                                   sent=self.s.metrics.bytes_out.labels(agent.name).inc)
@@ -290,16 +288,13 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
                 context.send_initial_metadata(())
             parts = iter(()) if stream is None else timed_parts(rest, stream, self.s.limits.part_gap_seconds)
             with self.s.transfer.receive(agent.agent_id, h, UpdateSource(parts, h.layout), stream) as update:
-                stats = rounds.NodeReport(
-                    compute_seconds=h.stats.compute_seconds, communication_seconds=h.stats.communication_seconds,
-                    loss=h.stats.loss, accuracy=h.stats.accuracy, samples_per_second=h.stats.samples_per_second,
-                    bytes=float(update.received))
+                stats = stats_of(h.stats, samples=h.num_samples, received_bytes=float(update.received))
                 self.s.engine.submit(agent.agent_id, h.round, h.num_samples, update.tensors, stats,
                                      checked_finite=update.checked_finite)
-        if math.isfinite(h.stats.samples_per_second) and 0 < h.stats.samples_per_second <= MAX_THROUGHPUT:
-            agent.throughput = h.stats.samples_per_second
+        if math.isfinite(stats.samples_per_second) and 0 < stats.samples_per_second <= MAX_THROUGHPUT:
+            agent.throughput = stats.samples_per_second
         self.s.known.add(agent.name)
-        self.s.metrics.accepted_update(agent.name, h.num_samples, stats, update.received)
+        self.s.metrics.accepted_update(agent.name, stats)
         return pb.UpdateAck(accepted=True, detail=f"round {h.round}")
 
     def Leave(self, request: pb.LeaveRequest | Oversize, context: grpc.ServicerContext) -> pb.LeaveReply:  # noqa: N802

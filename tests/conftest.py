@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import socket
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from edgetrain.coordinator.runlog import RoundRecord
 
 
 def free_port() -> int:
@@ -20,3 +24,13 @@ class Clock:
 
     def __call__(self) -> float:
         return self.t
+
+
+def round_record(**fields: Any) -> RoundRecord:
+    """A run log's round record with the fields a test names, zeros (no nodes, not evaluated) for the rest."""
+    from edgetrain.coordinator.runlog import RoundRecord
+
+    base: dict[str, Any] = {"round": 0, "duration_seconds": 0.0, "sync_overhead_seconds": 0.0, "samples": 0,
+                            "samples_per_second": 0.0, "missing": (), "nodes": {}, "elapsed_seconds": 0.0,
+                            "training_share": 0.0}
+    return RoundRecord(**(base | fields))

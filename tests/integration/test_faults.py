@@ -35,6 +35,7 @@ from edgetrain.coordinator.transfer.staging import StagedTensor
 from edgetrain import grpc_options, serde
 from edgetrain.proto import edgetrain_pb2 as pb
 from edgetrain.proto import edgetrain_pb2_grpc as pb_grpc
+from edgetrain.records import NodeStats
 from edgetrain.spec import RunSpec
 from tests.conftest import free_port
 
@@ -209,21 +210,21 @@ def test_agent_killed_mid_round_round_closes_short_world_shrinks_and_restart_rej
         assert a.wait(30) == 0 and b2.wait(30) == 0, procs.logs()
 
     assert d.value("edgetrain_rounds_closed_short_total") == 1
-    by_round = {r["round"]: r for r in result.history}
+    by_round = {r.round: r for r in result.history}
     assert sorted(by_round) == list(range(result.completed_rounds))  # every round applied once, none lost
-    short = [r for r in result.history[:-1] if r["missing"]]  # the last one was cut short by the stop
-    assert [r["missing"] for r in short] == [["b"]]
-    assert short[0]["round"] == killed_in
-    assert set(short[0]["nodes"]) == {"a"}
+    short = [r for r in result.history[:-1] if r.missing]  # the last one was cut short by the stop
+    assert [r.missing for r in short] == [("b",)]
+    assert short[0].round == killed_in
+    assert set(short[0].nodes) == {"a"}
     # b had measured round times: the round waited for it its own slack (at least min_wait), capped by the 3 s
     # deadline (a loaded machine's slow rounds can make the slack the longer; tests/unit/test_admission.py)
-    assert cfg.limits.min_wait_seconds - 0.1 <= short[0]["duration_seconds"] <= cfg.round_timeout + 0.5
+    assert cfg.limits.min_wait_seconds - 0.1 <= short[0].duration_seconds <= cfg.round_timeout + 0.5
     assert f"round {killed_in} closed without an update from b" in caplog.text  # the loss is logged
-    later = [r for r in result.history[:-1] if r["round"] > killed_in]  # the last one was cut by the stop
-    alone = [r for r in later if set(r["nodes"]) == {"a"}]
+    later = [r for r in result.history[:-1] if r.round > killed_in]  # the last one was cut by the stop
+    alone = [r for r in later if set(r.nodes) == {"a"}]
     assert len(alone) >= 3  # the lost shard went to a: world 1
-    together = [r for r in later if set(r["nodes"]) == {"a", "b"}]
-    assert len(together) >= 3 and min(r["round"] for r in together) > max(r["round"] for r in alone)
+    together = [r for r in later if set(r.nodes) == {"a", "b"}]
+    assert len(together) >= 3 and min(r.round for r in together) > max(r.round for r in alone)
     # the restarted agent joined as a new session, trained from the round's global model, and was accepted
     assert "joined as" in procs.log("b") and procs.log("b").count("joined as") == 2
     assert d.value("edgetrain_updates_refused_total", node="b", reason="unknown_agent") == 0
@@ -259,7 +260,7 @@ class RawAgent:
 
     def send(self, header: pb.RoundHeader, state: dict[str, torch.Tensor]) -> bool:
         try:
-            self.route.send(header.round, header.local_steps * header.batch_size, pb.NodeStats(), state)
+            self.route.send(header.round, NodeStats(samples=header.local_steps * header.batch_size), state)
         except grpc.RpcError as err:
             self.refusals.append((header.round, err.code(), err.details() or ""))
             return False
@@ -326,12 +327,12 @@ def test_straggler_does_not_stall_training_and_its_late_update_is_refused_as_lat
             slow.close()
     assert d.value("edgetrain_rounds_closed_short_total") == 1
     first = result.history[0]
-    assert first["missing"] == ["slow"] and set(first["nodes"]) == {"fast"}
-    assert first["duration_seconds"] >= timeout - 0.05  # it waited for the straggler until the deadline
-    back = next(i for i, r in enumerate(result.history) if set(r["nodes"]) == {"fast", "slow"})
+    assert first.missing == ("slow",) and set(first.nodes) == {"fast"}
+    assert first.duration_seconds >= timeout - 0.05  # it waited for the straggler until the deadline
+    back = next(i for i, r in enumerate(result.history) if set(r.nodes) == {"fast", "slow"})
     # until slow asked again it was out of the rounds: fast's rounds expected nobody else and closed complete
     alone = result.history[1:back]
-    assert alone and all(set(r["nodes"]) == {"fast"} and r["missing"] == [] for r in alone), alone
+    assert alone and all(set(r.nodes) == {"fast"} and r.missing == () for r in alone), alone
 
 
 def test_with_min_agents_2_a_short_round_is_rerun_with_the_restarted_agent_and_the_survivor() -> None:
@@ -380,11 +381,11 @@ def test_with_min_agents_2_a_short_round_is_rerun_with_the_restarted_agent_and_t
             done.set()
             a.close()
     assert result.completed_rounds == 4
-    assert [r["round"] for r in result.history] == [0, 1, 2, 3]
+    assert [r.round for r in result.history] == [0, 1, 2, 3]
     assert d.value("edgetrain_rounds_closed_short_total") == 1  # the re-run did not wait for a deadline
     assert a.accepted == [0, 1, 1, 2, 3]  # round 1 twice: the first copy was dropped with the short round
     assert b2.accepted == [1, 2, 3]
-    assert all(set(r["nodes"]) == {"a", "b"} for r in result.history)
+    assert all(set(r.nodes) == {"a", "b"} for r in result.history)
 
 
 
@@ -428,8 +429,8 @@ def test_a_round_spoiled_by_an_update_that_fails_to_read_back_runs_again_and_ben
             for agent in agents:
                 agent.close()
     assert failures  # the fault did happen
-    assert result.completed_rounds == 3 and [r["round"] for r in result.history] == [0, 1, 2]
-    assert all(set(r["nodes"]) == {"a", "b"} for r in result.history)
+    assert result.completed_rounds == 3 and [r.round for r in result.history] == [0, 1, 2]
+    assert all(set(r.nodes) == {"a", "b"} for r in result.history)
     stale = grpc.StatusCode.FAILED_PRECONDITION  # the other agent's update, if it came after the close
     refused = [(agent.name, code) for agent in agents for _, code, _ in agent.refusals if code != stale]
     assert refused and refused[0][1] == grpc.StatusCode.UNAVAILABLE
@@ -542,9 +543,9 @@ def test_every_rpc_the_agent_makes_has_a_deadline() -> None:
         client.join(pb.JoinRequest(agent_name="a"))
         route = Route(client)
         route.fetch(-1, serde.spec_of(big))
-        route.send(0, 1, pb.NodeStats(), big)
+        route.send(0, NodeStats(samples=1), big)
         submits.append(recorder.deadlines["SubmitUpdate"])
-        route.send(0, 1, pb.NodeStats(), big, round_deadline=time.time() + 1000)  # the round ends later
+        route.send(0, NodeStats(samples=1), big, round_deadline=time.time() + 1000)  # the round ends later
         submits.append(recorder.deadlines["SubmitUpdate"])
         client.leave()
     finally:

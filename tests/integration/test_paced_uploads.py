@@ -25,6 +25,7 @@ from prometheus_client import CollectorRegistry
 
 from edgetrain import grpc_options, serde
 from edgetrain.proto import edgetrain_pb2 as pb
+from edgetrain.records import NodeStats
 from edgetrain.spec import RunSpec
 from tests.integration.conftest import small_state
 
@@ -80,7 +81,7 @@ def test_an_upload_waits_for_the_go_ahead_while_the_slot_is_held_and_sends_when_
 
         def upload() -> None:
             try:
-                result.append(Route(waiter).send(0, 8, pb.NodeStats(), state))
+                result.append(Route(waiter).send(0, NodeStats(samples=8), state))
             except grpc.RpcError as err:  # pragma: no cover - reported by the assertion below
                 result.append(err)
             done.set()

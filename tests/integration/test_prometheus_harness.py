@@ -22,7 +22,6 @@ import pytest
 from edgetrain.agent.metrics import AgentMetrics
 from edgetrain.coordinator.config import CoordinatorConfig
 from edgetrain.coordinator.metrics import CoordinatorMetrics
-from edgetrain.coordinator.rounds import NodeReport
 from edgetrain.coordinator.run import Coordinator
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
@@ -30,6 +29,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from edgetrain import metric_names as m
 from edgetrain.cores import format_cores
 from edgetrain.httpmetrics import MetricsServer
+from edgetrain.records import NodeStats
 from tests.integration.prom import (
     AGENTS_JOB,
     COORDINATOR_JOB,
@@ -47,11 +47,11 @@ CORES = [0]
 # What the agent's rounds recorded (round_done): samples and step times of each.
 AGENT_ROUNDS = [(64, [0.05, 0.07]), (64, [0.06])]
 UPDATE_SAMPLES, UPDATE_BYTES = 64, 1000  # each of NODE's two accepted updates
-REPORT = NodeReport(compute_seconds=1.5, communication_seconds=0.25, loss=0.625, accuracy=0.75,
-                    samples_per_second=900.0, bytes=UPDATE_BYTES)
+REPORT = NodeStats(samples=UPDATE_SAMPLES, compute_seconds=1.5, communication_seconds=0.25, loss=0.625,
+                   accuracy=0.75, samples_per_second=900.0, bytes=UPDATE_BYTES)
 GONE_SAMPLES, GONE_BYTES = 32, 500
-GONE_REPORT = NodeReport(compute_seconds=0.5, communication_seconds=0.125, loss=1.25, accuracy=0.5,
-                         samples_per_second=300.0, bytes=GONE_BYTES)
+GONE_REPORT = NodeStats(samples=GONE_SAMPLES, compute_seconds=0.5, communication_seconds=0.125, loss=1.25,
+                        accuracy=0.5, samples_per_second=300.0, bytes=GONE_BYTES)
 SENT_BYTES = 4000  # weights handed to NODE (the servicer counts them on bytes_out)
 ROUND, ROUND_SECONDS, ACCURACY, LOSS, MACRO_F1, ELAPSED = 3, 2.0, 0.8, 0.5, 0.7, 12.0
 # Gauges the coordinator keeps per node until node_left, and its per-node counters (and histogram) that stay.
@@ -70,8 +70,8 @@ def fill_coordinator(metrics: CoordinatorMetrics) -> None:
     for node in (NODE, GONE):
         metrics.node_admitted(node)
     for _ in range(2):
-        metrics.accepted_update(NODE, UPDATE_SAMPLES, REPORT, UPDATE_BYTES)
-    metrics.accepted_update(GONE, GONE_SAMPLES, GONE_REPORT, GONE_BYTES)
+        metrics.accepted_update(NODE, REPORT)
+    metrics.accepted_update(GONE, GONE_REPORT)
     metrics.bytes_out.labels(NODE).inc(SENT_BYTES)  # as the servicer counts a download
     metrics.refused_update(NODE, "stale_round")
     metrics.refused_update(NODE, "no-such-reason")  # counted as malformed: the label set stays bounded

@@ -29,12 +29,14 @@ from prometheus_client import CollectorRegistry
 from edgetrain import compression, grpc_options, serde
 from edgetrain.grpc_options import address_host, is_loopback
 from edgetrain.proto import edgetrain_pb2 as pb
+from edgetrain.records import NodeStats
 from edgetrain.samehost import SHM_ROOT
 from edgetrain.spec import RunSpec
 from tests.integration.conftest import small_state
 
 pytestmark = pytest.mark.skipif(not SHM_ROOT.is_dir(), reason="needs /dev/shm")
 STATS = pb.NodeStats(compute_seconds=0.5, loss=1.0)
+SENT = NodeStats(samples=8, compute_seconds=0.5, loss=1.0)  # what the route sends as STATS, of 8 samples
 
 
 @dataclass
@@ -86,7 +88,7 @@ def one_round(setup: Setup, shared_memory: bool, wire: str) -> tuple[dict[str, t
         feedback = compression.ErrorFeedback(wire)
         new = trained(rnd.state)
         update = feedback.delta(new, rnd.state) if delta else new
-        ack, _, sent = client.send(0, 8, STATS, update, wire, delta=delta, update_file=rnd.header.update_file)
+        ack, _, sent = client.send(0, SENT, update, wire, delta=delta, update_file=rnd.header.update_file)
         assert ack.accepted and sent > 0
         assert setup.engine.close_round().applied
         return rnd.state, rnd.header
@@ -370,7 +372,7 @@ def test_the_agent_writes_only_its_own_file_in_a_coordinators_directory(plant: s
             target.write_bytes(b"keep me")
             victim = target
         try:
-            ack, _, _ = client.send(0, 8, STATS, trained(rnd.state), update_file=str(target))
+            ack, _, _ = client.send(0, SENT, trained(rnd.state), update_file=str(target))
             assert ack.accepted  # streamed instead
             assert not client.same_host
             assert victim.read_bytes() == b"keep me"
@@ -386,7 +388,7 @@ def test_an_update_file_is_rewritten_in_place_round_after_round() -> None:
         expected = serde.spec_of(small_state())
         rnd = client.fetch(-1, expected)
         assert rnd.state is not None
-        client.send(0, 8, STATS, trained(rnd.state), update_file=rnd.header.update_file)
+        client.send(0, SENT, trained(rnd.state), update_file=rnd.header.update_file)
         path = Path(rnd.header.update_file)
         inode, size = path.stat().st_ino, path.stat().st_size
         path.write_bytes(path.read_bytes() + b"\0" * 64)  # longer than the next update
@@ -395,7 +397,7 @@ def test_an_update_file_is_rewritten_in_place_round_after_round() -> None:
         again = client.fetch(0, expected)
         assert again.state is not None and again.header.update_file == str(path)
         assert all(torch.equal(again.state[k], v) for k, v in trained(rnd.state).items())
-        ack, _, _ = client.send(1, 8, STATS, trained(again.state), update_file=again.header.update_file)
+        ack, _, _ = client.send(1, SENT, trained(again.state), update_file=again.header.update_file)
         assert ack.accepted and client.same_host
         assert path.stat().st_ino == inode and path.stat().st_size == size
         assert setup.engine.close_round().applied

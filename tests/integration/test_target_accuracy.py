@@ -38,7 +38,9 @@ def test_the_run_stops_at_the_first_evaluation_that_reaches_the_target(tmp_path:
     assert val is not None
     majority = float(torch.bincount(val.y).max()) / len(val.y)
     untrained = evaluate(wl.new_model(), val.x, val.y, wl.data.num_classes).accuracy
-    scout = [r["val_accuracy"] for r in _run(tmp_path / "scout", SCOUT, None).history]
+    scouted = _run(tmp_path / "scout", SCOUT, None).history
+    scout = [r.val.accuracy for r in scouted if r.val is not None]
+    assert len(scout) == len(scouted)  # every round evaluated on val
     # the best accuracy after round 0 that is a new high: reached by training, and not at the first evaluation
     TARGET = max(scout[1:])  # noqa: N806
     assert TARGET > max(majority, untrained, scout[0]), scout
@@ -58,7 +60,7 @@ def test_the_run_stops_at_the_first_evaluation_that_reaches_the_target(tmp_path:
 
     # time to target: the elapsed seconds logged for the round that reached it, within the run's wall time
     assert result.time_to_target is not None
-    assert result.time_to_target == logged[-1]["elapsed_seconds"] == result.history[-1]["elapsed_seconds"]
+    assert result.time_to_target == logged[-1]["elapsed_seconds"] == result.history[-1].elapsed_seconds
     assert logged[-2]["elapsed_seconds"] < result.time_to_target <= result.wall_seconds
 
     # the stop is checkpointed like any end of a run: the round that reached the target included

@@ -180,7 +180,7 @@ def test_int8_updates_with_error_feedback_train_and_send_a_quarter_of_the_bytes(
     result = coord.run()
     assert result.completed_rounds == 8 and result.final is not None
     model_bytes = sum(v.numel() * v.element_size() for v in coord.engine.global_state.values())  # type: ignore[union-attr]
-    per_update = [n["bytes"] for r in result.history for n in r["nodes"].values()]
+    per_update = [n.bytes for r in result.history for n in r.nodes.values()]
     assert all(b < 0.3 * model_bytes for b in per_update), (per_update[:2], model_bytes)
     majority = float(torch.bincount(coord.workload.data.test.y).max()) / len(coord.workload.data.test.y)  # type: ignore[union-attr]
     assert result.final.accuracy > majority + 0.05
@@ -225,7 +225,7 @@ def test_an_epochs_run_logs_its_final_evaluation(tmp_path: Path) -> None:
     assert result.stopped_by == "epochs" and result.completed_rounds == 2  # 1,000 samples, 512 per round
     logged = [json.loads(line) for line in (tmp_path / "rounds.jsonl").read_text().splitlines()]
     assert [r["round"] for r in logged] == [0, 1]
-    assert [r["round"] for r in result.history] == [1]  # the log has every round, memory the last one only
+    assert [r.round for r in result.history] == [1]  # the log has every round, memory the last one only
     assert "accuracy" not in logged[0]  # eval_every=1000: only the last round is evaluated
     assert result.final is not None and logged[-1]["accuracy"] == result.final.accuracy
     # `coordinator report` on this real log (its own tests use hand-made records: they must have a real log's shape)

@@ -18,6 +18,7 @@ from edgetrain.coordinator.transfer.samehost import SharedFiles
 
 from edgetrain import serde
 from edgetrain.cores import allowed_cores
+from edgetrain.records import Assignment
 from edgetrain.samehost import SHM_ROOT
 from edgetrain.spec import DataLocation, RunSpec
 
@@ -25,7 +26,7 @@ pytestmark = pytest.mark.skipif(not SHM_ROOT.is_dir(), reason="needs /dev/shm")
 
 # SGD without momentum keeps no state between rounds: training twice from the same weights gives the same bytes
 SPEC = RunSpec(dataset="tweets", model="text-cnn", batch_size=16, optimizer="sgd", lr=0.05)
-TASK = RoundTask(round=3, rank=0, world=1, local_steps=2, batch_size=16, sample_offset=0)
+TASK = RoundTask(Assignment(round=3, rank=0, world=1, local_steps=2, batch_size=16, sample_offset=0))
 
 
 @pytest.fixture(scope="module")
@@ -63,13 +64,13 @@ def test_the_file_path_trains_the_same_bytes_as_the_shared_tensors(pool: WorkerP
     from_tensors = copy(pool.shared)
     assert nothing is None and any(not torch.equal(from_tensors[k], weights[k]) for k in weights)
 
-    path, layout, _ = files.weights(TASK.round, weights)
-    update = files.update_file("a", TASK.round)
+    path, layout, _ = files.weights(TASK.work.round, weights)
+    update = files.update_file("a", TASK.work.round)
     pool.shared["embedding.weight"].zero_()  # the file path must not read the shared tensors
     by_file, _, written = pool.train(None, dataclasses.replace(
         TASK, weights_file=path, weights_layout=tuple(layout), update_file=update))
     assert written is not None and not written.error and written.size == Path(update).stat().st_size
-    got, nbytes = files.read_update("a", TASK.round, written.layout, serde.spec_of(weights))
+    got, nbytes = files.read_update("a", TASK.work.round, written.layout, serde.spec_of(weights))
     assert nbytes == written.size
     for k, v in from_tensors.items():
         assert got[k].numpy().tobytes() == v.numpy().tobytes(), k
@@ -83,23 +84,23 @@ def test_a_weights_file_the_worker_cannot_use_trains_nothing_and_the_next_round_
     weights = start_weights(pool)
     name = next(k for k, v in weights.items() if v.is_floating_point())
     poisoned = {**weights, name: torch.full_like(weights[name], math.nan)}
-    path, layout, _ = files.weights(TASK.round, poisoned)
+    path, layout, _ = files.weights(TASK.work.round, poisoned)
     before = copy(pool.shared)
-    update = files.update_file("a", TASK.round)
+    update = files.update_file("a", TASK.work.round)
     with pytest.raises(WeightsFileError, match="NaN"):
         pool.train(None, dataclasses.replace(TASK, weights_file=path, weights_layout=tuple(layout),
                                              update_file=update))
     assert not Path(update).exists()  # nothing trained, nothing written
     assert all(torch.equal(pool.shared[k], v) for k, v in before.items())
     result, _, _ = pool.train(weights, TASK)  # streamed weights, as the agent falls back to
-    assert result.samples == TASK.local_steps * TASK.batch_size
+    assert result.samples == TASK.work.local_steps * TASK.work.batch_size
     assert all(serde.all_finite(v) for v in pool.shared.values())
 
 
 def test_an_update_file_outside_a_coordinators_directory_leaves_the_update_in_the_shared_tensors(
         pool: WorkerPool, files: SharedFiles, tmp_path: Path) -> None:
     weights = start_weights(pool)
-    path, layout, _ = files.weights(TASK.round, weights)
+    path, layout, _ = files.weights(TASK.work.round, weights)
     outside = tmp_path / "update"
     _, _, written = pool.train(None, dataclasses.replace(
         TASK, weights_file=path, weights_layout=tuple(layout), update_file=str(outside)))

@@ -7,9 +7,11 @@ from pathlib import Path
 import pytest
 from edgetrain.coordinator import bench_ttt as ttt
 from edgetrain.coordinator import experiments as ex
+from edgetrain.coordinator.runlog import RoundRecord
 
 from edgetrain.errors import ConfigError
 from edgetrain.spec import RunSpec
+from tests.conftest import round_record
 
 
 def test_targets_are_metric_equals_fraction() -> None:
@@ -72,13 +74,13 @@ def test_first_reach_and_choose_k() -> None:
 
 def test_coordinator_clock_takes_off_start_up_and_every_evaluation() -> None:
     # rounds of 1 s after a round 0 that waited 4 s for the agents' workers; evaluations after rounds 2 and 4
-    history = []
+    history: list[RoundRecord] = []
     elapsed = 0.0
     evaluations = [(2, 0.5, 0.95), (4, 0.7, 0.991)]
     for r in range(4):  # a round's record takes its time, then its evaluation runs (the next round waits)
         elapsed += 5.0 if r == 0 else 1.0
-        history.append({"round": r, "duration_seconds": 5.0 if r == 0 else 1.0, "samples": 256,
-                        "elapsed_seconds": elapsed})
+        history.append(round_record(round=r, duration_seconds=5.0 if r == 0 else 1.0, samples=256,
+                                    elapsed_seconds=elapsed))
         elapsed += sum(s for n, s, _ in evaluations if n == r + 1)
     out = ttt.coordinator_outcome(history, evaluations, wall=elapsed + 0.1, target=0.99)
     assert [t for t, _ in out.evals] == pytest.approx([2.0, 4.0])  # round 0 counts as a typical 1 s round

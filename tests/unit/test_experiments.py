@@ -13,6 +13,8 @@ from edgetrain.coordinator import experiments as ex
 
 from edgetrain.errors import ConfigError, CoresError
 from edgetrain.peers import core_groups, steps_for
+from edgetrain.records import NodeStats
+from tests.conftest import round_record
 
 EIGHT = list(range(8))
 TWO = [0, 1]
@@ -90,10 +92,11 @@ def test_gain_vs_slowest_within_each_sweep() -> None:
 
 
 def test_startup_is_round_zeros_excess_over_a_typical_round() -> None:
-    history = [{"duration_seconds": 5.0}, {"duration_seconds": 0.5}, {"duration_seconds": 0.7},
-               {"duration_seconds": 0.6}]
+    history = [round_record(duration_seconds=5.0), round_record(duration_seconds=0.5),
+               round_record(duration_seconds=0.7), round_record(duration_seconds=0.6)]
     assert ex.startup_seconds(history) == pytest.approx(4.4)
-    one = [{"duration_seconds": 3.0, "nodes": {"a": {"compute_seconds": 0.5, "communication_seconds": 0.1}}}]
+    one = [round_record(duration_seconds=3.0,
+                        nodes={"a": NodeStats(compute_seconds=0.5, communication_seconds=0.1)})]
     assert ex.startup_seconds(one) == pytest.approx(2.4)
     assert ex.startup_seconds([]) == 0.0
 

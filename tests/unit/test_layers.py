@@ -80,3 +80,11 @@ def test_a_worker_process_loads_no_grpc() -> None:
 def test_the_agents_training_path_imports_no_benchmark_baselines() -> None:
     for name in ("worker.py", "route.py", "client.py"):
         assert "edgetrain.peers" not in _imports(ROOT / "agent" / name), name
+
+
+def test_records_meet_protobuf_only_at_the_grpc_edge() -> None:
+    """edgetrain/records.py knows no protobuf; only the route and the servicer convert (edgetrain/records_pb.py)."""
+    assert not {n for n in _imports(ROOT / "edgetrain" / "records.py") if "proto" in n}
+    users = {str(p.relative_to(ROOT)) for package in ("edgetrain", "agent", "coordinator") for p in _modules(package)
+             if any(n.startswith("edgetrain.records_pb") for n in _imports(p))}
+    assert users == {"agent/route.py", "coordinator/servicer.py"}

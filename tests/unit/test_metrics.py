@@ -12,13 +12,13 @@ import psutil
 import pytest
 from edgetrain.agent.metrics import STEP_BUCKETS, AgentMetrics, busy_fractions, read_core_times
 from edgetrain.coordinator.metrics import ROUND_BUCKETS, CoordinatorMetrics
-from edgetrain.coordinator.rounds import NodeReport
 from prometheus_client import REGISTRY, CollectorRegistry
 
 from edgetrain import metric_names as m
+from edgetrain.records import NodeStats
 
 CORES = sorted(os.sched_getaffinity(0))
-STATS = NodeReport(compute_seconds=1.5, communication_seconds=0.25, samples_per_second=400.0, loss=0.7, accuracy=0.6)
+STATS = NodeStats(compute_seconds=1.5, communication_seconds=0.25, samples_per_second=400.0, loss=0.7, accuracy=0.6)
 
 
 def sample(registry: CollectorRegistry, name: str, **labels: str) -> float | None:
@@ -40,7 +40,7 @@ def coord() -> CoordinatorMetrics:
 
 def test_coordinator_metrics_go_to_the_injected_registry_only() -> None:
     a, b = CoordinatorMetrics(CollectorRegistry()), CoordinatorMetrics(CollectorRegistry())  # no clash
-    a.accepted_update("n", 10, STATS, 100)
+    a.accepted_update("n", dataclasses.replace(STATS, samples=10, bytes=100))
     assert sample(a.registry, m.UPDATES_ACCEPTED, node="n") == 1
     assert sample(b.registry, m.UPDATES_ACCEPTED, node="n") is None
     assert REGISTRY.get_sample_value(m.UPDATES_ACCEPTED, {"node": "n"}) is None
@@ -64,9 +64,10 @@ def test_unlabelled_coordinator_series_exist_from_the_start(coord: CoordinatorMe
 
 def test_accepted_update_sets_the_node_figures(coord: CoordinatorMetrics) -> None:
     reg = coord.registry
-    coord.accepted_update("agent-a", 256, STATS, 4096)
-    coord.accepted_update("agent-a", 128, dataclasses.replace(STATS, compute_seconds=0.5, accuracy=0.8), 4000)
-    coord.accepted_update("agent-b", 64, NodeReport(), 10)  # an agent that sent no figures: zeros
+    coord.accepted_update("agent-a", dataclasses.replace(STATS, samples=256, bytes=4096))
+    coord.accepted_update("agent-a", dataclasses.replace(STATS, samples=128, bytes=4000, compute_seconds=0.5,
+                                                         accuracy=0.8))
+    coord.accepted_update("agent-b", NodeStats(samples=64, bytes=10))  # an agent that sent no figures: zeros
     assert sample(reg, m.UPDATES_ACCEPTED, node="agent-a") == 2
     assert sample(reg, m.NODE_SAMPLES, node="agent-a") == 384
     assert sample(reg, m.NODE_RECEIVED_BYTES, node="agent-a") == 8096
@@ -97,7 +98,7 @@ def test_node_admitted_creates_every_refusal_counter_at_zero(coord: CoordinatorM
     assert sample(reg, m.UPDATES_ACCEPTED, node="agent-a") == 0.0
     # admitting the same name again (a restarted agent) keeps what was counted
     coord.refused_update("agent-a", "late")
-    coord.accepted_update("agent-a", 8, STATS, 1)
+    coord.accepted_update("agent-a", dataclasses.replace(STATS, samples=8, bytes=1))
     coord.node_admitted("agent-a")
     assert sample(reg, m.UPDATES_REFUSED, node="agent-a", reason="late") == 1
     assert sample(reg, m.UPDATES_ACCEPTED, node="agent-a") == 1

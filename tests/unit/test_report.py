@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 from edgetrain.coordinator.report import ReportError, read_log, training_times, write_report
+from edgetrain.coordinator.runlog import RoundRecord
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 REPO = Path(__file__).resolve().parents[2]
@@ -122,14 +123,14 @@ def test_read_log_skips_blank_lines_and_keeps_order(tmp_path: Path) -> None:
     records = make_records(rounds=4)
     lines = dumps(records)
     write_log(tmp_path, [lines[0], "", lines[1], "   ", *lines[2:]])
-    assert read_log(tmp_path) == records
+    assert [r.to_json() for r in read_log(tmp_path)] == records  # every field read back as written
 
 
 def test_training_time_continues_across_a_resume() -> None:
     # --resume appends to the same log and the new process counts elapsed_seconds from 0 again.
     first = make_records(rounds=4)
     second = make_records(rounds=3, start_round=4)
-    times = training_times(first + second)
+    times = training_times([RoundRecord.from_json(r) for r in first + second])
     end_of_first = first[-1]["elapsed_seconds"]
     assert times[:4] == [r["elapsed_seconds"] for r in first]
     assert times[4:] == [end_of_first + r["elapsed_seconds"] for r in second]

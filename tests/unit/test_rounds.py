@@ -25,7 +25,8 @@ def test_a_round_averages_by_samples_and_replaces_the_model() -> None:
     before = eng.global_state
     assign = eng.open_round([("a", 0.0, 1), ("b", 0.0, 1)])
     assert [assign["a"].rank, assign["b"].rank] == [0, 1]
-    assert assign["a"].max_samples == 8
+    with pytest.raises(rounds.BadSampleCountError, match=r"outside 1\.\.8 "):  # K * batch size * 1 worker
+        eng.submit("a", 0, 9, _update(1.0))
     eng.submit("a", 0, 2, _update(1.0))
     eng.submit("b", 0, 6, _update(5.0))
     assert eng.wait_for_updates()
