@@ -151,6 +151,10 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
                                                self.s.limits.any_metrics_host)
             if problem is not None:
                 raise rounds.MalformedError(problem)
+            if request.data_fingerprint and request.data_fingerprint != self.s.spec.data_fingerprint:
+                raise rounds.DataMismatchError(
+                    f"this agent's data has fingerprint {request.data_fingerprint[:12]}, the run's is "
+                    f"{self.s.spec.data_fingerprint[:12] or '(none)'}: different files, version or preprocessing")
             self.s.sweep()
             try:
                 agent, replaced = self.s.membership.admit(

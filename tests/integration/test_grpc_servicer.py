@@ -17,7 +17,9 @@ from edgetrain.coordinator.servicer import ServiceState
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from edgetrain import grpc_options, serde
+from edgetrain import metric_names as m
 from edgetrain.proto import edgetrain_pb2 as pb
+from edgetrain.spec import RunSpec
 from tests.integration.conftest import Service, make_service, small_state
 from tests.integration.relay import Relay
 
@@ -347,6 +349,29 @@ def test_a_slow_download_gets_time_for_its_bytes(monkeypatch: pytest.MonkeyPatch
                 assert rnd.state is not None and torch.equal(rnd.state["w"], big["w"])
             finally:
                 client.close()
+
+
+def test_a_join_naming_other_data_is_refused_and_counted_once() -> None:
+    """A Join whose data_fingerprint is not the run's: FAILED_PRECONDITION, one data_mismatch, nobody admitted."""
+    run = "ab12" * 16
+    for svc in make_service(small_state(), spec=RunSpec(dataset="tweets", data_fingerprint=run)):
+        before = snapshot(svc)
+        with pytest.raises(grpc.RpcError) as err:
+            svc.stub.Join(pb.JoinRequest(agent_name="other", data_fingerprint="cd34" * 16), timeout=5)
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "fingerprint cd34cd34cd34, the run's is ab12ab12ab12" in (err.value.details() or "")
+        refused = {(s.labels[m.NODE], s.labels[m.REASON]): s.value for f in svc.registry.collect()
+                   if f.name + "_total" == m.UPDATES_REFUSED for s in f.samples if s.name == m.UPDATES_REFUSED}
+        assert refused == {("unknown", "data_mismatch"): 1.0}  # counted once, under the one reason
+        assert svc.membership.live() == []  # not admitted: no counters made for its name either
+        assert svc.registry.get_sample_value(m.UPDATES_ACCEPTED, {m.NODE: "other"}) is None
+        # the same name with the run's data, and with none said (the agent checks its data itself): admitted
+        reply = svc.stub.Join(pb.JoinRequest(agent_name="other", data_fingerprint=run), timeout=5)
+        assert reply.agent_id and reply.spec.data_fingerprint == run
+        assert svc.stub.Join(pb.JoinRequest(agent_name="b"), timeout=5).agent_id
+        assert sorted(a.name for a in svc.membership.live()) == ["b", "other"]
+        assert svc.refused("data_mismatch", "unknown") == 1.0
+        assert snapshot(svc) == before  # the global model untouched
 
 
 def test_operator_token_is_required_but_health_checks_pass() -> None:
