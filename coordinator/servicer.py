@@ -304,7 +304,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             agent.throughput = h.stats.samples_per_second
         self.s.known.add(agent.name)
         self.s.metrics.accepted_update(agent.name, h.num_samples, stats, update.received)
-        return pb.UpdateAck(accepted=True, detail=f"round {h.round}")
+        return pb.UpdateAck(detail=f"round {h.round}")
 
     def Leave(self, request: pb.LeaveRequest | Oversize, context: grpc.ServicerContext) -> pb.LeaveReply:  # noqa: N802
         node = [UNKNOWN_NODE]
