@@ -1,8 +1,9 @@
 """Hostile clients beside one real agent: its pace and the coordinator's resources, without and with each attack.
 
 A benchmark, not a test (tests/integration/test_hostile.py asserts the behaviour). It starts a real coordinator
-(`python -m edgetrain.coordinator run`, a child process) and one real agent pinned to a core (`edge-agent start --cores
-1`), measures the agent's rounds/s from the coordinator's /metrics, then runs each attack from this process
+(`python -m edgetrain.coordinator run --cores 0`, a child process) and one real agent pinned to the other core
+(`edge-agent start --cores 1`), as a coordinator's host and an edge machine are two machines, measures the agent's
+rounds/s from the coordinator's /metrics, then runs each attack from this process
 (niced, so the attackers' own CPU weighs least on the 2-core machine) and measures again: rounds/s during and
 after, and the coordinator's RSS, threads, open fds and metric series before, during and after.
 
@@ -271,8 +272,10 @@ def main() -> int:
     p.add_argument("--window", type=float, default=20.0, help="seconds each pace is measured over")
     p.add_argument("--model", default="text-cnn")
     p.add_argument("--local-steps", type=int, default=8)
-    p.add_argument("--ghosts", type=int, default=200, help="ghost threads at a time (each joins, polls "
+    p.add_argument("--ghosts", type=int, default=FLOOD, help="ghost threads at a time (each joins, polls "
                    "once and goes, again and again)")
+    p.add_argument("--coordinator-cores", default="0", help="the coordinator's --cores ('': unpinned, sharing the "
+                   "agent's core 1 as well)")
     p.add_argument("--keep", action="store_true", help="keep the run's folder (rounds.jsonl, logs) and print it")
     args = p.parse_args()
     names = [a for a in args.attacks.split(",") if a]
@@ -287,7 +290,8 @@ def main() -> int:
          "--local-steps", str(args.local_steps), "--rounds", str(10**6), "--port", str(port),
          "--metrics-port", str(metrics_port), "--round-timeout", "30", "--eval-every", str(10**6),
          "--checkpoint-every", str(10**6), "--run-dir", str(run_dir / "run"), "--no-progress", "--log-level",
-         "error"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=open(run_dir / "coordinator.log", "wb"))
+         "error", *(["--cores", args.coordinator_cores] if args.coordinator_cores else [])],
+        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=open(run_dir / "coordinator.log", "wb"))
     agent = subprocess.Popen(
         [sys.executable, "-m", "edgetrain.agent", "start", "--coordinator", f"127.0.0.1:{port}", "--cores", "1",
          "--name",

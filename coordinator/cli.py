@@ -14,6 +14,7 @@ import typer
 from edgetrain import cli_options as opt
 from edgetrain.aggregation import AGGREGATORS, MEAN
 from edgetrain.cli_util import count_or_auto, entry, made_output_folder, read_token, setup_logging
+from edgetrain.cores import parse_cores
 from edgetrain.errors import ConfigError
 from edgetrain.models import DEFAULT_LR, MODELS
 from edgetrain.recipes import LR_DECAY, SKEW_THRESHOLD
@@ -67,15 +68,14 @@ def parse_gpus(text: str) -> tuple[str, ...]:
     return tuple(f"cuda:{i}" for i in ids)
 
 
-def auto_local_agents(spec: RunSpec, where: DataLocation, local_steps: int | None) -> int:
-    """`--local-agents auto`: agents x threads over this host's cores, cached or measured (edgetrain.split).
+def auto_local_agents(spec: RunSpec, where: DataLocation, local_steps: int | None, cores: list[int]) -> int:
+    """`--local-agents auto`: agents x threads over `cores`, cached or measured (edgetrain.split).
 
     Local agents average every K local steps, so the probe's processes train alone and wait for each other every K
     steps ("lockstep"), as the agents of a round do.
     """
     from rich.console import Console
 
-    from edgetrain.cores import allowed_cores
     from edgetrain.split import choose_split, split_table
 
     if local_steps is None:  # the recipe's K is known once the data is loaded; K barely moves the split
@@ -83,7 +83,7 @@ def auto_local_agents(spec: RunSpec, where: DataLocation, local_steps: int | Non
     if local_steps < 1:
         raise ConfigError(f"--local-steps must be at least 1, got {local_steps}")
     console = Console(stderr=True)
-    split = choose_split(spec, where, allowed_cores(), mode="lockstep", sync_every=local_steps,
+    split = choose_split(spec, where, cores, mode="lockstep", sync_every=local_steps,
                          cache_dir=where.cache_dir, say=console.print)
     console.print(split_table(split, title="--local-agents auto"))
     return split.processes
@@ -159,6 +159,9 @@ def make_app() -> typer.Typer:
                  "fastest split of the cores, measured once per model and cores.")] = "0",
         local_workers: Annotated[int, typer.Option(help="Workers per local agent.")] = 1,
         local_gpus: Annotated[str, typer.Option(help="GPUs as local workers: 0,1 or all.")] = "",
+        cores: Annotated[str, typer.Option(
+            help="Pin the coordinator itself (its gRPC server, aggregation, evaluation) to these cores, as for "
+                 "taskset: 0 or 0-1; local agents then take the others. Default: unpinned.")] = "",
         host: Annotated[str, typer.Option(help="Address to serve gRPC on.")] = "127.0.0.1",
         port: Annotated[int, typer.Option(help="gRPC port (0: any free port).")] = 50051,
         metrics_port: Annotated[Optional[int], typer.Option(help="Serve /metrics and /sd here.")] = None,  # noqa: UP045
@@ -208,7 +211,7 @@ def make_app() -> typer.Typer:
         log_level: opt.LogLevelOpt = "warning",
     ) -> int:
         """Run a training: wait for agents, run synchronous rounds, evaluate, checkpoint, print a summary."""
-        from .run import holds_run
+        from .run import agent_cores, holds_run
 
         setup_logging(log_level)
         gpus = parse_gpus(local_gpus)
@@ -224,8 +227,9 @@ def make_app() -> typer.Typer:
             lr_decay=lr_decay,
         )
         where = DataLocation(data_dir, data_path, cache_dir, not no_download, test_path, val_path)
+        own_cores = tuple(parse_cores(cores)) if cores else ()
         if n_local is None:
-            n_local = auto_local_agents(spec, where, local_steps)
+            n_local = auto_local_agents(spec, where, local_steps, agent_cores(own_cores))
         cfg = CoordinatorConfig(
             spec=spec, where=where, host=host, port=port, metrics_host=metrics_host, metrics_port=metrics_port,
             local_steps=local_steps, rounds=rounds, epochs=epochs, target_accuracy=target_accuracy, metric=metric,
@@ -235,6 +239,7 @@ def make_app() -> typer.Typer:
             checkpoint_every=parse_count(checkpoint_every, "--checkpoint-every"),
             upload_slots=upload_slots, staging_dir=staging_dir, aggregator=aggregator, trim=trim, balance=balance,
             local_agents=n_local, local_workers=local_workers, local_devices=gpus,
+            cores=own_cores,
             run_dir=run_dir or (None if resume else Path("runs") / f"{dataset}-{time.strftime('%Y%m%d-%H%M%S')}"),
             resume=resume,
             token=read_token(token_env, token_file), tls_cert=tls_cert, tls_key=tls_key,

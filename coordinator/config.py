@@ -7,6 +7,7 @@ from pathlib import Path
 
 from edgetrain.aggregation import AGGREGATORS, MEAN
 from edgetrain.cli_util import check_tls_ca, check_tls_pair
+from edgetrain.cores import validate_cores
 from edgetrain.errors import ConfigError
 from edgetrain.grpc_options import is_loopback
 from edgetrain.recipes import metric_problem
@@ -46,6 +47,7 @@ class CoordinatorConfig:
     local_agents: int = 0
     local_workers: int = 1  # workers per local agent
     local_devices: tuple[str, ...] = ()  # GPUs as local workers: "cuda:0", ...
+    cores: tuple[int, ...] = ()  # the coordinator's own cores (its server, aggregation, evaluation); (): unpinned
     run_dir: Path | None = None
     checkpoint_every: int | None = None  # every N rounds; None (auto): as eval_every
     upload_slots: int = UPLOAD_SLOTS  # uploads taken at once; the others wait their turn before they send
@@ -92,6 +94,8 @@ class CoordinatorConfig:
             raise ConfigError(f"--local-workers must be at least 1, got {self.local_workers}")
         if self.checkpoint_every is not None and self.checkpoint_every < 1:
             raise ConfigError(f"--checkpoint-every must be at least 1 or auto, got {self.checkpoint_every}")
+        if self.cores:
+            validate_cores(list(self.cores))  # names the cores outside this process's affinity
         if self.upload_slots < 1:
             raise ConfigError(f"--upload-slots must be at least 1, got {self.upload_slots}")
         if self.staging_dir is not None and not self.staging_dir.is_dir():

@@ -26,7 +26,7 @@ from rich.table import Table
 
 from edgetrain import recipes
 from edgetrain.cli_util import new_folder_kept_only_if_used, output_folder
-from edgetrain.cores import allowed_cores, format_cores, split_cores
+from edgetrain.cores import allowed_cores, format_cores, pin_current_process, split_cores
 from edgetrain.errors import ConfigError, EdgetrainError
 from edgetrain.httpmetrics import MetricsServer
 from edgetrain.memory import compute_heap, tune_malloc
@@ -135,6 +135,16 @@ def holds_run(run_dir: Path) -> bool:
     return any((run_dir / name).exists() for name in (LOG, checkpoint.LATEST, checkpoint.LEGACY[0]))
 
 
+def agent_cores(coordinator_cores: tuple[int, ...]) -> list[int]:
+    """The cores local agents share: this host's, less the coordinator's own (`--cores`) while any are left."""
+    host = allowed_cores()
+    rest = [c for c in host if c not in coordinator_cores]
+    if coordinator_cores and not rest:
+        log.warning("--cores %s takes every core of this host: local agents share them with the coordinator",
+                    format_cores(coordinator_cores))
+    return rest or host
+
+
 def local_core_groups(n: int, cores: list[int] | None = None) -> list[list[int]]:
     """Disjoint core groups for n local agents; with more agents than cores, agents share cores round-robin."""
     cores = cores or allowed_cores()
@@ -237,6 +247,8 @@ class Coordinator:
             self.metrics_server = MetricsServer(self.registry, cfg.metrics_host, cfg.metrics_port,
                                                 json_routes={"/sd": self.service_discovery})
         self._spawn_local_agents()
+        if cfg.cores:  # after the local agents started: a child inherits its parent's affinity
+            pin_current_process(list(cfg.cores))
 
     @staticmethod
     def _fill_in_recipe(cfg: CoordinatorConfig, workload: Workload) -> CoordinatorConfig:
@@ -278,7 +290,7 @@ class Coordinator:
         n = cfg.local_agents + len(devices)
         if n == 0:
             return
-        groups = local_core_groups(n)
+        groups = local_core_groups(n, agent_cores(cfg.cores))
         used = sorted({c for g in groups for c in g})
         if n > len(used):
             log.warning("%d local agents on %d core(s) (%s): they share cores, round-robin", n, len(used),
@@ -438,9 +450,10 @@ class Coordinator:
         t_start = time.perf_counter()
         # Local agents hold every core of this host: the coordinator's tensor work (the after-work thread's
         # evaluation, the handlers adding updates) takes one thread, as the agent's own does (with torch's default,
-        # one per core, evaluation took ~4x longer, spinning meanwhile). torch keeps this count process-wide.
-        after = AfterWork(init=(lambda: torch.set_num_threads(1)) if cfg.local_agents + len(cfg.local_devices)
-                          else None)
+        # one per core, evaluation took ~4x longer, spinning meanwhile); pinned (--cores), one per core of its own.
+        # torch keeps this count process-wide.
+        threads = len(cfg.cores) or (1 if cfg.local_agents + len(cfg.local_devices) else 0)
+        after = AfterWork(init=(lambda: torch.set_num_threads(threads)) if threads else None)
         try:
             self._wait_for_agents()
             t_start = time.perf_counter()

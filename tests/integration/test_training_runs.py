@@ -328,3 +328,39 @@ def test_evaluation_off_the_critical_path_gives_todays_figures_of_each_rounds_mo
     assert all(0 < r["training_share"] <= 1 for r in logged)
     assert 0 < result.training_share <= 1 and kept["training_share"] == result.training_share
     assert 0 < result.startup_seconds == kept["startup_seconds"] < 300
+
+
+@pytest.mark.skipif(len(CORES) < 2, reason="the coordinator and its local agent on cores of their own need two")
+def test_coordinator_cores_pin_the_coordinator_and_leave_the_other_cores_to_its_local_agents(tmp_path: Path) -> None:
+    """`coordinator run --cores C`: every thread of the coordinator on C (its gRPC server's, evaluation's and
+    torch's included), its local agent and the agent's workers on the host's other cores, none on C. A real
+    process: pinning this test's own process would pin every test after it."""
+    import signal
+    import subprocess
+    import sys
+
+    from tests.integration.test_faults import wait_for
+
+    own, rest = CORES[:1], CORES[1:]
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "edgetrain.coordinator", "run", "--cores", str(own[0]), "--dataset", "tweets",
+           "--model", "text-bag", "--limit", "2000", "--local-agents", "1", "--rounds", "100000", "--local-steps",
+           "2", "--eval-every", "1", "--run-dir", str(run_dir), "--port", "0", "--no-progress", "--no-download",
+           "--cache-dir", str(tmp_path / "cache"), "--round-timeout", "60"]
+    coord = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        wait_for(lambda: run_dir.joinpath("rounds.jsonl").is_file()
+                 and len(run_dir.joinpath("rounds.jsonl").read_text().splitlines()) >= 2, 120,
+                 "two logged rounds (evaluated: evaluation's threads exist)")
+        me = psutil.Process(coord.pid)
+        kids = me.children(recursive=True)
+        assert kids, "no local agent"
+        threads = {tid: read_affinity(tid) for tid in _threads_of(coord.pid)}
+        assert len(threads) > 5 and all(c == own for c in threads.values()), threads
+        for kid in kids:  # the agent and its training worker: the other cores, every thread
+            assert read_affinity(kid.pid) == rest, (kid.cmdline(), read_affinity(kid.pid))
+            assert all(read_affinity(t) == rest for t in _threads_of(kid.pid)), kid.cmdline()
+    finally:
+        coord.send_signal(signal.SIGTERM)
+        _, err = coord.communicate(timeout=90)
+    assert coord.returncode == 0, err.decode(errors="replace")

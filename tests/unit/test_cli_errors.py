@@ -43,6 +43,8 @@ def _run(*args: str) -> subprocess.CompletedProcess[str]:
         (("agent", "start", "--coordinator", "127.0.0.1:1", "--cores", "0", "--give-up-after", "2",
           "--name", "unknown"), 1, "agent name 'unknown': 'unknown' is reserved"),  # refusals' node label
         (("coordinator", "run", "--rounds", "0"), 1, "--rounds must be at least 1"),
+        (("coordinator", "run", "--rounds", "1", "--cores", "4096"), 1, "cores 4096 are not available"),
+        (("coordinator", "run", "--rounds", "1", "--cores", "0-x"), 1, "cannot read core list item"),
         (("coordinator", "run", "--rounds", "1", "--optimizer", "lion"), 1, "unknown optimizer 'lion'"),
         (("coordinator", "run", "--rounds", "1", "--dataset", "imagenet"), 1, "imagenet"),
         (("coordinator", "run", "--rounds", "1", "--host", "0.0.0.0"), 1, "refusing to serve on 0.0.0.0 without TLS"),
