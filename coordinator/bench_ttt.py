@@ -413,9 +413,10 @@ def ttt_cells(report: TTTReport) -> list[list[str]]:
         acc = None if r.accuracy is None else r.accuracy * 100
         epochs = report.plan.epochs(r.samples) if r.samples and r.method != "ceiling" else None
         out.append([r.method, f"{r.processes}x{r.threads}", r.cores, "-" if r.k is None else str(r.k),
-                    ex._num(r.time_to_target_s, ".1f"), ex._num(acc, ".2f"), ex._num(epochs, ".2f"),
-                    ex._num(r.samples_per_s, ".0f"), ex._ratio(r.speedup_vs_serial), ex._ratio(r.speedup_vs_ddp),
-                    str(len(r.times_s)), ex._num(r.other_load_max_pct, ".0f"), str(r.reruns), r.note])
+                    ex.num_cell(r.time_to_target_s, ".1f"), ex.num_cell(acc, ".2f"), ex.num_cell(epochs, ".2f"),
+                    ex.num_cell(r.samples_per_s, ".0f"), ex.ratio_cell(r.speedup_vs_serial),
+                    ex.ratio_cell(r.speedup_vs_ddp), str(len(r.times_s)), ex.num_cell(r.other_load_max_pct, ".0f"),
+                    str(r.reruns), r.note])
     return out
 
 
@@ -436,7 +437,7 @@ def ttt_markdown(report: TTTReport, command: str = "") -> str:
         f"{CEILING_EPOCHS:g} epochs each, before and after the methods: "
         + ", ".join(f"{free:.0f}/s over {one:.0f}/s = {free / one:.2f}x" for one, free in report.ceilings)
         + f"; mean {report.ceiling:.2f}x; other load at most "
-        + (f"{ex._max_pct(report.ceiling_loads):.0f} %." if ex._max_pct(report.ceiling_loads) is not None else "?."),
+        + (f"{ex.max_pct(report.ceiling_loads):.0f} %." if ex.max_pct(report.ceiling_loads) is not None else "?."),
     ]
     if command:
         parts.append(f"- Command: `{command}`")
@@ -460,10 +461,10 @@ def ttt_csv(report: TTTReport, path: Path) -> Path:
         for r in report.rows:
             trace = ";".join(f"{t:.3f}:{v:.5f}" for t, v in (r.traces[0] if r.traces else ()))
             w.writerow([r.method, r.description, r.processes, r.threads, r.cores, "" if r.k is None else r.k,
-                        ex._raw(r.time_to_target_s), ex._raw(r.accuracy), report.target.metric, r.samples,
-                        ex._raw(report.plan.epochs(r.samples) if r.samples else None), ex._raw(r.samples_per_s),
-                        ex._raw(r.speedup_vs_serial), ex._raw(r.speedup_vs_ddp), len(r.times_s),
-                        ex._raw(r.other_load_max_pct), r.reruns, r.note, report.plan.cadence, trace])
+                        ex.csv_cell(r.time_to_target_s), ex.csv_cell(r.accuracy), report.target.metric, r.samples,
+                        ex.csv_cell(report.plan.epochs(r.samples) if r.samples else None), ex.csv_cell(r.samples_per_s),
+                        ex.csv_cell(r.speedup_vs_serial), ex.csv_cell(r.speedup_vs_ddp), len(r.times_s),
+                        ex.csv_cell(r.other_load_max_pct), r.reruns, r.note, report.plan.cadence, trace])
     return path
 
 
@@ -519,7 +520,7 @@ def run_ttt(settings: ex.BenchSettings, target: Target, *, agents: int | None = 
     """Every method to `target` under one hyper-parameter rule; `settings.epochs` is the budget."""
     cores = allowed_cores()
     n = agents if agents is not None else len(cores)
-    ex._check_agents(n, cores)
+    ex.check_agents(n, cores)
     machine = ex.machine_info()
     facts = ex.data_facts(settings)
     plan = plan_ttt(facts.train, n, settings.batch_size, ks, eval_every_epochs, settings.epochs)
@@ -556,7 +557,7 @@ def run_ttt(settings: ex.BenchSettings, target: Target, *, agents: int | None = 
             histories.append(history)
             return out
 
-        m = ex._measured(settings, run)  # waits for quiet, runs again when disturbed, as the methods' runs
+        m = ex.measure(settings, run)  # waits for quiet, runs again when disturbed, as the methods' runs
         probes.append(KProbe(k, edgetrain_rate(histories[-1]), median_sync_ms(histories[-1]), m.other_load))
 
     ceiling_steps = max(CEILING_MIN_STEPS, plan.steps(int(CEILING_EPOCHS * facts.train)))
@@ -565,14 +566,14 @@ def run_ttt(settings: ex.BenchSettings, target: Target, *, agents: int | None = 
     ceiling_loads: list[float | None] = []
 
     def ceiling() -> str:
-        one, free = (ex._measured(settings, partial(_pinned_outcome, on, TrainJob(spec, where, steps=ceiling_steps)))
+        one, free = (ex.measure(settings, partial(_pinned_outcome, on, TrainJob(spec, where, steps=ceiling_steps)))
                      for on, spec in (([cores], serial_spec), (groups, worker_spec)))
         ceilings.append((one.outcome.samples / one.outcome.train_seconds,
                          free.outcome.samples / free.outcome.train_seconds))
         ceiling_loads.extend((one.other_load, free.other_load))
         return f"  -> serial {ceilings[-1][0]:.0f}/s, unsynchronised {ceilings[-1][1]:.0f}/s"
 
-    with ex._progress(progress, len(ks) + 1, "bench parallel --until: K search and ceiling") as step:
+    with ex.progress_steps(progress, len(ks) + 1, "bench parallel --until: K search and ceiling") as step:
         for k in ks:
             step(f"edgetrain K={k}")
             probe(k)
@@ -605,11 +606,11 @@ def run_ttt(settings: ex.BenchSettings, target: Target, *, agents: int | None = 
         runners["gpu"] = lambda: combine(run_pinned(ex.edgetrain_serial, [cores], job(serial_spec, "cuda")))
     else:
         gpu_row.note = "skipped: torch sees no CUDA device"
-    with ex._progress(progress, len(runners) * settings.repeats + 1, f"bench parallel --until {target}") as step:
+    with ex.progress_steps(progress, len(runners) * settings.repeats + 1, f"bench parallel --until {target}") as step:
         for rep in range(settings.repeats):
             for row in (r for r in rows if r.method in runners):
                 step(f"{row.method} (run {rep + 1}/{settings.repeats})")
-                m = ex._measured(settings, runners[row.method])
+                m = ex.measure(settings, runners[row.method])
                 out = m.outcome
                 row.other_load.append(m.other_load)
                 row.reruns += m.reruns

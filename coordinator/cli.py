@@ -22,7 +22,7 @@ from edgetrain.spec import DataLocation, RunSpec
 from edgetrain.split import parse_count
 
 from .admission import Limits
-from .config import UPLOAD_SLOTS
+from .config import UPLOAD_SLOTS, CoordinatorConfig
 
 if TYPE_CHECKING:
     from .experiments import BenchSettings
@@ -87,6 +87,32 @@ def auto_local_agents(spec: RunSpec, where: DataLocation, local_steps: int | Non
                          cache_dir=where.cache_dir, say=console.print)
     console.print(split_table(split, title="--local-agents auto"))
     return split.processes
+
+
+def _train(cfg: CoordinatorConfig) -> int:
+    """`coordinator run` once its options are a config: serve, run the rounds until stopped, print the summary."""
+    import psutil
+    from rich.console import Console
+
+    from .run import Coordinator, quality_tables, slow_node, summary_table
+
+    console = Console()
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    # start-up is counted from the command: this process's start, imports included
+    coord = Coordinator(cfg, stop=stop, keep_history=False,  # a run of days must not grow with its rounds
+                        started_at=psutil.Process().create_time())
+    coord.start()
+    console.print(f"coordinator listening on {cfg.host}:{coord.port}; run dir {cfg.run_dir}")
+    result = coord.run()
+    console.print(summary_table(result))
+    if (slow := slow_node(result)) is not None:
+        console.print(slow, soft_wrap=True, highlight=False, markup=False)  # one line, for people and for grep
+    if result.choice is not None:
+        for table in quality_tables(result.choice):
+            console.print(table)
+    return 0
 
 
 def make_app() -> typer.Typer:
@@ -185,10 +211,7 @@ def make_app() -> typer.Typer:
         log_level: opt.LogLevelOpt = "warning",
     ) -> int:
         """Run a training: wait for agents, run synchronous rounds, evaluate, checkpoint, print a summary."""
-        from rich.console import Console
-
-        from .config import CoordinatorConfig
-        from .run import Coordinator, agent_cores, holds_run, quality_tables, slow_node, summary_table
+        from .run import agent_cores, holds_run
 
         setup_logging(log_level)
         gpus = parse_gpus(local_gpus)
@@ -223,25 +246,7 @@ def make_app() -> typer.Typer:
             tls_client_ca=tls_client_ca, insecure=insecure, progress=progress,
             limits=Limits(max_agents=max_agents, any_metrics_host=sd_any_host),
         )
-        console = Console()
-        stop = threading.Event()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, lambda *_: stop.set())
-        import psutil
-
-        # start-up is counted from the command: this process's start, imports included
-        coord = Coordinator(cfg, stop=stop, keep_history=False,  # a run of days must not grow with its rounds
-                            started_at=psutil.Process().create_time())
-        coord.start()
-        console.print(f"coordinator listening on {cfg.host}:{coord.port}; run dir {cfg.run_dir}")
-        result = coord.run()
-        console.print(summary_table(result))
-        if (slow := slow_node(result)) is not None:
-            console.print(slow, soft_wrap=True, highlight=False, markup=False)  # one line, for people and for grep
-        if result.choice is not None:
-            for table in quality_tables(result.choice):
-                console.print(table)
-        return 0
+        return _train(cfg)
 
     @app.command()
     def report(

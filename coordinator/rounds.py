@@ -101,6 +101,12 @@ class TooManyAgentsError(RefusedError):
     reason, status = "too_many_agents", "RESOURCE_EXHAUSTED"
 
 
+class DataMismatchError(RefusedError):
+    """A Join that names data other than the run's: the agent would train on other tensors than everyone else."""
+
+    reason, status = "data_mismatch", "FAILED_PRECONDITION"
+
+
 class StagingError(RefusedError):
     """The coordinator could not write or read back a streamed update (its staging directory: full, failing)."""
 

@@ -152,6 +152,10 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
                                                self.s.limits.any_metrics_host)
             if problem is not None:
                 raise rounds.MalformedError(problem)
+            if request.data_fingerprint and request.data_fingerprint != self.s.spec.data_fingerprint:
+                raise rounds.DataMismatchError(
+                    f"this agent's data has fingerprint {request.data_fingerprint[:12]}, the run's is "
+                    f"{self.s.spec.data_fingerprint[:12] or '(none)'}: different files, version or preprocessing")
             self.s.sweep()
             try:
                 agent, replaced = self.s.membership.admit(
@@ -295,7 +299,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             agent.throughput = stats.samples_per_second
         self.s.known.add(agent.name)
         self.s.metrics.accepted_update(agent.name, stats)
-        return pb.UpdateAck(accepted=True, detail=f"round {h.round}")
+        return pb.UpdateAck(detail=f"round {h.round}")
 
     def Leave(self, request: pb.LeaveRequest | Oversize, context: grpc.ServicerContext) -> pb.LeaveReply:  # noqa: N802
         node = [UNKNOWN_NODE]

@@ -91,4 +91,5 @@ REFUSAL_REASONS = (
     "stream_timeout",  # an update stream sent no message within its deadline (first message, or between parts)
     "rate_limited",  # Joins from one peer address faster than Limits.joins_per_second
     "too_many_agents",  # Limits.max_agents agents admitted already
+    "data_mismatch",  # a Join whose data_fingerprint is not the run's (RunSpec.data_fingerprint)
 )

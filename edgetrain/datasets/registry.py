@@ -82,36 +82,10 @@ def load_dataset(
     Raises :class:`~edgetrain.errors.DatasetError` (one line naming the file and the
     problem) when anything is missing, malformed or fails its checksum.
     """
-    if name not in DATASET_NAMES:
-        raise DatasetError(f"unknown data set {name!r}; valid names: {', '.join(DATASET_NAMES)}")
-    if max_len < 1:
-        raise DatasetError(f"max_len must be at least 1, got {max_len}")
-    if limit is not None and limit < 1:
-        raise DatasetError(f"limit must be at least 1 (or None for everything), got {limit}")
-    if text_features not in TEXT_FEATURES:
-        raise DatasetError(f"unknown text features {text_features!r}; choose from {', '.join(TEXT_FEATURES)}")
-    if ngram_buckets is not None and ngram_buckets < 2:
-        raise DatasetError(f"ngram_buckets must be at least 2, got {ngram_buckets}")
+    _check_options(name, max_len, limit, text_features, ngram_buckets)
     data_dir = Path(data_dir).expanduser() if data_dir is not None else None
     data_path = Path(data_path).expanduser() if data_path is not None else None
-    takes_dir = name in ("mnist", *TWEETEVAL_NAMES)
-    if data_dir is not None and not takes_dir:
-        raise DatasetError(f"{name} does not read a folder; --data-dir is for mnist and tweeteval")
-    if data_path is not None and takes_dir:
-        raise DatasetError(f"{name} does not read a single file; pass --data-dir instead of --data-path")
-    if (test_path is not None or val_path is not None) and name not in ("csv", "tsv"):
-        raise DatasetError(f"{name} has its own splits; --test-path and --val-path are for csv and tsv")
-    if val_path is not None and test_path is None:
-        raise DatasetError(f"{name}: --val-path needs --test-path too (the test file)")
-    if name == "tweeteval" and data_dir is None:
-        raise DatasetError("tweeteval needs --data-dir: a TweetEval task's folder (tweeteval-sentiment downloads)")
-    if data_dir is not None and not data_dir.is_dir():
-        what = "is not a folder" if data_dir.exists() else "does not exist"
-        raise DatasetError(f"{name}: --data-dir {data_dir} {what}")
-    for option, path in (("--data-path", data_path), ("--test-path", test_path), ("--val-path", val_path)):
-        if path is not None and not Path(path).expanduser().is_file():
-            what = "is not a file" if Path(path).expanduser().exists() else "does not exist"
-            raise DatasetError(f"{name}: {option} {path} {what}")
+    _check_locations(name, data_dir, data_path, test_path, val_path)
     cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     text = _TextOptions(seed=seed, max_len=max_len, limit=limit, features=text_features, buckets=ngram_buckets)
 
@@ -137,7 +111,50 @@ def load_dataset(
         return _split_images(
             name, raw.images, raw.labels, tuple(str(d) for d in range(10)), MNIST5K_TEST_FRACTION, seed, limit
         )
-    # csv / tsv
+    return _table_dataset(name, data_path, test_path, val_path, text)
+
+
+def _check_options(name: str, max_len: int, limit: int | None, text_features: str,
+                   ngram_buckets: int | None) -> None:
+    """load_dataset's name and values, before anything is read (DatasetError names the bad one)."""
+    if name not in DATASET_NAMES:
+        raise DatasetError(f"unknown data set {name!r}; valid names: {', '.join(DATASET_NAMES)}")
+    if max_len < 1:
+        raise DatasetError(f"max_len must be at least 1, got {max_len}")
+    if limit is not None and limit < 1:
+        raise DatasetError(f"limit must be at least 1 (or None for everything), got {limit}")
+    if text_features not in TEXT_FEATURES:
+        raise DatasetError(f"unknown text features {text_features!r}; choose from {', '.join(TEXT_FEATURES)}")
+    if ngram_buckets is not None and ngram_buckets < 2:
+        raise DatasetError(f"ngram_buckets must be at least 2, got {ngram_buckets}")
+
+
+def _check_locations(name: str, data_dir: Path | None, data_path: Path | None, test_path: Path | None,
+                     val_path: Path | None) -> None:
+    """load_dataset's folder and files: the ones data set `name` reads, and there (DatasetError names the option)."""
+    takes_dir = name in ("mnist", *TWEETEVAL_NAMES)
+    if data_dir is not None and not takes_dir:
+        raise DatasetError(f"{name} does not read a folder; --data-dir is for mnist and tweeteval")
+    if data_path is not None and takes_dir:
+        raise DatasetError(f"{name} does not read a single file; pass --data-dir instead of --data-path")
+    if (test_path is not None or val_path is not None) and name not in ("csv", "tsv"):
+        raise DatasetError(f"{name} has its own splits; --test-path and --val-path are for csv and tsv")
+    if val_path is not None and test_path is None:
+        raise DatasetError(f"{name}: --val-path needs --test-path too (the test file)")
+    if name == "tweeteval" and data_dir is None:
+        raise DatasetError("tweeteval needs --data-dir: a TweetEval task's folder (tweeteval-sentiment downloads)")
+    if data_dir is not None and not data_dir.is_dir():
+        what = "is not a folder" if data_dir.exists() else "does not exist"
+        raise DatasetError(f"{name}: --data-dir {data_dir} {what}")
+    for option, path in (("--data-path", data_path), ("--test-path", test_path), ("--val-path", val_path)):
+        if path is not None and not Path(path).expanduser().is_file():
+            what = "is not a file" if Path(path).expanduser().exists() else "does not exist"
+            raise DatasetError(f"{name}: {option} {path} {what}")
+
+
+def _table_dataset(name: str, data_path: Path | None, test_path: Path | None, val_path: Path | None,
+                   text: _TextOptions) -> Dataset:
+    """A csv or tsv file: text or 28x28 pixels per row, split at random unless it comes with its own test file."""
     if data_path is None:
         raise DatasetError(f"{name} needs data_path (--data-path): a labelled .{name} file")
     delimiter = "," if name == "csv" else "\t"
@@ -149,7 +166,7 @@ def load_dataset(
     assert table.pixels is not None
     labels = np.asarray(table.labels, dtype=np.int64)
     return _split_images(
-        name, table.pixels.reshape(-1, 28, 28), labels, table.classes, TABLE_TEST_FRACTION, seed, limit
+        name, table.pixels.reshape(-1, 28, 28), labels, table.classes, TABLE_TEST_FRACTION, text.seed, text.limit
     )
 
 

@@ -206,12 +206,10 @@ class UpdateMessage(_message.Message):
     def __init__(self, header: _Optional[_Union[UpdateHeader, _Mapping]] = ..., part: _Optional[_Union[TensorPart, _Mapping]] = ...) -> None: ...
 
 class UpdateAck(_message.Message):
-    __slots__ = ("accepted", "detail")
-    ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    __slots__ = ("detail",)
     DETAIL_FIELD_NUMBER: _ClassVar[int]
-    accepted: bool
     detail: str
-    def __init__(self, accepted: _Optional[bool] = ..., detail: _Optional[str] = ...) -> None: ...
+    def __init__(self, detail: _Optional[str] = ...) -> None: ...
 
 class LeaveRequest(_message.Message):
     __slots__ = ("agent_id",)

@@ -55,7 +55,7 @@ def small_state() -> dict[str, torch.Tensor]:
 
 def make_service(state: dict[str, torch.Tensor], token: str | None = None, staging_dir: Path | None = None,
                  limits: Limits | None = None, upload_slots: int = 2, long_poll: float = 1.0,
-                 **engine_kw: object) -> Iterator[Service]:
+                 spec: RunSpec | None = None, **engine_kw: object) -> Iterator[Service]:
     """A real server on loopback over a real engine; membership and metrics wired as `coordinator run` does."""
     registry = CollectorRegistry()
     metrics = CoordinatorMetrics(registry)
@@ -63,7 +63,7 @@ def make_service(state: dict[str, torch.Tensor], token: str | None = None, stagi
     kw: dict[str, object] = {"batch_size": 4, "local_steps": 2, "round_timeout": 30.0, "limits": limits, **engine_kw}
     engine = RoundEngine(state, **kw)  # type: ignore[arg-type]
     membership = Membership(on_leave=lambda agent: metrics.node_left(agent.name), max_agents=limits.max_agents)
-    svc = ServiceState(engine, membership, RunSpec(dataset="tweets"), metrics, long_poll=long_poll,
+    svc = ServiceState(engine, membership, spec or RunSpec(dataset="tweets"), metrics, long_poll=long_poll,
                        staging_dir=staging_dir, limits=limits, upload_slots=upload_slots)
     server, port, _ = start_server(svc, "127.0.0.1", 0, token=token)
     channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=grpc_options.CLIENT)

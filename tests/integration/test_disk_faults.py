@@ -99,7 +99,8 @@ def test_a_full_staging_folder_refuses_the_update_unavailable_keeps_the_model_an
             assert snapshot(svc) == before  # nothing of it reached the model or the round's sum
             assert list(fs.iterdir()) == [ballast]  # and no file was left behind
             ballast.unlink()  # room again: the agent asks for work again and its update goes through
-            assert svc.stub.SubmitUpdate(iter(update(agent_id, 0, 8, trained)), metadata=md, timeout=30).accepted
+            ack = svc.stub.SubmitUpdate(iter(update(agent_id, 0, 8, trained)), metadata=md, timeout=30)
+            assert ack.detail == "round 0"
             assert svc.engine.close_round().applied
             assert snapshot(svc) == {k: v.numpy().tobytes() for k, v in trained.items()}
             assert svc.refused("staging") == 1.0

@@ -523,7 +523,7 @@ class _Recorder(pb_grpc.CoordinatorServicer):
         self.deadlines["SubmitUpdate"] = context.time_remaining()
         for _ in request_iterator:
             pass
-        return pb.UpdateAck(accepted=True)
+        return pb.UpdateAck(detail="round 0")
 
     def Leave(self, request: pb.LeaveRequest, context: grpc.ServicerContext) -> pb.LeaveReply:  # noqa: N802
         self.deadlines["Leave"] = context.time_remaining()

@@ -17,7 +17,9 @@ from edgetrain.coordinator.servicer import ServiceState
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from edgetrain import grpc_options, serde
+from edgetrain import metric_names as m
 from edgetrain.proto import edgetrain_pb2 as pb
+from edgetrain.spec import RunSpec
 from tests.integration.conftest import Service, make_service, small_state
 from tests.integration.relay import Relay
 
@@ -55,7 +57,7 @@ def test_join_get_round_submit_and_close(service: Service) -> None:
     assert all(torch.equal(got[k], v) for k, v in small_state().items())
     trained = {k: (v + 1 if v.is_floating_point() else v) for k, v in got.items()}
     ack = service.stub.SubmitUpdate(iter(update(agent_id, 0, 8, trained)), metadata=md, timeout=5)
-    assert ack.accepted
+    assert ack.detail == "round 0"
     out = service.engine.close_round()
     assert out.applied
     assert torch.allclose(service.engine.global_state["fc.weight"], trained["fc.weight"])
@@ -172,7 +174,7 @@ def test_an_update_refused_at_its_last_part_adds_nothing_to_the_round(tmp_path: 
         (a_id, a_md), (b_id, b_md) = joined["a"], joined["b"]
         trained = {k: (v * 2 if v.is_floating_point() else v) for k, v in small_state().items()}
         assert svc.stub.SubmitUpdate(iter(update(a_id, 0, 8, trained, part_bytes=16)), metadata=a_md,
-                                     timeout=5).accepted
+                                     timeout=5).detail == "round 0"
         bad = update(b_id, 0, 8, {k: (v * 3 if v.is_floating_point() else v) for k, v in small_state().items()},
                      part_bytes=16)
         last = max(i for i, m in enumerate(bad) if m.HasField("part") and m.part.name == "fc.bias")
@@ -199,7 +201,8 @@ def test_an_update_the_coordinator_cannot_stage_is_refused_unavailable_and_count
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "staging" in (err.value.details() or "")
         assert svc.refused("staging") == 1.0
         gone.mkdir()  # back: the same agent's update goes through
-        assert svc.stub.SubmitUpdate(iter(update(agent_id, 0, 8, small_state())), metadata=md, timeout=5).accepted
+        ack = svc.stub.SubmitUpdate(iter(update(agent_id, 0, 8, small_state())), metadata=md, timeout=5)
+        assert ack.detail == "round 0"
         svc.engine.close_round()
         assert snapshot(svc) == before  # the one update taken was the model itself
 
@@ -303,7 +306,8 @@ def test_an_agent_that_joined_after_the_round_opened_is_refused_for_it(service: 
     assert service.refused("stale_round", "b") == 0.0
     assert snapshot(service) == before
     # a's update alone makes the round: b's left nothing in it
-    assert service.stub.SubmitUpdate(iter(update(a_id, 0, 8, small_state())), metadata=a_md, timeout=5).accepted
+    ack = service.stub.SubmitUpdate(iter(update(a_id, 0, 8, small_state())), metadata=a_md, timeout=5)
+    assert ack.detail == "round 0"
     assert service.engine.close_round().applied
     assert snapshot(service) == before
 
@@ -316,7 +320,7 @@ def test_a_model_over_20_mb_goes_both_ways() -> None:
         got = serde.decode([m.part for m in msgs[1:]], serde.spec_of(big))
         assert torch.equal(got["w"], big["w"])
         doubled = {k: v * 2 for k, v in got.items()}
-        assert svc.stub.SubmitUpdate(iter(update(agent_id, 0, 8, doubled)), metadata=md, timeout=30).accepted
+        assert svc.stub.SubmitUpdate(iter(update(agent_id, 0, 8, doubled)), metadata=md, timeout=30).detail == "round 0"
         svc.engine.close_round()
         assert torch.equal(svc.engine.global_state["w"], big["w"] * 2)
 
@@ -347,6 +351,29 @@ def test_a_slow_download_gets_time_for_its_bytes(monkeypatch: pytest.MonkeyPatch
                 assert rnd.state is not None and torch.equal(rnd.state["w"], big["w"])
             finally:
                 client.close()
+
+
+def test_a_join_naming_other_data_is_refused_and_counted_once() -> None:
+    """A Join whose data_fingerprint is not the run's: FAILED_PRECONDITION, one data_mismatch, nobody admitted."""
+    run = "ab12" * 16
+    for svc in make_service(small_state(), spec=RunSpec(dataset="tweets", data_fingerprint=run)):
+        before = snapshot(svc)
+        with pytest.raises(grpc.RpcError) as err:
+            svc.stub.Join(pb.JoinRequest(agent_name="other", data_fingerprint="cd34" * 16), timeout=5)
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "fingerprint cd34cd34cd34, the run's is ab12ab12ab12" in (err.value.details() or "")
+        refused = {(s.labels[m.NODE], s.labels[m.REASON]): s.value for f in svc.registry.collect()
+                   if f.name + "_total" == m.UPDATES_REFUSED for s in f.samples if s.name == m.UPDATES_REFUSED}
+        assert refused == {("unknown", "data_mismatch"): 1.0}  # counted once, under the one reason
+        assert svc.membership.live() == []  # not admitted: no counters made for its name either
+        assert svc.registry.get_sample_value(m.UPDATES_ACCEPTED, {m.NODE: "other"}) is None
+        # the same name with the run's data, and with none said (the agent checks its data itself): admitted
+        reply = svc.stub.Join(pb.JoinRequest(agent_name="other", data_fingerprint=run), timeout=5)
+        assert reply.agent_id and reply.spec.data_fingerprint == run
+        assert svc.stub.Join(pb.JoinRequest(agent_name="b"), timeout=5).agent_id
+        assert sorted(a.name for a in svc.membership.live()) == ["b", "other"]
+        assert svc.refused("data_mismatch", "unknown") == 1.0
+        assert snapshot(svc) == before  # the global model untouched
 
 
 def test_operator_token_is_required_but_health_checks_pass() -> None:

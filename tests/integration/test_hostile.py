@@ -51,7 +51,7 @@ def _real_round(svc: Service, agent_id: str, md: Metadata) -> None:
     header = _fetch(svc, agent_id, md, svc.engine.completed_rounds - 1)
     assert header.status == pb.WORK
     ack = svc.stub.SubmitUpdate(iter(_update(agent_id, header.round)), metadata=md, timeout=10)
-    assert ack.accepted
+    assert ack.detail == f"round {header.round}"
     outcome = svc.engine.close_round()
     assert outcome.applied and agent_id in outcome.contributions
 

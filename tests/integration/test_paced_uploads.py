@@ -99,12 +99,12 @@ def test_an_upload_waits_for_the_go_ahead_while_the_slot_is_held_and_sends_when_
             assert not done.wait(1.0)  # no go-ahead while the slot is held ...
             assert sent_parts == []  # ... so not one part was made, let alone sent
             release.set()
-            assert held.result(timeout=10).accepted
+            assert held.result(timeout=10).detail == "round 0"
             assert done.wait(10)
         finally:
             serde.encode_sized = original
         ack = result[0]
-        assert isinstance(ack, tuple) and ack[0].accepted and sum(sent_parts) == ack[2] > 0
+        assert isinstance(ack, tuple) and ack[0].detail == "round 0" and sum(sent_parts) == ack[2] > 0
         assert engine.close_round().applied
         assert all(torch.equal(engine.global_state[k], v) for k, v in state.items())
     finally:
@@ -155,7 +155,7 @@ def test_an_upload_whose_caller_gave_up_while_waiting_is_refused_and_read_nothin
         assert _handler_waits_for_a_slot()  # only now does cancelling test what it should
         left.cancel()
         release.set()
-        assert held.result(timeout=10).accepted
+        assert held.result(timeout=10).detail == "round 0"
         deadline = time.monotonic() + 10
         while refused(engine, port) == 0 and time.monotonic() < deadline:
             time.sleep(0.05)

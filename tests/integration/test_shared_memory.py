@@ -89,7 +89,7 @@ def one_round(setup: Setup, shared_memory: bool, wire: str) -> tuple[dict[str, t
         new = trained(rnd.state)
         update = feedback.delta(new, rnd.state) if delta else new
         ack, _, sent = client.send(0, SENT, update, wire, delta=delta, update_file=rnd.header.update_file)
-        assert ack.accepted and sent > 0
+        assert ack.detail == "round 0" and sent > 0
         assert setup.engine.close_round().applied
         return rnd.state, rnd.header
     finally:
@@ -373,7 +373,7 @@ def test_the_agent_writes_only_its_own_file_in_a_coordinators_directory(plant: s
             victim = target
         try:
             ack, _, _ = client.send(0, SENT, trained(rnd.state), update_file=str(target))
-            assert ack.accepted  # streamed instead
+            assert ack.detail == "round 0"  # taken, streamed instead
             assert not client.same_host
             assert victim.read_bytes() == b"keep me"
             assert plant != "outside" or not target.exists()
@@ -398,7 +398,7 @@ def test_an_update_file_is_rewritten_in_place_round_after_round() -> None:
         assert again.state is not None and again.header.update_file == str(path)
         assert all(torch.equal(again.state[k], v) for k, v in trained(rnd.state).items())
         ack, _, _ = client.send(1, SENT, trained(again.state), update_file=again.header.update_file)
-        assert ack.accepted and client.same_host
+        assert ack.detail == "round 1" and client.same_host
         assert path.stat().st_ino == inode and path.stat().st_size == size
         assert setup.engine.close_round().applied
         want = trained(trained(rnd.state))

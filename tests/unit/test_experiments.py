@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from edgetrain.coordinator import experiments as ex
+from edgetrain.coordinator.experiments.parallel import _fill_ratios as fill_ratios
 
 from edgetrain.errors import ConfigError, CoresError
 from edgetrain.peers import core_groups, steps_for
@@ -113,7 +114,7 @@ def _parallel_report(repeats: int = 2) -> ex.ParallelReport:
                        accuracies=[0.59, 0.59], samples=plan.samples),
         ex.ParallelRow("gpu", "d", 1, 2, "cuda:0", note="skipped: no CUDA device"),
     ]
-    ex._fill_ratios(rows, None, repeats)
+    fill_ratios(rows, None, repeats)
     machine = ex.Machine("cpu", TWO, 2, "2.x", "none", (0.1, 0.2, 0.3))
     return ex.ParallelReport(s, plan, ex.DataFacts(1000, 100, "text-cnn"), machine, None, rows)
 
@@ -200,10 +201,10 @@ def test_disturbed_runs_are_run_again(monkeypatch: pytest.MonkeyPatch) -> None:
         runs.append(1)
         return len(runs)
 
-    m = ex._measured(ex.BenchSettings(max_other_load=10), runner)  # type: ignore[arg-type]
+    m = ex.measure(ex.BenchSettings(max_other_load=10), runner)  # type: ignore[arg-type]
     assert (m.outcome, m.reruns, m.other_load) == (3, 2, 0.02)
     shares = iter([0.5, 0.5])
-    m = ex._measured(ex.BenchSettings(max_other_load=10, retries=1), runner)  # type: ignore[arg-type]
+    m = ex.measure(ex.BenchSettings(max_other_load=10, retries=1), runner)  # type: ignore[arg-type]
     assert m.reruns == 1 and m.other_load == 0.5  # out of retries: the last try is kept, its load shown
     with pytest.raises(ConfigError, match="--max-other-load"):
         ex.BenchSettings(max_other_load=0)
