@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import statistics
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -27,7 +26,7 @@ from .common import (
     progress_steps,
     result_line,
 )
-from .tables import csv_cell, markdown_table, num_cell, settings_line
+from .tables import csv_cell, markdown_head, markdown_table, num_cell, write_csv, write_report
 
 
 @dataclass
@@ -233,10 +232,7 @@ def affinity_cells(report: AffinityReport) -> list[list[str]]:
 def affinity_markdown(report: AffinityReport, command: str = "") -> str:
     s = report.settings
     parts = [
-        f"# bench affinity: {s.dataset}, {report.facts.model}",
-        "",
-        f"- Machine: {report.machine.describe()}",
-        f"- Settings: {settings_line(s, report.facts.model)}",
+        *markdown_head("affinity", s, report.facts.model, report.machine.describe()),
         f"- Work: {report.steps} steps of batch {s.batch_size} ({report.steps * s.batch_size} samples) per "
         "configuration; layouts split those steps over their P processes.",
     ]
@@ -256,16 +252,13 @@ def affinity_markdown(report: AffinityReport, command: str = "") -> str:
 
 def affinity_csv(report: AffinityReport, path: Path) -> Path:
     reps = report.settings.repeats
-    with path.open("w", newline="", encoding="utf-8") as fh:
-        w = csv.writer(fh)
-        w.writerow(["sweep", "affinity", "processes", "threads_per_process", "cores",
-                    *(f"time_ms_r{i + 1}" for i in range(reps)), "mean_ms", "median_ms", "gain_vs_slowest_pct",
-                    "test_accuracy", "samples", "samples_per_s", "other_load_max_pct", "reruns"])
-        for r in report.rows:
-            w.writerow([r.sweep, r.label, r.processes, r.threads, r.cores, *(repr(t) for t in r.times_ms),
-                        repr(r.mean_ms), repr(r.median_ms), repr(r.gain_vs_slowest_pct), repr(r.accuracy),
-                        r.samples, repr(r.samples_per_s), csv_cell(r.other_load_max_pct), r.reruns])
-    return path
+    header = ["sweep", "affinity", "processes", "threads_per_process", "cores",
+              *(f"time_ms_r{i + 1}" for i in range(reps)), "mean_ms", "median_ms", "gain_vs_slowest_pct",
+              "test_accuracy", "samples", "samples_per_s", "other_load_max_pct", "reruns"]
+    return write_csv(path, header, ([r.sweep, r.label, r.processes, r.threads, r.cores, *(repr(t) for t in r.times_ms),
+                                     repr(r.mean_ms), repr(r.median_ms), repr(r.gain_vs_slowest_pct), repr(r.accuracy),
+                                     r.samples, repr(r.samples_per_s), csv_cell(r.other_load_max_pct), r.reruns]
+                                    for r in report.rows))
 
 
 def affinity_png(report: AffinityReport, path: Path) -> Path:
@@ -299,7 +292,5 @@ def affinity_png(report: AffinityReport, path: Path) -> Path:
 
 
 def write_affinity(report: AffinityReport, out: Path, command: str = "") -> list[Path]:
-    out.mkdir(parents=True, exist_ok=True)
-    md = out / "affinity.md"
-    md.write_text(affinity_markdown(report, command), encoding="utf-8")
-    return [md, affinity_csv(report, out / "affinity.csv"), affinity_png(report, out / "affinity.png")]
+    return write_report(out, "affinity", affinity_markdown(report, command), partial(affinity_csv, report),
+                        partial(affinity_png, report))

@@ -7,11 +7,11 @@ PyTorch in one process, as torch DistributedDataParallel over N pinned processes
 
 from __future__ import annotations
 
-import csv
 import math
 import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -35,7 +35,7 @@ from .common import (
     progress_steps,
     result_line,
 )
-from .tables import csv_cell, markdown_table, num_cell, ratio_cell, settings_line
+from .tables import csv_cell, markdown_head, markdown_table, num_cell, ratio_cell, write_csv, write_report
 
 if TYPE_CHECKING:
     from ..runlog import RoundRecord
@@ -284,10 +284,7 @@ def parallel_ratios(report: ParallelReport) -> list[str]:
 def parallel_markdown(report: ParallelReport, command: str = "") -> str:
     s, p = report.settings, report.plan
     parts = [
-        f"# bench parallel: {s.dataset}, {report.facts.model}",
-        "",
-        f"- Machine: {report.machine.describe()}",
-        f"- Settings: {settings_line(s, report.facts.model)}",
+        *markdown_head("parallel", s, report.facts.model, report.machine.describe()),
         f"- Work: {p.samples} training samples per method ({report.facts.train} in the training split); "
         f"edgetrain: {p.rounds} rounds x {p.agents} agents x {p.local_steps} local steps; serial: {p.serial_steps} "
         f"steps; DDP: {p.rounds * p.local_steps} steps per process. Test split: {report.facts.test} examples.",
@@ -308,19 +305,15 @@ def parallel_markdown(report: ParallelReport, command: str = "") -> str:
 
 def parallel_csv(report: ParallelReport, path: Path) -> Path:
     reps = report.settings.repeats
-    with path.open("w", newline="", encoding="utf-8") as fh:
-        w = csv.writer(fh)
-        w.writerow(["method", "description", "processes", "threads_per_process", "cores",
-                    *(f"time_s_r{i + 1}" for i in range(reps)), "time_s", "time_to_target_s", "test_accuracy",
-                    "samples", "samples_per_s", "speedup_vs_serial", "speedup_vs_ddp", "other_load_max_pct", "reruns",
-                    "note"])
-        for r in report.rows:
-            times = [repr(t) for t in r.times_s] + [""] * (reps - len(r.times_s))
-            w.writerow([r.method, r.description, r.processes, r.threads, r.cores, *times, csv_cell(r.time_s),
-                        csv_cell(r.time_to_target_s), csv_cell(r.accuracy), r.samples, csv_cell(r.samples_per_s),
-                        csv_cell(r.speedup_vs_serial), csv_cell(r.speedup_vs_ddp), csv_cell(r.other_load_max_pct),
-                        r.reruns, r.note])
-    return path
+    header = ["method", "description", "processes", "threads_per_process", "cores",
+              *(f"time_s_r{i + 1}" for i in range(reps)), "time_s", "time_to_target_s", "test_accuracy", "samples",
+              "samples_per_s", "speedup_vs_serial", "speedup_vs_ddp", "other_load_max_pct", "reruns", "note"]
+    return write_csv(path, header, (
+        [r.method, r.description, r.processes, r.threads, r.cores,
+         *([repr(t) for t in r.times_s] + [""] * (reps - len(r.times_s))), csv_cell(r.time_s),
+         csv_cell(r.time_to_target_s), csv_cell(r.accuracy), r.samples, csv_cell(r.samples_per_s),
+         csv_cell(r.speedup_vs_serial), csv_cell(r.speedup_vs_ddp), csv_cell(r.other_load_max_pct), r.reruns, r.note]
+        for r in report.rows))
 
 
 def parallel_png(report: ParallelReport, path: Path) -> Path:
@@ -363,7 +356,5 @@ def parallel_png(report: ParallelReport, path: Path) -> Path:
 
 
 def write_parallel(report: ParallelReport, out: Path, command: str = "") -> list[Path]:
-    out.mkdir(parents=True, exist_ok=True)
-    md = out / "parallel.md"
-    md.write_text(parallel_markdown(report, command), encoding="utf-8")
-    return [md, parallel_csv(report, out / "parallel.csv"), parallel_png(report, out / "parallel.png")]
+    return write_report(out, "parallel", parallel_markdown(report, command), partial(parallel_csv, report),
+                        partial(parallel_png, report))

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import csv
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
 
 from rich.table import Table
 
@@ -21,6 +24,30 @@ def ratio_cell(value: float | None) -> str:
 
 def csv_cell(value: float | None) -> str:
     return "" if value is None else repr(value)
+
+
+def write_csv(path: Path, header: Sequence[str], rows: Iterable[Sequence[Any]]) -> Path:
+    """A report's rows as CSV (figures as repr, so they read back exactly)."""
+    with path.open("w", newline="", encoding="utf-8") as fh:
+        w = csv.writer(fh)
+        w.writerow(header)
+        w.writerows(rows)
+    return path
+
+
+def write_report(out: Path, stem: str, markdown: str, csv_of: Callable[[Path], Path],
+                 png_of: Callable[[Path], Path]) -> list[Path]:
+    """A report's three files in `out`: STEM.md (the write-up), STEM.csv and STEM.png."""
+    out.mkdir(parents=True, exist_ok=True)
+    md = out / f"{stem}.md"
+    md.write_text(markdown, encoding="utf-8")
+    return [md, csv_of(out / f"{stem}.csv"), png_of(out / f"{stem}.png")]
+
+
+def markdown_head(bench: str, s: BenchSettings, model: str, machine: str) -> list[str]:
+    """The first lines of a report's write-up: which bench, data, model, machine and settings."""
+    return [f"# bench {bench}: {s.dataset}, {model}", "", f"- Machine: {machine}",
+            f"- Settings: {settings_line(s, model)}"]
 
 
 def markdown_table(headers: Sequence[str], cells: Sequence[Sequence[str]]) -> str:
