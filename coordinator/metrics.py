@@ -58,9 +58,12 @@ class CoordinatorMetrics:
                                        "like it may hold were all held.", [], registry)
         self.rounds_short = _counter(m.ROUNDS_SHORT, "Rounds closed at the deadline without every update.", [],
                                      registry)
+        self._zeroed: set[str] = set()  # nodes whose counters exist from zero (`_zero`)
 
     def accepted_update(self, node: str, stats: NodeStats) -> None:
         """An update taken: its samples and received bytes counted, its figures the node's latest."""
+        if node not in self._zeroed:
+            self._zero(node)
         self.accepted.labels(node).inc()
         self.node_samples.labels(node).inc(stats.samples)
         self.bytes_in.labels(node).inc(stats.bytes)
@@ -89,9 +92,16 @@ class CoordinatorMetrics:
                 self.refused.remove(node, reason)
             except KeyError:
                 pass
+        self._zeroed.discard(node)
 
-    def node_admitted(self, node: str) -> None:
-        """Create the node's counters at zero, so rates and "refused by reason" panels have data from the start."""
+    def _zero(self, node: str) -> None:
+        """Create a node's counters at zero once its first update is taken.
+
+        So rates and "refused by reason" panels have data from its start. Not at its Join: agents that join and
+        never train (a flood of them) would add ~20 series each until evicted, and a scrape of a flood's tens of
+        thousands of series took a quarter of the coordinator's CPU (docs/security.md).
+        """
+        self._zeroed.add(node)
         self.accepted.labels(node)
         for reason in m.REFUSAL_REASONS:
             self.refused.labels(node, reason)

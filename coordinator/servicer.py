@@ -163,7 +163,6 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
                     throughput=request.throughput, metrics_address=address)
             except FullError as err:
                 raise rounds.TooManyAgentsError(str(err)) from err
-            self.s.metrics.node_admitted(name)
             if replaced is not None:
                 self.s.engine.forget(replaced.agent_id)
             if name in self.s.known:

@@ -175,10 +175,14 @@ def _node_series(svc: Service, node: str) -> int:
 
 
 def test_agents_that_never_poll_are_evicted_with_their_series() -> None:
-    """Finding 3: agents that Join and never poll were kept forever, with ~26 series each."""
+    """Finding 3: agents that Join and never poll were kept forever, with ~26 series each. A Join alone now adds
+    no series (a node's counters start at its first taken update); what such an agent was refused is removed with
+    it."""
     for svc in _svc(first_poll_seconds=0.2):
         for i in range(5):
             svc.join(f"idle-{i}")
+        assert sum(_node_series(svc, f"idle-{i}") for i in range(5)) == 0
+        svc.state.metrics.refused_update("idle-0", "late")  # as the servicer counts a refusal under its name
         assert _node_series(svc, "idle-0") > 0
         poller, md = svc.join("poller")
         _fetch(svc, poller.agent_id, md)  # polls: stays

@@ -1,7 +1,7 @@
 """A real Prometheus on loopback (tests/integration/prom.py): the harness, the deploy config, the dashboard.
 
 The metrics are the product's own: a Coordinator's (constructed, not started: its registry, membership and
-/sd) and an AgentMetrics, filled through their methods (accepted_update, refused_update, node_admitted,
+/sd) and an AgentMetrics, filled through their methods (accepted_update, refused_update,
 round_done, a membership removal that calls node_left) and the gauges the coordinator's driver sets, each
 served by an edgetrain.httpmetrics.MetricsServer as coordinator/run.py and agent/runner.py serve them. Two
 Prometheus servers scrape them: one with a config written by the harness, one with
@@ -67,8 +67,6 @@ def fill_agent(metrics: AgentMetrics) -> None:
 
 def fill_coordinator(metrics: CoordinatorMetrics) -> None:
     """What a run records: two nodes admitted, updates accepted and refused, a round closed (coordinator/run.py)."""
-    for node in (NODE, GONE):
-        metrics.node_admitted(node)
     for _ in range(2):
         metrics.accepted_update(NODE, REPORT)
     metrics.accepted_update(GONE, GONE_REPORT)

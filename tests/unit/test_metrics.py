@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import time
+from typing import Any
 
 import psutil
 import pytest
@@ -89,21 +90,30 @@ def test_accepted_update_sets_the_node_figures(coord: CoordinatorMetrics) -> Non
     assert sample(reg, f"{m.NODE_COMPUTE_HIST}_count", node="agent-b") == 1
 
 
-def test_node_admitted_creates_every_refusal_counter_at_zero(coord: CoordinatorMetrics) -> None:
+def test_a_nodes_first_taken_update_creates_every_refusal_counter_at_zero(coord: CoordinatorMetrics) -> None:
     reg = coord.registry
+    taken = dataclasses.replace(STATS, samples=8, bytes=1)
+
+    def of(node: str) -> dict[Any, float]:
+        return {k: v for k, v in samples_of(reg, m.UPDATES_REFUSED).items() if dict(k)[m.NODE] == node}
+
     assert samples_of(reg, m.UPDATES_REFUSED) == {}
-    coord.node_admitted("agent-a")
-    refused = samples_of(reg, m.UPDATES_REFUSED)
-    assert refused == {((m.NODE, "agent-a"), (m.REASON, r)): 0.0 for r in m.REFUSAL_REASONS}
-    assert sample(reg, m.UPDATES_ACCEPTED, node="agent-a") == 0.0
-    # admitting the same name again (a restarted agent) keeps what was counted
-    coord.refused_update("agent-a", "late")
-    coord.accepted_update("agent-a", dataclasses.replace(STATS, samples=8, bytes=1))
-    coord.node_admitted("agent-a")
-    assert sample(reg, m.UPDATES_REFUSED, node="agent-a", reason="late") == 1
+    coord.refused_update("ghost", "late")  # a node that never trained: only what it was refused
+    assert samples_of(reg, m.UPDATES_REFUSED) == {((m.NODE, "ghost"), (m.REASON, "late")): 1.0}
+    coord.accepted_update("agent-a", taken)
+    assert of("agent-a") == {((m.NODE, "agent-a"), (m.REASON, r)): 0.0 for r in m.REFUSAL_REASONS}
     assert sample(reg, m.UPDATES_ACCEPTED, node="agent-a") == 1
-    coord.node_admitted("agent-b")
-    assert len(samples_of(reg, m.UPDATES_REFUSED)) == 2 * len(m.REFUSAL_REASONS)
+    # later updates and refusals count on from there
+    coord.refused_update("agent-a", "late")
+    coord.accepted_update("agent-a", taken)
+    assert sample(reg, m.UPDATES_REFUSED, node="agent-a", reason="late") == 1
+    assert sample(reg, m.UPDATES_ACCEPTED, node="agent-a") == 2
+    # gone, every series goes; back and taken again, from zero again
+    coord.node_left("agent-a")
+    assert of("agent-a") == {} and sample(reg, m.UPDATES_ACCEPTED, node="agent-a") is None
+    coord.accepted_update("agent-a", taken)
+    assert of("agent-a") == {((m.NODE, "agent-a"), (m.REASON, r)): 0.0 for r in m.REFUSAL_REASONS}
+    assert sample(reg, m.UPDATES_ACCEPTED, node="agent-a") == 1
 
 
 @pytest.mark.parametrize("reason", m.REFUSAL_REASONS)
