@@ -59,7 +59,7 @@ def edgetrain_rate(spec: RunSpec, where: DataLocation, agents: int, k: int, roun
     slowest = [max(n.compute_seconds for n in r.nodes.values()) / k for r in hist]
     return {"samples_per_s": samples / wall, "sync_ms": 1e3 * statistics.median(overheads),
             "sync_ms_p90": 1e3 * sorted(overheads)[int(0.9 * (len(overheads) - 1))],
-            "round_ms": 1e3 * statistics.median(r["duration_seconds"] for r in hist),
+            "round_ms": 1e3 * statistics.median(r.duration_seconds for r in hist),
             "step_ms": 1e3 * statistics.median(steps), "slowest_step_ms": 1e3 * statistics.median(slowest)}
 
 
