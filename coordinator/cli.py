@@ -14,7 +14,7 @@ import typer
 from edgetrain import cli_options as opt
 from edgetrain.aggregation import AGGREGATORS, MEAN
 from edgetrain.cli_util import count_or_auto, entry, made_output_folder, read_token, setup_logging
-from edgetrain.cores import parse_cores
+from edgetrain.cores import parse_cores, validate_cores
 from edgetrain.errors import ConfigError
 from edgetrain.models import DEFAULT_LR, MODELS
 from edgetrain.recipes import LR_DECAY, SKEW_THRESHOLD
@@ -227,9 +227,9 @@ def make_app() -> typer.Typer:
             lr_decay=lr_decay,
         )
         where = DataLocation(data_dir, data_path, cache_dir, not no_download, test_path, val_path)
-        own_cores = tuple(parse_cores(cores)) if cores else ()
+        own_cores = tuple(validate_cores(parse_cores(cores))) if cores else ()  # before a probe, not after
         if n_local is None:
-            n_local = auto_local_agents(spec, where, local_steps, agent_cores(own_cores))
+            n_local = auto_local_agents(spec, where, local_steps, agent_cores(own_cores, warn=False))
         cfg = CoordinatorConfig(
             spec=spec, where=where, host=host, port=port, metrics_host=metrics_host, metrics_port=metrics_port,
             local_steps=local_steps, rounds=rounds, epochs=epochs, target_accuracy=target_accuracy, metric=metric,

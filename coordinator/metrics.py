@@ -98,7 +98,8 @@ class CoordinatorMetrics:
         """Create a node's counters at zero once its first update is taken.
 
         So rates and "refused by reason" panels have data from its start. Not at its Join: agents that join and
-        never train (a flood of them) would add ~20 series each until evicted, and a scrape of a flood's tens of
+        never train (a flood of them) would add ~20 series each until evicted (they keep only the bytes they were
+        sent, if they fetched, and what they were refused), and a scrape of a flood's tens of
         thousands of series took a quarter of the coordinator's CPU (docs/security.md).
         """
         self._zeroed.add(node)

@@ -141,11 +141,11 @@ def holds_run(run_dir: Path) -> bool:
     return any((run_dir / name).exists() for name in (LOG, checkpoint.LATEST, checkpoint.LEGACY[0]))
 
 
-def agent_cores(coordinator_cores: tuple[int, ...]) -> list[int]:
+def agent_cores(coordinator_cores: tuple[int, ...], warn: bool = True) -> list[int]:
     """The cores local agents share: this host's, less the coordinator's own (`--cores`) while any are left."""
     host = allowed_cores()
     rest = [c for c in host if c not in coordinator_cores]
-    if coordinator_cores and not rest:
+    if coordinator_cores and not rest and warn:
         log.warning("--cores %s takes every core of this host: local agents share them with the coordinator",
                     format_cores(coordinator_cores))
     return rest or host
@@ -201,6 +201,7 @@ class Coordinator:
         self._failure = ""  # why run() failed: agents hear FAILED with it, never FINISHED
         self._checkpointed: int | None = None  # the round count of the last checkpoint on disk
         self._evals, self._saves = Cadence(1), Cadence(1)  # when to evaluate and checkpoint: set per run
+        self._agents_apart = False  # local agents on cores other than the coordinator's own (--cores)
 
     # ---- set-up
     def start(self) -> None:
@@ -253,8 +254,9 @@ class Coordinator:
             self.metrics_server = MetricsServer(self.registry, cfg.metrics_host, cfg.metrics_port,
                                                 json_routes={"/sd": self.service_discovery})
         self._spawn_local_agents()
-        if cfg.cores:  # after the local agents started: a child inherits its parent's affinity
-            pin_current_process(list(cfg.cores))
+        # after the local agents started: a child inherits its parent's affinity
+        if cfg.cores and not pin_current_process(list(cfg.cores)):
+            log.warning("--cores: this OS has no CPU affinity call; the coordinator runs unpinned")
 
     @staticmethod
     def _fill_in_recipe(cfg: CoordinatorConfig, workload: Workload) -> CoordinatorConfig:
@@ -296,7 +298,9 @@ class Coordinator:
         n = cfg.local_agents + len(devices)
         if n == 0:
             return
-        groups = local_core_groups(n, agent_cores(cfg.cores))
+        cores = agent_cores(cfg.cores)
+        self._agents_apart = not set(cores) & set(cfg.cores)
+        groups = local_core_groups(n, cores)
         used = sorted({c for g in groups for c in g})
         if n > len(used):
             log.warning("%d local agents on %d core(s) (%s): they share cores, round-robin", n, len(used),
@@ -444,9 +448,10 @@ class Coordinator:
         t_start = time.perf_counter()
         # Local agents hold every core of this host: the coordinator's tensor work (the after-work thread's
         # evaluation, the handlers adding updates) takes one thread, as the agent's own does (with torch's default,
-        # one per core, evaluation took ~4x longer, spinning meanwhile); pinned (--cores), one per core of its own.
-        # torch keeps this count process-wide.
-        threads = len(cfg.cores) or (1 if cfg.local_agents + len(cfg.local_devices) else 0)
+        # one per core, evaluation took ~4x longer, spinning meanwhile); pinned (--cores) apart from them, or with no
+        # local agents, one per core of its own. torch keeps this count process-wide.
+        local = cfg.local_agents + len(cfg.local_devices)
+        threads = len(cfg.cores) if cfg.cores and (self._agents_apart or not local) else (1 if local else 0)
         after = AfterWork(init=(lambda: torch.set_num_threads(threads)) if threads else None)
         try:
             self._wait_for_agents()

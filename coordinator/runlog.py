@@ -171,6 +171,9 @@ def _record_problem(record: object) -> str:
             return f"{key} missing or not a number"
     if "accuracy" in record and not _is_number(record["accuracy"]):
         return "accuracy is not a number"
+    missing = record.get("missing", [])
+    if not isinstance(missing, list) or not all(isinstance(n, str) for n in missing):
+        return "missing is not a list of node names"
     nodes = record.get("nodes")
     if not isinstance(nodes, dict):
         return "nodes missing or not an object"

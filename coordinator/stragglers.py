@@ -1,6 +1,6 @@
 """Which node held the run's rounds back, and why: its compute, its link, or both (for the run's summary).
 
-Pure arithmetic on what each node reported with its updates (coordinator.rounds.NodeReport: its local steps'
+Pure arithmetic on what each node reported with its updates (edgetrain.records.NodeStats: its local steps'
 seconds, its download and upload seconds, the bytes it sent), summed over the run. A node is slow on a count
 when its time per round on it is at least `SLOWER` times the median of the other nodes' and the difference is at
 least `MATERIAL_SECONDS`: a board twice as slow as the rest on a 3 ms step holds nobody back worth naming.

@@ -365,7 +365,7 @@ def test_a_join_naming_other_data_is_refused_and_counted_once() -> None:
         refused = {(s.labels[m.NODE], s.labels[m.REASON]): s.value for f in svc.registry.collect()
                    if f.name + "_total" == m.UPDATES_REFUSED for s in f.samples if s.name == m.UPDATES_REFUSED}
         assert refused == {("unknown", "data_mismatch"): 1.0}  # counted once, under the one reason
-        assert svc.membership.live() == []  # not admitted: no counters made for its name either
+        assert svc.membership.live() == []  # not admitted
         assert svc.registry.get_sample_value(m.UPDATES_ACCEPTED, {m.NODE: "other"}) is None
         # the same name with the run's data, and with none said (the agent checks its data itself): admitted
         reply = svc.stub.Join(pb.JoinRequest(agent_name="other", data_fingerprint=run), timeout=5)

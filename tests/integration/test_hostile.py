@@ -197,6 +197,8 @@ def test_join_and_leave_cycles_leave_no_series() -> None:
         for i in range(30):
             reply, md = svc.join(f"cycle-{i}")
             _fetch(svc, reply.agent_id, md)
+            svc.state.metrics.refused_update(f"cycle-{i}", "late")  # as the servicer counts a refusal under its name
+            assert _node_series(svc, f"cycle-{i}") > 0
             svc.stub.Leave(pb.LeaveRequest(agent_id=reply.agent_id), metadata=md, timeout=5)
         assert len(svc.membership) == 0
         assert sum(_node_series(svc, f"cycle-{i}") for i in range(30)) == 0

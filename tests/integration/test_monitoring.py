@@ -196,7 +196,8 @@ def test_refusal_counters_start_at_zero_and_a_stale_update_is_counted(live: Live
     _wait_for_training(live)
     coord, name = live.coord, "agent-0"
     refused = f'{m.UPDATES_REFUSED}{{job="{COORDINATOR_JOB}"}}'
-    # Every (node, reason) pair exists from the agent's admission on, so rate() has data before any refusal.
+    # Every (node, reason) pair exists from the agent's first taken update on, so rate() has data before any
+    # refusal.
     series = live.prom.wait_for(refused, timeout=15, predicate=lambda r: len(r) >= len(AGENTS) * len(m.REFUSAL_REASONS))
     pairs = {(r["metric"][m.NODE], r["metric"][m.REASON]) for r in series}
     assert pairs == {(n, reason) for n in AGENTS for reason in m.REFUSAL_REASONS}

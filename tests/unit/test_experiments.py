@@ -194,7 +194,9 @@ def test_load_probe_sees_another_process_busy_on_one_core() -> None:
 def test_disturbed_runs_are_run_again(monkeypatch: pytest.MonkeyPatch) -> None:
     shares = iter([0.5, 0.4, 0.02])
     monkeypatch.setattr(ex.LoadProbe, "other_share", lambda self: next(shares))
-    monkeypatch.setattr(ex, "wait_until_quiet", lambda max_wait, window=2.0: None)
+    from edgetrain.coordinator.experiments import common  # measure() looks the name up in its own module
+
+    monkeypatch.setattr(common, "wait_until_quiet", lambda max_wait, window=2.0: None)
     runs: list[int] = []
 
     def runner() -> object:

@@ -176,6 +176,9 @@ def test_a_malformed_line_names_the_file_and_line(tmp_path: Path, bad: str, why:
         (lambda r: r["nodes"].update({"agent-a": 3}), "nodes.agent-a"),
         (lambda r: r["nodes"]["agent-b"].pop("compute_seconds"), "nodes.agent-b.compute_seconds"),
         (lambda r: r["nodes"]["agent-a"].update(accuracy=True), "nodes.agent-a.accuracy"),
+        (lambda r: r.update(missing=None), "missing"),
+        (lambda r: r.update(missing=3), "missing"),
+        (lambda r: r.update(missing=[1]), "missing"),
     ],
 )
 def test_a_record_missing_what_the_plots_need_names_the_field(tmp_path: Path, change: Any, field: str) -> None:
