@@ -13,6 +13,12 @@ its rounds x the link's time per round.
 
     flock /tmp/edgetrain-bench.lock python bench/links.py --out docs/img/links.png
     flock /tmp/edgetrain-bench.lock python bench/links.py --links 100M --ks 8 --dtypes float32   # one cell
+    flock /tmp/edgetrain-bench.lock python bench/links.py --auto --links loopback,100M --budget 120000 --repeats 2
+
+`--auto`: instead of the grid, the defaults (`--local-steps auto --update-dtype auto`, coordinator/adapt.py) on
+each link, each run trained to the same sample budget on that link itself (the choice depends on the link, so
+accuracy cannot come from loopback): samples/s over the whole run (its first round, the warm-up, left out) and
+over the rounds after the choice, the choice, and test accuracy at the budget; ratios against loopback.
 
 Needs root, iproute2 and iptables (as the harness does), and MNIST's 4 IDX files in --data-dir.
 """
@@ -58,16 +64,18 @@ PORT = 50051
 CORES = sorted(os.sched_getaffinity(0))
 
 
-def train_args(data_dir: Path, k: int, dtype: str, rounds: int, run_dir: Path) -> list[str]:
+def train_args(data_dir: Path, k: int | str, dtype: str, stop: list[str], run_dir: Path) -> list[str]:
+    """`stop`: the stopping rule, ["--rounds", N] or ["--epochs", E]."""
     return ["--dataset", "mnist", "--data-dir", str(data_dir), "--model", "mnist-cnn", "--seed", "0",
-            "--batch-size", str(BATCH), "--local-steps", str(k), "--update-dtype", dtype, "--rounds", str(rounds),
+            "--batch-size", str(BATCH), "--local-steps", str(k), "--update-dtype", dtype, *stop,
             "--min-agents", "2", "--round-timeout", "600", "--join-timeout", "300", "--eval-every", "100000",
             "--no-progress", "--run-dir", str(run_dir)]
 
 
-def run_once(link: Link, net: Cluster | None, data_dir: Path, k: int, dtype: str, rounds: int,
+def run_once(link: Link, net: Cluster | None, data_dir: Path, k: int | str, dtype: str, rounds: int | list[str],
              folder: Path) -> list[dict[str, Any]]:
-    """One run of `rounds` rounds; its rounds.jsonl records (the last one holds the final evaluation)."""
+    """One run of `rounds` rounds (or to a stopping rule); its rounds.jsonl records (the last one holds the final
+    evaluation). Its result.json stays in `folder`/run."""
     run_dir = folder / "run"
     py = [sys.executable, "-m"]
     if net is None:
@@ -75,7 +83,8 @@ def run_once(link: Link, net: Cluster | None, data_dir: Path, k: int, dtype: str
     else:
         host, port = net.address("coord"), PORT
         wrap = {h: net.wrap(h) for h in ("coord", "a", "b")}
-    coord_cmd = [*wrap["coord"], *py, "edgetrain.coordinator", "run", *train_args(data_dir, k, dtype, rounds, run_dir),
+    stop = rounds if isinstance(rounds, list) else ["--rounds", str(rounds)]
+    coord_cmd = [*wrap["coord"], *py, "edgetrain.coordinator", "run", *train_args(data_dir, k, dtype, stop, run_dir),
                  "--host", host, "--port", str(PORT if net else port)]
     if net is not None:
         coord_cmd.append("--insecure")  # plaintext across the emulated hosts: TLS is not what is measured
@@ -137,6 +146,63 @@ def timing(records: list[dict[str, Any]]) -> tuple[float, float, float]:
     return per_round, samples / per_round, mb
 
 
+def train_examples(data_dir: Path) -> int:
+    """The MNIST training split's size, as the coordinator loads it (its epochs count these)."""
+    from edgetrain.spec import DataLocation, RunSpec
+    from edgetrain.workload import load_workload
+
+    return len(load_workload(RunSpec(dataset="mnist", model="mnist-cnn"), DataLocation(data_dir=data_dir)).data.train)
+
+
+def auto_cells(links: list[Link], data_dir: Path, budget: int, repeats: int) -> list[dict[str, Any]]:
+    """The defaults on each link, to `budget` samples there: the rows of the --auto table (see the docstring)."""
+    epochs = budget / train_examples(data_dir)
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="links-auto-") as tmp:
+        for rep in range(repeats):  # links innermost: each repetition compares them under the same load
+            for link in links:
+                net = shaped(link) if link.rate_bits is not None or link.delay_s else None
+                folder = Path(tempfile.mkdtemp(dir=tmp))
+                try:
+                    records = run_once(link, net, data_dir, "auto", "auto", ["--epochs", f"{epochs:.6f}"], folder)
+                finally:
+                    if net is not None:
+                        net.close()
+                result = json.loads((folder / "run" / "result.json").read_text())
+                rest = records[1:]
+                chosen = (result["local_steps"], result["update_dtype"])
+                after = [r for r in rest if (r["local_steps"], r["update_dtype"]) == chosen]
+                switched = next((r["round"] for r in records if (r["local_steps"], r["update_dtype"]) == chosen), 0)
+                rows.append({
+                    "link": link.name, "repeat": rep, "k": chosen[0], "dtype": chosen[1], "from_round": switched,
+                    "samples": sum(r["samples"] for r in records),
+                    "samples_s": sum(r["samples"] for r in rest) / sum(r["duration_seconds"] for r in rest),
+                    "after_s": (sum(r["samples"] for r in after) / sum(r["duration_seconds"] for r in after)
+                                if after else float("nan")),
+                    "accuracy": records[-1]["accuracy"], "wall_s": records[-1]["elapsed_seconds"]})
+                r = rows[-1]
+                print(f"| {r['link']} | {rep + 1} | K {r['k']}, {r['dtype']} (from round {r['from_round']}) | "
+                      f"{r['samples']:,} | {r['samples_s']:,.0f} | {r['after_s']:,.0f} | {r['wall_s']:.1f} s | "
+                      f"{r['accuracy']:.4f} |", flush=True)
+    return rows
+
+
+def auto_summary(rows: list[dict[str, Any]], links: list[Link]) -> None:
+    """Medians per link, and each link's ratios against loopback's (the issue's target: >= 0.8x, within 0.5 points)."""
+    base = [r for r in rows if r["link"] == LINKS["loopback"].name]
+    if not base:
+        return
+    b_sps = statistics.median(r["samples_s"] for r in base)
+    b_acc = statistics.median(r["accuracy"] for r in base)
+    print("\n| link | samples/s (median) | x loopback | test accuracy (median) | points from loopback |\n"
+          "|---|---|---|---|---|")
+    for link in links:
+        mine = [r for r in rows if r["link"] == link.name]
+        sps = statistics.median(r["samples_s"] for r in mine)
+        acc = statistics.median(r["accuracy"] for r in mine)
+        print(f"| {link.name} | {sps:,.0f} | {sps / b_sps:.2f} | {acc:.4f} | {100 * (acc - b_acc):+.2f} |")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--links", default=",".join(LINKS))
@@ -147,6 +213,8 @@ def main() -> None:
                    help="Samples (both agents together) for the accuracy column.")
     p.add_argument("--data-dir", type=Path, default=Path("/work/shared/data/mnist"))
     p.add_argument("--out", type=Path, help="Write a PNG of samples/s per link here.")
+    p.add_argument("--auto", action="store_true", help="The defaults (auto K and dtype) per link, to --budget.")
+    p.add_argument("--repeats", type=int, default=1, help="--auto: runs per link.")
     args = p.parse_args()
     links = [LINKS[name] for name in args.links.split(",")]
     ks = [int(k) for k in args.ks.split(",")]
@@ -155,6 +223,13 @@ def main() -> None:
         reason = unavailable()
         if reason is not None:
             sys.exit(f"error: {reason}")
+    if args.auto:
+        print(f"\nMNIST CNN, 2 agents x 1 core, batch {BATCH}, the defaults (--local-steps auto --update-dtype auto), "
+              f"{args.budget:,} samples on each link\n")
+        print("| link | run | choice | samples | samples/s | samples/s after the choice | wall | test accuracy |\n"
+              "|---|---|---|---|---|---|---|---|", flush=True)
+        auto_summary(auto_cells(links, args.data_dir, args.budget, args.repeats), links)
+        return
 
     from rich.progress import Progress
 
