@@ -69,8 +69,9 @@ class RoundRecord:
             "samples_per_second": self.samples_per_second, "missing": list(self.missing),
             "nodes": {name: asdict(stats) for name, stats in self.nodes.items()},
             "elapsed_seconds": self.elapsed_seconds, "training_share": self.training_share,
-            "local_steps": self.local_steps, "update_dtype": self.update_dtype,
         }
+        if self.local_steps:  # an older log's record (read with 0 and "") is written back as it was
+            record.update(local_steps=self.local_steps, update_dtype=self.update_dtype)
         for prefix, figures in (("", self.test), ("val_", self.val)):
             if figures is not None:
                 record.update({prefix + k: v for k, v in asdict(figures).items()})

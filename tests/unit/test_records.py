@@ -22,6 +22,7 @@ RECORD = RoundRecord(
     elapsed_seconds=12.5, training_share=0.74,
     test=Figures(accuracy=0.81, loss=0.55, macro_f1=0.78, macro_recall=0.79, metric=0.78),
     val=Figures(accuracy=0.8, loss=0.57, macro_f1=0.77, macro_recall=0.775, metric=0.77),
+    local_steps=32, update_dtype="int8",
 )
 # A line as coordinator run wrote it before RoundRecord existed (a dict dumped with json.dumps: its keys, its order)
 OLD_LINE = (
@@ -97,7 +98,8 @@ def test_a_record_that_is_not_one_says_which_field() -> None:
 
 
 def test_an_assignment_survives_its_round_header_field_by_field() -> None:
-    a = Assignment(round=12, rank=2, world=5, local_steps=7, batch_size=64, sample_offset=10_000_000_000)
+    a = Assignment(round=12, rank=2, world=5, local_steps=7, batch_size=64, sample_offset=10_000_000_000,
+                   update_dtype="int8")
     header = pb.RoundHeader.FromString(work_header(a, 1.7e9).SerializeToString())  # through the wire bytes
     assert header.status == pb.WORK and header.deadline_unix == 1.7e9
     assert_same(assignment_of(header), a)
