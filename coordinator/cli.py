@@ -18,6 +18,7 @@ from edgetrain.cores import parse_cores, validate_cores
 from edgetrain.errors import ConfigError
 from edgetrain.models import DEFAULT_LR, MODELS
 from edgetrain.recipes import LR_DECAY, SKEW_THRESHOLD
+from edgetrain.serde import UPDATE_DTYPES
 from edgetrain.spec import DataLocation, RunSpec
 from edgetrain.split import parse_count
 
@@ -143,7 +144,8 @@ def make_app() -> typer.Typer:
             callback=count_or_auto,
             help="K: local steps per round (1 = synchronous SGD), or auto: the recipe's (32 for text-ngram, 8 "
                  "otherwise), raised up to 4x on a slow link.")] = "auto",
-        rounds: Annotated[Optional[int], typer.Option(help="Stop after this many rounds.")] = None,  # noqa: UP045
+        rounds: Annotated[Optional[int], typer.Option(  # noqa: UP045
+            help="Stop after this many rounds (a round's K may grow on a slow link: see --local-steps).")] = None,
         epochs: Annotated[Optional[float], typer.Option(  # noqa: UP045
             help="Stop after this many passes over the data (default, with no other stopping rule: the "
                  "recipe's, 4 or more for text-ngram, 3 otherwise).")] = None,
@@ -222,6 +224,8 @@ def make_app() -> typer.Typer:
         n_local = parse_count(local_agents, "--local-agents")
         k = parse_count(local_steps, "--local-steps")
         dtype_auto = update_dtype.strip().lower() == "auto"
+        if not dtype_auto and update_dtype not in UPDATE_DTYPES:
+            raise ConfigError(f"unknown update dtype {update_dtype!r}; choose from {', '.join(UPDATE_DTYPES)} or auto")
         if auto_resume:
             if run_dir is None:
                 raise ConfigError("--auto-resume needs --run-dir: the folder that holds the run, or will")

@@ -32,6 +32,7 @@ class Agent:
     order: int = 0  # admission order: ranks follow it
     ready: bool = False  # set at its first GetRound: data loaded, workers up; only ready agents get rounds
     polled: bool = False  # it has asked for a round at least once (an agent that never does is evicted)
+    local: bool = False  # it joined from a loopback address: this host, no link (the auto rule leaves it out)
 
 
 class Membership:

@@ -72,9 +72,11 @@ class NodeSummary:
     last_loss: float = 0.0
     bytes: float = 0.0  # its updates' tensor bytes, as received
     missed: int = 0  # applied rounds that closed without its update
+    downloaded: float = 0.0  # the float32 weights handed to it with the rounds it sent updates for
 
     def times(self) -> NodeTimes:
-        return NodeTimes(self.rounds, self.compute_seconds, self.communication_seconds, self.bytes, self.missed)
+        return NodeTimes(self.rounds, self.compute_seconds, self.communication_seconds, self.bytes, self.missed,
+                         self.downloaded)
 
     @property
     def samples_per_second(self) -> float:
@@ -247,8 +249,10 @@ class Coordinator:
             aggregator=cfg.aggregator, trim=cfg.trim, balance=cfg.balance, completed_rounds=completed,
             cursors=cursors, limits=cfg.limits, quorum=cfg.quorum,
         )
+        shard_batches = len(self.workload.data.train) // max(1, cfg.min_agents) // max(1, spec.batch_size)
         self.adapter = Adapter(self.engine.local_steps, spec.update_dtype, serde.nbytes(serde.spec_of(state)),
-                               k_auto=cfg.local_steps_auto, dtype_auto=cfg.update_dtype_auto)
+                               k_auto=cfg.local_steps_auto, dtype_auto=cfg.update_dtype_auto,
+                               k_max=shard_batches, max_round_seconds=cfg.round_timeout / 2)
         self.engine.update_dtype = spec.update_dtype
         self.metrics.adapted(self.engine.local_steps, spec.update_dtype)
         self._svc = ServiceState(self.engine, self.membership, spec, self.metrics, min_agents=cfg.min_agents,
@@ -514,7 +518,7 @@ class Coordinator:
                         self._evals.begin()
                     record = self._record(outcome, names, nodes, time.perf_counter() - t_start)
                     overheads.append(record.sync_overhead_seconds)
-                    self._adapt(outcome, names)
+                    self._adapt(outcome)
                     state = engine.global_state  # replaced by the next round, never changed: this round's
                     snap = (engine.snapshot() if cfg.run_dir is not None
                             and self._saves.due(engine.completed_rounds) else None)
@@ -601,13 +605,15 @@ class Coordinator:
         """What the link rule chooses in this run: "K", "dtype", both or neither."""
         return ("K",) * self.cfg.local_steps_auto + ("dtype",) * self.cfg.update_dtype_auto
 
-    def _adapt(self, outcome: Outcome, names: dict[str, str]) -> None:
+    def _adapt(self, outcome: Outcome) -> None:
         """Feed an applied round's updates to the auto rule; a changed K or dtype holds from the next round on."""
         assert self.adapter is not None and self.engine is not None
         for agent_id, c in outcome.contributions.items():
-            self.adapter.observe(names.get(agent_id, agent_id), c.stats, outcome.assignments[agent_id].local_steps)
+            agent = self.membership.get(agent_id)
+            if agent is not None and not agent.local:  # an agent on this host has no link to adapt to
+                self.adapter.observe(agent.name, c.stats, outcome.assignments[agent_id].local_steps, outcome.round)
         previous = self.adapter.choice
-        new = self.adapter.decide(self.engine.completed_rounds, [names.get(a, a) for a in outcome.contributions])
+        new = self.adapter.decide(self.engine.completed_rounds)
         if new is None:
             return
         self.engine.local_steps, self.engine.update_dtype = new.local_steps, new.update_dtype
@@ -634,6 +640,7 @@ class Coordinator:
             s.compute_seconds += c.stats.compute_seconds
             s.communication_seconds += c.stats.communication_seconds
             s.bytes += c.stats.bytes
+            s.downloaded += self.adapter.model_bytes if self.adapter is not None else c.stats.bytes
             s.last_accuracy = c.stats.accuracy
             s.last_loss = c.stats.loss
             per_node[name] = c.stats

@@ -160,7 +160,8 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             try:
                 agent, replaced = self.s.membership.admit(
                     name, cores=tuple(cores), device=device, workers=max(1, request.workers),
-                    throughput=request.throughput, metrics_address=address)
+                    throughput=request.throughput, metrics_address=address,
+                    local=is_loopback(address_host(context.peer())))
             except FullError as err:
                 raise rounds.TooManyAgentsError(str(err)) from err
             if replaced is not None:

@@ -23,8 +23,9 @@ class NodeTimes:
     rounds: int  # updates taken from it
     compute_seconds: float
     link_seconds: float  # downloading the weights and uploading its update
-    link_bytes: float  # its updates' bytes (the weights it downloaded are about as many)
+    link_bytes: float  # its updates' bytes
     missed: int = 0  # rounds that closed without its update
+    down_bytes: float = 0.0  # the weights it downloaded (float32; 0: unknown, taken as many as its updates')
 
 
 @dataclass(frozen=True)
@@ -82,5 +83,6 @@ def slowest(nodes: Mapping[str, NodeTimes]) -> Straggler | None:
     return Straggler(
         name=name, why="both" if slow_c and slow_l else "compute" if slow_c else "link",
         compute_per_round=compute[name], link_per_round=link[name], median_compute=med_c, median_link=med_l,
-        link_bits_per_second=2 * 8 * n.link_bytes / n.link_seconds if n.link_seconds > 0 else 0.0,
+        link_bits_per_second=(8 * (n.link_bytes + (n.down_bytes or n.link_bytes)) / n.link_seconds
+                              if n.link_seconds > 0 else 0.0),
         missed=n.missed)

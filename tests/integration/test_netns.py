@@ -305,7 +305,9 @@ def test_by_default_a_slow_link_gets_compressed_uploads_and_more_local_steps_and
         hosts: Hosts, tmp_path: Path) -> None:
     # The defaults for K and the dtype (the last --local-steps and --update-dtype given win): the recipe's K 8 and
     # float32 to start with. b's round trip at 1 Mbit/s takes ~1.6 s against 8 steps of ~1 ms, far over the 10 %
-    # the rule allows: int8 uploads, and K up to its cap, 4 x 8 (coordinator/adapt.py).
+    # the rule allows: int8 uploads, and K up to its cap: 8 x 8, or a shard's batches an epoch if fewer (62 here;
+    # coordinator/adapt.py).
+    # a's link is as slow as loopback, but it joined from another host: it is measured too.
     rounds = 8
     run = Run(hosts, tmp_path, "--min-agents", "2", "--rounds", str(rounds), "--round-timeout", "60",
               "--local-steps", "auto", "--update-dtype", "auto")
@@ -316,14 +318,15 @@ def test_by_default_a_slow_link_gets_compressed_uploads_and_more_local_steps_and
     asked = [(r["local_steps"], r["update_dtype"]) for r in records]
     # each node's first update is its warm-up, the next two measure it: the choice comes with round 2's close
     assert asked[:3] == [(8, "float32")] * 3, asked
-    assert asked[3:] == [(32, "int8")] * (rounds - 3), asked
+    k = asked[3][0]
+    assert 32 < k <= 64 and asked[3:] == [(k, "int8")] * (rounds - 3), asked
     sent = [r["nodes"]["b"]["bytes"] for r in records]
     assert max(sent[4:]) < 0.3 * min(sent[:3]), sent  # int8 plus a scale per tensor: about a quarter
-    assert all(r["nodes"]["b"]["samples"] == 32 * 32 for r in records[3:])  # K 32 x batch 32
+    assert all(r["nodes"]["b"]["samples"] == k * 32 for r in records[3:])  # K x batch 32
     log = hosts.procs.log("coordinator")
-    assert "round 2: auto: K 8 -> 32, uploads float32 -> int8 (b: " in log, log
+    assert f"round 2: auto: K 8 -> {k}, uploads float32 -> int8 (b: " in log, log
     result = json.loads((run.dir / "result.json").read_text())
-    assert (result["local_steps"], result["update_dtype"], result["auto"]) == (32, "int8", ["K", "dtype"])
+    assert (result["local_steps"], result["update_dtype"], result["auto"]) == (k, "int8", ["K", "dtype"])
 
 
 @pytest.mark.parametrize("quorum", [2])

@@ -36,3 +36,24 @@ def test_float32_feedback_is_inactive_and_unknown_names_are_refused() -> None:
     assert not ErrorFeedback("float32").active
     with pytest.raises(ValueError):
         ErrorFeedback("float4")
+
+
+def test_a_round_may_ask_for_another_dtype_and_float32_sends_what_was_held_back() -> None:
+    torch.manual_seed(0)
+    base = {"w": torch.zeros(1000)}
+    fb = ErrorFeedback("float32")  # the run's dtype; rounds ask for others (--update-dtype auto)
+    assert not fb.active and not fb.pending
+    assert fb.wire_for("") == "float32" and fb.wire_for("int8") == "int8" and fb.wire_for("int4") == "float32"
+    sent = torch.zeros(1000)
+    trained_total = torch.zeros(1000)
+    for wire in ("int8", "float16", "int8"):
+        trained = {"w": torch.randn(1000) * 0.01}
+        trained_total += trained["w"]
+        delta = fb.delta(trained, base, wire)
+        sent += serde.roundtrip(delta["w"], wire)
+        assert fb.pending
+    assert float((trained_total - sent).abs().max()) > 1e-6  # int8 held something back
+    last = fb.delta({"w": torch.zeros(1000)}, base, "float32")  # nothing new trained: only the residual goes
+    sent += last["w"]
+    assert not fb.pending  # float32 sends it exactly and clears it
+    assert torch.allclose(sent, trained_total, atol=1e-6)

@@ -30,3 +30,10 @@ def test_nobody_is_named_when_no_node_stands_out_or_the_gap_is_immaterial() -> N
     assert slowest({"a": NodeTimes(10, 5.0, 1.0, 1e6)}) is None  # nobody to compare with
     # a node that never sent is not compared (it has no times): the others are
     assert slowest({"a": NodeTimes(10, 5.0, 1.0, 1e6), "gone": NodeTimes(0, 0.0, 0.0, 0.0, missed=10)}) is None
+
+
+def test_a_link_with_compressed_uploads_is_rated_by_every_byte_it_carried() -> None:
+    # int8 uploads: 2.5 MB up against 10 MB of float32 weights down, in 40 s: (10 + 2.5) MB x 8 / 40 s
+    s = slowest(_fleet(d=NodeTimes(10, 5.0, 40.0, 2.5 * 1e6, down_bytes=10 * 1e6)))
+    assert s is not None and s.why == "link"
+    assert s.link_bits_per_second == pytest.approx(2.5e6)
