@@ -1,7 +1,7 @@
 """Spawned child processes pinned to cores, and the typed messages they exchange with their parent over a pipe.
 
-The agent's training workers (agent/worker.py) and the pinned runs of `edgetrain.peers` (benchmarks, the split
-probe of `--workers auto`) both start children this way: `spawn` (gRPC does not survive fork()), each child
+The agent's training workers (agent/worker.py) and the pinned runs of `edgetrain.pinned` (the split probe of
+`--workers auto`, and the benchmarks) both start children this way: `spawn` (gRPC does not survive fork()), each child
 pinned first, then torch's thread pools sized. A child that fails sends `Failed` before it exits; the parent
 raises `ChildError` with the child's own message, as it does when a child dies or does not answer in time.
 """
@@ -48,7 +48,7 @@ def free_port() -> int:
 
 
 def prepare_child(cores: Sequence[int], threads: int, world: int) -> None:
-    """What every spawned training child does first (the agent's workers and the peers' children alike).
+    """What every spawned training child does first (the agent's workers and pinned runs alike).
 
     Pins itself to `cores` before torch runs anything (its pools start lazily), runs `threads` intra-op threads
     and one inter-op thread, and keeps a gloo group of `world` > 1 processes on loopback.

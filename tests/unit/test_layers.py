@@ -77,9 +77,40 @@ def test_a_worker_process_loads_no_grpc() -> None:
     assert out.stdout.strip() == "False"
 
 
-def test_the_agents_training_path_imports_no_benchmark_baselines() -> None:
-    for name in ("worker.py", "route.py", "client.py"):
-        assert "edgetrain.peers" not in _imports(ROOT / "agent" / name), name
+def _file_of(name: str) -> Path | None:
+    """The source file of a module named by folder ("agent.route", "edgetrain.split"), None if it is not ours."""
+    if name.split(".")[0] not in ("agent", "edgetrain", "coordinator"):
+        return None
+    base = ROOT.joinpath(*name.split("."))
+    for path in (base.with_suffix(".py"), base / "__init__.py"):
+        if path.is_file():
+            return path
+    return None
+
+
+def _defined(path: Path) -> set[str]:
+    """The public top-level functions and classes of a module."""
+    return {n.name for n in ast.parse(path.read_text()).body
+            if isinstance(n, ast.FunctionDef | ast.ClassDef) and not n.name.startswith("_")}
+
+
+def test_nothing_the_agent_imports_holds_or_imports_the_benchmark_baselines() -> None:
+    """From source: every module of agent/, and every module those import (to the end, imports inside functions
+    included), neither imports coordinator/experiments/baselines.py nor defines one of its names."""
+    seen: set[Path] = set()
+    todo = list(_modules("agent"))
+    while todo:
+        path = todo.pop()
+        if path not in seen:
+            seen.add(path)
+            todo += [f for f in map(_file_of, _imports(path)) if f is not None]
+    reached = {str(p.relative_to(ROOT)) for p in seen}
+    assert {"edgetrain/split.py", "edgetrain/pinned.py", "edgetrain/procs.py"} <= reached  # the probe is followed
+    baselines = ROOT / "coordinator" / "experiments" / "baselines.py"
+    names = _defined(baselines)
+    assert {"torch_single", "torch_ddp", "torch_lockstep", "TrainJob", "combine"} <= names
+    assert baselines not in seen
+    assert {k: sorted(_defined(ROOT / k) & names) for k in reached if _defined(ROOT / k) & names} == {}
 
 
 def test_records_meet_protobuf_only_at_the_grpc_edge() -> None:
