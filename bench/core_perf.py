@@ -135,7 +135,7 @@ def _serve(agents: int, rounds: int, model: str, slots: tuple[int, int] | None =
     from edgetrain.coordinator.metrics import CoordinatorMetrics
     from edgetrain.coordinator.rounds import RoundEngine
     from edgetrain.coordinator.server import start_server
-    from edgetrain.coordinator.servicer import ServiceState
+    from edgetrain.coordinator.service import ServiceState
     from prometheus_client import CollectorRegistry
 
     from edgetrain.models import ModelInput, build_model

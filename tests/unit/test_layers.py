@@ -66,7 +66,16 @@ def test_each_side_imports_only_what_the_architecture_allows(package: str, forbi
 def test_the_codec_opens_no_files_and_the_transfer_never_reaches_back_into_the_servicer() -> None:
     assert not _imports(ROOT / "edgetrain" / "serde.py") & {"os", "tempfile", "weakref", "threading"}
     for path in (ROOT / "coordinator" / "transfer").glob("*.py"):
-        assert not {n for n in _imports(path) if n.startswith(("coordinator.servicer", "coordinator.streams"))}, path
+        assert not {n for n in _imports(path)
+                    if n.startswith(("coordinator.servicer", "coordinator.service", "coordinator.streams"))}, path
+
+
+def test_the_service_is_plain_code_under_the_grpc_servicer() -> None:
+    """coordinator/service.py decides; only the servicer above it speaks gRPC and protobuf."""
+    service = _imports(ROOT / "coordinator" / "service.py")
+    assert not {n for n in service if n.split(".")[0] == "grpc" or "proto" in n or n.endswith("records_pb")}
+    assert "coordinator.servicer" not in service
+    assert "coordinator.service" in _imports(ROOT / "coordinator" / "servicer.py")
 
 
 def test_a_worker_process_loads_no_grpc() -> None:
