@@ -218,8 +218,8 @@ def probe(spec: RunSpec, where: DataLocation, cores: Sequence[int], *, mode: str
                     f"{steps} steps per process")
             job = StepJob(spec, where, steps=WARMUP_STEPS + steps, warmup_steps=WARMUP_STEPS, sync_every=sync_every)
             ranks = run_pinned(timed_steps, core_groups(p, t, list(cores)), job, mode)
-            seconds = max(r.seconds for r in ranks)  # a split is as fast as its slowest process
-            rate = sum(r.samples for r in ranks) / seconds if seconds > 0 else 0.0
+            seconds = max(o.seconds for o in ranks)  # a split is as fast as its slowest process
+            rate = sum(o.samples for o in ranks) / seconds if seconds > 0 else 0.0
             if rate > best_of.get((p, t), Trial(p, t, -1.0)).samples_per_s:
                 best_of[(p, t)] = Trial(p, t, rate, steps, seconds)
     trials = [best_of[o] for o in options]
