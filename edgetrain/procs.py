@@ -83,6 +83,7 @@ class Children:
         self._failure = failure or (lambda i, detail: f"{describe(i)}: {detail}")
         self.conns: list[Any] = []
         self.processes: list[Any] = []
+        self._held: dict[int, Any] = {}  # children's messages read early (see recv)
         try:
             for i, child_args in enumerate(args):
                 parent, child = self._ctx.Pipe()
@@ -103,20 +104,28 @@ class Children:
         self.conns[i].send(msg)
 
     def recv(self, i: int, timeout: float) -> Any:
-        """Child `i`'s next message; `error` when it sent `Failed`, when any child died, or after `timeout` s."""
-        conn = self.conns[i]
+        """Child `i`'s next message; `error` when it sent `Failed`, when any child died, or after `timeout` s.
+
+        A child that ended after sending its message (a pinned run's child, done before the one awaited) has not
+        died: its message is kept for its own `recv`. One that ended without a message, or with `Failed`, has.
+        """
         end = time.monotonic() + timeout
-        while not conn.poll(0.2):  # returns at once when a message comes; 0.2 s: how soon a death is seen
-            dead = [j for j, p in enumerate(self.processes) if not p.is_alive()]
-            if dead and not conn.poll(0.5):
-                j = dead[0]
-                raise self._error(f"{self._describe(j)} exited unexpectedly (exit code {self.processes[j].exitcode})")
-            if time.monotonic() > end:
+        while i not in self._held and not self.conns[i].poll(0.2):  # 0.2 s: how soon a death is seen
+            for j, proc in enumerate(self.processes):
+                if j not in self._held and not proc.is_alive():
+                    self._held[j] = self._read(j)  # its last words: a message, else the error
+            if i not in self._held and time.monotonic() > end:
                 raise self._error(f"no answer from {self._describe(i)} in {timeout:.0f} s")
+        return self._held.pop(i) if i in self._held else self._read(i)
+
+    def _read(self, i: int) -> Any:
+        """Child `i`'s next message, which is there (or its pipe is closed); `error` for `Failed` or none."""
         try:
-            msg = conn.recv()
+            msg = self.conns[i].recv()
         except EOFError as exc:
-            raise self._error(f"{self._describe(i)} exited unexpectedly") from exc
+            self.processes[i].join(1.0)  # (its exit code, when it is gone)
+            raise self._error(f"{self._describe(i)} exited unexpectedly (exit code {self.processes[i].exitcode})"
+                              ) from exc
         if isinstance(msg, Failed):
             raise self._error(self._failure(i, msg.detail))
         return msg
