@@ -10,7 +10,8 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -132,6 +133,26 @@ class ServiceState:
             self.engine.vouch(agent.agent_id)
         log.info("agent %s joined (%s, cores %s)", ask.name, agent.device, format_cores(sorted(agent.cores)))
         return agent
+
+    @contextmanager
+    def call(self, agent: Agent) -> Iterator[None]:
+        """Count a call against its agent's limit (Limits.calls_per_agent): past it, refuse rather than wait."""
+        with self.calls.hold(agent.agent_id) as ok:
+            if not ok:
+                raise rounds.TooManyCallsError(f"this agent has {self.calls.limit} calls open already")
+            yield
+
+    @contextmanager
+    def taking(self, agent: Agent, round_: int, samples: int) -> Iterator[None]:
+        """While an update of `agent` is taken: only one the open round lacks, one at a time per agent.
+
+        (Two at a time would hold two upload slots.)
+        """
+        self.engine.precheck(agent.agent_id, round_, samples)
+        with self.upload_calls.hold(agent.agent_id) as ok:
+            if not ok:
+                raise rounds.TooManyCallsError("an update from this agent is being taken already")
+            yield
 
     def agent(self, agent_id: str, session_token: str) -> Agent:
         """The joined agent `agent_id`, if the call carries its session."""

@@ -24,6 +24,7 @@ from .transfer import Outgoing, UpdateSource
 
 _STATUS = {"FINISHED": pb.FINISHED, "FAILED": pb.FAILED}  # Work.status other than WORK; the rest is WAIT
 
+
 class CoordinatorServicer(pb_grpc.CoordinatorServicer):
     def __init__(self, state: ServiceState) -> None:
         self.s = state
@@ -49,14 +50,6 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
     def _agent(self, agent_id: str, context: grpc.ServicerContext) -> Agent:
         return self.s.agent(agent_id, self._token(context))
 
-    @contextmanager
-    def _call(self, agent: Agent) -> Iterator[None]:
-        """Count a call against its agent's limit (Limits.calls_per_agent): past it, refuse rather than wait."""
-        with self.s.calls.hold(agent.agent_id) as ok:
-            if not ok:
-                raise rounds.TooManyCallsError(f"this agent has {self.s.calls.limit} calls open already")
-            yield
-
     def Join(self, request: pb.JoinRequest | Oversize, context: grpc.ServicerContext) -> pb.JoinReply:  # noqa: N802
         node = [UNKNOWN_NODE]
         with self._refusals(context, node):
@@ -77,7 +70,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
                 raise rounds.TooLargeError(f"a round request of {request.size} bytes")
             agent = self._agent(request.agent_id, context)
             node[0] = agent.name
-            call = self._call(agent)
+            call = self.s.call(agent)
             call.__enter__()
         try:
             yield from self._round(agent, request, context)
@@ -121,7 +114,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             # update the open round still lacks, once at a time, and its header must come within the deadline.
             agent = self.s.session(self._token(context))
             node[0] = agent.name
-            with self._call(agent):
+            with self.s.call(agent):
                 self.s.engine.awaiting(agent.agent_id)
                 stream = Stream(context, self.s.watchdog, lim.first_message_seconds,
                                  f"no update header within {lim.first_message_seconds:g} s")
@@ -155,22 +148,15 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
                 raise rounds.MalformedError("SubmitFile takes the layout of the update file the round named")
             agent = self._agent(request.agent_id, context)
             node[0] = agent.name
-            with self._call(agent):
+            with self.s.call(agent):
                 return self._take_update(agent, request, iter(()), context, None)
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _take_update(self, agent: Agent, h: pb.UpdateHeader, rest: Iterator[pb.UpdateMessage | Oversize],
                      context: grpc.ServicerContext, stream: Stream | None) -> pb.UpdateAck:
         """Check, read and aggregate one update of `agent` (checked against `h` and the session by the caller)."""
-        self.s.engine.precheck(agent.agent_id, h.round, h.num_samples)
-        with self.s.upload_calls.hold(agent.agent_id) as ok:
-            if not ok:
-                raise rounds.TooManyCallsError("an update from this agent is being taken already")
-            return self._take_slot_and_update(agent, h, rest, context, stream)
-
-    def _take_slot_and_update(self, agent: Agent, h: pb.UpdateHeader, rest: Iterator[pb.UpdateMessage | Oversize],
-                              context: grpc.ServicerContext, stream: Stream | None) -> pb.UpdateAck:
-        with self.s.transfer.upload(h.round, stream, context.is_active, context.time_remaining()):
+        with (self.s.taking(agent, h.round, h.num_samples),
+              self.s.transfer.upload(h.round, stream, context.is_active, context.time_remaining())):
             if not h.layout:  # a paced agent waits for this before it sends its parts
                 context.send_initial_metadata(())
             parts = iter(()) if stream is None else timed_parts(rest, stream, self.s.limits.part_gap_seconds)
