@@ -120,6 +120,9 @@ def test_nothing_the_agent_imports_holds_or_imports_the_benchmark_baselines() ->
     assert {"torch_single", "torch_ddp", "torch_lockstep", "TrainJob", "combine"} <= names
     assert baselines not in seen
     assert {k: sorted(_defined(ROOT / k) & names) for k in reached if _defined(ROOT / k) & names} == {}
+    users = {str(p.relative_to(ROOT)) for package in ("edgetrain", "agent", "coordinator") for p in _modules(package)
+             if any(n.startswith("coordinator.experiments.baselines") for n in _imports(p))}
+    assert users and all(u.startswith("coordinator/experiments/") or u == "coordinator/bench_ttt.py" for u in users)
 
 
 def test_records_meet_protobuf_only_at_the_grpc_edge() -> None:
