@@ -210,7 +210,7 @@ class AgentRunner:
         route = Route(client)
         while not self.stop.is_set():
             # A single CPU worker reads the weights file and writes the update file itself (same host)
-            direct = self.pool.reads_files and not feedback.active
+            direct = self.pool.reads_files and not feedback.active and not feedback.pending
             rnd = self._fetch(route, after, expected, direct, outage)
             if isinstance(rnd, str):
                 return rnd  # "rejoin"
@@ -235,13 +235,18 @@ class AgentRunner:
                 accuracy=result.accuracy,
                 samples_per_second=result.samples / result.seconds if result.seconds > 0 else 0.0,
             )
-            if feedback.active:
-                assert rnd.state is not None  # compressed deltas never take the direct file path
-                update = feedback.delta(self.pool.shared, rnd.state)
+            # The round's dtype (the coordinator's auto choice) or the run's; anything but float32, and float32 while
+            # residuals are left, goes as a delta, which needs the round's weights here: an update written straight
+            # to a same-host file (no link to spare) goes as float32 weights.
+            wire = feedback.wire_for(header.update_dtype)
+            as_delta = rnd.state is not None and (wire != "float32" or feedback.pending)
+            if as_delta:
+                assert rnd.state is not None
+                update = feedback.delta(self.pool.shared, rnd.state, wire)
             else:
-                update = self.pool.shared
+                wire, update = "float32", self.pool.shared
             # a worker that could not write the update file left the trained weights in the shared tensors
-            sent = self._submit(route, header, stats, update, spec.update_dtype, delta=feedback.active, written=written)
+            sent = self._submit(route, header, stats, update, wire, delta=as_delta, written=written)
             if sent == "rejoin":
                 return "rejoin"
             if sent == "again":

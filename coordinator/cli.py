@@ -139,8 +139,10 @@ def make_app() -> typer.Typer:
         optimizer: Annotated[str, typer.Option(help="sgd, adam or adadelta.")] = "adam",
         momentum: Annotated[float, typer.Option(help="SGD momentum.")] = 0.0,
         weight_decay: Annotated[float, typer.Option(help="L2 weight decay.")] = 0.0,
-        local_steps: Annotated[Optional[int], typer.Option(  # noqa: UP045
-            help="K: local steps per round (1 = synchronous SGD; default: 32 for text-ngram, 8 otherwise).")] = None,
+        local_steps: Annotated[str, typer.Option(
+            callback=count_or_auto,
+            help="K: local steps per round (1 = synchronous SGD), or auto: the recipe's (32 for text-ngram, 8 "
+                 "otherwise), raised up to 4x on a slow link.")] = "auto",
         rounds: Annotated[Optional[int], typer.Option(help="Stop after this many rounds.")] = None,  # noqa: UP045
         epochs: Annotated[Optional[float], typer.Option(  # noqa: UP045
             help="Stop after this many passes over the data (default, with no other stopping rule: the "
@@ -190,7 +192,9 @@ def make_app() -> typer.Typer:
         balance: Annotated[bool, typer.Option(help="Size each node's work by its speed.")] = False,
         shard_scheme: Annotated[str, typer.Option(help="iid or dirichlet.")] = "iid",
         alpha: Annotated[float, typer.Option(help="Dirichlet concentration (smaller: more skew).")] = 0.5,
-        update_dtype: Annotated[str, typer.Option(help="float32, float16, bfloat16 or int8.")] = "float32",
+        update_dtype: Annotated[str, typer.Option(
+            help="Uploads in float32, float16, bfloat16 or int8 (anything but float32 with error feedback), or auto: "
+                 "float32 until a link needs fewer bytes.")] = "auto",
         class_weighting: Annotated[str, typer.Option(
             help=f"none, balanced, or auto: balanced when --metric is not accuracy and the largest class of train is "
                  f">= {SKEW_THRESHOLD:g}x the smallest.")] = "auto",
@@ -216,6 +220,8 @@ def make_app() -> typer.Typer:
         setup_logging(log_level)
         gpus = parse_gpus(local_gpus)
         n_local = parse_count(local_agents, "--local-agents")
+        k = parse_count(local_steps, "--local-steps")
+        dtype_auto = update_dtype.strip().lower() == "auto"
         if auto_resume:
             if run_dir is None:
                 raise ConfigError("--auto-resume needs --run-dir: the folder that holds the run, or will")
@@ -223,16 +229,18 @@ def make_app() -> typer.Typer:
         spec = RunSpec(
             dataset=dataset, model=model, seed=seed, batch_size=batch_size, lr=lr, optimizer=optimizer,
             momentum=momentum, weight_decay=weight_decay, shard_scheme=shard_scheme, dirichlet_alpha=alpha,
-            max_len=max_len, limit=limit, update_dtype=update_dtype, class_weighting=class_weighting,
+            max_len=max_len, limit=limit, update_dtype="float32" if dtype_auto else update_dtype,
+            class_weighting=class_weighting,
             lr_decay=lr_decay,
         )
         where = DataLocation(data_dir, data_path, cache_dir, not no_download, test_path, val_path)
         own_cores = tuple(validate_cores(parse_cores(cores))) if cores else ()  # before a probe, not after
         if n_local is None:
-            n_local = auto_local_agents(spec, where, local_steps, agent_cores(own_cores, warn=False))
+            n_local = auto_local_agents(spec, where, k, agent_cores(own_cores, warn=False))
         cfg = CoordinatorConfig(
             spec=spec, where=where, host=host, port=port, metrics_host=metrics_host, metrics_port=metrics_port,
-            local_steps=local_steps, rounds=rounds, epochs=epochs, target_accuracy=target_accuracy, metric=metric,
+            local_steps=k, update_dtype_auto=dtype_auto, rounds=rounds, epochs=epochs,
+            target_accuracy=target_accuracy, metric=metric,
             target=target,
             min_agents=min_agents, join_timeout=join_timeout,
             round_timeout=round_timeout, quorum=quorum, eval_every=parse_count(eval_every, "--eval-every"),

@@ -30,7 +30,9 @@ class CoordinatorConfig:
     port: int = 50051  # 0 = any free port
     metrics_host: str = "127.0.0.1"
     metrics_port: int | None = None
-    local_steps: int | None = None  # K; None: the recipe's for the model and data (edgetrain.recipes)
+    local_steps: int | None = None  # K; None: auto, from the recipe's (edgetrain.recipes) up (coordinator/adapt.py)
+    local_steps_auto: bool = False  # set with the recipe's K when local_steps was None (Coordinator._fill_in_recipe)
+    update_dtype_auto: bool = False  # True: uploads start in spec.update_dtype and follow the link (adapt.py)
     rounds: int | None = None
     epochs: float | None = None  # with no rounds and no target either: the recipe's
     target_accuracy: float | None = None  # the old name of --target with --metric accuracy

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from edgetrain import metric_names as m
+from edgetrain.serde import UPDATE_DTYPES
 
 if TYPE_CHECKING:
     from edgetrain.records import NodeStats
@@ -58,7 +59,17 @@ class CoordinatorMetrics:
                                        "like it may hold were all held.", [], registry)
         self.rounds_short = _counter(m.ROUNDS_SHORT, "Rounds closed at the deadline without every update.", [],
                                      registry)
+        self.local_steps = Gauge(m.LOCAL_STEPS, "K: local steps asked of the agents in the rounds handed out now.",
+                                 registry=registry)
+        self.update_dtype = Gauge(m.UPDATE_DTYPE, "1 for the dtype the agents are asked to upload in now, 0 for the "
+                                  "others.", [m.DTYPE], registry=registry)
         self._zeroed: set[str] = set()  # nodes whose counters exist from zero (`_zero`)
+
+    def adapted(self, local_steps: int, update_dtype: str) -> None:
+        """The K and upload dtype the rounds ask for from now on (coordinator/adapt.py when auto)."""
+        self.local_steps.set(local_steps)
+        for dtype in UPDATE_DTYPES:
+            self.update_dtype.labels(dtype).set(1.0 if dtype == update_dtype else 0.0)
 
     def accepted_update(self, node: str, stats: NodeStats) -> None:
         """An update taken: its samples and received bytes counted, its figures the node's latest."""

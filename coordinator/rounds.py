@@ -207,6 +207,7 @@ class RoundEngine:
         self._global: State = dict(global_state)
         self.batch_size = batch_size
         self.local_steps = local_steps
+        self.update_dtype = ""  # the uploads' dtype asked for in each assignment ("": the run's; coordinator/adapt.py)
         self.round_timeout = round_timeout
         self.aggregator = aggregator
         self.trim = trim
@@ -290,6 +291,7 @@ class RoundEngine:
                     local_steps=k,
                     batch_size=self.batch_size,
                     sample_offset=self.cursors.get(f"{world}/{rank}", 0),
+                    update_dtype=self.update_dtype,
                 )
                 self._max_samples[agent_id] = k * self.batch_size * max(1, workers)
             self._expected = set(self._assignments)

@@ -23,7 +23,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from edgetrain import recipes
+from edgetrain import recipes, serde
 from edgetrain.cli_util import new_folder_kept_only_if_used, output_folder
 from edgetrain.cores import allowed_cores, format_cores, pin_current_process, split_cores
 from edgetrain.errors import ConfigError, EdgetrainError
@@ -35,6 +35,7 @@ from edgetrain.training import EvalResult, evaluate, state_of
 from edgetrain.workload import Workload, label_counts, load_workload
 
 from . import checkpoint
+from .adapt import Adaptation, Adapter
 from .admission import with_newcomers_capped
 from .afterwork import AfterWork
 from .cadence import Cadence
@@ -95,6 +96,8 @@ class RunResult:
     choice: Choice | None = None  # the model kept (best on val) and what it scores
     startup_seconds: float = 0.0  # from the command (Coordinator's `started_at`) to the first round
     training_share: float = 0.0  # the nodes' mean time in training steps over `wall_seconds`
+    adaptation: Adaptation | None = None  # the last K and upload dtype the rounds asked for, and why (auto)
+    auto: tuple[str, ...] = ()  # what was auto: "K", "dtype"
 
 
 @dataclass
@@ -216,6 +219,7 @@ class Coordinator:
         self._checkpointed: int | None = None  # the round count of the last checkpoint on disk
         self._evals, self._saves = Cadence(1), Cadence(1)  # when to evaluate and checkpoint: set per run
         self._agents_apart = False  # local agents on cores other than the coordinator's own (--cores)
+        self.adapter: Adapter | None = None  # K and the uploads' dtype from the links (coordinator/adapt.py)
 
     # ---- set-up
     def start(self) -> None:
@@ -257,6 +261,10 @@ class Coordinator:
             aggregator=cfg.aggregator, trim=cfg.trim, balance=cfg.balance, completed_rounds=completed,
             cursors=cursors, limits=cfg.limits, quorum=cfg.quorum,
         )
+        self.adapter = Adapter(self.engine.local_steps, spec.update_dtype, serde.nbytes(serde.spec_of(state)),
+                               k_auto=cfg.local_steps_auto, dtype_auto=cfg.update_dtype_auto)
+        self.engine.update_dtype = spec.update_dtype
+        self.metrics.adapted(self.engine.local_steps, spec.update_dtype)
         self._svc = ServiceState(self.engine, self.membership, spec, self.metrics, min_agents=cfg.min_agents,
                                  upload_slots=cfg.upload_slots, staging_dir=cfg.staging_dir, limits=cfg.limits)
         self._svc.transfer.prepare_staging()
@@ -282,7 +290,7 @@ class Coordinator:
         steps = cfg.local_steps or recipes.local_steps(model, len(data.train), agents, workload.spec.batch_size)
         no_stop = cfg.rounds is None and cfg.epochs is None and cfg.target is None
         epochs = recipes.epochs(model, len(data.train)) if no_stop else cfg.epochs
-        return replace(cfg, local_steps=steps, epochs=epochs, metric=metric)
+        return replace(cfg, local_steps=steps, local_steps_auto=cfg.local_steps is None, epochs=epochs, metric=metric)
 
     def _check_run_dir(self, run_dir: Path) -> None:
         """With --resume, a folder holding a run; without, the folder made, holding no earlier run."""
@@ -566,6 +574,7 @@ class Coordinator:
             self._evals.begin()
         record = self._record(outcome, names, tally.nodes, time.perf_counter() - tally.t_start)
         tally.overheads.append(record.sync_overhead_seconds)
+        self._adapt(outcome, names)
         state = engine.global_state  # replaced by the next round, never changed: this round's
         snap = engine.snapshot() if cfg.run_dir is not None and self._saves.due(engine.completed_rounds) else None
         if snap is not None:
@@ -586,8 +595,8 @@ class Coordinator:
 
     def _finish(self, tally: _Tally) -> RunResult:
         """The run's end: the final model's figures, the last checkpoint, the model kept and result.json."""
-        assert self.engine is not None
-        cfg, engine = self.cfg, self.engine
+        assert self.engine is not None and self.adapter is not None
+        cfg, engine, adapted = self.cfg, self.engine, self.adapter.choice
         final = self._final
         if final is None or (tally.history and tally.history[-1].test is None):
             final, val = self._evaluate(engine.global_state)
@@ -601,12 +610,13 @@ class Coordinator:
             kept = choice.state if choice.state is not None else engine.global_state
             checkpoint.save_model(cfg.run_dir, kept, self._run_facts())
             result = {**choice.to_json(), "wall_seconds": wall, "startup_seconds": self.startup_seconds,
-                      "training_share": share}
+                      "training_share": share, "local_steps": adapted.local_steps,
+                      "update_dtype": adapted.update_dtype, "auto": list(self._auto())}
             checkpoint.atomic_write_text(cfg.run_dir / RESULT, json.dumps(result, indent=1) + "\n")
         choice.state = None
         return RunResult(engine.completed_rounds, wall, final, list(tally.history), tally.nodes, cfg.run_dir,
                          tally.samples, tally.stopped_by, tally.time_to_target, tally.overheads, choice,
-                         self.startup_seconds, share)
+                         self.startup_seconds, share, adapted, self._auto())
 
     def _resume_hint(self) -> str:
         """After a failed write: what is kept on disk and how to go on."""
@@ -628,6 +638,24 @@ class Coordinator:
                 agent.ready = False
             log.warning("round %d closed without an update from %s (%s)", outcome.round, names.get(agent_id, agent_id),
                         "left or replaced" if agent is None else "out of the rounds until it asks for work again")
+
+    def _auto(self) -> tuple[str, ...]:
+        """What the link rule chooses in this run: "K", "dtype", both or neither."""
+        return ("K",) * self.cfg.local_steps_auto + ("dtype",) * self.cfg.update_dtype_auto
+
+    def _adapt(self, outcome: Outcome, names: dict[str, str]) -> None:
+        """Feed an applied round's updates to the auto rule; a changed K or dtype holds from the next round on."""
+        assert self.adapter is not None and self.engine is not None
+        for agent_id, c in outcome.contributions.items():
+            self.adapter.observe(names.get(agent_id, agent_id), c.stats, outcome.assignments[agent_id].local_steps)
+        previous = self.adapter.choice
+        new = self.adapter.decide(self.engine.completed_rounds, [names.get(a, a) for a in outcome.contributions])
+        if new is None:
+            return
+        self.engine.local_steps, self.engine.update_dtype = new.local_steps, new.update_dtype
+        self.metrics.adapted(new.local_steps, new.update_dtype)
+        line = f"round {outcome.round}: {new.describe(previous)}"
+        self.console.print(line)
 
     def _record(self, outcome: Outcome, names: dict[str, str], nodes: dict[str, NodeSummary],
                 elapsed: float) -> RoundRecord:
@@ -655,6 +683,7 @@ class Coordinator:
             name = names.get(agent_id, agent_id)
             nodes.setdefault(name, NodeSummary(name)).missed += 1
         slowest = max((n.compute_seconds for n in per_node.values()), default=0.0)
+        asked = list(outcome.assignments.values())
         return RoundRecord(
             round=outcome.round,
             duration_seconds=duration,
@@ -665,6 +694,8 @@ class Coordinator:
             nodes=per_node,
             elapsed_seconds=elapsed,
             training_share=self._report_share(nodes, elapsed),
+            local_steps=round(sum(a.local_steps for a in asked) / len(asked)) if asked else 0,
+            update_dtype=asked[0].update_dtype if asked else "",
         )
 
     def _checkpoint(self, state: dict[str, torch.Tensor], snap: dict[str, Any]) -> None:
@@ -756,7 +787,8 @@ def _constant_prediction(y: torch.Tensor, label: int, num_classes: int) -> EvalR
 def summary_table(result: RunResult) -> Table:
     """Per-node figures at the end of a run."""
     table = Table(title=f"{result.completed_rounds} rounds in {result.wall_seconds:.1f} s ({result.stopped_by}); "
-                        f"training share {result.training_share:.1%}, start-up {result.startup_seconds:.1f} s")
+                        f"training share {result.training_share:.1%}, start-up {result.startup_seconds:.1f} s"
+                        f"{_adapted(result)}")
     for col in ("node", "rounds", "missed", "samples", "compute s", "comm s", "samples/s", "local acc"):
         table.add_column(col, justify="left" if col == "node" else "right")
     for s in sorted(result.nodes.values(), key=lambda s: s.name):
@@ -767,6 +799,16 @@ def summary_table(result: RunResult) -> Table:
         table.caption = (f"last round's global model, test: accuracy {f.accuracy:.4f}, loss {f.loss:.4f}, "
                          f"macro-F1 {f.macro_f1:.4f}, macro-recall {f.macro_recall:.4f} on {f.n} examples")
     return table
+
+
+def _adapted(result: RunResult) -> str:
+    """The summary title's K and uploads, with what was chosen by the link rule marked auto."""
+    a = result.adaptation
+    if a is None:
+        return ""
+    k = f"K {a.local_steps}" + (" (auto)" if "K" in result.auto else "")
+    dtype = f"uploads {a.update_dtype}" + (" (auto)" if "dtype" in result.auto else "")
+    return f"; {k}, {dtype}"
 
 
 def slow_node(result: RunResult) -> str | None:

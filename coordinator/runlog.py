@@ -53,6 +53,8 @@ class RoundRecord:
     training_share: float  # the nodes' mean time in training steps over `elapsed_seconds`
     test: Figures | None = None  # rounds that were evaluated
     val: Figures | None = None  # ... where the data set has a val split
+    local_steps: int = 0  # K the round asked for (--balance: the mean of its nodes' steps; 0: an older log)
+    update_dtype: str = ""  # the dtype it asked uploads in ("": an older log)
 
     @property
     def judged(self) -> float | None:
@@ -67,6 +69,7 @@ class RoundRecord:
             "samples_per_second": self.samples_per_second, "missing": list(self.missing),
             "nodes": {name: asdict(stats) for name, stats in self.nodes.items()},
             "elapsed_seconds": self.elapsed_seconds, "training_share": self.training_share,
+            "local_steps": self.local_steps, "update_dtype": self.update_dtype,
         }
         for prefix, figures in (("", self.test), ("val_", self.val)):
             if figures is not None:
@@ -91,7 +94,8 @@ class RoundRecord:
             nodes={name: NodeStats(**{f: stats[f] for f in _NODE_FIELDS if f in stats})
                    for name, stats in record["nodes"].items()},
             elapsed_seconds=record["elapsed_seconds"], training_share=record.get("training_share", 0.0),
-            test=_figures(record, ""), val=_figures(record, "val_"),
+            test=_figures(record, ""), val=_figures(record, "val_"), local_steps=record.get("local_steps", 0),
+            update_dtype=record.get("update_dtype", ""),
         )
 
 

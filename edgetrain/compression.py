@@ -14,7 +14,11 @@ from edgetrain import serde
 
 
 class ErrorFeedback:
-    """One agent's residuals, by tensor name."""
+    """One agent's residuals, by tensor name, and the run's own upload dtype (`wire_dtype`).
+
+    A round may ask for another dtype (the coordinator's `--update-dtype auto`, RoundHeader.update_dtype): `delta`
+    takes it per call. Going back to float32 sends the residual with that delta, exactly, and clears it.
+    """
 
     def __init__(self, wire_dtype: str) -> None:
         serde.roundtrip(torch.zeros(1), wire_dtype)  # validates the name
@@ -23,10 +27,22 @@ class ErrorFeedback:
 
     @property
     def active(self) -> bool:
+        """The run's own dtype compresses: every update travels as a delta."""
         return self.wire_dtype != "float32"
 
-    def delta(self, trained: Mapping[str, torch.Tensor], base: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    @property
+    def pending(self) -> bool:
+        """Residuals left from compressed rounds: the next update should be a delta that carries them."""
+        return bool(self.residual)
+
+    def wire_for(self, asked: str) -> str:
+        """The upload dtype for a round that asked for `asked`: that one, or the run's ("" or unknown to us)."""
+        return asked if asked in serde.UPDATE_DTYPES else self.wire_dtype
+
+    def delta(self, trained: Mapping[str, torch.Tensor], base: Mapping[str, torch.Tensor],
+              wire_dtype: str | None = None) -> dict[str, torch.Tensor]:
         """The update to send: trained - base + residual for floating tensors (the rest as they are)."""
+        wire = wire_dtype or self.wire_dtype
         out: dict[str, torch.Tensor] = {}
         for name, t in trained.items():
             if not t.is_floating_point():
@@ -35,7 +51,10 @@ class ErrorFeedback:
             d = t - base[name]
             if name in self.residual:
                 d = d + self.residual[name]
-            self.residual[name] = d - serde.roundtrip(d, self.wire_dtype)
+            if wire == "float32":  # sent exactly: nothing left over
+                self.residual.pop(name, None)
+            else:
+                self.residual[name] = d - serde.roundtrip(d, wire)
             out[name] = d
         return out
 

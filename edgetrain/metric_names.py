@@ -14,6 +14,7 @@ PREFIX = "edgetrain"
 NODE = "node"
 REASON = "reason"
 CORE = "core"
+DTYPE = "dtype"  # an upload dtype: float32, float16, bfloat16, int8
 METRIC = "metric"  # the run's --metric (accuracy, macro-f1, macro-recall, f1:<class>): one value per run
 
 # ---- coordinator
@@ -41,6 +42,8 @@ NODE_SENT_BYTES = f"{PREFIX}_node_sent_bytes_total"  # counter{node}: bytes to t
 # counter: GetRounds answered WAIT at once (with poll_again_ms) because Limits.held_polls or newcomer_polls long-polls
 # were held; no node label, so agents that join only to poll add no series
 POLLS_DEFERRED = f"{PREFIX}_polls_deferred_total"
+LOCAL_STEPS = f"{PREFIX}_local_steps"  # gauge: K asked of the agents in the rounds handed out now (auto: adapt.py)
+UPDATE_DTYPE = f"{PREFIX}_update_dtype"  # gauge{dtype}: 1 for the dtype uploads are asked for now, 0 for the others
 ROUNDS_SHORT = f"{PREFIX}_rounds_closed_short_total"  # counter: rounds closed at the deadline without everyone
 
 # ---- agent

@@ -22,6 +22,7 @@ class Assignment:
     local_steps: int  # K
     batch_size: int
     sample_offset: int  # where in its shard's epoch stream this round starts
+    update_dtype: str = ""  # the dtype to upload the update in ("": the run's RunSpec.update_dtype)
 
 
 @dataclass(frozen=True)

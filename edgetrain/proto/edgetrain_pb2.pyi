@@ -130,7 +130,7 @@ class RoundRequest(_message.Message):
     def __init__(self, agent_id: _Optional[str] = ..., after_round: _Optional[int] = ..., shared_memory: _Optional[bool] = ...) -> None: ...
 
 class RoundHeader(_message.Message):
-    __slots__ = ("status", "round", "rank", "world", "local_steps", "sample_offset", "deadline_unix", "batch_size", "weights_file", "weights_layout", "update_file", "detail", "poll_again_ms")
+    __slots__ = ("status", "round", "rank", "world", "local_steps", "sample_offset", "deadline_unix", "batch_size", "weights_file", "weights_layout", "update_file", "detail", "poll_again_ms", "update_dtype")
     STATUS_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
@@ -144,6 +144,7 @@ class RoundHeader(_message.Message):
     UPDATE_FILE_FIELD_NUMBER: _ClassVar[int]
     DETAIL_FIELD_NUMBER: _ClassVar[int]
     POLL_AGAIN_MS_FIELD_NUMBER: _ClassVar[int]
+    UPDATE_DTYPE_FIELD_NUMBER: _ClassVar[int]
     status: RoundStatus
     round: int
     rank: int
@@ -157,7 +158,8 @@ class RoundHeader(_message.Message):
     update_file: str
     detail: str
     poll_again_ms: int
-    def __init__(self, status: _Optional[_Union[RoundStatus, str]] = ..., round: _Optional[int] = ..., rank: _Optional[int] = ..., world: _Optional[int] = ..., local_steps: _Optional[int] = ..., sample_offset: _Optional[int] = ..., deadline_unix: _Optional[float] = ..., batch_size: _Optional[int] = ..., weights_file: _Optional[str] = ..., weights_layout: _Optional[_Iterable[_Union[TensorPart, _Mapping]]] = ..., update_file: _Optional[str] = ..., detail: _Optional[str] = ..., poll_again_ms: _Optional[int] = ...) -> None: ...
+    update_dtype: str
+    def __init__(self, status: _Optional[_Union[RoundStatus, str]] = ..., round: _Optional[int] = ..., rank: _Optional[int] = ..., world: _Optional[int] = ..., local_steps: _Optional[int] = ..., sample_offset: _Optional[int] = ..., deadline_unix: _Optional[float] = ..., batch_size: _Optional[int] = ..., weights_file: _Optional[str] = ..., weights_layout: _Optional[_Iterable[_Union[TensorPart, _Mapping]]] = ..., update_file: _Optional[str] = ..., detail: _Optional[str] = ..., poll_again_ms: _Optional[int] = ..., update_dtype: _Optional[str] = ...) -> None: ...
 
 class RoundMessage(_message.Message):
     __slots__ = ("header", "part")

@@ -33,10 +33,11 @@ from tests.integration.test_security import TOKEN, _ca, _leaf
 
 PORT = 50051  # the coordinator's namespace is the test's own: any port is free there
 ROUNDS = 50
-# mnist-mlp on 5,000 digits: ~1 ms a step; lr 0.2 moves the weights visibly in 50 steps
+# mnist-mlp on 5,000 digits: ~1 ms a step; lr 0.2 moves the weights visibly in 50 steps. K and the uploads' dtype
+# are fixed: their defaults (auto) follow the link, and these tests check that the link alone changes nothing.
 TRAIN = ["--dataset", "mnist-5k", "--model", "mnist-mlp", "--optimizer", "sgd", "--lr", "0.2", "--batch-size", "32",
-         "--seed", "5", "--local-steps", "1", "--eval-every", "1000", "--checkpoint-every", "1",
-         "--join-timeout", "120", "--no-progress"]
+         "--seed", "5", "--local-steps", "1", "--update-dtype", "float32", "--eval-every", "1000",
+         "--checkpoint-every", "1", "--join-timeout", "120", "--no-progress"]
 
 
 @dataclass(frozen=True)
@@ -298,6 +299,31 @@ def test_an_agent_behind_one_megabit_is_waited_for_by_measure_never_dropped_and_
     log = hosts.procs.log("coordinator")
     assert "slowest node: b, held back by its link: link " in log, log
     assert "Mbit/s" in log.split("slowest node: b")[1].splitlines()[0]
+
+
+def test_by_default_a_slow_link_gets_compressed_uploads_and_more_local_steps_and_the_summary_says_so(
+        hosts: Hosts, tmp_path: Path) -> None:
+    # The defaults for K and the dtype (the last --local-steps and --update-dtype given win): the recipe's K 8 and
+    # float32 to start with. b's round trip at 1 Mbit/s takes ~1.6 s against 8 steps of ~1 ms, far over the 10 %
+    # the rule allows: int8 uploads, and K up to its cap, 4 x 8 (coordinator/adapt.py).
+    rounds = 8
+    run = Run(hosts, tmp_path, "--min-agents", "2", "--rounds", str(rounds), "--round-timeout", "60",
+              "--local-steps", "auto", "--update-dtype", "auto")
+    hosts.net.shape("b", rate_bits=1e6)
+    agents = run.agents()
+    run.wait(agents, timeout=180)
+    records = assert_each_round_once(run, rounds)
+    asked = [(r["local_steps"], r["update_dtype"]) for r in records]
+    # each node's first update is its warm-up, the next two measure it: the choice comes with round 2's close
+    assert asked[:3] == [(8, "float32")] * 3, asked
+    assert asked[3:] == [(32, "int8")] * (rounds - 3), asked
+    sent = [r["nodes"]["b"]["bytes"] for r in records]
+    assert max(sent[4:]) < 0.3 * min(sent[:3]), sent  # int8 plus a scale per tensor: about a quarter
+    assert all(r["nodes"]["b"]["samples"] == 32 * 32 for r in records[3:])  # K 32 x batch 32
+    log = hosts.procs.log("coordinator")
+    assert "round 2: auto: K 8 -> 32, uploads float32 -> int8 (b: " in log, log
+    result = json.loads((run.dir / "result.json").read_text())
+    assert (result["local_steps"], result["update_dtype"], result["auto"]) == (32, "int8", ["K", "dtype"])
 
 
 @pytest.mark.parametrize("quorum", [2])
