@@ -84,6 +84,8 @@ class Children:
         self.conns: list[Any] = []
         self.processes: list[Any] = []
         self._held: dict[int, Any] = {}  # children's messages read early (see recv)
+        self._done: set[int] = set()  # children that ended cleanly, every message read
+        self._eof: set[int] = set()  # children whose pipe was found closed
         try:
             for i, child_args in enumerate(args):
                 parent, child = self._ctx.Pipe()
@@ -106,17 +108,27 @@ class Children:
     def recv(self, i: int, timeout: float) -> Any:
         """Child `i`'s next message; `error` when it sent `Failed`, when any child died, or after `timeout` s.
 
-        A child that ended after sending its message (a pinned run's child, done before the one awaited) has not
-        died: its message is kept for its own `recv`. One that ended without a message, or with `Failed`, has.
+        A child that ended cleanly while another is awaited has not died: a pinned run's child sends its one
+        message and exits, maybe before the one awaited. Its message is kept for its own `recv`. One that ended
+        without a message and a nonzero exit code, or with `Failed`, has died.
         """
         end = time.monotonic() + timeout
         while i not in self._held and not self.conns[i].poll(0.2):  # 0.2 s: how soon a death is seen
             for j, proc in enumerate(self.processes):
-                if j not in self._held and not proc.is_alive():
-                    self._held[j] = self._read(j)  # its last words: a message, else the error
-            if i not in self._held and time.monotonic() > end:
+                if j != i and j not in self._held and j not in self._done and not proc.is_alive():
+                    self._last_words(j)
+            if time.monotonic() > end:
                 raise self._error(f"no answer from {self._describe(i)} in {timeout:.0f} s")
         return self._held.pop(i) if i in self._held else self._read(i)
+
+    def _last_words(self, j: int) -> None:
+        """Child `j` ended: keep its message, if it left one; `error` for `Failed` or an unclean end."""
+        try:
+            self._held[j] = self._read(j)
+        except self._error:
+            if j not in self._eof or self.processes[j].exitcode != 0:
+                raise
+            self._done.add(j)  # no message left and exit code 0: it finished, every message it sent was read
 
     def _read(self, i: int) -> Any:
         """Child `i`'s next message, which is there (or its pipe is closed); `error` for `Failed` or none."""
@@ -124,6 +136,7 @@ class Children:
             msg = self.conns[i].recv()
         except EOFError as exc:
             self.processes[i].join(1.0)  # (its exit code, when it is gone)
+            self._eof.add(i)
             raise self._error(f"{self._describe(i)} exited unexpectedly (exit code {self.processes[i].exitcode})"
                               ) from exc
         if isinstance(msg, Failed):

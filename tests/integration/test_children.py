@@ -16,8 +16,8 @@ from edgetrain.cores import allowed_cores
 from edgetrain.pinned import ChildSetup, PinnedError, run_pinned
 
 
-def _rank_zero_last(setup: ChildSetup, delay: float) -> int:
-    if setup.rank == 0:
+def _one_rank_late(setup: ChildSetup, late: int, delay: float) -> int:
+    if setup.rank == late:
         time.sleep(delay)
     return setup.rank * 10
 
@@ -31,9 +31,11 @@ def _rank_one_dies(setup: ChildSetup, how: str) -> int:
     return 0
 
 
-def test_a_child_that_finished_first_keeps_its_result_for_its_turn() -> None:
-    cores = allowed_cores()[:1] * 2  # both on one core: the test needs no second core
-    assert run_pinned(_rank_zero_last, [cores[:1], cores[1:]], 2.0) == [0, 10]
+@pytest.mark.parametrize("late", [0, 1])
+def test_a_child_that_finished_cleanly_is_not_dead(late: int) -> None:
+    """Rank 1 first: its result waits for its turn. Rank 0 first: read, it exits while rank 1 is awaited."""
+    core = allowed_cores()[:1]  # both on one core: the test needs no second core
+    assert run_pinned(_one_rank_late, [core, core], late, 2.0) == [0, 10]
 
 
 @pytest.mark.parametrize(("how", "said"), [
