@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from edgetrain.spec import RunSpec
 from .client import CoordinatorClient, TLSFiles, backoff_delays, poll_again_delay
 from .config import AgentConfig
 from .metrics import AgentMetrics
-from .route import Round, Route
+from .route import Round, Route, UpdateFile
 from .worker import WeightsFileError, WorkerPool
 
 log = logging.getLogger("edgetrain.agent")
@@ -44,6 +45,26 @@ _DETAIL_MAX = 1000  # a FAILED header's reason is input: one bounded line in the
 
 def _read(path: Path | None, what: str) -> bytes | None:
     return None if path is None else read_file(path, what)
+
+
+class _Outage:
+    """How long the coordinator has been unreachable, and the back-off between tries meanwhile."""
+
+    def __init__(self) -> None:
+        self.over()
+
+    def over(self) -> None:
+        """An answer came: the next failure starts a new outage."""
+        self.since = 0.0
+        self.delays: Iterator[float] | None = None
+
+    def next_delay(self, give_up_after: float | None) -> float | None:
+        """Seconds to wait before trying again; None once the outage has lasted longer than `give_up_after`."""
+        self.since = self.since or time.monotonic()
+        if give_up_after is not None and time.monotonic() - self.since > give_up_after:
+            return None
+        self.delays = self.delays or backoff_delays()
+        return next(self.delays)
 
 
 class AgentRunner:
@@ -184,40 +205,22 @@ class AgentRunner:
         # An update's upload can only be timed once it has been sent, and the wire message has no separate upload
         # figure: so each update reports this round's download plus this node's previous upload (of the last update
         # the coordinator took; 0 for the first since joining). The upload part lags one update behind.
-        previous_upload_seconds = 0.0
-        delays = None
-        failing_since = 0.0
+        upload_seconds = 0.0
+        outage = _Outage()
         route = Route(client)
         while not self.stop.is_set():
-            try:
-                # A single CPU worker reads the weights file and writes the update file itself (same host)
-                direct = self.pool.reads_files and not feedback.active and not feedback.pending
-                rnd: Round = route.fetch(after, expected, read_file=not direct)
-                delays, failing_since = None, 0.0
-            except grpc.RpcError as err:
-                if self.stop.is_set():
-                    break
-                if err.code() in _REJOIN:
-                    return "rejoin"
-                if err.code() not in _RETRY:
-                    raise
-                failing_since = failing_since or time.monotonic()
-                if self.cfg.give_up_after is not None and time.monotonic() - failing_since > self.cfg.give_up_after:
-                    raise  # the coordinator has been gone longer than we agreed to wait
-                delays = delays or backoff_delays()
-                if self.stop.wait(next(delays)):
-                    break
+            # A single CPU worker reads the weights file and writes the update file itself (same host)
+            direct = self.pool.reads_files and not feedback.active and not feedback.pending
+            rnd = self._fetch(route, after, expected, direct, outage)
+            if isinstance(rnd, str):
+                return rnd  # "rejoin"
+            if rnd is None:
                 continue
             header = rnd.header
-            if header.status == pb.FINISHED:
-                return "finished"
-            if header.status == pb.FAILED:  # never heard as finished: the CLI exits 1 with this line
-                detail = " ".join(header.detail.split())[:_DETAIL_MAX] or "no reason given"
-                self.failure = f"the coordinator stopped the run on an error: {detail}"
-                return "failed"
+            if header.status in (pb.FINISHED, pb.FAILED):
+                return self._ended(header)
             if header.status != pb.WORK:  # WAIT: ask again, at once or when the coordinator asked us to
-                if self.stop.wait(poll_again_delay(header)):
-                    break
+                self.stop.wait(poll_again_delay(header))
                 continue
             try:
                 result, step_times, written = self.pool.train(rnd.state, route.task(rnd, direct))
@@ -227,7 +230,7 @@ class AgentRunner:
             stats = NodeStats(
                 samples=result.samples,
                 compute_seconds=result.seconds,
-                communication_seconds=rnd.download_seconds + previous_upload_seconds,  # see above
+                communication_seconds=rnd.download_seconds + upload_seconds,  # see above
                 loss=result.loss,
                 accuracy=result.accuracy,
                 samples_per_second=result.samples / result.seconds if result.seconds > 0 else 0.0,
@@ -244,23 +247,72 @@ class AgentRunner:
                 update = feedback.delta(self.pool.shared, rnd.state, wire)
             else:
                 wire, update = "float32", self.pool.shared
-            try:
-                # a worker that could not write the update file left the trained weights in the shared tensors
-                _, previous_upload_seconds, _ = route.send(
-                    header.round, stats, update, wire, delta=as_delta,
-                    update_file=header.update_file, written=written, round_deadline=header.deadline_unix)
-            except grpc.RpcError as err:
-                if err.code() in _REJOIN:
-                    return "rejoin"
-                if err.code() in _RETRY:
-                    log.warning("update for round %d not confirmed (%s); asking for work again", header.round,
-                                err.code().name)
-                    self.stop.wait(0.5)
-                    continue
-                # refused (late, stale, ...): the coordinator says why; go on with the next round
-                log.warning("update for round %d refused: %s %s", header.round, err.code().name, err.details())
-            else:
-                metrics.round_done(result.samples, step_times)  # taken: a refusal comes as a status (UpdateAck)
+            # a worker that could not write the update file left the trained weights in the shared tensors
+            sent = self._submit(route, header, stats, update, wire, delta=as_delta, written=written)
+            if sent == "rejoin":
+                return "rejoin"
+            if sent == "again":
+                continue
+            if not isinstance(sent, str):  # taken (its upload seconds): a refusal comes as a status (UpdateAck)
+                upload_seconds = sent
+                metrics.round_done(result.samples, step_times)
                 self.rounds_trained += 1
             after = header.round
         return "finished"
+
+    def _submit(self, route: Route, header: pb.RoundHeader, stats: NodeStats, update: dict[str, torch.Tensor],
+                dtype: str, *, delta: bool, written: UpdateFile | None) -> float | str:
+        """Send a trained round's update.
+
+        Returns its upload's seconds once taken; else "refused" (go on with the next round), "again" (not
+        confirmed: ask for work again) or "rejoin" (the session is gone).
+        """
+        try:
+            _, upload_seconds, _ = route.send(header.round, stats, update, dtype, delta=delta,
+                                              update_file=header.update_file, written=written,
+                                              round_deadline=header.deadline_unix)
+        except grpc.RpcError as err:
+            if err.code() in _REJOIN:
+                return "rejoin"
+            if err.code() in _RETRY:
+                log.warning("update for round %d not confirmed (%s); asking for work again", header.round,
+                            err.code().name)
+                self.stop.wait(0.5)
+                return "again"
+            # refused (late, stale, ...): the coordinator says why
+            log.warning("update for round %d refused: %s %s", header.round, err.code().name, err.details())
+            return "refused"
+        return upload_seconds
+
+    def _fetch(self, route: Route, after: int, expected: dict[str, serde.TensorSpec], direct: bool,
+               outage: _Outage) -> Round | str | None:
+        """The round after `after`; "rejoin" when the session is gone; None to ask again or when stopping.
+
+        While the coordinator is unreachable it waits a back-off delay before returning None, and raises once it
+        has been gone longer than --give-up-after.
+        """
+        try:
+            rnd = route.fetch(after, expected, read_file=not direct)
+        except grpc.RpcError as err:
+            if self.stop.is_set():
+                return None
+            if err.code() in _REJOIN:
+                return "rejoin"
+            if err.code() not in _RETRY:
+                raise
+            delay = outage.next_delay(self.cfg.give_up_after)
+            if delay is None:
+                raise  # the coordinator has been gone longer than we agreed to wait
+            self.stop.wait(delay)
+            return None
+        outage.over()
+        return rnd
+
+    def _ended(self, header: pb.RoundHeader) -> str:
+        """The coordinator's last word: FINISHED ("finished") or FAILED ("failed", its reason in `failure`)."""
+        if header.status == pb.FINISHED:
+            return "finished"
+        # never heard as finished: the CLI exits 1 with this line
+        detail = " ".join(header.detail.split())[:_DETAIL_MAX] or "no reason given"
+        self.failure = f"the coordinator stopped the run on an error: {detail}"
+        return "failed"

@@ -83,83 +83,97 @@ def _appender(times: list[float]) -> Callable[[int, float], None]:
     return lambda _i, seconds: times.append(seconds)
 
 
+class _Training:
+    """What a worker holds from start to stop: its model, optimizer and data; `round` trains one round on them."""
+
+    def __init__(self, setup: WorkerSetup) -> None:
+        from edgetrain.workload import load_workload
+
+        self.setup = setup
+        self.workload = load_workload(setup.spec, setup.where)
+        self.device = torch.device(setup.device)
+        self.model = self.workload.new_model().to(self.device)
+        self.optimizer = make_optimizer(self.model, setup.spec.train_config())
+        self.grad_hook = _all_reduce_hook(setup) if setup.count > 1 else None
+        weights = self.workload.class_weights()
+        self.class_weights = weights.to(self.device) if weights is not None else None
+        self.shard_key = (-1, -1)  # (rank, world) of the agent's shard held
+        self.shard = torch.empty(0, dtype=torch.int64)  # this worker's part of it
+        self.perms: dict[int, torch.Tensor] = {}  # the shard's shuffles, per epoch
+
+    def shared_tensors(self) -> dict[str, torch.Tensor]:
+        """A copy of the model's tensors in shared memory (worker 0's, shared with the agent and the other workers)."""
+        return {k: v.detach().to("cpu").clone().share_memory_() for k, v in self.model.state_dict().items()}
+
+    def round(self, task: RoundTask, shared: dict[str, torch.Tensor]) -> Trained | NoWeightsFile:
+        """Train `task`'s round from its weights (the file, or `shared`).
+
+        Worker 0 leaves the trained weights in `shared` unless they went into the update file.
+        """
+        setup, work = self.setup, task.work
+        if (work.rank, work.world) != self.shard_key:
+            self.shard_key = (work.rank, work.world)
+            self.shard = self.workload.shard(work.rank, work.world)[setup.index :: setup.count]
+            self.perms = {}
+        if task.weights_file:
+            try:
+                read_weights(task, self.model.state_dict())
+            except (OSError, WireError) as err:  # the agent re-asks for the weights streamed
+                return NoWeightsFile(str(err))
+        else:
+            _copy(shared, self.model.state_dict())
+        start = work.sample_offset // setup.count
+        plan = batch_plan(self.shard, seed=setup.spec.seed, rank=work.rank * setup.count + setup.index,
+                          start_sample=start, steps=work.local_steps, batch_size=work.batch_size, perms=self.perms)
+        set_lr(self.optimizer, setup.spec.lr_at(start // max(1, len(self.shard))))
+        step_times: list[float] = []
+        train = self.workload.data.train
+        result = train_steps(
+            self.model, self.optimizer, train.x, train.y, plan,
+            seed=setup.spec.seed * 1_000_003 + work.round * 101 + setup.index, device=self.device,
+            after_step=_appender(step_times), grad_hook=self.grad_hook, class_weights=self.class_weights,
+        )
+        written = write_update(task, self.model.state_dict()) if task.update_file else None
+        if setup.index == 0 and (written is None or written.error):
+            _copy(self.model.state_dict(), shared)
+        return Trained(result, step_times, written)
+
+
+def _copy(source: dict[str, torch.Tensor], target: dict[str, torch.Tensor]) -> None:
+    with torch.no_grad():
+        for k, v in target.items():
+            v.copy_(source[k])
+
+
+def _all_reduce_hook(setup: WorkerSetup) -> Callable[[torch.nn.Module], None]:
+    """Join the workers' gloo group; the hook that averages their gradients after every backward pass."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{setup.dist_port}", rank=setup.index,
+                            world_size=setup.count)
+
+    def grad_hook(m: torch.nn.Module) -> None:
+        for p in m.parameters():
+            if p.grad is not None:
+                dist.all_reduce(p.grad)
+                p.grad.div_(setup.count)
+
+    return grad_hook
+
+
 def _main(setup: WorkerSetup, conn: Any) -> None:
     """Entry point of a spawned worker."""
     # Ctrl-C reaches the whole process group: the agent handles it and stops its workers in order.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         prepare_child(setup.cores, len(setup.cores), setup.count)
-        from edgetrain.workload import load_workload
-
-        workload = load_workload(setup.spec, setup.where)
-        device = torch.device(setup.device)
-        model = workload.new_model().to(device)
-        optimizer = make_optimizer(model, setup.spec.train_config())
-        shared: dict[str, torch.Tensor] | None = None
-        if setup.index == 0:
-            shared = {k: v.detach().to("cpu").clone().share_memory_() for k, v in model.state_dict().items()}
-        grad_hook = None
-        if setup.count > 1:
-            import torch.distributed as dist
-
-            dist.init_process_group(
-                "gloo", init_method=f"tcp://127.0.0.1:{setup.dist_port}", rank=setup.index,
-                world_size=setup.count,
-            )
-
-            def grad_hook(m: torch.nn.Module) -> None:
-                for p in m.parameters():
-                    if p.grad is not None:
-                        dist.all_reduce(p.grad)
-                        p.grad.div_(setup.count)
-
+        training = _Training(setup)
+        shared = training.shared_tensors() if setup.index == 0 else None
         conn.send(Ready(shared, os.getpid()))
         if shared is None:
             shared = conn.recv()  # worker 0's shared tensors, passed on by the agent
-        shards: dict[tuple[int, int], torch.Tensor] = {}
-        x, y = workload.data.train.x, workload.data.train.y
-        weights = workload.class_weights()
-        if weights is not None:
-            weights = weights.to(device)
-        while True:
-            msg = conn.recv()
-            if isinstance(msg, Stop):
-                break
-            task: RoundTask = msg.task
-            work = task.work
-            key = (work.rank, work.world)
-            if key not in shards:
-                shards = {key: workload.shard(work.rank, work.world)[setup.index :: setup.count]}
-                perms: dict[int, torch.Tensor] = {}  # the shard's shuffles, per epoch
-            if task.weights_file:
-                try:
-                    read_weights(task, model.state_dict())
-                except (OSError, WireError) as err:  # the agent re-asks for the weights streamed
-                    conn.send(NoWeightsFile(str(err)))
-                    continue
-            else:
-                with torch.no_grad():
-                    for k, v in model.state_dict().items():
-                        v.copy_(shared[k])
-            plan = batch_plan(
-                shards[key], seed=setup.spec.seed, rank=work.rank * setup.count + setup.index,
-                start_sample=work.sample_offset // setup.count, steps=work.local_steps,
-                batch_size=work.batch_size, perms=perms,
-            )
-            epoch = (work.sample_offset // setup.count) // max(1, len(shards[key]))
-            set_lr(optimizer, setup.spec.lr_at(epoch))
-            step_times: list[float] = []
-            result = train_steps(
-                model, optimizer, x, y, plan, seed=setup.spec.seed * 1_000_003 + work.round * 101 + setup.index,
-                device=device, after_step=_appender(step_times), grad_hook=grad_hook,
-                class_weights=weights,
-            )
-            written = write_update(task, model.state_dict()) if task.update_file else None
-            if setup.index == 0 and (written is None or written.error):
-                with torch.no_grad():
-                    for k, v in model.state_dict().items():
-                        shared[k].copy_(v)
-            conn.send(Trained(result, step_times, written))
+        while not isinstance(msg := conn.recv(), Stop):
+            conn.send(training.round(msg.task, shared))
     except Exception as exc:  # report, then exit: the agent turns it into a WorkerError
         try:
             conn.send(failed(exc))

@@ -36,11 +36,18 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from edgetrain.coordinator.config import CoordinatorConfig  # noqa: E402
+from edgetrain.coordinator.experiments.baselines import (  # noqa: E402
+    TrainJob,
+    combine,
+    torch_ddp,
+    torch_lockstep,
+    torch_single,
+)
 from edgetrain.coordinator.run import Coordinator  # noqa: E402
 
 from edgetrain.cores import allowed_cores  # noqa: E402
 from edgetrain.memory import tune_malloc  # noqa: E402
-from edgetrain.peers import TrainJob, combine, run_pinned, torch_ddp, torch_lockstep, torch_single  # noqa: E402
+from edgetrain.pinned import run_pinned  # noqa: E402
 from edgetrain.spec import DataLocation, RunSpec  # noqa: E402
 
 
@@ -128,7 +135,7 @@ def _serve(agents: int, rounds: int, model: str, slots: tuple[int, int] | None =
     from edgetrain.coordinator.metrics import CoordinatorMetrics
     from edgetrain.coordinator.rounds import RoundEngine
     from edgetrain.coordinator.server import start_server
-    from edgetrain.coordinator.servicer import ServiceState
+    from edgetrain.coordinator.service import ServiceState
     from prometheus_client import CollectorRegistry
 
     from edgetrain.models import ModelInput, build_model

@@ -6,7 +6,7 @@ evaluations taken off its clock the same way: the clock runs while the method tr
 evaluates. Methods:
 
 * serial: one process on all allowed cores (edgetrain's own training loop, `experiments.edgetrain_serial`);
-* torch DDP over N pinned processes (`peers.torch_ddp`);
+* torch DDP over N pinned processes (`experiments.baselines.torch_ddp`);
 * edgetrain over N pinned local agents through the real coordinator, at K=1 and at the K it finds best: a
   throughput probe of every candidate K, and the smallest K within `K_TIE` of the fastest (more local steps
   than that only cost accuracy);
@@ -36,13 +36,14 @@ from rich.console import Console
 from edgetrain.cores import allowed_cores, format_cores, split_cores
 from edgetrain.errors import ConfigError
 from edgetrain.models import default_lr
-from edgetrain.peers import TrainJob, TrainOutcome, combine, run_pinned, torch_ddp
+from edgetrain.pinned import run_pinned
 from edgetrain.recipes import METRICS
 from edgetrain.spec import RunSpec
 from edgetrain.training import EvalResult
 
 from . import experiments as ex
 from .config import CoordinatorConfig
+from .experiments.baselines import TrainJob, TrainOutcome, combine, torch_ddp
 from .run import Coordinator
 from .runlog import RoundRecord
 

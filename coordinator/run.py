@@ -45,7 +45,7 @@ from .metrics import CoordinatorMetrics
 from .rounds import Outcome, RoundEngine
 from .runlog import LOG, Figures, LogWriter, RoundRecord, trim_log
 from .server import start_server
-from .servicer import ServiceState
+from .service import ServiceState
 from .stragglers import NodeTimes, slowest
 
 log = logging.getLogger("edgetrain.coordinator")
@@ -100,6 +100,20 @@ class RunResult:
     training_share: float = 0.0  # the nodes' mean time in training steps over `wall_seconds`
     adaptation: Adaptation | None = None  # the last K and upload dtype the rounds asked for, and why (auto)
     auto: tuple[str, ...] = ()  # what was auto: "K", "dtype"
+
+
+@dataclass
+class _Tally:
+    """What `Coordinator.run` gathers round by round, for its RunResult."""
+
+    history: deque[RoundRecord]  # the records kept (all, or the last one)
+    choice: Choice
+    samples: int  # every sample trained so far, a resumed run's included
+    nodes: dict[str, NodeSummary] = field(default_factory=dict)
+    overheads: list[float] = field(default_factory=list)
+    stopped_by: str = "stop"
+    time_to_target: float | None = None
+    t_start: float = field(default_factory=time.perf_counter)  # when the first round could open
 
 
 @dataclass
@@ -442,126 +456,41 @@ class Coordinator:
     def run(self) -> RunResult:
         if self.engine is None:
             self.start()
-        assert self.engine is not None and self.workload is not None
-        cfg, engine = self.cfg, self.engine
+        assert self.engine is not None
+        engine = self.engine
         self._logged = engine.completed_rounds
-        n_train = len(self.workload.data.train)
         # every round's record, for the benchmarks that read them; a long CLI run keeps the last one only (the soak
         # measured ~1.6 MB per 100 rounds of 32 agents held here), its log on disk has them all
-        history: deque[RoundRecord] = deque(maxlen=None if self.keep_history else 1)
-        nodes: dict[str, NodeSummary] = {}
-        overheads: list[float] = []
-        final: EvalResult | None = None
-        choice = self._new_choice()
-        self._evals, self._saves = Cadence(cfg.eval_every), Cadence(cfg.checkpoint_every)
-        samples_total = sum(engine.cursors.values())  # every sample trained so far, a resumed run's included
-        stopped_by = "stop"
-        time_to_target: float | None = None
-        t_start = time.perf_counter()
-        # Local agents hold every core of this host: the coordinator's tensor work (the after-work thread's
-        # evaluation, the handlers adding updates) takes one thread, as the agent's own does (with torch's default,
-        # one per core, evaluation took ~4x longer, spinning meanwhile); pinned (--cores) apart from them, or with no
-        # local agents, one per core of its own. torch keeps this count process-wide.
-        local = cfg.local_agents + len(cfg.local_devices)
-        threads = len(cfg.cores) if cfg.cores and (self._agents_apart or not local) else (1 if local else 0)
+        tally = _Tally(deque(maxlen=None if self.keep_history else 1), self._new_choice(),
+                       samples=sum(engine.cursors.values()))  # every sample trained so far, a resumed run's included
+        self._evals, self._saves = Cadence(self.cfg.eval_every), Cadence(self.cfg.checkpoint_every)
+        threads = self._after_work_threads()
         after = AfterWork(init=(lambda: torch.set_num_threads(threads)) if threads else None)
         try:
             self._wait_for_agents()
-            t_start = time.perf_counter()
+            tally.t_start = time.perf_counter()
             self.startup_seconds = time.time() - self.started_at
             self.metrics.startup.set(self.startup_seconds)
             with self._progress() as progress:
-                task = progress.add_task("training", total=cfg.rounds, acc="-", tput="-", slow="-")
-                def budget_spent() -> str | None:
-                    """"rounds" or "epochs" once that budget is used up, else None."""
-                    if cfg.rounds is not None and engine.completed_rounds >= cfg.rounds:
-                        return "rounds"
-                    if cfg.epochs is not None and samples_total >= cfg.epochs * n_train:
-                        return "epochs"
-                    return None
-
+                task = progress.add_task("training", total=self.cfg.rounds, acc="-", tput="-", slow="-")
                 while not self.stop.is_set():
-                    spent = budget_spent()
+                    spent = self._budget_spent(tally.samples)
                     if spent is not None:
-                        stopped_by = spent
+                        tally.stopped_by = spent
                         break
-                    self._wait_for_agents()
-                    live = with_newcomers_capped(self.membership.live(ready_only=True),
-                                                 lambda a: engine.measured(a.agent_id),
-                                                 cfg.limits.newcomers_per_round)
-                    if self.stop.is_set():
-                        break
-                    if not live:  # the last agent left between the wait and now
+                    played = self._play_round()
+                    if played is None:
                         continue
-                    min_updates = min(cfg.min_agents, len(live))
-                    engine.open_round([(a.agent_id, a.throughput, a.workers) for a in live], min_updates)
-                    for a in live:  # left or replaced since `live` was read: its forget() came too early
-                        if self.membership.get(a.agent_id) is None:
-                            engine.forget(a.agent_id)
-                    names = {a.agent_id: a.name for a in live}
-                    engine.wait_for_updates(self.stop)
-                    outcome = engine.close_round(min_updates=min_updates)
-                    if not self.stop.is_set() and not outcome.spoiled:  # a round cut short by a stop or by
-                        self._bench(outcome, names)  # a staged update's failed read is nobody's fault
-                        if outcome.missing:
-                            self.metrics.rounds_short.inc()
-                    if not outcome.applied:
-                        why = ("an average that overflows float32 (model kept)" if outcome.overflow
-                               else "an update that failed while it was being added" if outcome.spoiled
-                               else "too few updates")
-                        log.warning("round %d closed with %s; running it again", outcome.round, why)
-                        continue
-                    samples_total += outcome.samples
-                    last = budget_spent() is not None  # the last round is evaluated and logged
-                    evaluated = last or cfg.target is not None or self._evals.due(engine.completed_rounds)
-                    if evaluated:
-                        self._evals.begin()
-                    record = self._record(outcome, names, nodes, time.perf_counter() - t_start)
-                    overheads.append(record.sync_overhead_seconds)
-                    self._adapt(outcome)
-                    state = engine.global_state  # replaced by the next round, never changed: this round's
-                    snap = (engine.snapshot() if cfg.run_dir is not None
-                            and self._saves.due(engine.completed_rounds) else None)
-                    if snap is not None:
-                        self._saves.begin()
-                    held = evaluated or snap is not None
-                    job = functools.partial(self._after_round, record, state if held else None, evaluated, snap,
-                                            choice, history)
-                    if cfg.target is None and not self.evaluate_inline:  # the agents train the next round meanwhile
-                        after.submit(job, holds_state=held)
-                    else:  # the target is judged before the next round opens
-                        job()
-                        record = history[-1]  # with its figures
+                    record = self._finish_round(*played, tally, after)
                     slow = max(record.nodes, key=lambda name: record.nodes[name].compute_seconds, default="-")
                     progress.update(task, advance=1, acc=f"{self._final.accuracy:.4f}" if self._final else "-",
                                     tput=f"{record.samples_per_second:.0f}", slow=slow)
-                    judged = record.judged
-                    if cfg.target is not None and evaluated and judged is not None and judged >= cfg.target:
-                        time_to_target = record.elapsed_seconds
-                        stopped_by = "target"
+                    if self._reached_target(record):
+                        tally.time_to_target = record.elapsed_seconds
+                        tally.stopped_by = "target"
                         break
             after.drain()
-            final = self._final
-            if final is None or (history and history[-1].test is None):
-                final, val = self._evaluate(engine.global_state)
-                self._consider(choice, final, val, engine.completed_rounds, engine.global_state)
-            wall = time.perf_counter() - t_start
-            share = self._report_share(nodes, wall)
-            if cfg.run_dir is not None:
-                self._checkpoint(engine.global_state, engine.snapshot())
-                # the model kept: the best round on val (the last round's without a val split)
-                kept = choice.state if choice.state is not None else engine.global_state
-                checkpoint.save_model(cfg.run_dir, kept, self._run_facts())
-                assert self.adapter is not None
-                result = {**choice.to_json(), "wall_seconds": wall, "startup_seconds": self.startup_seconds,
-                          "training_share": share, "local_steps": self.adapter.choice.local_steps,
-                          "update_dtype": self.adapter.choice.update_dtype, "auto": list(self._auto())}
-                checkpoint.atomic_write_text(cfg.run_dir / RESULT, json.dumps(result, indent=1) + "\n")
-            choice.state = None
-            assert self.adapter is not None
-            return RunResult(engine.completed_rounds, wall, final, list(history), nodes, cfg.run_dir, samples_total,
-                             stopped_by, time_to_target, overheads, choice, self.startup_seconds, share,
-                             self.adapter.choice, self._auto())
+            return self._finish(tally)
         except checkpoint.CheckpointWriteError as exc:
             # Stop rather than train on without checkpoints: every round after the last one on disk would be
             # lost to the next crash, and the final model could not be written either (docs/security.md).
@@ -579,6 +508,119 @@ class Coordinator:
                 self._log.close()
                 self._log = None
             self.close()
+
+    def _after_work_threads(self) -> int:
+        """The thread count of the coordinator's tensor work (0: torch's default); torch keeps it process-wide.
+
+        Local agents hold every core of this host: the coordinator's tensor work (the after-work thread's
+        evaluation, the handlers adding updates) takes one thread, as the agent's own does (with torch's default,
+        one per core, evaluation took ~4x longer, spinning meanwhile); pinned (--cores) apart from them, or with no
+        local agents, one per core of its own.
+        """
+        cfg = self.cfg
+        local = cfg.local_agents + len(cfg.local_devices)
+        return len(cfg.cores) if cfg.cores and (self._agents_apart or not local) else (1 if local else 0)
+
+    def _budget_spent(self, samples: int) -> str | None:
+        """"rounds" or "epochs" once that budget is used up (`samples` trained so far), else None."""
+        assert self.engine is not None and self.workload is not None
+        if self.cfg.rounds is not None and self.engine.completed_rounds >= self.cfg.rounds:
+            return "rounds"
+        if self.cfg.epochs is not None and samples >= self.cfg.epochs * len(self.workload.data.train):
+            return "epochs"
+        return None
+
+    def _play_round(self) -> tuple[Outcome, dict[str, str]] | None:
+        """Open a round for the ready agents, wait for their updates, close it.
+
+        Returns the applied outcome and the agents' names by id; None when no round was applied (stopped, nobody
+        left, or a round to run again).
+        """
+        assert self.engine is not None
+        cfg, engine = self.cfg, self.engine
+        self._wait_for_agents()
+        live = with_newcomers_capped(self.membership.live(ready_only=True), lambda a: engine.measured(a.agent_id),
+                                     cfg.limits.newcomers_per_round)
+        if self.stop.is_set() or not live:  # (none: the last agent left between the wait and now)
+            return None
+        min_updates = min(cfg.min_agents, len(live))
+        engine.open_round([(a.agent_id, a.throughput, a.workers) for a in live], min_updates)
+        for a in live:  # left or replaced since `live` was read: its forget() came too early
+            if self.membership.get(a.agent_id) is None:
+                engine.forget(a.agent_id)
+        names = {a.agent_id: a.name for a in live}
+        engine.wait_for_updates(self.stop)
+        outcome = engine.close_round(min_updates=min_updates)
+        if not self.stop.is_set() and not outcome.spoiled:  # a round cut short by a stop or by
+            self._bench(outcome, names)  # a staged update's failed read is nobody's fault
+            if outcome.missing:
+                self.metrics.rounds_short.inc()
+        if not outcome.applied:
+            why = ("an average that overflows float32 (model kept)" if outcome.overflow
+                   else "an update that failed while it was being added" if outcome.spoiled
+                   else "too few updates")
+            log.warning("round %d closed with %s; running it again", outcome.round, why)
+            return None
+        return outcome, names
+
+    def _finish_round(self, outcome: Outcome, names: dict[str, str], tally: _Tally, after: AfterWork) -> RoundRecord:
+        """An applied round's record; its after-work (evaluation, log, checkpoint) handed to `after`.
+
+        With a --target the after-work is done here, the target judged before the next round opens (the record
+        returned then carries its figures).
+        """
+        assert self.engine is not None
+        cfg, engine = self.cfg, self.engine
+        tally.samples += outcome.samples
+        last = self._budget_spent(tally.samples) is not None  # the last round is evaluated and logged
+        evaluated = last or cfg.target is not None or self._evals.due(engine.completed_rounds)
+        if evaluated:
+            self._evals.begin()
+        record = self._record(outcome, names, tally.nodes, time.perf_counter() - tally.t_start)
+        tally.overheads.append(record.sync_overhead_seconds)
+        self._adapt(outcome)
+        state = engine.global_state  # replaced by the next round, never changed: this round's
+        snap = engine.snapshot() if cfg.run_dir is not None and self._saves.due(engine.completed_rounds) else None
+        if snap is not None:
+            self._saves.begin()
+        held = evaluated or snap is not None
+        job = functools.partial(self._after_round, record, state if held else None, evaluated, snap, tally.choice,
+                                tally.history)
+        if cfg.target is None and not self.evaluate_inline:  # the agents train the next round meanwhile
+            after.submit(job, holds_state=held)
+            return record
+        job()
+        return tally.history[-1]  # with its figures
+
+    def _reached_target(self, record: RoundRecord) -> bool:
+        """Whether this round reached the --target (with one, every round is evaluated: `_finish_round`)."""
+        target, judged = self.cfg.target, record.judged
+        return target is not None and judged is not None and judged >= target
+
+    def _finish(self, tally: _Tally) -> RunResult:
+        """The run's end: the final model's figures, the last checkpoint, the model kept and result.json."""
+        assert self.engine is not None and self.adapter is not None
+        cfg, engine, adapted = self.cfg, self.engine, self.adapter.choice
+        final = self._final
+        if final is None or (tally.history and tally.history[-1].test is None):
+            final, val = self._evaluate(engine.global_state)
+            self._consider(tally.choice, final, val, engine.completed_rounds, engine.global_state)
+        wall = time.perf_counter() - tally.t_start
+        share = self._report_share(tally.nodes, wall)
+        choice = tally.choice
+        if cfg.run_dir is not None:
+            self._checkpoint(engine.global_state, engine.snapshot())
+            # the model kept: the best round on val (the last round's without a val split)
+            kept = choice.state if choice.state is not None else engine.global_state
+            checkpoint.save_model(cfg.run_dir, kept, self._run_facts())
+            result = {**choice.to_json(), "wall_seconds": wall, "startup_seconds": self.startup_seconds,
+                      "training_share": share, "local_steps": adapted.local_steps,
+                      "update_dtype": adapted.update_dtype, "auto": list(self._auto())}
+            checkpoint.atomic_write_text(cfg.run_dir / RESULT, json.dumps(result, indent=1) + "\n")
+        choice.state = None
+        return RunResult(engine.completed_rounds, wall, final, list(tally.history), tally.nodes, cfg.run_dir,
+                         tally.samples, tally.stopped_by, tally.time_to_target, tally.overheads, choice,
+                         self.startup_seconds, share, adapted, self._auto())
 
     def _resume_hint(self) -> str:
         """After a failed write: what is kept on disk and how to go on."""

@@ -19,7 +19,8 @@ from edgetrain.proto import edgetrain_pb2_grpc as pb_grpc
 
 from .admission import CONTROL_MESSAGE_BYTES, HANDLER_THREADS
 from .metrics import CoordinatorMetrics
-from .servicer import CoordinatorServicer, ServiceState
+from .service import ServiceState
+from .servicer import CoordinatorServicer
 from .streams import Oversize
 from .transfer import serialize_round
 

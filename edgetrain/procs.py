@@ -1,7 +1,7 @@
 """Spawned child processes pinned to cores, and the typed messages they exchange with their parent over a pipe.
 
-The agent's training workers (agent/worker.py) and the pinned runs of `edgetrain.peers` (benchmarks, the split
-probe of `--workers auto`) both start children this way: `spawn` (gRPC does not survive fork()), each child
+The agent's training workers (agent/worker.py) and the pinned runs of `edgetrain.pinned` (the split probe of
+`--workers auto`, and the benchmarks) both start children this way: `spawn` (gRPC does not survive fork()), each child
 pinned first, then torch's thread pools sized. A child that fails sends `Failed` before it exits; the parent
 raises `ChildError` with the child's own message, as it does when a child dies or does not answer in time.
 """
@@ -48,7 +48,7 @@ def free_port() -> int:
 
 
 def prepare_child(cores: Sequence[int], threads: int, world: int) -> None:
-    """What every spawned training child does first (the agent's workers and the peers' children alike).
+    """What every spawned training child does first (the agent's workers and pinned runs alike).
 
     Pins itself to `cores` before torch runs anything (its pools start lazily), runs `threads` intra-op threads
     and one inter-op thread, and keeps a gloo group of `world` > 1 processes on loopback.
@@ -83,6 +83,9 @@ class Children:
         self._failure = failure or (lambda i, detail: f"{describe(i)}: {detail}")
         self.conns: list[Any] = []
         self.processes: list[Any] = []
+        self._held: dict[int, Any] = {}  # children's messages read early (see recv)
+        self._done: set[int] = set()  # children that ended cleanly, every message read
+        self._eof: set[int] = set()  # children whose pipe was found closed
         try:
             for i, child_args in enumerate(args):
                 parent, child = self._ctx.Pipe()
@@ -103,20 +106,39 @@ class Children:
         self.conns[i].send(msg)
 
     def recv(self, i: int, timeout: float) -> Any:
-        """Child `i`'s next message; `error` when it sent `Failed`, when any child died, or after `timeout` s."""
-        conn = self.conns[i]
+        """Child `i`'s next message; `error` when it sent `Failed`, when any child died, or after `timeout` s.
+
+        A child that ended cleanly while another is awaited has not died: a pinned run's child sends its one
+        message and exits, maybe before the one awaited. Its message is kept for its own `recv`. One that ended
+        without a message and a nonzero exit code, or with `Failed`, has died.
+        """
         end = time.monotonic() + timeout
-        while not conn.poll(0.2):  # returns at once when a message comes; 0.2 s: how soon a death is seen
-            dead = [j for j, p in enumerate(self.processes) if not p.is_alive()]
-            if dead and not conn.poll(0.5):
-                j = dead[0]
-                raise self._error(f"{self._describe(j)} exited unexpectedly (exit code {self.processes[j].exitcode})")
+        while i not in self._held and not self.conns[i].poll(0.2):  # 0.2 s: how soon a death is seen
+            for j, proc in enumerate(self.processes):
+                if j != i and j not in self._held and j not in self._done and not proc.is_alive():
+                    self._last_words(j)
             if time.monotonic() > end:
                 raise self._error(f"no answer from {self._describe(i)} in {timeout:.0f} s")
+        return self._held.pop(i) if i in self._held else self._read(i)
+
+    def _last_words(self, j: int) -> None:
+        """Child `j` ended: keep its message, if it left one; `error` for `Failed` or an unclean end."""
         try:
-            msg = conn.recv()
+            self._held[j] = self._read(j)
+        except self._error:
+            if j not in self._eof or self.processes[j].exitcode != 0:
+                raise
+            self._done.add(j)  # no message left and exit code 0: it finished, every message it sent was read
+
+    def _read(self, i: int) -> Any:
+        """Child `i`'s next message, which is there (or its pipe is closed); `error` for `Failed` or none."""
+        try:
+            msg = self.conns[i].recv()
         except EOFError as exc:
-            raise self._error(f"{self._describe(i)} exited unexpectedly") from exc
+            self.processes[i].join(1.0)  # (its exit code, when it is gone)
+            self._eof.add(i)
+            raise self._error(f"{self._describe(i)} exited unexpectedly (exit code {self.processes[i].exitcode})"
+                              ) from exc
         if isinstance(msg, Failed):
             raise self._error(self._failure(i, msg.detail))
         return msg

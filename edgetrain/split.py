@@ -1,8 +1,8 @@
 """The best split of a set of cores into processes x threads, found by measuring it (`--workers auto`).
 
 The paper's Table 1 found that the fastest affinity is not "all cores in one process", and which split wins
-depends on the model and the machine. So edgetrain measures it where it will run, with the pinned children that
-`coordinator bench affinity --layout` uses (`edgetrain.peers.run_pinned`), and keeps the answer.
+depends on the model and the machine. So edgetrain measures it where it will run, with the pinned children and the
+plain step loop that `coordinator bench affinity --layout` uses too (`edgetrain.pinned`), and keeps the answer.
 
 The rule:
 
@@ -201,14 +201,13 @@ def store_split(split: Split, cache_dir: Path | None = None) -> Path | None:
 def probe(spec: RunSpec, where: DataLocation, cores: Sequence[int], *, mode: str = "ddp", sync_every: int = 1,
           say: Callable[[str], None] | None = None) -> Split:
     """Measure every candidate split of `cores` in fresh pinned processes (see the module's rule)."""
-    from edgetrain.peers import TrainJob, combine, core_groups, run_pinned, torch_ddp, torch_lockstep
+    from edgetrain.pinned import StepJob, core_groups, run_pinned, timed_steps
     from edgetrain.workload import load_workload
 
     if mode not in MODES:
         raise ConfigError(f"split probe mode {mode!r}: use one of {', '.join(MODES)}")
     t0 = time.perf_counter()
     n_train = len(load_workload(spec, where).data.train)  # sizes the probe; the children load their own copy
-    target = torch_ddp if mode == "ddp" else torch_lockstep
     options = candidates(len(cores))
     best_of: dict[tuple[int, int], Trial] = {}
     for r in range(ROUNDS):
@@ -217,12 +216,12 @@ def probe(spec: RunSpec, where: DataLocation, cores: Sequence[int], *, mode: str
             if say is not None:
                 say(f"probing {p}x{t} on cores {format_cores(list(cores))} ({r + 1}/{ROUNDS}): {WARMUP_STEPS} + "
                     f"{steps} steps per process")
-            job = TrainJob(spec, where, steps=WARMUP_STEPS + steps, warmup_steps=WARMUP_STEPS, final_eval=False,
-                           sync_every=sync_every)
-            out = combine(run_pinned(target, core_groups(p, t, list(cores)), job))
-            rate = p * steps * spec.batch_size / out.train_seconds if out.train_seconds > 0 else 0.0
+            job = StepJob(spec, where, steps=WARMUP_STEPS + steps, warmup_steps=WARMUP_STEPS, sync_every=sync_every)
+            ranks = run_pinned(timed_steps, core_groups(p, t, list(cores)), job, mode)
+            seconds = max(o.seconds for o in ranks)  # a split is as fast as its slowest process
+            rate = sum(o.samples for o in ranks) / seconds if seconds > 0 else 0.0
             if rate > best_of.get((p, t), Trial(p, t, -1.0)).samples_per_s:
-                best_of[(p, t)] = Trial(p, t, rate, steps, out.train_seconds)
+                best_of[(p, t)] = Trial(p, t, rate, steps, seconds)
     trials = [best_of[o] for o in options]
     best = pick(trials)
     wall = time.perf_counter() - t0

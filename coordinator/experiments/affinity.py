@@ -10,9 +10,10 @@ from pathlib import Path
 
 from edgetrain.cores import allowed_cores, format_cores, parse_cores, validate_cores
 from edgetrain.errors import ConfigError, CoresError
-from edgetrain.peers import TrainJob, TrainOutcome, combine, core_groups, run_pinned, steps_for, torch_ddp
+from edgetrain.pinned import core_groups, run_pinned
 from edgetrain.split import TIE, Trial, pick
 
+from .baselines import TrainJob, TrainOutcome, combine, steps_for, torch_ddp
 from .common import (
     BenchSettings,
     DataFacts,

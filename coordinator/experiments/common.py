@@ -19,10 +19,12 @@ from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedCo
 
 from edgetrain.cores import allowed_cores, format_cores
 from edgetrain.errors import ConfigError, CoresError
-from edgetrain.peers import ChildSetup, TrainJob, TrainOutcome
+from edgetrain.pinned import ChildSetup
 from edgetrain.recipes import LR_DECAY
 from edgetrain.spec import DataLocation, RunSpec
 from edgetrain.split import cpu_model_name
+
+from .baselines import TrainJob, TrainOutcome
 
 
 @dataclass(frozen=True)

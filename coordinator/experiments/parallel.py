@@ -19,8 +19,9 @@ import torch
 
 from edgetrain.cores import allowed_cores, format_cores, split_cores
 from edgetrain.errors import ConfigError
-from edgetrain.peers import TrainJob, TrainOutcome, combine, run_pinned, torch_ddp, torch_single
+from edgetrain.pinned import run_pinned
 
+from .baselines import TrainJob, TrainOutcome, combine, torch_ddp, torch_single
 from .common import (
     BenchSettings,
     DataFacts,

@@ -113,7 +113,7 @@ def test_a_small_rsa_key_gRPC_takes_is_not_called_malformed(tmp_path: Path) -> N
     from edgetrain.coordinator.metrics import CoordinatorMetrics
     from edgetrain.coordinator.rounds import RoundEngine
     from edgetrain.coordinator.server import start_server
-    from edgetrain.coordinator.servicer import ServiceState
+    from edgetrain.coordinator.service import ServiceState
     from prometheus_client import CollectorRegistry
 
     from edgetrain.cli_util import check_tls_ca, check_tls_pair

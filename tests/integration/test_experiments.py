@@ -119,8 +119,9 @@ def test_oversize_sets_are_refused_in_one_line(args: list[str], tmp_path: Path) 
 
 def test_every_loop_trains_the_planned_steps_and_evaluates_on_cadence() -> None:
     from edgetrain.coordinator.experiments import edgetrain_serial
+    from edgetrain.coordinator.experiments.baselines import TrainJob, combine, torch_single
 
-    from edgetrain.peers import TrainJob, combine, run_pinned, torch_single
+    from edgetrain.pinned import run_pinned
     from edgetrain.spec import RunSpec
 
     # 600 examples, batch 64: the 25 steps cross two epoch boundaries (the learning rate decays there)
@@ -137,7 +138,9 @@ def test_every_loop_trains_the_planned_steps_and_evaluates_on_cadence() -> None:
 
 @pytest.mark.skipif(N_CORES < 2, reason="the lock-step pair needs two cores")
 def test_lockstep_pair_waits_every_sync_every_steps_on_its_own_shards() -> None:
-    from edgetrain.peers import TrainJob, combine, run_pinned, torch_lockstep
+    from edgetrain.coordinator.experiments.baselines import TrainJob, combine, torch_lockstep
+
+    from edgetrain.pinned import run_pinned
     from edgetrain.spec import RunSpec
 
     cores = allowed_cores()

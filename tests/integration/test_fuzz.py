@@ -23,7 +23,7 @@ from edgetrain.coordinator.membership import Membership
 from edgetrain.coordinator.metrics import CoordinatorMetrics
 from edgetrain.coordinator.rounds import RoundEngine
 from edgetrain.coordinator.server import start_server
-from edgetrain.coordinator.servicer import MAX_THROUGHPUT, ServiceState
+from edgetrain.coordinator.service import MAX_THROUGHPUT, ServiceState
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st

@@ -13,7 +13,7 @@ from edgetrain.agent import client as client_module
 from edgetrain.agent.client import CoordinatorClient
 from edgetrain.agent.route import Route
 from edgetrain.coordinator.rounds import RoundEngine
-from edgetrain.coordinator.servicer import ServiceState
+from edgetrain.coordinator.service import ServiceState
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from edgetrain import grpc_options, serde

@@ -20,7 +20,7 @@ from edgetrain.coordinator.membership import Membership
 from edgetrain.coordinator.metrics import CoordinatorMetrics
 from edgetrain.coordinator.rounds import RoundEngine
 from edgetrain.coordinator.server import start_server
-from edgetrain.coordinator.servicer import ServiceState
+from edgetrain.coordinator.service import ServiceState
 from prometheus_client import CollectorRegistry
 
 from edgetrain import grpc_options, serde

@@ -19,7 +19,7 @@ from edgetrain.coordinator.metrics import CoordinatorMetrics
 from edgetrain.coordinator.rounds import RoundEngine
 from edgetrain.coordinator.run import Coordinator
 from edgetrain.coordinator.server import SERVICE_NAME, start_server
-from edgetrain.coordinator.servicer import ServiceState
+from edgetrain.coordinator.service import ServiceState
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry
 

@@ -10,10 +10,11 @@ from pathlib import Path
 
 import pytest
 from edgetrain.coordinator import experiments as ex
+from edgetrain.coordinator.experiments.baselines import steps_for
 from edgetrain.coordinator.experiments.parallel import _fill_ratios as fill_ratios
 
 from edgetrain.errors import ConfigError, CoresError
-from edgetrain.peers import core_groups, steps_for
+from edgetrain.pinned import core_groups
 from edgetrain.records import NodeStats
 from tests.conftest import round_record
 

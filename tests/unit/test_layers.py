@@ -66,7 +66,16 @@ def test_each_side_imports_only_what_the_architecture_allows(package: str, forbi
 def test_the_codec_opens_no_files_and_the_transfer_never_reaches_back_into_the_servicer() -> None:
     assert not _imports(ROOT / "edgetrain" / "serde.py") & {"os", "tempfile", "weakref", "threading"}
     for path in (ROOT / "coordinator" / "transfer").glob("*.py"):
-        assert not {n for n in _imports(path) if n.startswith(("coordinator.servicer", "coordinator.streams"))}, path
+        assert not {n for n in _imports(path)
+                    if n.startswith(("coordinator.servicer", "coordinator.service", "coordinator.streams"))}, path
+
+
+def test_the_service_is_plain_code_under_the_grpc_servicer() -> None:
+    """coordinator/service.py decides; only the servicer above it speaks gRPC and protobuf."""
+    service = _imports(ROOT / "coordinator" / "service.py")
+    assert not {n for n in service if n.split(".")[0] == "grpc" or "proto" in n or n.endswith("records_pb")}
+    assert "coordinator.servicer" not in service
+    assert "coordinator.service" in _imports(ROOT / "coordinator" / "servicer.py")
 
 
 def test_a_worker_process_loads_no_grpc() -> None:
@@ -77,9 +86,43 @@ def test_a_worker_process_loads_no_grpc() -> None:
     assert out.stdout.strip() == "False"
 
 
-def test_the_agents_training_path_imports_no_benchmark_baselines() -> None:
-    for name in ("worker.py", "route.py", "client.py"):
-        assert "edgetrain.peers" not in _imports(ROOT / "agent" / name), name
+def _file_of(name: str) -> Path | None:
+    """The source file of a module named by folder ("agent.route", "edgetrain.split"), None if it is not ours."""
+    if name.split(".")[0] not in ("agent", "edgetrain", "coordinator"):
+        return None
+    base = ROOT.joinpath(*name.split("."))
+    for path in (base.with_suffix(".py"), base / "__init__.py"):
+        if path.is_file():
+            return path
+    return None
+
+
+def _defined(path: Path) -> set[str]:
+    """The public top-level functions and classes of a module."""
+    return {n.name for n in ast.parse(path.read_text()).body
+            if isinstance(n, ast.FunctionDef | ast.ClassDef) and not n.name.startswith("_")}
+
+
+def test_nothing_the_agent_imports_holds_or_imports_the_benchmark_baselines() -> None:
+    """From source: every module of agent/, and every module those import (to the end, imports inside functions
+    included), neither imports coordinator/experiments/baselines.py nor defines one of its names."""
+    seen: set[Path] = set()
+    todo = list(_modules("agent"))
+    while todo:
+        path = todo.pop()
+        if path not in seen:
+            seen.add(path)
+            todo += [f for f in map(_file_of, _imports(path)) if f is not None]
+    reached = {str(p.relative_to(ROOT)) for p in seen}
+    assert {"edgetrain/split.py", "edgetrain/pinned.py", "edgetrain/procs.py"} <= reached  # the probe is followed
+    baselines = ROOT / "coordinator" / "experiments" / "baselines.py"
+    names = _defined(baselines)
+    assert {"torch_single", "torch_ddp", "torch_lockstep", "TrainJob", "combine"} <= names
+    assert baselines not in seen
+    assert {k: sorted(_defined(ROOT / k) & names) for k in reached if _defined(ROOT / k) & names} == {}
+    users = {str(p.relative_to(ROOT)) for package in ("edgetrain", "agent", "coordinator") for p in _modules(package)
+             if any(n.startswith("coordinator.experiments.baselines") for n in _imports(p))}
+    assert users and all(u.startswith("coordinator/experiments/") or u == "coordinator/bench_ttt.py" for u in users)
 
 
 def test_records_meet_protobuf_only_at_the_grpc_edge() -> None:
