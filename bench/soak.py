@@ -11,9 +11,9 @@ the same name. `--min-agents` is half the agents, so a round with a killed agent
 applied with the others (the documented behaviour) instead of being run again.
 
 Prints, as a markdown table, the coordinator's RSS, open file descriptors and threads, each as a least-squares
-slope per 100 rounds (after a warm-up) with ±2 standard errors; rounds lost (a round number missing from the
-log) or logged twice; rounds closed short; and the staging files the coordinator held at the
-end and left in its staging dir.
+slope per 100 rounds with ±2 standard errors, after a short warm-up and over the second half; rounds lost (a
+round number missing from the log) or logged twice; rounds closed short; and the staging files the coordinator
+held at the end and left in its staging dir. `--json` writes the figures and every sample.
 
     flock /tmp/edgetrain-bench.lock python bench/soak.py --agents 32 --rounds 500
     python bench/soak.py --agents 4 --rounds 120 --kill-every 10 --json out.json   # the test's short version
@@ -116,6 +116,12 @@ def _log_rounds(path: Path) -> list[int]:
         except (ValueError, KeyError, TypeError):
             pass  # a line being written
     return out
+
+
+# The coordinator's heap grows to its working size over the first few hundred rounds (glibc's main arena: the
+# bytes in use are flat, the free gaps between them fill in; docs/security.md, "Soak"); a slope over the second
+# half says whether anything still grows once that is done, beside the one after the short warm-up
+SECOND_HALF = 0.5
 
 
 def slope(samples: list[Sample], attr: str, warmup: float) -> tuple[float, float]:
@@ -250,16 +256,17 @@ def report(r: Soak, warmup: float, model: str) -> str:
         f"({r.model_bytes / 1e6:.2f} MB), loopback, {len(os.sched_getaffinity(0))} cores shared; "
         f"{r.kills} agents killed and restarted; {r.wall:.0f} s",
         "",
-        f"| coordinator | first sample | last sample (after the last round) | slope per 100 rounds (after {warmup:.0%} "
-        "warm-up) ± 2 SE |",
-        "|---|---|---|---|",
+        f"| coordinator | first sample | last sample (after the last round) | slope per 100 rounds ± 2 SE, after "
+        f"{warmup:.0%} warm-up | the same over the second half |",
+        "|---|---|---|---|---|",
     ]
     first, last = (r.samples[0], r.samples[-1]) if r.samples else (None, None)
     for attr, unit, scale in (("rss", "MB", 1e6), ("fds", "", 1), ("threads", "", 1), ("connections", "", 1)):
-        s, err = slope(r.samples, attr, warmup)
         a = f"{getattr(first, attr) / scale:.1f} {unit}" if first else "-"
         b = f"{getattr(last, attr) / scale:.1f} {unit}" if last else "-"
-        lines.append(f"| {attr} | {a} | {b} | {s / scale:+.2f} ± {err / scale:.2f} {unit} |")
+        fits = [slope(r.samples, attr, w) for w in (warmup, SECOND_HALF)]
+        lines.append(f"| {attr} | {a} | {b} | " + " | ".join(f"{s / scale:+.2f} ± {err / scale:.2f} {unit}"
+                                                            for s, err in fits) + " |")
     lines += [
         "",
         f"- coordinator exit code {r.exit_code}; rounds logged {len(set(r.logged))}/{r.rounds} (sampled up to "
@@ -290,13 +297,19 @@ def main() -> int:
              round_timeout=args.round_timeout, timeout=args.timeout)
     print(report(r, args.warmup, args.model))
     if args.json is not None:
-        slopes = {attr: slope(r.samples, attr, args.warmup) for attr in ("rss", "fds", "threads", "connections")}
+        attrs = ("rss", "fds", "threads", "connections")
+        slopes = {attr: slope(r.samples, attr, args.warmup) for attr in attrs}
+        halves = {attr: slope(r.samples, attr, SECOND_HALF) for attr in attrs}
         args.json.write_text(json.dumps({
             "exit_code": r.exit_code, "rounds": r.rounds, "lost": r.lost, "twice": r.twice, "short": r.short,
             "reruns": r.reruns, "kills": r.kills, "finished": r.finished, "agents": r.agents, "errors": r.errors,
             "staged_at_end": r.staged_at_end, "staged_max": r.staged_max, "left_in_staging": r.left_in_staging,
             "slopes_per_100_rounds": {k: {"slope": v[0], "two_se": v[1]} for k, v in slopes.items()},
-            "samples": len(r.samples)}, indent=1))
+            "second_half_slopes_per_100_rounds": {k: {"slope": v[0], "two_se": v[1]} for k, v in halves.items()},
+            "samples": len(r.samples),
+            "series": {"columns": ["rounds", "rss", "fds", "threads", "connections", "staged"],
+                       "rows": [[s.rounds, s.rss, s.fds, s.threads, s.connections, s.staged] for s in r.samples]},
+        }, indent=1))
     ok = r.exit_code == 0 and r.lost == 0 and r.twice == 0 and r.finished == r.agents and not r.errors
     print("  OK" if ok else "  FAILED")
     return 0 if ok else 1
