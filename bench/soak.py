@@ -41,6 +41,7 @@ import psutil
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from edgetrain.coordinator.admission import HANDLER_THREADS  # noqa: E402
 from edgetrain.coordinator.config import UPLOAD_SLOTS  # noqa: E402
 from load import Agent  # noqa: E402 - bench/load.py, beside this script
 
@@ -273,6 +274,8 @@ def report(r: Soak, warmup: float, model: str) -> str:
         f"{rounds_seen}); rounds lost {r.lost}; logged twice {r.twice}; closed short (an agent killed in them) "
         f"{r.short}; not applied and run again {r.reruns}",
         f"- agents that heard FINISHED {r.finished}/{r.agents}; client errors {len(r.errors)}",
+        f"- coordinator threads at most {max((s.threads for s in r.samples), default=0)} (gRPC's handler pool "
+        f"starts one when a call finds none idle, up to {HANDLER_THREADS}, and keeps it: a step, not a slope)",
         f"- staging: at most {r.staged_max} files held at once (upload slots: {UPLOAD_SLOTS}; one kept to reuse); "
         f"{r.staged_at_end} at the last sample; files left in the staging dir after exit {len(r.left_in_staging)}",
     ]
