@@ -75,6 +75,7 @@ class Soak:
     kills: int
     samples: list[Sample] = field(default_factory=list)
     finished: int = 0
+    refused: int = 0  # updates the coordinator refused (the round had closed); the agent went on
     agents: int = 0
     errors: list[str] = field(default_factory=list)
     staged_at_end: int = -1  # at the last sample (usually during shutdown; before it, the one kept file)
@@ -235,6 +236,7 @@ def soak(agents: int, rounds: int, kill_every: float, *, model: str, limit: int,
     for a in list(live.values()) + gone:
         a.join(30)
     result.finished = sum(a.finished for a in live.values())
+    result.refused = sum(a.refused for a in list(live.values()) + gone)
     result.errors = [f"{a.name}: {a.error}" for a in list(live.values()) + gone if a.error]
     result.logged = _log_rounds(run_dir / "rounds.jsonl")
     records = [json.loads(line) for line in (run_dir / "rounds.jsonl").read_text().splitlines()] \
@@ -273,7 +275,8 @@ def report(r: Soak, warmup: float, model: str) -> str:
         f"- coordinator exit code {r.exit_code}; rounds logged {len(set(r.logged))}/{r.rounds} (sampled up to "
         f"{rounds_seen}); rounds lost {r.lost}; logged twice {r.twice}; closed short (an agent killed in them) "
         f"{r.short}; not applied and run again {r.reruns}",
-        f"- agents that heard FINISHED {r.finished}/{r.agents}; client errors {len(r.errors)}",
+        f"- agents that heard FINISHED {r.finished}/{r.agents}; updates refused {r.refused} (a round closed while "
+        f"they arrived: the agent goes on with the next round, as edge-agent does); client errors {len(r.errors)}",
         f"- coordinator threads at most {max((s.threads for s in r.samples), default=0)} (gRPC's handler pool "
         f"starts one when a call finds none idle, up to {HANDLER_THREADS}, and keeps it: a step, not a slope)",
         f"- staging: at most {r.staged_max} files held at once (upload slots: {UPLOAD_SLOTS}; one kept to reuse); "
@@ -305,7 +308,8 @@ def main() -> int:
         halves = {attr: slope(r.samples, attr, SECOND_HALF) for attr in attrs}
         args.json.write_text(json.dumps({
             "exit_code": r.exit_code, "rounds": r.rounds, "lost": r.lost, "twice": r.twice, "short": r.short,
-            "reruns": r.reruns, "kills": r.kills, "finished": r.finished, "agents": r.agents, "errors": r.errors,
+            "reruns": r.reruns, "kills": r.kills, "finished": r.finished, "refused": r.refused, "agents": r.agents,
+            "errors": r.errors,
             "staged_at_end": r.staged_at_end, "staged_max": r.staged_max, "left_in_staging": r.left_in_staging,
             "slopes_per_100_rounds": {k: {"slope": v[0], "two_se": v[1]} for k, v in slopes.items()},
             "second_half_slopes_per_100_rounds": {k: {"slope": v[0], "two_se": v[1]} for k, v in halves.items()},
