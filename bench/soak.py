@@ -22,6 +22,7 @@ held at the end and left in its staging dir. `--json` writes the figures and eve
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -35,10 +36,12 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
+PROBE = Path(__file__).resolve().parent / "soak_probe"
 sys.path.insert(0, str(ROOT))
 
 from edgetrain.coordinator.admission import HANDLER_THREADS  # noqa: E402
@@ -146,7 +149,7 @@ def slope(samples: list[Sample], attr: str, warmup: float) -> tuple[float, float
 
 
 def soak(agents: int, rounds: int, kill_every: float, *, model: str, limit: int, seed: int, round_timeout: float,
-         timeout: float) -> Soak:
+         timeout: float, probe: Path | None = None, probe_gc_every: int = 0) -> Soak:
     rng = random.Random(seed)
     spec = RunSpec(dataset="tweets", model=model, limit=limit, seed=0)
     state = state_of(load_workload(spec).new_model())
@@ -162,7 +165,11 @@ def soak(agents: int, rounds: int, kill_every: float, *, model: str, limit: int,
            "--no-progress", "--log-level", "warning"]
     log_path = work / "coordinator.log"
     with open(log_path, "wb") as log:
-        coord = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ))
+        env = dict(os.environ)
+        if probe is not None:  # bench/soak_probe/sitecustomize.py, in the coordinator alone
+            env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROBE), env.get("PYTHONPATH")]))
+            env["SOAK_PROBE_OUT"], env["SOAK_PROBE_GC_EVERY"] = str(probe.resolve()), str(probe_gc_every)
+        coord = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
     proc = psutil.Process(coord.pid)
     deadline = time.monotonic() + 120
     while b"listening" not in log_path.read_bytes():
@@ -252,6 +259,29 @@ def soak(agents: int, rounds: int, kill_every: float, *, model: str, limit: int,
     return result
 
 
+def probe_report(path: Path, rounds: int) -> str:
+    """The probe's samples while rounds ran, as medians over six windows of rounds (threads: the most)."""
+    recs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    recs = [x for x in recs if 0 < x["rounds"] < rounds]  # while rounds ran
+    edges = sorted({*range(0, rounds, max(1, rounds // 6)), rounds})
+    lines = ["", "| rounds | RssAnon MB | heap MB (malloc arena) | in use MB | free in heap MB | malloc arenas | "
+             "threads | Python objects |", "|---|---|---|---|---|---|---|---|"]
+    for a, b in itertools.pairwise(edges):
+        w = [x for x in recs if a <= x["rounds"] < b]
+        if not w:
+            continue
+
+        def med(key: str, scale: float, w: list[dict[str, Any]] = w) -> str:
+            vals = [x[key] / scale for x in w if key in x]
+            return f"{statistics.median(vals):.1f}" if vals else "-"
+
+        objects = [str(x["objects"]) for x in w if "objects" in x]
+        lines.append(f"| {a}–{b} | {med('RssAnon', 1e3)} | {med('arena', 1e6)} | {med('uord', 1e6)} | "
+                     f"{med('ford', 1e6)} | {med('arenas', 1)[:-2]} | {max(x['Threads'] for x in w)} | "
+                     f"{', '.join(objects) or '-'} |")
+    return "\n".join(lines)
+
+
 def report(r: Soak, warmup: float, model: str) -> str:
     rounds_seen = max((s.rounds for s in r.samples), default=0)
     lines = [
@@ -298,10 +328,16 @@ def main() -> int:
     p.add_argument("--warmup", type=float, default=0.1, help="fraction of rounds left out of the slopes")
     p.add_argument("--timeout", type=float, default=3600.0, help="give up after this many seconds")
     p.add_argument("--json", type=Path, help="also write the figures here")
+    p.add_argument("--probe", type=Path, help="sample the coordinator's heap, threads and Python objects from "
+                   "inside it into this file (bench/soak_probe) and print them by windows of rounds")
+    p.add_argument("--probe-gc-every", type=int, default=250, help="count Python objects every this many rounds")
     args = p.parse_args()
     r = soak(args.agents, args.rounds, args.kill_every, model=args.model, limit=args.limit, seed=args.seed,
-             round_timeout=args.round_timeout, timeout=args.timeout)
+             round_timeout=args.round_timeout, timeout=args.timeout, probe=args.probe,
+             probe_gc_every=args.probe_gc_every)
     print(report(r, args.warmup, args.model))
+    if args.probe is not None and args.probe.exists():
+        print(probe_report(args.probe, r.rounds))
     if args.json is not None:
         attrs = ("rss", "fds", "threads", "connections")
         slopes = {attr: slope(r.samples, attr, args.warmup) for attr in attrs}
