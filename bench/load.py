@@ -57,7 +57,7 @@ class Agent(threading.Thread):
         self.finished = False
         self.killed = False
         self.error = ""
-        self.refused = 0  # updates the coordinator refused (late for a round that closed, ...)
+        self.refused = 0  # updates the coordinator refused or did not confirm (late for a round that closed, ...)
 
     def kill(self) -> None:
         """Die as a process does (bench/soak.py): every call in flight fails at once, and no Leave."""
@@ -82,10 +82,13 @@ class Agent(threading.Thread):
                 try:
                     self.route.send(h.round, NodeStats(samples=h.local_steps * h.batch_size), state)
                 except grpc.RpcError as err:
-                    if self.killed or err.code() in (*_REJOIN, *_RETRY):
+                    if self.killed or err.code() in _REJOIN:
                         raise
-                    # refused (the round closed while it arrived, ...): edge-agent goes on with the next round
                     self.refused += 1
+                    if err.code() in _RETRY:  # not confirmed (the round closed at its deadline, ...): edge-agent
+                        time.sleep(0.5)  # asks for work again, and the coordinator says which round is next
+                        continue
+                    # refused (the round closed while it arrived, ...): edge-agent goes on with the next round
                 else:
                     self.rounds += 1
                 after = h.round
@@ -177,7 +180,8 @@ def main() -> int:
           f"cores shared by coordinator and agents")
     print(f"  coordinator exit code {code if code is not None else 'none: killed after --timeout (deadlock?)'}; "
           f"rounds completed {len(records)}/{args.rounds} ({full} with every agent); agents that heard FINISHED "
-          f"{finished}/{args.agents}; updates refused {sum(a.refused for a in agents)}; client errors {len(errors)}")
+          f"{finished}/{args.agents}; updates refused or not confirmed {sum(a.refused for a in agents)}; client errors "
+          f"{len(errors)}")
     if durations:
         p95 = durations[min(len(durations) - 1, round(0.95 * (len(durations) - 1)))]
         busy = sum(durations)

@@ -78,7 +78,7 @@ class Soak:
     kills: int
     samples: list[Sample] = field(default_factory=list)
     finished: int = 0
-    refused: int = 0  # updates the coordinator refused (the round had closed); the agent went on
+    refused: int = 0  # updates the coordinator refused or did not confirm (the round had closed); the agent went on
     agents: int = 0
     errors: list[str] = field(default_factory=list)
     staged_at_end: int = -1  # at the last sample (usually during shutdown; before it, the one kept file)
@@ -305,8 +305,9 @@ def report(r: Soak, warmup: float, model: str) -> str:
         f"- coordinator exit code {r.exit_code}; rounds logged {len(set(r.logged))}/{r.rounds} (sampled up to "
         f"{rounds_seen}); rounds lost {r.lost}; logged twice {r.twice}; closed short (an agent killed in them) "
         f"{r.short}; not applied and run again {r.reruns}",
-        f"- agents that heard FINISHED {r.finished}/{r.agents}; updates refused {r.refused} (a round closed while "
-        f"they arrived: the agent goes on with the next round, as edge-agent does); client errors {len(r.errors)}",
+        f"- agents that heard FINISHED {r.finished}/{r.agents}; updates refused or not confirmed {r.refused} (a "
+        "round closed before they were in: the agent goes on, as edge-agent does); client errors "
+        f"{len(r.errors)}",
         f"- coordinator threads at most {max((s.threads for s in r.samples), default=0)} (gRPC's handler pool "
         f"starts one when a call finds none idle, up to {HANDLER_THREADS}, and keeps it: a step, not a slope)",
         f"- staging: at most {r.staged_max} files held at once (upload slots: {UPLOAD_SLOTS}; one kept to reuse); "
