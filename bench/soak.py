@@ -123,9 +123,9 @@ def _log_rounds(path: Path) -> list[int]:
     return out
 
 
-# The coordinator's heap grows to its working size over the first few hundred rounds (glibc's main arena: the
-# bytes in use are flat, the free gaps between them fill in; docs/security.md, "Soak"); a slope over the second
-# half says whether anything still grows once that is done, beside the one after the short warm-up
+# The coordinator's native heap grows to its working size over the first 500-1,000 rounds (bytes in use and the
+# free gaps in glibc's main arena; Python objects flat: docs/security.md, "Soak"); a slope over the second half
+# says whether anything still grows once that is done, beside the one after the short warm-up
 SECOND_HALF = 0.5
 
 
