@@ -33,6 +33,7 @@ sys.path.insert(0, str(ROOT))
 import grpc  # noqa: E402
 from edgetrain.agent.client import CoordinatorClient, poll_again_delay  # noqa: E402
 from edgetrain.agent.route import Route  # noqa: E402
+from edgetrain.agent.runner import _REJOIN, _RETRY  # noqa: E402 - what edge-agent does on each status
 
 from edgetrain import serde  # noqa: E402
 from edgetrain.procs import free_port  # noqa: E402
@@ -56,6 +57,7 @@ class Agent(threading.Thread):
         self.finished = False
         self.killed = False
         self.error = ""
+        self.refused = 0  # updates the coordinator refused or did not confirm (late for a round that closed, ...)
 
     def kill(self) -> None:
         """Die as a process does (bench/soak.py): every call in flight fails at once, and no Leave."""
@@ -77,8 +79,18 @@ class Agent(threading.Thread):
                     time.sleep(poll_again_delay(h))  # as the agent does: a WAIT at once asks it to hold off
                     continue
                 state = {k: v + 1e-3 if v.is_floating_point() else v for k, v in rnd.state.items()}
-                self.route.send(h.round, NodeStats(samples=h.local_steps * h.batch_size), state)
-                self.rounds += 1
+                try:
+                    self.route.send(h.round, NodeStats(samples=h.local_steps * h.batch_size), state)
+                except grpc.RpcError as err:
+                    if self.killed or err.code() in _REJOIN:
+                        raise
+                    self.refused += 1
+                    if err.code() in _RETRY:  # not confirmed (the round closed at its deadline, ...): edge-agent
+                        time.sleep(0.5)  # asks for work again, and the coordinator says which round is next
+                        continue
+                    # refused (the round closed while it arrived, ...): edge-agent goes on with the next round
+                else:
+                    self.rounds += 1
                 after = h.round
         except (grpc.RpcError, ValueError) as err:  # ValueError: a call on the channel kill() closed
             if not self.killed:
@@ -168,7 +180,8 @@ def main() -> int:
           f"cores shared by coordinator and agents")
     print(f"  coordinator exit code {code if code is not None else 'none: killed after --timeout (deadlock?)'}; "
           f"rounds completed {len(records)}/{args.rounds} ({full} with every agent); agents that heard FINISHED "
-          f"{finished}/{args.agents}; client errors {len(errors)}")
+          f"{finished}/{args.agents}; updates refused or not confirmed {sum(a.refused for a in agents)}; client errors "
+          f"{len(errors)}")
     if durations:
         p95 = durations[min(len(durations) - 1, round(0.95 * (len(durations) - 1)))]
         busy = sum(durations)

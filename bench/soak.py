@@ -11,9 +11,9 @@ the same name. `--min-agents` is half the agents, so a round with a killed agent
 applied with the others (the documented behaviour) instead of being run again.
 
 Prints, as a markdown table, the coordinator's RSS, open file descriptors and threads, each as a least-squares
-slope per 100 rounds (after a warm-up) with ±2 standard errors; rounds lost (a round number missing from the
-log) or logged twice; rounds closed short; and the staging files the coordinator held at the
-end and left in its staging dir.
+slope per 100 rounds with ±2 standard errors, after a short warm-up and over the second half; rounds lost (a
+round number missing from the log) or logged twice; rounds closed short; and the staging files the coordinator
+held at the end and left in its staging dir. `--json` writes the figures and every sample.
 
     flock /tmp/edgetrain-bench.lock python bench/soak.py --agents 32 --rounds 500
     python bench/soak.py --agents 4 --rounds 120 --kill-every 10 --json out.json   # the test's short version
@@ -22,6 +22,7 @@ end and left in its staging dir.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -35,12 +36,15 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
+PROBE = Path(__file__).resolve().parent / "soak_probe"
 sys.path.insert(0, str(ROOT))
 
+from edgetrain.coordinator.admission import HANDLER_THREADS  # noqa: E402
 from edgetrain.coordinator.config import UPLOAD_SLOTS  # noqa: E402
 from load import Agent  # noqa: E402 - bench/load.py, beside this script
 
@@ -74,6 +78,7 @@ class Soak:
     kills: int
     samples: list[Sample] = field(default_factory=list)
     finished: int = 0
+    refused: int = 0  # updates the coordinator refused or did not confirm (the round had closed); the agent went on
     agents: int = 0
     errors: list[str] = field(default_factory=list)
     staged_at_end: int = -1  # at the last sample (usually during shutdown; before it, the one kept file)
@@ -118,6 +123,12 @@ def _log_rounds(path: Path) -> list[int]:
     return out
 
 
+# The coordinator's native heap grows to its working size over the first 500-1,000 rounds (bytes in use and the
+# free gaps in glibc's main arena; Python objects flat: docs/security.md, "Soak"); a slope over the second half
+# says whether anything still grows once that is done, beside the one after the short warm-up
+SECOND_HALF = 0.5
+
+
 def slope(samples: list[Sample], attr: str, warmup: float) -> tuple[float, float]:
     """Least-squares slope of `attr` per 100 rounds over the last (1 - warmup) of the rounds, and 2 std errors."""
     last: dict[int, float] = {}
@@ -138,7 +149,7 @@ def slope(samples: list[Sample], attr: str, warmup: float) -> tuple[float, float
 
 
 def soak(agents: int, rounds: int, kill_every: float, *, model: str, limit: int, seed: int, round_timeout: float,
-         timeout: float) -> Soak:
+         timeout: float, probe: Path | None = None, probe_gc_every: int = 0) -> Soak:
     rng = random.Random(seed)
     spec = RunSpec(dataset="tweets", model=model, limit=limit, seed=0)
     state = state_of(load_workload(spec).new_model())
@@ -154,7 +165,11 @@ def soak(agents: int, rounds: int, kill_every: float, *, model: str, limit: int,
            "--no-progress", "--log-level", "warning"]
     log_path = work / "coordinator.log"
     with open(log_path, "wb") as log:
-        coord = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ))
+        env = dict(os.environ)
+        if probe is not None:  # bench/soak_probe/sitecustomize.py, in the coordinator alone
+            env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROBE), env.get("PYTHONPATH")]))
+            env["SOAK_PROBE_OUT"], env["SOAK_PROBE_GC_EVERY"] = str(probe.resolve()), str(probe_gc_every)
+        coord = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
     proc = psutil.Process(coord.pid)
     deadline = time.monotonic() + 120
     while b"listening" not in log_path.read_bytes():
@@ -228,6 +243,7 @@ def soak(agents: int, rounds: int, kill_every: float, *, model: str, limit: int,
     for a in list(live.values()) + gone:
         a.join(30)
     result.finished = sum(a.finished for a in live.values())
+    result.refused = sum(a.refused for a in list(live.values()) + gone)
     result.errors = [f"{a.name}: {a.error}" for a in list(live.values()) + gone if a.error]
     result.logged = _log_rounds(run_dir / "rounds.jsonl")
     records = [json.loads(line) for line in (run_dir / "rounds.jsonl").read_text().splitlines()] \
@@ -243,6 +259,29 @@ def soak(agents: int, rounds: int, kill_every: float, *, model: str, limit: int,
     return result
 
 
+def probe_report(path: Path, rounds: int) -> str:
+    """The probe's samples while rounds ran, as medians over six windows of rounds (threads: the most)."""
+    recs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    recs = [x for x in recs if 0 < x["rounds"] < rounds]  # while rounds ran
+    edges = sorted({*range(0, rounds, max(1, rounds // 6)), rounds})
+    lines = ["", "| rounds | RssAnon MB | heap MB (malloc arena) | in use MB | free in heap MB | malloc arenas | "
+             "threads | Python objects |", "|---|---|---|---|---|---|---|---|"]
+    for a, b in itertools.pairwise(edges):
+        w = [x for x in recs if a <= x["rounds"] < b]
+        if not w:
+            continue
+
+        def med(key: str, scale: float, w: list[dict[str, Any]] = w) -> str:
+            vals = [x[key] / scale for x in w if key in x]
+            return f"{statistics.median(vals):.1f}" if vals else "-"
+
+        objects = [str(x["objects"]) for x in w if "objects" in x]
+        lines.append(f"| {a}–{b} | {med('RssAnon', 1e3)} | {med('arena', 1e6)} | {med('uord', 1e6)} | "
+                     f"{med('ford', 1e6)} | {med('arenas', 1)[:-2]} | {max(x['Threads'] for x in w)} | "
+                     f"{', '.join(objects) or '-'} |")
+    return "\n".join(lines)
+
+
 def report(r: Soak, warmup: float, model: str) -> str:
     rounds_seen = max((s.rounds for s in r.samples), default=0)
     lines = [
@@ -250,22 +289,27 @@ def report(r: Soak, warmup: float, model: str) -> str:
         f"({r.model_bytes / 1e6:.2f} MB), loopback, {len(os.sched_getaffinity(0))} cores shared; "
         f"{r.kills} agents killed and restarted; {r.wall:.0f} s",
         "",
-        f"| coordinator | first sample | last sample (after the last round) | slope per 100 rounds (after {warmup:.0%} "
-        "warm-up) ± 2 SE |",
-        "|---|---|---|---|",
+        f"| coordinator | first sample | last sample (after the last round) | slope per 100 rounds ± 2 SE, after "
+        f"{warmup:.0%} warm-up | the same over the second half |",
+        "|---|---|---|---|---|",
     ]
     first, last = (r.samples[0], r.samples[-1]) if r.samples else (None, None)
     for attr, unit, scale in (("rss", "MB", 1e6), ("fds", "", 1), ("threads", "", 1), ("connections", "", 1)):
-        s, err = slope(r.samples, attr, warmup)
         a = f"{getattr(first, attr) / scale:.1f} {unit}" if first else "-"
         b = f"{getattr(last, attr) / scale:.1f} {unit}" if last else "-"
-        lines.append(f"| {attr} | {a} | {b} | {s / scale:+.2f} ± {err / scale:.2f} {unit} |")
+        fits = [slope(r.samples, attr, w) for w in (warmup, SECOND_HALF)]
+        lines.append(f"| {attr} | {a} | {b} | " + " | ".join(f"{s / scale:+.2f} ± {err / scale:.2f} {unit}"
+                                                            for s, err in fits) + " |")
     lines += [
         "",
         f"- coordinator exit code {r.exit_code}; rounds logged {len(set(r.logged))}/{r.rounds} (sampled up to "
         f"{rounds_seen}); rounds lost {r.lost}; logged twice {r.twice}; closed short (an agent killed in them) "
         f"{r.short}; not applied and run again {r.reruns}",
-        f"- agents that heard FINISHED {r.finished}/{r.agents}; client errors {len(r.errors)}",
+        f"- agents that heard FINISHED {r.finished}/{r.agents}; updates refused or not confirmed {r.refused} (a "
+        "round closed before they were in: the agent goes on, as edge-agent does); client errors "
+        f"{len(r.errors)}",
+        f"- coordinator threads at most {max((s.threads for s in r.samples), default=0)} (gRPC's handler pool "
+        f"starts one when a call finds none idle, up to {HANDLER_THREADS}, and keeps it: a step, not a slope)",
         f"- staging: at most {r.staged_max} files held at once (upload slots: {UPLOAD_SLOTS}; one kept to reuse); "
         f"{r.staged_at_end} at the last sample; files left in the staging dir after exit {len(r.left_in_staging)}",
     ]
@@ -285,18 +329,31 @@ def main() -> int:
     p.add_argument("--warmup", type=float, default=0.1, help="fraction of rounds left out of the slopes")
     p.add_argument("--timeout", type=float, default=3600.0, help="give up after this many seconds")
     p.add_argument("--json", type=Path, help="also write the figures here")
+    p.add_argument("--probe", type=Path, help="sample the coordinator's heap, threads and Python objects from "
+                   "inside it into this file (bench/soak_probe) and print them by windows of rounds")
+    p.add_argument("--probe-gc-every", type=int, default=250, help="count Python objects every this many rounds")
     args = p.parse_args()
     r = soak(args.agents, args.rounds, args.kill_every, model=args.model, limit=args.limit, seed=args.seed,
-             round_timeout=args.round_timeout, timeout=args.timeout)
+             round_timeout=args.round_timeout, timeout=args.timeout, probe=args.probe,
+             probe_gc_every=args.probe_gc_every)
     print(report(r, args.warmup, args.model))
+    if args.probe is not None and args.probe.exists():
+        print(probe_report(args.probe, r.rounds))
     if args.json is not None:
-        slopes = {attr: slope(r.samples, attr, args.warmup) for attr in ("rss", "fds", "threads", "connections")}
+        attrs = ("rss", "fds", "threads", "connections")
+        slopes = {attr: slope(r.samples, attr, args.warmup) for attr in attrs}
+        halves = {attr: slope(r.samples, attr, SECOND_HALF) for attr in attrs}
         args.json.write_text(json.dumps({
             "exit_code": r.exit_code, "rounds": r.rounds, "lost": r.lost, "twice": r.twice, "short": r.short,
-            "reruns": r.reruns, "kills": r.kills, "finished": r.finished, "agents": r.agents, "errors": r.errors,
+            "reruns": r.reruns, "kills": r.kills, "finished": r.finished, "refused": r.refused, "agents": r.agents,
+            "errors": r.errors,
             "staged_at_end": r.staged_at_end, "staged_max": r.staged_max, "left_in_staging": r.left_in_staging,
             "slopes_per_100_rounds": {k: {"slope": v[0], "two_se": v[1]} for k, v in slopes.items()},
-            "samples": len(r.samples)}, indent=1))
+            "second_half_slopes_per_100_rounds": {k: {"slope": v[0], "two_se": v[1]} for k, v in halves.items()},
+            "samples": len(r.samples),
+            "series": {"columns": ["rounds", "rss", "fds", "threads", "connections", "staged"],
+                       "rows": [[s.rounds, s.rss, s.fds, s.threads, s.connections, s.staged] for s in r.samples]},
+        }, indent=1))
     ok = r.exit_code == 0 and r.lost == 0 and r.twice == 0 and r.finished == r.agents and not r.errors
     print("  OK" if ok else "  FAILED")
     return 0 if ok else 1

@@ -7,6 +7,7 @@ docs/security.md); here only what must hold on any machine is checked.
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -30,3 +31,10 @@ def test_agents_killed_and_restarted_lose_no_round_and_staging_ends_empty(tmp_pa
     # its upload slots, however many uploads were cut off by a kill
     assert 1 <= r["staged_max"] <= UPLOAD_SLOTS and r["left_in_staging"] == [], r
     assert "| rss |" in done.stdout and "rounds lost 0" in done.stdout
+    # the slopes come over the second half as well (past the heap's growth to its working size), and every
+    # sample is in the json, in the order of the rounds
+    half = r["second_half_slopes_per_100_rounds"]["rss"]
+    assert math.isfinite(half["slope"]) and math.isfinite(half["two_se"]), r
+    rows = r["series"]["rows"]
+    assert len(rows) == r["samples"] > 0 and [row[0] for row in rows] == sorted(row[0] for row in rows), r
+    assert "second half" in done.stdout
