@@ -124,7 +124,7 @@ def run_pinned(
     port = free_port() if world > 1 else 0
     setups = [(target, ChildSetup(rank, world, tuple(cores), threads or len(cores), port), args)
               for rank, cores in enumerate(groups)]
-    children = Children(_child, setups, name="edgetrain-pinned", error=PinnedError,
+    children = Children(_child, setups, name="edgetrain-pinned", error=PinnedError, one_shot=True,
                         describe=lambda r: f"pinned child {r} (cores {format_cores(list(groups[r]))})")
     finished = False
     try:

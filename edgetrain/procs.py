@@ -68,16 +68,22 @@ def failed(exc: BaseException) -> Failed:
     return Failed(detail, traceback.format_exc())
 
 
+_NOTHING = object()  # no message: a dead child whose pipe's write end something else still holds
+
+
 class Children:
     """Spawned children, each running `target(*args)` with its own end of a pipe as the last argument.
 
     `describe(i)` names child `i` in errors ("benchmark child 1 (cores 2-3)"); `error` is the ChildError raised,
-    with `failure(i, detail)` as its message when the child sent `Failed`.
+    with `failure(i, detail)` as its message when the child sent `Failed`. `one_shot`: each child sends its one
+    result and exits (a pinned run), so one that ended cleanly has finished; otherwise (training workers, which
+    run until told to stop) any child that ended has died.
     """
 
     def __init__(self, target: Callable[..., None], args: Sequence[tuple[Any, ...]], *, name: str,
                  describe: Callable[[int], str], error: type[ChildError] = ChildError,
-                 failure: Callable[[int, str], str] | None = None) -> None:
+                 failure: Callable[[int, str], str] | None = None, one_shot: bool = False) -> None:
+        self._one_shot = one_shot
         self._ctx = tmp.get_context("spawn")
         self._describe, self._error = describe, error
         self._failure = failure or (lambda i, detail: f"{describe(i)}: {detail}")
@@ -103,14 +109,20 @@ class Children:
         return [p.pid for p in self.processes]
 
     def send(self, i: int, msg: object) -> None:
-        self.conns[i].send(msg)
+        try:
+            self.conns[i].send(msg)
+        except OSError as exc:  # its end of the pipe is gone: it died after its last message was read
+            self.processes[i].join(1.0)
+            raise self._error(f"{self._describe(i)} exited unexpectedly (exit code {self.processes[i].exitcode})"
+                              ) from exc
 
     def recv(self, i: int, timeout: float) -> Any:
         """Child `i`'s next message; `error` when it sent `Failed`, when any child died, or after `timeout` s.
 
-        A child that ended cleanly while another is awaited has not died: a pinned run's child sends its one
-        message and exits, maybe before the one awaited. Its message is kept for its own `recv`. One that ended
-        without a message and a nonzero exit code, or with `Failed`, has died.
+        With `one_shot`, a child that ended cleanly while another is awaited has not died: a pinned run's child
+        sends its one message and exits, maybe before the one awaited. Its message is kept for its own `recv`.
+        One that ended without a message and a nonzero exit code, or with `Failed`, has died; without
+        `one_shot`, any child that ended has.
         """
         end = time.monotonic() + timeout
         while i not in self._held and not self.conns[i].poll(0.2):  # 0.2 s: how soon a death is seen
@@ -122,13 +134,18 @@ class Children:
         return self._held.pop(i) if i in self._held else self._read(i)
 
     def _last_words(self, j: int) -> None:
-        """Child `j` ended: keep its message, if it left one; `error` for `Failed` or an unclean end."""
+        """Child `j` ended: keep its message, if it left one (`one_shot`); `error` for `Failed` or a death."""
         try:
-            self._held[j] = self._read(j)
+            msg = self._read(j) if self.conns[j].poll(0) else _NOTHING  # a dead child's pipe polls true at EOF too
         except self._error:
-            if j not in self._eof or self.processes[j].exitcode != 0:
+            if not self._one_shot or j not in self._eof or self.processes[j].exitcode != 0:
                 raise
             self._done.add(j)  # no message left and exit code 0: it finished, every message it sent was read
+            return
+        if not self._one_shot or msg is _NOTHING:
+            self.processes[j].join(1.0)
+            raise self._error(f"{self._describe(j)} exited unexpectedly (exit code {self.processes[j].exitcode})")
+        self._held[j] = msg
 
     def _read(self, i: int) -> Any:
         """Child `i`'s next message, which is there (or its pipe is closed); `error` for `Failed` or none."""

@@ -48,3 +48,29 @@ def test_a_child_that_dies_while_another_is_awaited_stops_the_run_at_once(how: s
     with pytest.raises(PinnedError, match=said):
         run_pinned(_rank_one_dies, [core, core], how)
     assert time.monotonic() - t0 < 25.0  # not rank 0's 30 s
+
+
+def _says_hello_then_ends(index: int, conn: object) -> None:
+    conn.send("hello")  # type: ignore[attr-defined]
+    if index == 1:
+        return  # ends cleanly, exit code 0, as a one-shot child would
+    time.sleep(30.0)  # child 0 is awaited and never answers in time
+
+
+def test_a_long_lived_child_that_ends_even_cleanly_has_died() -> None:
+    """Without one_shot (the agent's training workers, which run until told to stop) any child that ended has died."""
+    from edgetrain.procs import ChildError, Children
+
+    children = Children(_says_hello_then_ends, [(0,), (1,)], name="test-child", describe=lambda i: f"child {i}")
+    try:
+        assert children.recv(0, 10.0) == "hello"
+        assert children.recv(1, 10.0) == "hello"
+        t0 = time.monotonic()
+        with pytest.raises(ChildError, match=r"child 1 exited unexpectedly \(exit code 0\)"):
+            children.recv(0, 20.0)  # child 1 has ended meanwhile
+        assert time.monotonic() - t0 < 15.0
+        with pytest.raises(ChildError, match=r"child 1 exited unexpectedly"):
+            for _ in range(100):  # the pipe may take a write or two before it reports the other end gone
+                children.send(1, "more")
+    finally:
+        children.stop(0.5)
