@@ -239,7 +239,7 @@ class AgentRunner:
             # residuals are left, goes as a delta, which needs the round's weights here: an update written straight
             # to a same-host file (no link to spare) goes as float32 weights.
             wire = feedback.wire_for(header.update_dtype)
-            if header.update_dtype and route.same_host and header.update_file:
+            if header.update_dtype not in ("", feedback.wire_dtype) and route.same_host and header.update_file:
                 wire = "float32"  # asked for a link's sake, but this update stays on this host
             as_delta = rnd.state is not None and (wire != "float32" or feedback.pending)
             if as_delta:

@@ -267,7 +267,6 @@ class Coordinator:
         self.adapter = Adapter(self.engine.local_steps, spec.update_dtype, serde.nbytes(serde.spec_of(state)),
                                k_auto=cfg.local_steps_auto, dtype_auto=cfg.update_dtype_auto,
                                k_max=shard_batches, max_round_seconds=cfg.round_timeout / 2)
-        self.engine.update_dtype = spec.update_dtype
         self.metrics.adapted(self.engine.local_steps, spec.update_dtype)
         self._svc = ServiceState(self.engine, self.membership, spec, self.metrics, min_agents=cfg.min_agents,
                                  upload_slots=cfg.upload_slots, staging_dir=cfg.staging_dir, limits=cfg.limits)
@@ -702,7 +701,7 @@ class Coordinator:
             elapsed_seconds=elapsed,
             training_share=self._report_share(nodes, elapsed),
             local_steps=round(sum(a.local_steps for a in asked) / len(asked)) if asked else 0,
-            update_dtype=asked[0].update_dtype if asked else "",
+            update_dtype=(asked[0].update_dtype or self.cfg.spec.update_dtype) if asked else "",
         )
 
     def _checkpoint(self, state: dict[str, torch.Tensor], snap: dict[str, Any]) -> None:
