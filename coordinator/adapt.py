@@ -40,6 +40,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from edgetrain.records import NodeStats
+from edgetrain.serde import UPDATE_DTYPES
 
 LINK_SHARE = 0.1
 MATERIAL_SECONDS = 0.05
@@ -48,7 +49,7 @@ WINDOW = 5
 MIN_SAMPLES = 2
 EVERY = 10
 ENCODINGS = ("float32", "float16", "int8")  # least lossy first: the order the rule tries them in
-_RATIO = {"float32": 1.0, "float16": 0.5, "bfloat16": 0.5, "int8": 0.25}  # upload bytes per float32 byte
+_RATIO = {name: t.itemsize / 4 for name, t in UPDATE_DTYPES.items()}  # upload bytes per float32 byte
 
 
 @dataclass(frozen=True)
@@ -122,7 +123,6 @@ class Adapter:
         self.model_bytes = max(1, model_bytes)  # the float32 weights: the download, and a float32 upload
         self.choice = Adaptation(k_floor, dtype)
         self._samples: dict[str, deque[tuple[float, float]]] = {}  # node -> (step seconds, float32 round trip)
-        self._seen: set[str] = set()  # nodes whose first (warm-up) update was left out
         self._last_upload: dict[str, float] = {}  # node -> bytes of its previous update (its communication's upload)
         self._last_round: dict[str, int] = {}  # node -> the round of its last measured update
         self._decided_at: int | None = None
@@ -140,10 +140,10 @@ class Adapter:
         figures = (stats.compute_seconds, stats.communication_seconds, stats.bytes)
         if not all(math.isfinite(x) and x >= 0 for x in figures):
             return
+        first = node not in self._last_upload  # its first update: its workers' warm-up, left out
         upload = self._last_upload.get(node, 0.0)
         self._last_upload[node] = stats.bytes
-        if node not in self._seen:
-            self._seen.add(node)
+        if first:
             return
         if local_steps < 1 or stats.compute_seconds <= 0:
             return
