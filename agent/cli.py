@@ -68,7 +68,7 @@ def make_app() -> typer.Typer:
             metrics_host=metrics_host, metrics_port=metrics_port, token=read_token(token_env, token_file),
             tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key, give_up_after=give_up_after,
         )
-        runner = AgentRunner(cfg, threading.Event())
+        runner = AgentRunner(cfg, threading.Event(), prefork=True)  # this command ran no torch nor gRPC yet
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: runner.interrupt())
         code = runner.run()

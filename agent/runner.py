@@ -19,6 +19,7 @@ from edgetrain.compression import ErrorFeedback
 from edgetrain.cores import format_cores, pin_current_process
 from edgetrain.errors import ConfigError
 from edgetrain.httpmetrics import MetricsServer
+from edgetrain.procs import Prestarted, may_fork
 from edgetrain.proto import edgetrain_pb2 as pb
 from edgetrain.records import NodeStats
 from edgetrain.spec import RunSpec
@@ -75,8 +76,15 @@ class AgentRunner:
     """
 
     def __init__(self, cfg: AgentConfig, stop: threading.Event | None = None,
-                 registry: CollectorRegistry | None = None) -> None:
+                 registry: CollectorRegistry | None = None, *, prefork: bool = False) -> None:
+        """`prefork`: the caller ran neither gRPC nor torch in this process (the command), so workers may be forked.
+
+        They are forked at once, while the agent joins (procs.Prestarted); a process that did, such as a test's,
+        spawns them once the run is known.
+        """
         self.cfg = cfg
+        self.prefork = prefork
+        self._prestarted: Prestarted | None = None
         self.stop = stop or threading.Event()
         self.registry = registry or CollectorRegistry()
         self.pool: WorkerPool | None = None
@@ -116,6 +124,8 @@ class AgentRunner:
         if cfg.device.startswith("cuda"):
             if not torch.cuda.is_available():
                 raise ConfigError(f"device {cfg.device} requested, but torch sees no CUDA device here")
+        if self.prefork and cfg.device == "cpu" and not cfg.auto_workers and may_fork():
+            self._prestarted = Prestarted(len(cfg.core_groups), name="edge-worker")  # before any thread starts
         metrics = AgentMetrics(self.registry, name=cfg.name, cores=cfg.cores, device=cfg.device,
                                workers=cfg.workers, pids=lambda: self.pool.pids if self.pool else [])
         if cfg.metrics_port is not None:
@@ -137,7 +147,8 @@ class AgentRunner:
                     spec = new_spec
                     log.info("joined as %s; starting %d worker(s) on cores %s", reply.agent_id, cfg.workers,
                              cfg.core_groups)
-                    self.pool = WorkerPool(cfg.core_groups, spec, cfg.where, cfg.device)
+                    prestarted, self._prestarted = self._prestarted, None  # for the first pool only
+                    self.pool = WorkerPool(cfg.core_groups, spec, cfg.where, cfg.device, prestarted=prestarted)
                     self.ready.set()
                 else:
                     log.info("joined again as %s (same run: workers kept)", reply.agent_id)
@@ -157,6 +168,9 @@ class AgentRunner:
             client.close()
             if self.pool is not None:
                 self.pool.stop()
+            if self._prestarted is not None:
+                self._prestarted.stop()
+                self._prestarted = None
             if self.metrics_server is not None:
                 self.metrics_server.close()
 

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from edgetrain.errors import EdgetrainError, WireError
-from edgetrain.procs import ChildError, Children, Stop, failed, free_port, prepare_child
+from edgetrain.procs import ChildError, Children, Prestarted, Stop, failed, free_port, prepare_child
 from edgetrain.spec import DataLocation, RunSpec
 from edgetrain.training import StepResult, batch_plan, make_optimizer, set_lr, train_steps
 
@@ -191,7 +191,8 @@ class WorkerPool:
     """The agent's side of its workers: start them pinned, feed rounds, collect results, stop them."""
 
     def __init__(self, core_groups: list[list[int]], spec: RunSpec, where: DataLocation, device: str = "cpu",
-                 start_timeout: float = 600.0) -> None:
+                 start_timeout: float = 600.0, prestarted: Prestarted | None = None) -> None:
+        """`prestarted`: forked workers waiting for their work (one per core group; else they are spawned now)."""
         self.device = device
         self.shared: dict[str, torch.Tensor] = {}
         count = len(core_groups)
@@ -199,7 +200,7 @@ class WorkerPool:
         setups = [(WorkerSetup(i, count, tuple(cores), spec, where, device, port),)
                   for i, cores in enumerate(core_groups)]
         self._children = Children(_main, setups, name="edgetrain-worker", describe=lambda i: "a training worker",
-                                  error=WorkerError, failure=lambda i, detail: detail)
+                                  error=WorkerError, failure=lambda i, detail: detail, prestarted=prestarted)
         try:
             for i in range(count):
                 ready: Ready = self._children.recv(i, start_timeout)

@@ -109,6 +109,7 @@ class HyperRule:
     optimizer: str
     lr_decay: float  # x per epoch of the training split, every method
     seed: int
+    momentum: float = 0.0  # SGD's
 
     @property
     def effective_batch(self) -> int:
@@ -124,7 +125,7 @@ class HyperRule:
         if self.effective_batch % workers:
             raise ConfigError(f"an effective batch of {self.effective_batch} does not split over {workers} workers")
         return base.with_(batch_size=self.effective_batch // workers, lr=self.lr, optimizer=self.optimizer,
-                          lr_decay=self.lr_decay, seed=self.seed)
+                          momentum=self.momentum, lr_decay=self.lr_decay, seed=self.seed)
 
     def describe(self) -> str:
         return (f"effective batch {self.effective_batch} for every method ({self.agents} x {self.per_worker_batch}; "
@@ -136,7 +137,7 @@ class HyperRule:
 
 def hyper_rule(settings: ex.BenchSettings, model: str, agents: int) -> HyperRule:
     return HyperRule(agents, settings.batch_size, settings.lr or default_lr(model), settings.optimizer,
-                     settings.lr_decay, settings.seed)
+                     settings.lr_decay, settings.seed, settings.momentum)
 
 
 @dataclass(frozen=True)

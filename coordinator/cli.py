@@ -38,6 +38,7 @@ ModelOpt = Annotated[str, typer.Option(help="Model name, e.g. text-cnn, text-ngr
 LimitOpt = Annotated[int, typer.Option(help="Use only the first N train and test examples (0: all).")]
 LrOpt = Annotated[Optional[float], typer.Option(help=LR_HELP)]  # noqa: UP045
 OptimizerOpt = Annotated[str, typer.Option(help="sgd, adam or adadelta.")]
+MomentumOpt = Annotated[float, typer.Option(help="SGD momentum.")]
 LrDecayOpt = Annotated[float, typer.Option(help="Learning rate x this per epoch (1: constant).")]
 SeedOpt = Annotated[int, typer.Option(help="Seed of data split, weights and batches.")]
 QuietWaitOpt = Annotated[float, typer.Option(help="Before each run, wait up to N s for a quiet machine.")]
@@ -90,7 +91,7 @@ def auto_local_agents(spec: RunSpec, where: DataLocation, local_steps: int | Non
     return split.processes
 
 
-def _train(cfg: CoordinatorConfig) -> int:
+def _train(cfg: CoordinatorConfig, *, fork_agents: bool = False) -> int:
     """`coordinator run` once its options are a config: serve, run the rounds until stopped, print the summary."""
     import psutil
     from rich.console import Console
@@ -103,7 +104,7 @@ def _train(cfg: CoordinatorConfig) -> int:
         signal.signal(sig, lambda *_: stop.set())
     # start-up is counted from the command: this process's start, imports included
     coord = Coordinator(cfg, stop=stop, keep_history=False,  # a run of days must not grow with its rounds
-                        started_at=psutil.Process().create_time())
+                        started_at=psutil.Process().create_time(), fork_agents=fork_agents)
     coord.start()
     console.print(f"coordinator listening on {cfg.host}:{coord.port}; run dir {cfg.run_dir}")
     result = coord.run()
@@ -138,7 +139,7 @@ def make_app() -> typer.Typer:
         batch_size: Annotated[int, typer.Option(help="Batch per worker per step.")] = 64,
         lr: Annotated[Optional[float], typer.Option(help=LR_HELP)] = None,  # noqa: UP045
         optimizer: Annotated[str, typer.Option(help="sgd, adam or adadelta.")] = "adam",
-        momentum: Annotated[float, typer.Option(help="SGD momentum.")] = 0.0,
+        momentum: MomentumOpt = 0.0,
         weight_decay: Annotated[float, typer.Option(help="L2 weight decay.")] = 0.0,
         local_steps: Annotated[str, typer.Option(
             callback=count_or_auto,
@@ -239,6 +240,9 @@ def make_app() -> typer.Typer:
         )
         where = DataLocation(data_dir, data_path, cache_dir, not no_download, test_path, val_path)
         own_cores = tuple(validate_cores(parse_cores(cores))) if cores else ()  # before a probe, not after
+        # a count: nothing ran torch or gRPC in this process yet, so the local agents may be forked (procs.may_fork);
+        # auto's probe may have run torch here
+        fork_agents = n_local is not None
         if n_local is None:
             n_local = auto_local_agents(spec, where, k, agent_cores(own_cores, warn=False))
         cfg = CoordinatorConfig(
@@ -258,7 +262,7 @@ def make_app() -> typer.Typer:
             tls_client_ca=tls_client_ca, insecure=insecure, progress=progress,
             limits=Limits(max_agents=max_agents, any_metrics_host=sd_any_host),
         )
-        return _train(cfg)
+        return _train(cfg, fork_agents=fork_agents)
 
     @app.command()
     def report(
@@ -293,6 +297,7 @@ def make_bench_app() -> typer.Typer:
         local_steps: Annotated[int, typer.Option(help="edgetrain: K local steps per round.")] = 8,
         lr: LrOpt = None,
         optimizer: OptimizerOpt = "adam",
+        momentum: MomentumOpt = 0.0,
         lr_decay: LrDecayOpt = LR_DECAY,
         seed: SeedOpt = 0,
         repeats: Annotated[int, typer.Option(help="Runs of each method (medians are reported).")] = 1,
@@ -315,7 +320,8 @@ def make_bench_app() -> typer.Typer:
         from . import experiments as ex
 
         settings = ex.BenchSettings(dataset=dataset, model=model, data_dir=data_dir, limit=limit, epochs=epochs,
-                                    batch_size=batch_size, lr=lr, optimizer=optimizer, lr_decay=lr_decay,
+                                    batch_size=batch_size, lr=lr, optimizer=optimizer, momentum=momentum,
+                                    lr_decay=lr_decay,
                                     seed=seed, repeats=repeats,
                                     quiet_wait=quiet_wait, max_other_load=max_other_load, retries=retries)
         if until:
@@ -344,6 +350,7 @@ def make_bench_app() -> typer.Typer:
         batch_size: Annotated[int, typer.Option(help="Batch per step (per process for layouts).")] = 64,
         lr: LrOpt = None,
         optimizer: OptimizerOpt = "adam",
+        momentum: MomentumOpt = 0.0,
         lr_decay: LrDecayOpt = LR_DECAY,
         seed: SeedOpt = 0,
         repeats: Annotated[int, typer.Option(help="Runs of each configuration.")] = 3,
@@ -361,7 +368,8 @@ def make_bench_app() -> typer.Typer:
         from . import experiments as ex
 
         settings = ex.BenchSettings(dataset=dataset, model=model, data_dir=data_dir, limit=limit, epochs=epochs,
-                                    batch_size=batch_size, lr=lr, optimizer=optimizer, lr_decay=lr_decay,
+                                    batch_size=batch_size, lr=lr, optimizer=optimizer, momentum=momentum,
+                                    lr_decay=lr_decay,
                                     seed=seed, repeats=repeats,
                                     quiet_wait=quiet_wait, max_other_load=max_other_load, retries=retries)
         sets = ex.parse_affinity(affinity) if affinity else None

@@ -29,6 +29,7 @@ from edgetrain.cores import allowed_cores, format_cores, pin_current_process, sp
 from edgetrain.errors import ConfigError, EdgetrainError
 from edgetrain.httpmetrics import MetricsServer
 from edgetrain.memory import compute_heap, tune_malloc
+from edgetrain.procs import Forked, Waiting, fork_waiting, may_fork
 from edgetrain.recipes import Metric
 from edgetrain.records import NodeStats
 from edgetrain.training import EvalResult, evaluate, state_of
@@ -170,6 +171,22 @@ def agent_cores(coordinator_cores: tuple[int, ...], warn: bool = True) -> list[i
     return rest or host
 
 
+def _agent_main(token: str, argv: list[str]) -> int:
+    """A forked local agent: the `python -m edgetrain.agent` command with `argv`, in this process (see procs).
+
+    The command by its module name, as the spawned agents are started: the coordinator imports none of the
+    agent's code. The token goes through the environment, as it does for them (never argv, which `ps` shows).
+    """
+    import runpy
+
+    for handler in list(logging.root.handlers):  # the agent's --log-level configures its own, as in a new process
+        logging.root.removeHandler(handler)
+    os.environ["EDGETRAIN_TOKEN"] = token
+    sys.argv = ["edge-agent", *argv]
+    runpy.run_module("edgetrain.agent", run_name="__main__", alter_sys=True)  # exits with the agent's code
+    return 0
+
+
 def local_core_groups(n: int, cores: list[int] | None = None) -> list[list[int]]:
     """Disjoint core groups for n local agents; with more agents than cores, agents share cores round-robin."""
     cores = cores or allowed_cores()
@@ -187,12 +204,13 @@ class Coordinator:
 
     def __init__(self, cfg: CoordinatorConfig, *, registry: CollectorRegistry | None = None,
                  stop: threading.Event | None = None, console: Console | None = None,
-                 keep_history: bool = True, started_at: float | None = None) -> None:
+                 keep_history: bool = True, started_at: float | None = None, fork_agents: bool = False) -> None:
         """`keep_history` False: `RunResult.history` holds the last round's record only (the log has them all).
 
         `started_at`: when the command started (time.time(); default: now), whence the start-up time is counted.
+        `fork_agents`: the caller (the command) has run neither gRPC nor torch in this process, so the local
+        CPU agents may be forked (`_fork_local_agents`); a process that did, such as a test's, spawns them.
         """
-        tune_malloc()
         self.started_at = time.time() if started_at is None else started_at
         self.startup_seconds = 0.0  # from `started_at` to the first round
         self._final: EvalResult | None = None  # the global model's last figures on test
@@ -212,7 +230,9 @@ class Coordinator:
         self.engine: RoundEngine | None = None
         self.port = 0
         self.metrics_server: MetricsServer | None = None
-        self.local_agents: list[subprocess.Popen[bytes]] = []
+        self.local_agents: list[subprocess.Popen[bytes] | Forked] = []
+        self.fork_agents = fork_agents
+        self._waiting: list[Waiting] = []  # forked local agents not yet told the address
         self._server: Any = None
         self._svc: ServiceState | None = None
         self._model: torch.nn.Module | None = None
@@ -237,6 +257,9 @@ class Coordinator:
         cfg = self.cfg
         if cfg.run_dir is not None:
             self._check_run_dir(cfg.run_dir)  # before the data loads: a wrong folder is said at once
+        groups = self._local_agent_groups()
+        self._fork_local_agents()
+        tune_malloc()  # after the fork: an agent keeps glibc's defaults (edgetrain.memory)
         self.workload = load_workload(cfg.spec, cfg.where, metric=cfg.metric, progress=cfg.progress)
         spec = self.workload.spec
         cfg = self.cfg = self._fill_in_recipe(cfg, self.workload)
@@ -278,7 +301,7 @@ class Coordinator:
         if cfg.metrics_port is not None:
             self.metrics_server = MetricsServer(self.registry, cfg.metrics_host, cfg.metrics_port,
                                                 json_routes={"/sd": self.service_discovery})
-        self._spawn_local_agents()
+        self._spawn_local_agents(groups)
         # after the local agents started: a child inherits its parent's affinity
         if cfg.cores and not pin_current_process(list(cfg.cores)):
             log.warning("--cores: this OS has no CPU affinity call; the coordinator runs unpinned")
@@ -317,12 +340,12 @@ class Coordinator:
             if a.metrics_address
         ]
 
-    def _spawn_local_agents(self) -> None:
+    def _local_agent_groups(self) -> list[list[int]]:
+        """Each local agent's cores (CPU agents first, then one per --local-gpus device); warns of sharing."""
         cfg = self.cfg
-        devices = list(cfg.local_devices)
-        n = cfg.local_agents + len(devices)
+        n = cfg.local_agents + len(cfg.local_devices)
         if n == 0:
-            return
+            return []
         cores = agent_cores(cfg.cores)
         self._agents_apart = not set(cores) & set(cfg.cores)
         groups = local_core_groups(n, cores)
@@ -334,11 +357,29 @@ class Coordinator:
         if cfg.local_workers > fewest:
             log.warning("--local-workers %d: a local agent has %d core(s); it runs one worker per core",
                         cfg.local_workers, fewest)
+        return groups
+
+    def _fork_local_agents(self) -> None:
+        """The CPU agents' processes, forked now, before the data loads, gRPC or torch ran (see procs.may_fork).
+
+        They skip the ~1.5 s import of torch each and wait for the coordinator's address (`_spawn_local_agents`).
+        Only when the command asked for it (`fork_agents`) and this process may fork; otherwise they are
+        spawned as `python -m edgetrain.agent` once the server listens.
+        """
+        if self.fork_agents and self.cfg.local_agents and may_fork():
+            token = self.cfg.token or ""
+            self._waiting = fork_waiting(self.cfg.local_agents, functools.partial(_agent_main, token),
+                                         name="edge-agent")
+            self.local_agents.extend(w.proc for w in self._waiting)
+
+    def _spawn_local_agents(self, groups: list[list[int]]) -> None:
+        cfg = self.cfg
+        devices = list(cfg.local_devices)
         host = "127.0.0.1" if cfg.host in ("0.0.0.0", "::", "") else cfg.host
         for i, cores in enumerate(groups):
             device = devices[i - cfg.local_agents] if i >= cfg.local_agents else "cpu"
             name = f"local-{i}" if device == "cpu" else f"gpu-{device.split(':')[-1]}"
-            cmd = [sys.executable, "-m", "edgetrain.agent", "start", "--coordinator", f"{host}:{self.port}",
+            cmd = ["start", "--coordinator", f"{host}:{self.port}",
                    "--cores", format_cores(cores), "--name", name, "--device", device,
                    "--workers", str(min(cfg.local_workers, len(cores))), "--give-up-after", "60"]
             w = cfg.where
@@ -357,8 +398,12 @@ class Coordinator:
                 cmd += ["--token-env", "EDGETRAIN_TOKEN"]
             if cfg.tls_cert is not None:
                 cmd += ["--tls-ca", str(cfg.tls_cert)]
+            if i < len(self._waiting):
+                self._waiting[i].go(cmd)
+                continue
             env = dict(os.environ, EDGETRAIN_TOKEN=cfg.token or "")
-            self.local_agents.append(subprocess.Popen(cmd, env=env))
+            self.local_agents.append(subprocess.Popen([sys.executable, "-m", "edgetrain.agent", *cmd], env=env))
+        self._waiting = []
 
     # ---- the loop
     def _wait_for_agents(self) -> None:
@@ -737,6 +782,9 @@ class Coordinator:
         if self.engine is not None:
             self.engine.finish(self._failure)
             self._let_agents_hear_finished()
+        for waiting in self._waiting:  # never told the address: they exit at once
+            waiting.cancel()
+        self._waiting = []
         deadline = time.monotonic() + 15
         for proc in self.local_agents:  # they see FINISHED and exit; stragglers are stopped
             try:

@@ -4,15 +4,26 @@ The agent's training workers (agent/worker.py) and the pinned runs of `edgetrain
 `--workers auto`, and the benchmarks) both start children this way: `spawn` (gRPC does not survive fork()), each child
 pinned first, then torch's thread pools sized. A child that fails sends `Failed` before it exits; the parent
 raises `ChildError` with the child's own message, as it does when a child dies or does not answer in time.
+
+Start-up: a spawned child imports torch again (~1.5 s of CPU), and the README's run starts four such processes
+after the coordinator's own import. So a process that may still fork safely (`may_fork`: Linux, one thread, gRPC
+not started, torch's thread pools not used) forks its children early instead, while they cannot be told their
+work yet: `Prestarted` children wait for it on their pipe, and `Children(prestarted=...)` hands it to them.
+`fork_waiting` does the same for whole commands (the coordinator's local agents, which wait for its address).
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import socket
+import subprocess
 import sys
+import threading
 import time
-from collections.abc import Callable, Sequence
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -71,6 +82,98 @@ def failed(exc: BaseException) -> Failed:
 _NOTHING = object()  # no message: a dead child whose pipe's write end something else still holds
 
 
+def name_process(name: str) -> None:
+    """What `ps -o comm` and `top` show for this process (Linux: 15 characters).
+
+    A forked child keeps its parent's command line, so this is what tells a forked agent or worker apart.
+    """
+    try:
+        with open("/proc/self/comm", "w") as comm:
+            comm.write(name[:15])
+    except OSError:
+        pass
+
+
+@contextmanager
+def _forking() -> Iterator[None]:
+    """Around a deliberate fork (see `may_fork`): no warning of the threads that are safe to fork.
+
+    Python 3.12+ warns of any other thread, and the one such thread a CLI process has, OpenBLAS's pool (numpy
+    starts it at import), is fork-safe: OpenBLAS re-creates it in a child.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*fork.*", category=DeprecationWarning)
+        yield
+
+
+def may_fork() -> bool:
+    """Whether this process can fork children that go on to use torch and gRPC.
+
+    Only on Linux, and only from a process with one Python thread. The caller must also know that it has not
+    started gRPC (no channel, no server) nor run torch operations (GNU OpenMP's pool does not survive fork):
+    the coordinator's and the agent's commands fork before either.
+    """
+    return sys.platform.startswith("linux") and hasattr(os, "fork") and threading.active_count() == 1
+
+
+@dataclass(frozen=True)
+class _Work:
+    """Parent to a prestarted child: what to run, as `target(*args, conn)`."""
+
+    target: Callable[..., None]
+    args: tuple[Any, ...]
+
+
+def _await_work(conn: Any, inherited: list[Any], name: str) -> None:
+    """A prestarted child: wait for its work, then run it; end quietly when the parent stops it or is gone."""
+    name_process(name)
+    for other in inherited:  # the parent's ends (its own, its elder siblings'): only the parent may hold them, so
+        # that the parent's close or death reaches each child as EOF
+        other.close()
+    try:
+        work = conn.recv()
+    except (EOFError, OSError):
+        return
+    if isinstance(work, _Work):
+        work.target(*work.args, conn)
+
+
+class Prestarted:
+    """`count` children forked now, before their work is known; `Children(prestarted=...)` gives it to them."""
+
+    def __init__(self, count: int, *, name: str) -> None:
+        ctx = tmp.get_context("fork")
+        self.conns: list[Any] = []
+        self.processes: list[Any] = []
+        try:
+            for i in range(count):
+                parent, child = ctx.Pipe()
+                proc = ctx.Process(target=_await_work, args=(child, [*self.conns, parent], name), name=f"{name}-{i}",
+                                   daemon=True)
+                with _forking():
+                    proc.start()
+                child.close()
+                self.conns.append(parent)
+                self.processes.append(proc)
+        except BaseException:
+            self.stop()
+            raise
+
+    def __len__(self) -> int:
+        return len(self.processes)
+
+    def stop(self) -> None:
+        """End children that were never given work."""
+        for conn in self.conns:
+            conn.close()  # EOF: each ends by itself
+        for proc in self.processes:
+            proc.join(5.0)
+            if proc.is_alive():
+                proc.kill()
+                proc.join(5.0)
+        self.conns, self.processes = [], []
+
+
 class Children:
     """Spawned children, each running `target(*args)` with its own end of a pipe as the last argument.
 
@@ -82,7 +185,9 @@ class Children:
 
     def __init__(self, target: Callable[..., None], args: Sequence[tuple[Any, ...]], *, name: str,
                  describe: Callable[[int], str], error: type[ChildError] = ChildError,
-                 failure: Callable[[int, str], str] | None = None, one_shot: bool = False) -> None:
+                 failure: Callable[[int, str], str] | None = None, one_shot: bool = False,
+                 prestarted: Prestarted | None = None) -> None:
+        """`prestarted`: run in these forked children (as many as `args`; they are taken over) instead of spawning."""
         self._one_shot = one_shot
         self._ctx = tmp.get_context("spawn")
         self._describe, self._error = describe, error
@@ -92,6 +197,18 @@ class Children:
         self._held: dict[int, Any] = {}  # children's messages read early (see recv)
         self._done: set[int] = set()  # children that ended cleanly, every message read
         self._eof: set[int] = set()  # children whose pipe was found closed
+        if prestarted is not None:
+            if len(prestarted) != len(args):
+                raise ValueError(f"{len(prestarted)} prestarted children for {len(args)} jobs")
+            self.conns, self.processes = prestarted.conns, prestarted.processes
+            prestarted.conns, prestarted.processes = [], []
+            try:
+                for i, child_args in enumerate(args):
+                    self.send(i, _Work(target, tuple(child_args)))
+            except BaseException:
+                self.stop(0.1)
+                raise
+            return
         try:
             for i, child_args in enumerate(args):
                 parent, child = self._ctx.Pipe()
@@ -175,3 +292,117 @@ class Children:
         for conn in self.conns:
             conn.close()
         self.conns = []
+
+
+class Forked:
+    """A forked command (`fork_waiting`), with what its parent uses of `subprocess.Popen`."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            try:
+                pid, status = os.waitpid(self.pid, os.WNOHANG)
+            except ChildProcessError:  # reaped elsewhere: its code is lost
+                self.returncode = 0
+                return self.returncode
+            if pid:
+                self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        end = None if timeout is None else time.monotonic() + timeout
+        while (code := self.poll()) is None:
+            if end is not None and time.monotonic() > end:
+                raise subprocess.TimeoutExpired(f"pid {self.pid}", timeout or 0.0)
+            time.sleep(0.02)
+        return code
+
+    def send_signal(self, sig: int) -> None:
+        if self.poll() is None:
+            os.kill(self.pid, sig)
+
+    def terminate(self) -> None:
+        self.send_signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+
+class Waiting:
+    """A command forked by `fork_waiting`: `go(argv)` runs it, `cancel()` (or the parent's exit) ends it unrun."""
+
+    def __init__(self, proc: Forked, fd: int) -> None:
+        self.proc, self._fd = proc, fd
+
+    def go(self, argv: Sequence[str]) -> None:
+        import json
+
+        try:
+            with os.fdopen(self._fd, "wb") as pipe:
+                pipe.write(json.dumps(list(argv)).encode())
+        except BrokenPipeError:  # it died while waiting: the parent sees its exit code
+            pass
+        self._fd = -1
+
+    def cancel(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+def fork_waiting(count: int, main: Callable[[list[str]], int], *, name: str) -> list[Waiting]:
+    """Fork `count` children now that each run `main(argv)` once given their argv, and exit with its code.
+
+    For a command whose arguments are known only later (the coordinator's local agents need its port): the
+    children are ready, imports done, when it is. Only where `may_fork()`, and before gRPC or torch ran.
+    """
+    import json
+    import traceback
+
+    pipes = [os.pipe() for _ in range(count)]
+    out: list[Waiting] = []
+    try:
+        for i, (read, write) in enumerate(pipes):
+            sys.stdout.flush()
+            sys.stderr.flush()
+            with _forking():
+                pid = os.fork()
+            if pid == 0:  # the child: never returns into its parent's code
+                code = 1
+                try:
+                    name_process(name)
+                    for j, (r, w) in enumerate(pipes):
+                        for fd in (w,) if j == i else (r, w):
+                            try:
+                                os.close(fd)
+                            except OSError:  # closed in the parent before this fork
+                                pass
+                    for sig in (signal.SIGINT, signal.SIGTERM):
+                        signal.signal(sig, signal.SIG_DFL)
+                    with os.fdopen(read, "rb") as pipe:
+                        given = pipe.read()
+                    code = main(json.loads(given)) if given else 0
+                except SystemExit as exc:
+                    code = exc.code if isinstance(exc.code, int) else 1
+                except BaseException:
+                    traceback.print_exc()
+                finally:
+                    sys.stdout.flush()
+                    sys.stderr.flush()
+                    os._exit(code)
+            os.close(read)
+            out.append(Waiting(Forked(pid), write))
+    except BaseException:
+        for waiting in out:
+            waiting.cancel()
+        for read, write in pipes[len(out):]:
+            for fd in (read, write):
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+        raise
+    return out

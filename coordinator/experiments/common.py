@@ -39,6 +39,7 @@ class BenchSettings:
     batch_size: int = 64  # per worker (per process), as in `coordinator run`
     lr: float | None = None  # None: the model's own (RunSpec fills it in)
     optimizer: str = "adam"
+    momentum: float = 0.0  # SGD's
     lr_decay: float = LR_DECAY  # x per epoch of each worker's data, as `coordinator run` does (RunSpec's default)
     seed: int = 0
     max_len: int = 64
@@ -60,7 +61,8 @@ class BenchSettings:
 
     def spec(self) -> RunSpec:
         return RunSpec(dataset=self.dataset, model=self.model, seed=self.seed, batch_size=self.batch_size,
-                       lr=self.lr, optimizer=self.optimizer, lr_decay=self.lr_decay, max_len=self.max_len,
+                       lr=self.lr, optimizer=self.optimizer, momentum=self.momentum, lr_decay=self.lr_decay,
+                       max_len=self.max_len,
                        limit=self.limit)
 
     def where(self) -> DataLocation:

@@ -110,7 +110,8 @@ def test_local_run_pins_workers_reaches_accuracy_and_cleans_up(tmp_path: Path) -
         while time.monotonic() < deadline and len(workers) < 2 and runner.is_alive():
             for agent in agents:  # wait until both workers are up (the agents pinned themselves before that)
                 try:
-                    workers |= {c.pid for c in agent.children() if "spawn_main" in " ".join(c.cmdline())}
+                    # forked by the agent's command before it joined (edgetrain.procs.Prestarted)
+                    workers |= {c.pid for c in agent.children() if c.name() == "edge-worker"}
                 except psutil.NoSuchProcess:
                     continue
             time.sleep(0.2)
@@ -366,6 +367,8 @@ def test_coordinator_cores_pin_the_coordinator_and_leave_the_other_cores_to_its_
         me = psutil.Process(coord.pid)
         kids = me.children(recursive=True)
         assert kids, "no local agent"
+        # the command forks its agent, which forks its worker (edgetrain.procs): no process imported torch again
+        assert sorted(k.name() for k in kids) == ["edge-agent", "edge-worker"], [k.cmdline() for k in kids]
         threads = _thread_affinities(coord.pid)
         assert len(threads) > 5 and all(c == own for c in threads.values()), threads
         for kid in kids:  # the agent and its training worker: the other cores, every thread
