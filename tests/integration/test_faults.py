@@ -269,11 +269,14 @@ class RawAgent:
         self.accepted.append(header.round)
         return True
 
-    def train_until_finished(self, expected: dict[str, serde.TensorSpec], stop: threading.Event) -> None:
+    def train_until_finished(self, expected: dict[str, serde.TensorSpec], stop: threading.Event,
+                             pace: float = 0.0) -> None:
+        """Fetch and send until FINISHED, taking `pace` seconds per round as a real agent's steps would."""
         while not stop.is_set():
             header, state = self.fetch(expected)
             if header.status == pb.FINISHED or state is None:
                 return
+            stop.wait(pace)
             self.send(header, {k: (v + 0.001 if v.is_floating_point() else v) for k, v in state.items()})
 
     def close(self) -> None:
@@ -287,9 +290,10 @@ def _thread(target: Callable[[], None]) -> threading.Thread:
 
 
 def test_straggler_does_not_stall_training_and_its_late_update_is_refused_as_late() -> None:
-    # A late update measures its agent only within --round-timeout of the round it missed (RoundEngine._late_fetch):
-    # 3 s, and the late update sent once 2 rounds went on, keep a loaded CI machine inside that window (with 1.5 s
-    # and 3 rounds, one CI run sent it after the window: slow stayed a newcomer and round 5 did not wait for it).
+    # fast takes 0.2 s a round, as steps would: the straggler's on-time update (sent at once) lands inside its round
+    # whether or not its late update measured it. Without a pace, fast's rounds closed within milliseconds, and
+    # slow, whose late update had come just past its window (round 0 waits for it up to --round-timeout, which is
+    # also the window, RoundEngine._late_fetch), stayed a newcomer and lost the race: a flake on a loaded machine.
     timeout = 3.0
     cfg = CoordinatorConfig(spec=SPEC, port=0, local_steps=1, rounds=10_000, min_agents=1, round_timeout=timeout,
                             eval_every=10_000, progress=False)
@@ -304,13 +308,13 @@ def test_straggler_does_not_stall_training_and_its_late_update_is_refused_as_lat
             slow.join()
             slow_work: list[tuple[pb.RoundHeader, dict[str, torch.Tensor] | None]] = []
             poller = _thread(lambda: slow_work.append(slow.fetch(expected)))
-            _thread(lambda: fast.train_until_finished(expected, done))
+            _thread(lambda: fast.train_until_finished(expected, done, pace=0.2))
             wait_for(lambda: d.ready() == 2, 10, "both ready")
             d.start()
             poller.join(10)
             header, state = slow_work[0]
             assert header.status == pb.WORK and header.round == 0 and header.world == 2 and state is not None
-            wait_for(lambda: engine.current_round >= 2, 10, "rounds to go on without the straggler")
+            wait_for(lambda: engine.current_round >= 2, 20, "rounds to go on without the straggler")
             assert time.time() > header.deadline_unix
             assert not slow.send(header, state)  # round 0 closed at its deadline without it
             round_, code, details = slow.refusals[0]

@@ -42,8 +42,12 @@ def _thread_affinities(pid: int) -> dict[int, list[int]]:
     return out
 
 
-def test_two_agents_k1_sgd_equal_serial_sgd_on_the_union_of_their_batches(tmp_path: Path) -> None:
-    spec = RunSpec(dataset="tweets", model="text-bag", optimizer="sgd", lr=0.5, batch_size=16, limit=2000, seed=7)
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_two_agents_k1_sgd_equal_serial_sgd_on_the_union_of_their_batches(tmp_path: Path, momentum: float) -> None:
+    """With momentum too: it is linear, so the mean of the agents' buffers follows serial's buffer (the reason
+    docs/benchmarks.md's SGD table can compare K=1 with DDP step for step; Adam is not linear)."""
+    spec = RunSpec(dataset="tweets", model="text-bag", optimizer="sgd", lr=0.5, batch_size=16, limit=2000, seed=7,
+                   momentum=momentum)
     rounds = 4
     cfg = CoordinatorConfig(spec=spec, port=0, local_steps=1, rounds=rounds, local_agents=2, eval_every=100,
                             run_dir=tmp_path, progress=False, round_timeout=120)
@@ -53,7 +57,7 @@ def test_two_agents_k1_sgd_equal_serial_sgd_on_the_union_of_their_batches(tmp_pa
 
     wl = load_workload(spec)
     model = wl.new_model()
-    opt = torch.optim.SGD(model.parameters(), lr=spec.lr)
+    opt = torch.optim.SGD(model.parameters(), lr=spec.lr, momentum=momentum)
     x, y = wl.data.train.x, wl.data.train.y
     for r in range(rounds):
         idx = torch.cat([
