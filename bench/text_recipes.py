@@ -4,8 +4,10 @@
 (the 1-process rows of docs/accuracy.md; the same data, model and training functions as the agents' workers).
 
 ``sweep``: one process, one thread, text-ngram on every task for each combination of class weighting, learning
-rate and hash buckets; the model is evaluated four times an epoch and the one with the best val figure (the
-task's metric) is kept, as a run does. Prints a markdown table of val (and, for the record, test) figures.
+rate, hash buckets, feature scaling, embedding width, weight averaging and input dropout (and, one at a time,
+other batch sizes, n-gram ranges, weight decay, val-fitted logit offsets: the screening of docs/accuracy.md);
+the model is evaluated four times an epoch and the one with the best val figure (the task's metric) is kept,
+as a run does. Prints a markdown table of val (and, for the record, test) figures.
 
 ``table``: the product's own command with defaults only (``coordinator run --dataset tweeteval --data-dir DIR
 --local-agents 2``; ``--dataset tweets`` for the embedded corpus), 3 seeds per task; prints the median of the
