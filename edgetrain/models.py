@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -22,6 +22,9 @@ class ModelInput:
     vocab_size: int = 0  # text models only
     ngram_buckets: int = NGRAM_BUCKETS  # text-ngram: hash buckets of its features (the data set's)
     ngram_dim: int = 0  # text-ngram: width of its feature embeddings (0, the default: the linear model alone)
+    # text-ngram: [buckets, classes] scale of each feature's row per class (``log_count_ratios`` of the train
+    # split); None: no scaling
+    ngram_scale: torch.Tensor | None = field(default=None, compare=False, repr=False)
 
 
 class MnistCNN(nn.Module):
@@ -106,13 +109,25 @@ class TextNgram(nn.Module):
     through a linear layer, adds to the logits (fastText's own model, beside the linear one). Measured on
     the small TweetEval tasks' val splits it did not earn its 3.5-15x training time (docs/accuracy.md), so
     no recipe turns it on; ``bench/text_recipes.py sweep --dims`` measures it.
+
+    With ``scale`` (``[buckets, classes]``, the train split's ``log_count_ratios``) each feature's row is
+    multiplied by it per class before the mean, as in NBSVM: the model learns ``v`` of ``r * v``, so a feature
+    whose counts tell the classes apart moves its logits fast and an uninformative one hardly (under Adam the
+    scale acts as a per-weight step size). The scale is fixed, computed alike on every node from the train
+    split, and no part of the state that travels.
     """
 
-    def __init__(self, num_classes: int, buckets: int = NGRAM_BUCKETS, dim: int = 0) -> None:
+    def __init__(self, num_classes: int, buckets: int = NGRAM_BUCKETS, dim: int = 0,
+                 scale: torch.Tensor | None = None) -> None:
         super().__init__()
         self.weight = nn.EmbeddingBag(buckets, num_classes, mode="mean", padding_idx=0)
         nn.init.zeros_(self.weight.weight)
         self.bias = nn.Parameter(torch.zeros(num_classes))
+        if scale is not None and tuple(scale.shape) != (buckets, num_classes):
+            raise ConfigError(f"text-ngram scale has shape {tuple(scale.shape)}, want ({buckets}, {num_classes})")
+        # A plain attribute, not a buffer: no part of the state, and left where it is when the module moves (the
+        # coordinator parks its model on "meta" between evaluations); `forward` brings it to the weights' device.
+        self.scale = None if scale is None else scale.detach().float().clone()
         self.embedding: nn.EmbeddingBag | None = None
         self.out: nn.Linear | None = None
         if dim > 0:
@@ -123,10 +138,39 @@ class TextNgram(nn.Module):
             self.out = nn.Linear(dim, num_classes, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        logits: torch.Tensor = self.weight(x) + self.bias
+        if self.scale is None:
+            logits: torch.Tensor = self.weight(x) + self.bias
+        else:
+            weight = self.weight.weight
+            if self.scale.device != weight.device:
+                self.scale = self.scale.to(weight.device)
+            logits = F.embedding_bag(x, weight * self.scale, mode="mean", padding_idx=0) + self.bias
         if self.embedding is not None and self.out is not None:
             logits = logits + self.out(self.embedding(x))
         return logits
+
+
+def log_count_ratios(x: torch.Tensor, y: torch.Tensor, num_classes: int, buckets: int,
+                     alpha: float = 1.0) -> torch.Tensor:
+    """NBSVM's log-count ratios of hashed n-gram features, one class against the rest: ``[buckets, classes]``.
+
+    ``r[f, c] = log(p[f, c] / q[f, c])``: p is the share of feature f among the features of class c's texts,
+    q among the other classes' texts, each count plus ``alpha`` (Wang & Manning, "Baselines and Bigrams", ACL
+    2012). Divided by the mean |r| of the features that occur, so the scaled model keeps its learning rate;
+    the padding row (id 0) is 0. `x` holds each text's distinct feature ids (``encode_ngrams``), padded with 0.
+    """
+    ids = x.long()
+    pairs = (ids * num_classes + y.long()[:, None])[ids != 0]
+    counts = torch.bincount(pairs, minlength=buckets * num_classes).reshape(buckets, num_classes).double()
+    rest = counts.sum(1, keepdim=True) - counts
+    p = (counts + alpha) / (counts + alpha).sum(0)
+    q = (rest + alpha) / (rest + alpha).sum(0)
+    r = (p / q).log()
+    seen = counts.sum(1) > 0
+    if bool(seen.any()):
+        r = r / r[seen].abs().mean().clamp(min=1e-12)
+    r[0] = 0.0
+    return r.float()
 
 
 class MLP(nn.Module):
@@ -170,8 +214,8 @@ MODELS: dict[str, ModelInfo] = {
     "text-gru": ModelInfo(lambda inp: TextGRU(inp.vocab_size, inp.num_classes)),
     # A mean over hundreds of sparse features moves each logit by lr / (features per text) per step, so the
     # linear model needs a larger learning rate than the rest.
-    "text-ngram": ModelInfo(lambda inp: TextNgram(inp.num_classes, inp.ngram_buckets, inp.ngram_dim), lr=0.1,
-                            features=NGRAMS),
+    "text-ngram": ModelInfo(lambda inp: TextNgram(inp.num_classes, inp.ngram_buckets, inp.ngram_dim,
+                                                  inp.ngram_scale), lr=0.1, features=NGRAMS),
     "text-bag": ModelInfo(_text_mlp),
 }
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -11,7 +12,7 @@ from edgetrain import recipes
 from edgetrain.datasets import Dataset, default_cache_dir, load_dataset, shard_indices
 from edgetrain.datasets.encoded import cached
 from edgetrain.errors import ConfigError
-from edgetrain.models import ModelInput, build_model, default_lr, input_features
+from edgetrain.models import ModelInput, build_model, default_lr, input_features, log_count_ratios
 from edgetrain.spec import DataLocation, RunSpec
 from edgetrain.training import balanced_class_weights
 
@@ -28,8 +29,17 @@ class Workload:
     def model_input(self) -> ModelInput:
         vocab = len(self.data.vocab) if self.data.vocab is not None else 0
         if self.data.ngram_buckets:
-            return ModelInput(self.data.num_classes, vocab, self.data.ngram_buckets)
+            return ModelInput(self.data.num_classes, vocab, self.data.ngram_buckets, ngram_scale=self.ngram_scale)
         return ModelInput(num_classes=self.data.num_classes, vocab_size=vocab)
+
+    @functools.cached_property
+    def ngram_scale(self) -> torch.Tensor | None:
+        """text-ngram's feature scaling (recipes.NGRAM_SCALING), from the whole train split: the same on every node."""
+        if not self.data.ngram_buckets or recipes.NGRAM_SCALING != "log-count-ratio":
+            return None
+        train = self.data.train
+        return log_count_ratios(train.x, train.y, self.data.num_classes, self.data.ngram_buckets,
+                                alpha=recipes.NGRAM_SCALING_ALPHA)
 
     def new_model(self) -> nn.Module:
         """The run's initial model: the same weights on every node (seeded by the spec)."""

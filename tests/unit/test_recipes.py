@@ -10,7 +10,9 @@ import torch
 
 from edgetrain import recipes
 from edgetrain.datasets import load_dataset
+from edgetrain.datasets.text import ngram_ids
 from edgetrain.errors import ConfigError
+from edgetrain.models import TextNgram
 from edgetrain.spec import DataLocation, RunSpec
 from edgetrain.training import EvalResult, evaluate
 from edgetrain.workload import load_workload, resolve_spec
@@ -133,6 +135,17 @@ def test_a_spec_left_blank_is_filled_from_the_data(tmp_path: Path) -> None:
     assert wl.spec.lr_decay == recipes.lr_decay("text-ngram", 50)
     assert wl.data.ngram_buckets == recipes.MIN_BUCKETS and wl.new_model().weight.weight.shape == (  # type: ignore[union-attr]
         recipes.MIN_BUCKETS, 2)
+    # text-ngram scales its features by the train split's log-count ratios, alike on every node: the features of
+    # word0 (class 0's texts only) lean to class 0, those of "text" (in every text) tell nothing
+    scaled = wl.new_model()
+    assert recipes.NGRAM_SCALING == "log-count-ratio" and isinstance(scaled, TextNgram) and scaled.scale is not None
+    again = load_workload(spec, _where(skewed)).new_model()
+    assert isinstance(again, TextNgram) and again.scale is not None and torch.equal(scaled.scale, again.scale)
+    buckets = wl.data.ngram_buckets
+    own = sorted(set(ngram_ids(["word0"], buckets)) - set(ngram_ids(["word1"], buckets)))
+    common = ngram_ids(["text"], buckets)
+    assert (scaled.scale[own, 0] > 0).all() and (scaled.scale[own, 1] < 0).all()
+    assert scaled.scale[common].abs().max() < scaled.scale[own].abs().min()
     assert load_workload(spec, _where(even)).spec.class_weighting == "none"
     # judged by accuracy, a skewed set is not weighted; what the user names is kept
     assert load_workload(spec, _where(skewed), metric="accuracy").spec.class_weighting == "none"

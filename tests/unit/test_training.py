@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from edgetrain.models import ModelInput, build_model, count_parameters
@@ -124,6 +125,57 @@ def test_text_ngram_with_embeddings_adds_a_mean_embedding_path_that_ignores_padd
     train_steps(again, opt, x, torch.tensor([0, 2]), [torch.tensor([0, 1])], seed=0)
     moved = (again.embedding.weight.detach() - before).abs().sum(1) > 0  # type: ignore[union-attr]
     assert moved[ids].all() and not moved[0]  # the rows of the features seen moved; padding's did not
+
+
+def test_log_count_ratios_by_hand() -> None:
+    from edgetrain.models import log_count_ratios
+
+    # feature 1 only in class 0's texts, 2 only in class 1's, 3 in both alike; 4 never occurs; 0 pads
+    x = torch.tensor([[1, 3, 0], [1, 0, 0], [2, 3, 0]], dtype=torch.int32)
+    y = torch.tensor([0, 0, 1])
+    r = log_count_ratios(x, y, 2, 5, alpha=1.0)
+    counts = torch.tensor([[0, 0], [2, 0], [0, 1], [1, 1], [0, 0]], dtype=torch.float64)
+    p = (counts + 1) / (counts + 1).sum(0)
+    q = (counts.flip(1) + 1) / (counts.flip(1) + 1).sum(0)  # two classes: the rest of one is the other
+    raw = (p / q).log()
+    want = raw / raw[1:4].abs().mean()
+    want[0] = 0.0
+    assert torch.allclose(r.double(), want, atol=1e-6)
+    assert r[1, 0] > 0 > r[1, 1] and r[2, 1] > 0 > r[2, 0]  # a class's own feature scales up for it
+    assert r[0].abs().sum() == 0 and r[1:4].abs().mean() == pytest.approx(1.0)
+
+
+def test_text_ngram_scaled_by_log_count_ratios_keeps_its_state_and_learns_per_weight() -> None:
+    from edgetrain.datasets.text import encode_ngrams, tokenize
+    from edgetrain.errors import ConfigError
+    from edgetrain.models import TextNgram
+
+    buckets = 4096
+    scale = torch.rand(buckets, 3, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    scale[:, 2] = 0.0  # class 2's rows are scaled to nothing
+    model = build_model("text-ngram", ModelInput(3, 2, buckets, ngram_scale=scale))
+    assert isinstance(model, TextNgram)
+    # the scale is fixed and derived alike on every node: it does not travel, the state is the unscaled model's
+    assert sorted(model.state_dict()) == ["bias", "weight.weight"] and count_parameters(model) == buckets * 3 + 3
+    with torch.no_grad():
+        model.weight.weight.normal_()
+    x = encode_ngrams([tokenize("good day"), tokenize("a much longer tweet than the first one")], buckets=buckets)
+    alone = model(x[:1, : int((x[0] != 0).sum())])
+    assert torch.allclose(model(x)[:1], alone, atol=1e-6)  # padding does not dilute the mean
+    ids = x[0][x[0] != 0].long()
+    want = (model.weight.weight[ids] * scale[ids]).mean(0) + model.bias
+    assert torch.allclose(alone[0], want, atol=1e-6)
+    # parked on "meta" and given its state again, as the coordinator's evaluation model is: the scale stays
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    model.to("meta").load_state_dict(state, assign=True)
+    assert torch.allclose(model(x[:1, : len(ids)]), alone, atol=1e-6)
+    before = model.weight.weight.detach().clone()
+    opt = make_optimizer(model, TrainConfig(lr=0.1, optimizer="adam"))
+    train_steps(model, opt, x, torch.tensor([0, 2]), [torch.tensor([0, 1])], seed=0)
+    moved = (model.weight.weight.detach() - before).abs() > 0
+    assert moved[ids, :2].all() and not moved[:, 2].any()  # a zero ratio freezes its weight
+    with pytest.raises(ConfigError, match="scale has shape"):
+        build_model("text-ngram", ModelInput(3, 2, buckets, ngram_scale=scale[:, :2]))
 
 
 def test_text_ngram_learns_a_keyword_rule_with_a_large_step() -> None:
