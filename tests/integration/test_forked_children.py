@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from edgetrain.procs import Children, ChildError, Prestarted, failed, fork_waiting, may_fork
+from edgetrain.procs import ChildError, Children, Prestarted, failed, fork_waiting, may_fork
 
 
 def _report(tag: str, conn: object) -> None:
