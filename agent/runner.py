@@ -126,11 +126,15 @@ class AgentRunner:
                 raise ConfigError(f"device {cfg.device} requested, but torch sees no CUDA device here")
         if self.prefork and cfg.device == "cpu" and not cfg.auto_workers and may_fork():
             self._prestarted = Prestarted(len(cfg.core_groups), name="edge-worker")  # before any thread starts
-        metrics = AgentMetrics(self.registry, name=cfg.name, cores=cfg.cores, device=cfg.device,
-                               workers=cfg.workers, pids=lambda: self.pool.pids if self.pool else [])
-        if cfg.metrics_port is not None:
-            self.metrics_server = MetricsServer(self.registry, cfg.metrics_host, cfg.metrics_port)
-        client = self._client()
+        try:
+            metrics = AgentMetrics(self.registry, name=cfg.name, cores=cfg.cores, device=cfg.device,
+                                   workers=cfg.workers, pids=lambda: self.pool.pids if self.pool else [])
+            if cfg.metrics_port is not None:
+                self.metrics_server = MetricsServer(self.registry, cfg.metrics_host, cfg.metrics_port)
+            client = self._client()
+        except BaseException:  # a busy --metrics-port, an unreadable certificate: the workers must not outlive it
+            self._stop_prestarted()
+            raise
         self._client_ref = client
         spec: RunSpec | None = None
         try:
@@ -168,11 +172,15 @@ class AgentRunner:
             client.close()
             if self.pool is not None:
                 self.pool.stop()
-            if self._prestarted is not None:
-                self._prestarted.stop()
-                self._prestarted = None
+            self._stop_prestarted()
             if self.metrics_server is not None:
                 self.metrics_server.close()
+
+    def _stop_prestarted(self) -> None:
+        """End forked workers that no pool took over (they see EOF and exit)."""
+        if self._prestarted is not None:
+            self._prestarted.stop()
+            self._prestarted = None
 
     def _choose_workers(self, client: CoordinatorClient, spec: RunSpec) -> bool:
         """--workers auto: the split of this run's model on these cores, cached or measured (edgetrain.split).

@@ -52,6 +52,9 @@ def count_or_auto(value: str) -> str:
 
 def entry(app_factory: Callable[[], typer.Typer], prog: str) -> Callable[[], None]:
     def main() -> None:
+        from edgetrain.procs import command_process
+
+        command_process()  # a console script's own process: it may fork its agents and workers (procs.may_fork)
         sys.exit(run_app(app_factory(), prog))
 
     return main

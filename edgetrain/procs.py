@@ -106,14 +106,33 @@ def _forking() -> Iterator[None]:
         yield
 
 
+_command = False  # this process runs one of the commands, started fresh (`command_process`)
+
+
+def command_process() -> None:
+    """Mark this process as a command's own, started fresh: the console scripts' entry points call it.
+
+    Only such a process may fork its agents or workers (`may_fork`): one that ran a command in-process (a
+    test calling the CLI's app) may have run gRPC or torch before.
+    """
+    global _command
+    _command = True
+
+
 def may_fork() -> bool:
     """Whether this process can fork children that go on to use torch and gRPC.
 
-    Only on Linux, and only from a process with one Python thread. The caller must also know that it has not
-    started gRPC (no channel, no server) nor run torch operations (GNU OpenMP's pool does not survive fork):
-    the coordinator's and the agent's commands fork before either.
+    Only on Linux, only in a command's own process (`command_process`), and only with one Python thread. The
+    caller must also know that it has not started gRPC (no channel, no server) nor run torch operations (GNU
+    OpenMP's pool does not survive fork): the coordinator's and the agent's commands fork before either.
     """
-    return sys.platform.startswith("linux") and hasattr(os, "fork") and threading.active_count() == 1
+    return (_command and sys.platform.startswith("linux") and hasattr(os, "fork")
+            and threading.active_count() == 1)
+
+
+def _default_signals() -> None:
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_DFL)
 
 
 @dataclass(frozen=True)
@@ -126,6 +145,7 @@ class _Work:
 
 def _await_work(conn: Any, inherited: list[Any], name: str) -> None:
     """A prestarted child: wait for its work, then run it; end quietly when the parent stops it or is gone."""
+    _default_signals()  # not the parent's handlers (the agent's would keep SIGTERM from ending it)
     name_process(name)
     for other in inherited:  # the parent's ends (its own, its elder siblings'): only the parent may hold them, so
         # that the parent's close or death reaches each child as EOF
@@ -380,24 +400,30 @@ def fork_waiting(count: int, main: Callable[[list[str]], int], *, name: str) -> 
                                 os.close(fd)
                             except OSError:  # closed in the parent before this fork
                                 pass
-                    for sig in (signal.SIGINT, signal.SIGTERM):
-                        signal.signal(sig, signal.SIG_DFL)
+                    _default_signals()
                     with os.fdopen(read, "rb") as pipe:
                         given = pipe.read()
                     code = main(json.loads(given)) if given else 0
-                except SystemExit as exc:
-                    code = exc.code if isinstance(exc.code, int) else 1
+                except SystemExit as exc:  # as Python's own exit: None is 0, a message is printed and is 1
+                    if exc.code is None or isinstance(exc.code, int):
+                        code = exc.code or 0
+                    else:
+                        print(exc.code, file=sys.stderr)
                 except BaseException:
                     traceback.print_exc()
                 finally:
-                    sys.stdout.flush()
-                    sys.stderr.flush()
+                    for stream in (sys.stdout, sys.stderr):
+                        try:
+                            stream.flush()
+                        except BaseException:  # noqa: S110 - nothing may keep the child from exiting here
+                            pass
                     os._exit(code)
             os.close(read)
             out.append(Waiting(Forked(pid), write))
     except BaseException:
         for waiting in out:
             waiting.cancel()
+            waiting.proc.wait()  # they end at once, never told what to run: reaped, no zombies
         for read, write in pipes[len(out):]:
             for fd in (read, write):
                 try:

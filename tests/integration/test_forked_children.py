@@ -8,10 +8,14 @@ children from the test process; the commands' own use is checked through them in
 from __future__ import annotations
 
 import os
-import threading
+import signal
+import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from edgetrain.procs import ChildError, Children, Prestarted, failed, fork_waiting, may_fork
@@ -74,10 +78,23 @@ def test_a_prestarted_child_that_dies_is_reported_dead() -> None:
 def test_prestarted_children_never_given_work_end_cleanly_when_stopped() -> None:
     pre = Prestarted(2, name="edge-worker")
     procs = list(pre.processes)
-    t0 = time.monotonic()
     pre.stop()
-    assert time.monotonic() - t0 < 5.0  # they saw EOF and ended; not killed after the timeout
-    assert [p.exitcode for p in procs] == [0, 0]
+    assert [p.exitcode for p in procs] == [0, 0]  # they saw EOF and ended (killed: -9)
+
+
+def test_a_prestarted_child_ends_on_sigterm_whatever_its_parent_handles() -> None:
+    """The agent's command handles SIGTERM itself (to leave cleanly); its forked workers must not inherit that."""
+    before = signal.signal(signal.SIGTERM, lambda *_: None)
+    try:
+        pre = Prestarted(1, name="edge-worker")
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    (proc,) = pre.processes
+    time.sleep(0.2)  # past the fork, in its own handlers
+    os.kill(proc.pid, signal.SIGTERM)
+    proc.join(30)
+    assert proc.exitcode == -signal.SIGTERM
+    pre.stop()
 
 
 def test_prestarted_count_must_match_the_work() -> None:
@@ -114,12 +131,38 @@ def test_a_forked_command_that_is_stopped_reports_the_signal() -> None:
     waiting.cancel()
 
 
-def test_only_a_process_with_one_python_thread_may_fork() -> None:
-    stop = threading.Event()
-    other = threading.Thread(target=stop.wait)
-    other.start()
-    try:
-        assert not may_fork()
-    finally:
-        stop.set()
-        other.join()
+def test_only_a_commands_own_process_with_one_python_thread_may_fork() -> None:
+    """Not a process that merely runs a CLI's app in-process (it may have run gRPC or torch), nor one with threads."""
+    script = (
+        "import threading\n"
+        "from edgetrain import procs\n"
+        "plain = procs.may_fork()\n"
+        "procs.command_process()\n"
+        "command = procs.may_fork()\n"
+        "stop = threading.Event(); other = threading.Thread(target=stop.wait); other.start()\n"
+        "threaded = procs.may_fork()\n"
+        "stop.set(); other.join()\n"
+        "print(plain, command, threaded)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.split() == ["False", "True", "False"]
+    assert not may_fork()  # this test process ran no command's entry point
+
+
+def test_an_agent_that_fails_after_forking_its_workers_exits_and_leaves_none(tmp_path: Path) -> None:
+    """A busy --metrics-port fails the agent after it forked its worker: it exits 1 at once, the worker with it."""
+    def workers() -> set[int]:
+        return {p.pid for p in psutil.process_iter(["name"]) if p.info["name"] == "edge-worker"}
+
+    before = workers()
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        agent = subprocess.run(
+            [sys.executable, "-m", "edgetrain.agent", "start", "--coordinator", "127.0.0.1:1", "--cores",
+             str(os.sched_getaffinity(0).pop()), "--metrics-port", str(port), "--give-up-after", "5"],
+            capture_output=True, text=True, timeout=120)
+    assert agent.returncode == 1, agent.stderr
+    assert "cannot serve /metrics" in agent.stderr, agent.stderr
+    assert not workers() - before, "a forked worker outlived its agent"  # it stopped them before it exited

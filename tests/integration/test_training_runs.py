@@ -111,6 +111,9 @@ def test_local_run_pins_workers_reaches_accuracy_and_cleans_up(tmp_path: Path) -
     files = None
     try:
         deadline = time.monotonic() + 120
+        # forked workers exist before they are set up and pinned: read them once both agents report ready
+        while coord.membership.ready_count() < 2 and runner.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.05)
         while time.monotonic() < deadline and len(workers) < 2 and runner.is_alive():
             for agent in agents:  # wait until both workers are up (the agents pinned themselves before that)
                 try:
