@@ -123,8 +123,10 @@ class _Training:
         else:
             _copy(shared, self.model.state_dict())
         start = work.sample_offset // setup.count
+        # Workers in lock-step (all-reduce every step) must all take the same steps: they cannot stop on time
+        steps, budget = work.steps_and_budget(can_stop_early=setup.count == 1)
         plan = batch_plan(self.shard, seed=setup.spec.seed, rank=work.rank * setup.count + setup.index,
-                          start_sample=start, steps=work.local_steps, batch_size=work.batch_size, perms=self.perms)
+                          start_sample=start, steps=steps, batch_size=work.batch_size, perms=self.perms)
         set_lr(self.optimizer, setup.spec.lr_at(start // max(1, len(self.shard))))
         step_times: list[float] = []
         train = self.workload.data.train
@@ -132,6 +134,7 @@ class _Training:
             self.model, self.optimizer, train.x, train.y, plan,
             seed=setup.spec.seed * 1_000_003 + work.round * 101 + setup.index, device=self.device,
             after_step=_appender(step_times), grad_hook=self.grad_hook, class_weights=self.class_weights,
+            budget_seconds=budget,
         )
         written = write_update(task, self.model.state_dict()) if task.update_file else None
         if setup.index == 0 and (written is None or written.error):

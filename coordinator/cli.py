@@ -193,6 +193,10 @@ def make_app() -> typer.Typer:
         aggregator: Annotated[str, typer.Option(help=f"{', '.join(AGGREGATORS[:-1])} or {AGGREGATORS[-1]}.")] = MEAN,
         trim: Annotated[float, typer.Option(help="Trimmed mean: fraction cut at each end.")] = 0.2,
         balance: Annotated[bool, typer.Option(help="Size each node's work by its speed.")] = False,
+        timed_rounds: Annotated[Optional[bool], typer.Option(  # noqa: UP045
+            "--timed-rounds/--no-timed-rounds",
+            help="Each agent trains for the median agent's time for K steps (fewer steps if slower, up to 2K if "
+                 "faster), so none waits for the slowest. Default: on with an auto --local-steps.")] = None,
         shard_scheme: Annotated[str, typer.Option(help="iid or dirichlet.")] = "iid",
         alpha: Annotated[float, typer.Option(help="Dirichlet concentration (smaller: more skew).")] = 0.5,
         update_dtype: Annotated[str, typer.Option(
@@ -254,7 +258,7 @@ def make_app() -> typer.Typer:
             round_timeout=round_timeout, quorum=quorum, eval_every=parse_count(eval_every, "--eval-every"),
             checkpoint_every=parse_count(checkpoint_every, "--checkpoint-every"),
             upload_slots=upload_slots, staging_dir=staging_dir, aggregator=aggregator, trim=trim, balance=balance,
-            local_agents=n_local, local_workers=local_workers, local_devices=gpus,
+            timed_rounds=timed_rounds, local_agents=n_local, local_workers=local_workers, local_devices=gpus,
             cores=own_cores,
             run_dir=run_dir or (None if resume else Path("runs") / f"{dataset}-{time.strftime('%Y%m%d-%H%M%S')}"),
             resume=resume,

@@ -46,6 +46,9 @@ class CoordinatorConfig:
     aggregator: str = MEAN
     trim: float = 0.2
     balance: bool = False
+    # Rounds of about the median agent's time for K steps, not of K steps each (rounds.timed_budget). None: with an
+    # auto K, whose K is the coordinator's choice anyway; an explicit --local-steps keeps exactly K steps.
+    timed_rounds: bool | None = None
     local_agents: int = 0
     local_workers: int = 1  # workers per local agent
     local_devices: tuple[str, ...] = ()  # GPUs as local workers: "cuda:0", ...

@@ -9,8 +9,10 @@ ever touch it.
 from __future__ import annotations
 
 import math
+import statistics
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -172,6 +174,24 @@ def balanced_steps(throughputs: list[float], local_steps: int) -> list[int]:
     return [max(1, round(total * (s / sum(speeds)))) for s in speeds]
 
 
+TIMED_MAX_STEPS = 2  # a timed round's most steps, in units of K: what its fastest participant may train
+SPEED_WINDOW = 5  # a participant's speed in timed rounds: the median of its last updates' seconds per sample
+
+
+def timed_budget(k_step_seconds: list[float]) -> float:
+    """A timed round's budget: the median participant's seconds for K steps, as its recent updates measured them.
+
+    Every participant then trains for about that long: one slower than the median trains fewer steps, a faster one
+    more (up to `TIMED_MAX_STEPS` x K), and the round's updates all arrive about together instead of the faster
+    ones waiting for the slowest. Measured on README command 1 (2 local agents on 2 cores), that wait was 4-6% of
+    the run, and a round's slower agent changed from round to round (noise, not one slow node), so only stopping
+    on time removes it. The median: one participant that misstates its speed moves the budget less than a mean
+    would (with two, to no less than half of the other's K steps). 0 (steps, not time) with no one measured.
+    """
+    times = [t for t in k_step_seconds if math.isfinite(t) and t > 0]
+    return statistics.median(times) if times else 0.0
+
+
 def quorum_of(k: int, participants: int) -> int:
     """Updates a round must hold before it gives up on slow participants (`--quorum` k of n, at most n, at least 1).
 
@@ -195,6 +215,7 @@ class RoundEngine:
         aggregator: str = aggregation.MEAN,
         trim: float = 0.2,
         balance: bool = False,
+        timed: bool = False,
         completed_rounds: int = 0,
         cursors: dict[str, int] | None = None,
         clock: Callable[[], float] = time.time,
@@ -212,6 +233,7 @@ class RoundEngine:
         self.aggregator = aggregator
         self.trim = trim
         self.balance = balance
+        self.timed = timed  # rounds of K >= 2 are timed (`timed_budget`) unless balanced by throughput
         self.completed_rounds = completed_rounds  # also the number of the next round to run
         self.cursors: dict[str, int] = dict(cursors or {})  # "world/rank" -> samples consumed
         self._clock = clock
@@ -241,6 +263,7 @@ class RoundEngine:
         # agent's measured round time per local step (fetch to update, its link included), kept across rounds.
         self._fetched_at: dict[str, float] = {}
         self._per_step: dict[str, float] = {}
+        self._per_sample: dict[str, deque[float]] = {}  # the agents' own compute seconds per sample (timed rounds)
         self._late_fetch: dict[str, tuple[float, int]] = {}  # missed rounds' fetches: (fetched at, its steps)
         self._contributed: set[str] = set()  # agents an update (on time or late) ever measured: not newcomers
         self._min_updates = 1  # the open round's: see open_round
@@ -282,8 +305,10 @@ class RoundEngine:
         else:
             steps = [self.local_steps] * world
         with self._cv:
+            budget = self._budget(agents)
             self._assignments, self._max_samples = {}, {}
             for rank, ((agent_id, _, workers), k) in enumerate(zip(agents, steps, strict=True)):
+                most = TIMED_MAX_STEPS * k if budget else k
                 self._assignments[agent_id] = Assignment(
                     round=self.completed_rounds,
                     rank=rank,
@@ -292,8 +317,10 @@ class RoundEngine:
                     batch_size=self.batch_size,
                     sample_offset=self.cursors.get(f"{world}/{rank}", 0),
                     update_dtype=self.update_dtype,
+                    budget_seconds=budget,
+                    max_steps=most if budget else 0,
                 )
-                self._max_samples[agent_id] = k * self.batch_size * max(1, workers)
+                self._max_samples[agent_id] = most * self.batch_size * max(1, workers)
             self._expected = set(self._assignments)
             self._fetched_at = {}
             # measured before the round opened: an update taken in this round measures its agent for the next
@@ -309,6 +336,14 @@ class RoundEngine:
             self._cv.notify_all()
             return dict(self._assignments)
 
+    def _budget(self, agents: list[tuple[str, float, int]]) -> float:
+        """The seconds a round for `agents` is timed to (0: K steps each); see `timed_budget`. Under the lock."""
+        if not self.timed or self.balance or self.local_steps < 2:
+            return 0.0
+        k_batch = self.local_steps * self.batch_size
+        return timed_budget([k_batch * max(1, workers) * statistics.median(self._per_sample[agent_id])
+                             for agent_id, _, workers in agents if self._per_sample.get(agent_id)])
+
     def vouch(self, agent_id: str) -> None:
         """No newcomer: an agent restarted under a name whose updates were taken before (admission.KnownNames)."""
         with self._cv:
@@ -321,6 +356,7 @@ class RoundEngine:
             self._handed.pop(agent_id, None)
             self._missed.pop(agent_id, None)
             self._per_step.pop(agent_id, None)
+            self._per_sample.pop(agent_id, None)
             self._late_fetch.pop(agent_id, None)
             self._contributed.discard(agent_id)
             self._cv.notify_all()
@@ -651,6 +687,9 @@ class RoundEngine:
                 self._kept.append((whole, num_samples))
             now = self._clock()
             self._received[agent_id] = Contribution(agent_id, replace(stats or NodeStats(), samples=num_samples), now)
+            if stats is not None and math.isfinite(stats.compute_seconds) and stats.compute_seconds > 0:
+                window = self._per_sample.setdefault(agent_id, deque(maxlen=SPEED_WINDOW))
+                window.append(stats.compute_seconds / num_samples)
             fetched = self._fetched_at.get(agent_id)
             if fetched is not None:
                 steps = max(1, self._assignments[agent_id].local_steps)

@@ -100,7 +100,7 @@ class RunResult:
     startup_seconds: float = 0.0  # from the command (Coordinator's `started_at`) to the first round
     training_share: float = 0.0  # the nodes' mean time in training steps over `wall_seconds`
     adaptation: Adaptation | None = None  # the last K and upload dtype the rounds asked for, and why (auto)
-    auto: tuple[str, ...] = ()  # what was auto: "K", "dtype"
+    auto: tuple[str, ...] = ()  # what was auto: "K", "dtype", and "timed" for timed rounds
 
 
 @dataclass
@@ -284,6 +284,7 @@ class Coordinator:
         self.engine = RoundEngine(
             state, batch_size=spec.batch_size, local_steps=cfg.local_steps or 1, round_timeout=cfg.round_timeout,
             aggregator=cfg.aggregator, trim=cfg.trim, balance=cfg.balance, completed_rounds=completed,
+            timed=cfg.local_steps_auto if cfg.timed_rounds is None else cfg.timed_rounds,
             cursors=cursors, limits=cfg.limits, quorum=cfg.quorum,
         )
         shard_batches = len(self.workload.data.train) // max(1, cfg.min_agents) // max(1, spec.batch_size)
@@ -688,8 +689,9 @@ class Coordinator:
                         "left or replaced" if agent is None else "out of the rounds until it asks for work again")
 
     def _auto(self) -> tuple[str, ...]:
-        """What the link rule chooses in this run: "K", "dtype", both or neither."""
-        return ("K",) * self.cfg.local_steps_auto + ("dtype",) * self.cfg.update_dtype_auto
+        """What the coordinator chooses in this run: "K" and "dtype" (the link rule), "timed" (rounds by time)."""
+        timed = self.engine is not None and self.engine.timed
+        return ("K",) * self.cfg.local_steps_auto + ("dtype",) * self.cfg.update_dtype_auto + ("timed",) * timed
 
     def _adapt(self, outcome: Outcome) -> None:
         """Feed an applied round's updates to the auto rule; a changed K or dtype holds from the next round on."""
@@ -860,7 +862,8 @@ def _adapted(result: RunResult) -> str:
     a = result.adaptation
     if a is None:
         return ""
-    k = f"K {a.local_steps}" + (" (auto)" if "K" in result.auto else "")
+    marks = ["auto"] * ("K" in result.auto) + ["timed rounds"] * ("timed" in result.auto)
+    k = f"K {a.local_steps}" + (f" ({', '.join(marks)})" if marks else "")
     dtype = f"uploads {a.update_dtype}" + (" (auto)" if "dtype" in result.auto else "")
     return f"; {k}, {dtype}"
 

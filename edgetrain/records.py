@@ -23,6 +23,16 @@ class Assignment:
     batch_size: int
     sample_offset: int  # where in its shard's epoch stream this round starts
     update_dtype: str = ""  # the dtype to upload the update in ("": the run's RunSpec.update_dtype)
+    # A timed round (> 0): steps until about this many seconds have passed, at least one, at most `max_steps`
+    # (pb.RoundHeader.budget_seconds; coordinator/rounds.py, `timed_budget`). 0: exactly `local_steps`.
+    budget_seconds: float = 0.0
+    max_steps: int = 0
+
+    def steps_and_budget(self, can_stop_early: bool = True) -> tuple[int, float]:
+        """The most steps to plan and the budget to stop at (0: none) for a trainer that can or cannot stop early."""
+        if self.budget_seconds > 0 and can_stop_early:
+            return max(self.local_steps, self.max_steps), self.budget_seconds
+        return self.local_steps, 0.0
 
 
 @dataclass(frozen=True)

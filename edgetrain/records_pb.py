@@ -15,13 +15,15 @@ def work_header(a: Assignment, deadline_unix: float) -> pb.RoundHeader:
     """A WORK round header stating `a`; the transfer adds the same-host files where it uses them."""
     return pb.RoundHeader(status=pb.WORK, round=a.round, rank=a.rank, world=a.world, local_steps=a.local_steps,
                           sample_offset=a.sample_offset, deadline_unix=deadline_unix, batch_size=a.batch_size,
-                          update_dtype=a.update_dtype)
+                          update_dtype=a.update_dtype, budget_seconds=a.budget_seconds,
+                          budget_max_steps=a.max_steps)
 
 
 def assignment_of(h: pb.RoundHeader) -> Assignment:
     """The assignment a WORK round header states."""
     return Assignment(round=h.round, rank=h.rank, world=h.world, local_steps=h.local_steps, batch_size=h.batch_size,
-                      sample_offset=h.sample_offset, update_dtype=h.update_dtype)
+                      sample_offset=h.sample_offset, update_dtype=h.update_dtype, budget_seconds=h.budget_seconds,
+                      max_steps=h.budget_max_steps)
 
 
 def stats_message(s: NodeStats) -> pb.NodeStats:

@@ -126,12 +126,15 @@ def train_steps(
     after_step: Callable[[int, float], None] | None = None,
     grad_hook: Callable[[nn.Module], None] | None = None,
     class_weights: torch.Tensor | None = None,
+    budget_seconds: float = 0.0,
 ) -> StepResult:
     """Run one optimizer step per batch; dropout draws from a generator seeded by `seed`.
 
     `grad_hook`, when given, runs between backward and step (multi-worker agents all-reduce there).
     `after_step(i, seconds)` reports each step's time (for the step-time histogram).
     `class_weights` weighs the loss per class (see `balanced_class_weights`).
+    `budget_seconds` > 0 (a timed round): stop before the batches run out, at the step whose end lies closest
+    to that many seconds from the start (at least one step). `StepResult.samples` says how many were trained.
     """
     model.train()
     torch.manual_seed(seed)
@@ -141,6 +144,9 @@ def train_steps(
     start = time.perf_counter()
     for i, idx in enumerate(batches):
         t0 = time.perf_counter()
+        # another step ends nearer the budget than stopping now does: elapsed + step / 2 < budget
+        if budget_seconds > 0 and i > 0 and (t0 - start) * (1 + 0.5 / i) >= budget_seconds:
+            break
         xb = x[idx].to(device, non_blocking=True)
         yb = y[idx].to(device, non_blocking=True)
         optimizer.zero_grad(set_to_none=True)

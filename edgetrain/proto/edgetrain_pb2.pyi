@@ -130,7 +130,7 @@ class RoundRequest(_message.Message):
     def __init__(self, agent_id: _Optional[str] = ..., after_round: _Optional[int] = ..., shared_memory: _Optional[bool] = ...) -> None: ...
 
 class RoundHeader(_message.Message):
-    __slots__ = ("status", "round", "rank", "world", "local_steps", "sample_offset", "deadline_unix", "batch_size", "weights_file", "weights_layout", "update_file", "detail", "poll_again_ms", "update_dtype")
+    __slots__ = ("status", "round", "rank", "world", "local_steps", "sample_offset", "deadline_unix", "batch_size", "weights_file", "weights_layout", "update_file", "detail", "poll_again_ms", "update_dtype", "budget_seconds", "budget_max_steps")
     STATUS_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
@@ -145,6 +145,8 @@ class RoundHeader(_message.Message):
     DETAIL_FIELD_NUMBER: _ClassVar[int]
     POLL_AGAIN_MS_FIELD_NUMBER: _ClassVar[int]
     UPDATE_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    BUDGET_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    BUDGET_MAX_STEPS_FIELD_NUMBER: _ClassVar[int]
     status: RoundStatus
     round: int
     rank: int
@@ -159,7 +161,9 @@ class RoundHeader(_message.Message):
     detail: str
     poll_again_ms: int
     update_dtype: str
-    def __init__(self, status: _Optional[_Union[RoundStatus, str]] = ..., round: _Optional[int] = ..., rank: _Optional[int] = ..., world: _Optional[int] = ..., local_steps: _Optional[int] = ..., sample_offset: _Optional[int] = ..., deadline_unix: _Optional[float] = ..., batch_size: _Optional[int] = ..., weights_file: _Optional[str] = ..., weights_layout: _Optional[_Iterable[_Union[TensorPart, _Mapping]]] = ..., update_file: _Optional[str] = ..., detail: _Optional[str] = ..., poll_again_ms: _Optional[int] = ..., update_dtype: _Optional[str] = ...) -> None: ...
+    budget_seconds: float
+    budget_max_steps: int
+    def __init__(self, status: _Optional[_Union[RoundStatus, str]] = ..., round: _Optional[int] = ..., rank: _Optional[int] = ..., world: _Optional[int] = ..., local_steps: _Optional[int] = ..., sample_offset: _Optional[int] = ..., deadline_unix: _Optional[float] = ..., batch_size: _Optional[int] = ..., weights_file: _Optional[str] = ..., weights_layout: _Optional[_Iterable[_Union[TensorPart, _Mapping]]] = ..., update_file: _Optional[str] = ..., detail: _Optional[str] = ..., poll_again_ms: _Optional[int] = ..., update_dtype: _Optional[str] = ..., budget_seconds: _Optional[float] = ..., budget_max_steps: _Optional[int] = ...) -> None: ...
 
 class RoundMessage(_message.Message):
     __slots__ = ("header", "part")

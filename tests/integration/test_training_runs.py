@@ -18,7 +18,7 @@ from edgetrain.coordinator.run import Coordinator, RunResult
 from torch.nn import functional as F  # noqa: N812
 
 from edgetrain import metric_names as m
-from edgetrain.cores import read_affinity
+from edgetrain.cores import parse_cores, read_affinity
 from edgetrain.datasets import encoded
 from edgetrain.spec import DataLocation, RunSpec
 from edgetrain.training import batch_plan
@@ -385,3 +385,30 @@ def test_coordinator_cores_pin_the_coordinator_and_leave_the_other_cores_to_its_
         coord.send_signal(signal.SIGTERM)
         _, err = coord.communicate(timeout=90)
     assert coord.returncode == 0, err.decode(errors="replace")
+
+
+def test_timed_rounds_give_a_loaded_agent_fewer_steps_so_neither_waits(tmp_path: Path) -> None:
+    """One agent's core also runs a busy loop: in timed rounds it trains fewer samples in about the same time."""
+    spec = RunSpec(dataset="tweets", model="text-ngram", limit=6000, seed=1)
+    cfg = CoordinatorConfig(spec=spec, port=0, local_steps=16, rounds=10, local_agents=2, eval_every=1000,
+                            run_dir=tmp_path, progress=False, round_timeout=120, timed_rounds=True)
+    coord = Coordinator(cfg)
+    coord.start()
+    command = list(coord.local_agents[1].args)  # spawned: a coordinator in a test's process does not fork
+    assert command[command.index("--name") + 1] == "local-1"
+    loaded_core = parse_cores(command[command.index("--cores") + 1])  # the agent and its worker run there
+    hog = psutil.Popen(["python3", "-c", "while True: pass"])
+    try:
+        os.sched_setaffinity(hog.pid, loaded_core)
+        result = coord.run()
+    finally:
+        hog.kill()
+        hog.wait()
+    assert result.completed_rounds == 10
+    first, *timed = [r.nodes for r in result.history if set(r.nodes) == {"local-0", "local-1"}]
+    assert first["local-0"].samples == first["local-1"].samples == 16 * 64  # unmeasured: K steps each
+    samples = sorted(r["local-0"].samples / r["local-1"].samples for r in timed[1:])
+    compute = sorted(r["local-0"].compute_seconds / r["local-1"].compute_seconds for r in timed[1:])
+    assert samples[len(samples) // 2] > 1.4, samples  # the free core trains more...
+    assert 0.75 < compute[len(compute) // 2] < 1.33, compute  # ...in about the time the loaded one takes
+    assert max(r[n].samples for r in timed for n in r) <= 2 * 16 * 64  # never more than 2K steps

@@ -99,7 +99,7 @@ def test_a_record_that_is_not_one_says_which_field() -> None:
 
 def test_an_assignment_survives_its_round_header_field_by_field() -> None:
     a = Assignment(round=12, rank=2, world=5, local_steps=7, batch_size=64, sample_offset=10_000_000_000,
-                   update_dtype="int8")
+                   update_dtype="int8", budget_seconds=0.75, max_steps=14)
     header = pb.RoundHeader.FromString(work_header(a, 1.7e9).SerializeToString())  # through the wire bytes
     assert header.status == pb.WORK and header.deadline_unix == 1.7e9
     assert_same(assignment_of(header), a)

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import torch
 from edgetrain.coordinator import rounds
-from edgetrain.coordinator.rounds import RoundEngine, balanced_steps
+from edgetrain.coordinator.rounds import RoundEngine, balanced_steps, timed_budget
 
+from edgetrain.records import Assignment, NodeStats
 from tests.conftest import Clock
 
 
@@ -138,6 +139,57 @@ def test_balanced_steps_survive_absurd_throughputs() -> None:
     assert balanced_steps([1e308, 1.0], 4) == [8, 1]  # the slow node still gets its one step
     assert balanced_steps([1e308, 1e308], 4) == [4, 4]
     assert balanced_steps([float("inf"), float("nan"), 2.0], 2) == [2, 2, 2]
+
+
+def _timed_round(eng: RoundEngine, agents: list[tuple[str, float, int]], compute: dict[str, float],
+                 samples: dict[str, int]) -> dict[str, Assignment]:
+    """One round in which each agent reports `compute` seconds for `samples` samples; its assignments."""
+    assigned = eng.open_round(agents)
+    for agent_id, _, _ in agents:
+        eng.submit(agent_id, eng.completed_rounds, samples[agent_id], _update(1.0),
+                   NodeStats(compute_seconds=compute[agent_id]))
+    assert eng.close_round().applied
+    return assigned
+
+
+def test_a_timed_round_gives_everyone_the_median_agents_time_for_k_steps() -> None:
+    eng = _engine(timed=True)  # K = 2, batch 4
+    agents = [("slow", 0.0, 1), ("mid", 0.0, 1), ("fast", 0.0, 2)]
+    # seconds per sample: slow 0.04, mid 0.02, fast 0.005 (its two workers: 8 samples a step)
+    first = _timed_round(eng, agents, {"slow": 0.32, "mid": 0.16, "fast": 0.08}, {"slow": 8, "mid": 8, "fast": 16})
+    assert {a.budget_seconds for a in first.values()} == {0.0}  # nobody measured: K steps each
+    assert {a.max_steps for a in first.values()} == {0}
+    a = eng.open_round(agents)
+    # K steps take slow 2*4*0.04 = 0.32 s, mid 0.16 s, fast 2*8*0.005 = 0.08 s: the median is mid's
+    assert [round(a[n].budget_seconds, 6) for n in ("slow", "mid", "fast")] == [0.16] * 3
+    assert {x.local_steps for x in a.values()} == {2} and {x.max_steps for x in a.values()} == {4}
+    with pytest.raises(rounds.BadSampleCountError, match=r"outside 1\.\.16 "):  # 2K steps * batch 4 * 1 worker
+        eng.submit("mid", 1, 17, _update(1.0))
+    eng.submit("fast", 1, 32, _update(1.0))  # 2K steps * batch 4 * 2 workers
+
+
+def test_a_timed_round_is_robust_to_one_agent_claiming_absurd_speed() -> None:
+    eng = _engine(timed=True)
+    agents = [("a", 0.0, 1), ("b", 0.0, 1), ("liar", 0.0, 1)]
+    for _ in range(3):
+        _timed_round(eng, agents, {"a": 0.1, "b": 0.12, "liar": 1e-9}, {"a": 8, "b": 8, "liar": 8})
+    budget = eng.open_round(agents)["a"].budget_seconds
+    assert 0.1 <= budget <= 0.12  # the median of the three, not dragged to nothing
+
+
+def test_timed_rounds_are_off_for_k_steps_of_one_balanced_work_or_when_not_asked() -> None:
+    for kw in ({"timed": False}, {"timed": True, "balance": True}, {"timed": True, "local_steps": 1}):
+        state = {"w": torch.zeros(3), "n": torch.tensor(0)}
+        eng = RoundEngine(state, batch_size=4, round_timeout=10.0, clock=Clock(), **{"local_steps": 2, **kw})  # type: ignore[arg-type]
+        agents = [("a", 1.0, 1), ("b", 1.0, 1)]
+        _timed_round(eng, agents, {"a": 0.1, "b": 0.2}, {"a": 4, "b": 4})
+        assert {x.budget_seconds for x in eng.open_round(agents).values()} == {0.0}, kw
+
+
+def test_timed_budget_ignores_what_is_not_a_time() -> None:
+    assert timed_budget([]) == 0.0
+    assert timed_budget([float("nan"), -1.0, 0.0]) == 0.0
+    assert timed_budget([3.0, float("inf"), 1.0, 2.0]) == 2.0
 
 
 class _FailsAfter:

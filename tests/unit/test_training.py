@@ -64,6 +64,22 @@ def test_training_reduces_loss_and_is_deterministic() -> None:
     assert loss_a < evaluate(untrained, x, y, 2).loss * 0.8
 
 
+def test_a_step_budget_stops_at_the_step_nearest_it() -> None:
+    x = torch.randn(64, 1, 28, 28)
+    y = torch.randint(0, 10, (64,))
+    model = build_model("mnist-mlp", ModelInput(10), seed=1)
+    opt = make_optimizer(model, TrainConfig(lr=0.01, optimizer="sgd"))
+    plan = batch_plan(torch.arange(64), seed=0, rank=0, start_sample=0, steps=200, batch_size=8)
+    times: list[float] = []
+    all_of_them = train_steps(model, opt, x, y, plan[:20], after_step=lambda _i, s: times.append(s))
+    assert all_of_them.samples == 160  # no budget: every batch
+    step = sorted(times)[len(times) // 2]
+    # a budget of ~10 steps: far fewer than the 200 planned, and never none
+    timed = train_steps(model, opt, x, y, plan, budget_seconds=10 * step)
+    assert 8 <= timed.samples / 8 < 200, timed.samples
+    assert train_steps(model, opt, x, y, plan, budget_seconds=1e-9).samples == 8  # at least one step
+
+
 def test_registered_models_have_the_documented_sizes() -> None:
     assert count_parameters(build_model("mnist-cnn", ModelInput(10))) == 1_199_882
     n = count_parameters(build_model("text-cnn", ModelInput(3, 20_000)))
