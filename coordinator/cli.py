@@ -196,7 +196,8 @@ def make_app() -> typer.Typer:
         timed_rounds: Annotated[Optional[bool], typer.Option(  # noqa: UP045
             "--timed-rounds/--no-timed-rounds",
             help="Each agent trains for the median agent's time for K steps (fewer steps if slower, up to 2K if "
-                 "faster), so none waits for the slowest. Default: on with an auto --local-steps.")] = None,
+                 "faster), so none waits for the slowest. Default: on with an auto --local-steps, IID shards and no "
+                 "--balance.")] = None,
         shard_scheme: Annotated[str, typer.Option(help="iid or dirichlet.")] = "iid",
         alpha: Annotated[float, typer.Option(help="Dirichlet concentration (smaller: more skew).")] = 0.5,
         update_dtype: Annotated[str, typer.Option(

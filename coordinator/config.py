@@ -47,7 +47,8 @@ class CoordinatorConfig:
     trim: float = 0.2
     balance: bool = False
     # Rounds of about the median agent's time for K steps, not of K steps each (rounds.timed_budget). None: with an
-    # auto K, whose K is the coordinator's choice anyway; an explicit --local-steps keeps exactly K steps.
+    # auto K, whose K is the coordinator's choice anyway, on IID shards (on skewed ones a faster node's extra samples
+    # would pull the model towards its classes), and without --balance; an explicit --local-steps keeps K steps.
     timed_rounds: bool | None = None
     local_agents: int = 0
     local_workers: int = 1  # workers per local agent
@@ -66,6 +67,13 @@ class CoordinatorConfig:
     progress: bool = True
     limits: Limits = field(default_factory=Limits)  # what one client may hold (docs/security.md, "Limits")
 
+    @property
+    def times_rounds(self) -> bool:
+        """Whether rounds are timed: as asked, else with an auto K on IID shards without --balance (`timed_rounds`)."""
+        if self.timed_rounds is not None:
+            return self.timed_rounds
+        return self.local_steps_auto and self.spec.shard_scheme == "iid" and not self.balance
+
     def __post_init__(self) -> None:
         if self.local_steps is not None and self.local_steps < 1:
             raise ConfigError(f"--local-steps must be at least 1, got {self.local_steps}")
@@ -80,6 +88,8 @@ class CoordinatorConfig:
                 raise ConfigError(f"--target-accuracy judges accuracy, not --metric {self.metric}: use --target")
             object.__setattr__(self, "target", self.target_accuracy)
             object.__setattr__(self, "metric", "accuracy")
+        if self.timed_rounds and self.balance:
+            raise ConfigError("--timed-rounds and --balance each size the agents' work: give one of them")
         if self.target is not None and not 0 < self.target <= 1:
             raise ConfigError(f"--target is a fraction in (0, 1], got {self.target}")
         problem = metric_problem(self.metric) if self.metric else None

@@ -23,7 +23,7 @@ from edgetrain import aggregation, serde
 from edgetrain.errors import EdgetrainError
 from edgetrain.memory import Recycler
 from edgetrain.metric_names import REFUSAL_REASONS
-from edgetrain.records import Assignment, NodeStats
+from edgetrain.records import TIMED_MAX_STEPS, Assignment, NodeStats
 
 from .admission import Limits
 
@@ -174,7 +174,6 @@ def balanced_steps(throughputs: list[float], local_steps: int) -> list[int]:
     return [max(1, round(total * (s / sum(speeds)))) for s in speeds]
 
 
-TIMED_MAX_STEPS = 2  # a timed round's most steps, in units of K: what its fastest participant may train
 SPEED_WINDOW = 5  # a participant's speed in timed rounds: the median of its last updates' seconds per sample
 
 
@@ -233,7 +232,7 @@ class RoundEngine:
         self.aggregator = aggregator
         self.trim = trim
         self.balance = balance
-        self.timed = timed  # rounds of K >= 2 are timed (`timed_budget`) unless balanced by throughput
+        self.timed = timed and not balance  # rounds of K >= 2 are timed (`timed_budget`); --balance sizes them by speed
         self.completed_rounds = completed_rounds  # also the number of the next round to run
         self.cursors: dict[str, int] = dict(cursors or {})  # "world/rank" -> samples consumed
         self._clock = clock
@@ -338,7 +337,7 @@ class RoundEngine:
 
     def _budget(self, agents: list[tuple[str, float, int]]) -> float:
         """The seconds a round for `agents` is timed to (0: K steps each); see `timed_budget`. Under the lock."""
-        if not self.timed or self.balance or self.local_steps < 2:
+        if not self.timed or self.local_steps < 2:
             return 0.0
         k_batch = self.local_steps * self.batch_size
         return timed_budget([k_batch * max(1, workers) * statistics.median(self._per_sample[agent_id])
@@ -416,8 +415,10 @@ class RoundEngine:
             elif len(self._received) < need:  # an empty round helps nobody: who fetched is waited for until k are in
                 continue
             elif agent_id in self._measured:
-                steps = self._assignments[agent_id].local_steps
-                end = fetched + max(lim.min_wait_seconds, lim.slack * self._measured[agent_id] * steps)
+                a = self._assignments[agent_id]
+                # a timed round lasts its budget whatever the agent took last time (the budget may have grown)
+                end = fetched + max(lim.min_wait_seconds, lim.slack * self._measured[agent_id] * a.local_steps,
+                                    lim.slack * a.budget_seconds)
             else:
                 unmeasured.append(agent_id)
                 continue
@@ -437,8 +438,9 @@ class RoundEngine:
             for agent_id in unmeasured:
                 if short:  # as long as the slowest measured agent would be waited for, from its own fetch
                     start = self._fetched_at.get(agent_id, self._opened_at)
-                    steps = self._assignments[agent_id].local_steps
-                    end = start + max(lim.min_wait_seconds, lim.slack * slowest * steps)
+                    a = self._assignments[agent_id]
+                    end = start + max(lim.min_wait_seconds, lim.slack * slowest * a.local_steps,
+                                      lim.slack * a.budget_seconds)
                 elif agent_id in self._contributed:
                     end = measured_done + max(lim.min_grace_seconds, lim.probation_grace_ratio * so_far)
                 else:

@@ -284,7 +284,7 @@ class Coordinator:
         self.engine = RoundEngine(
             state, batch_size=spec.batch_size, local_steps=cfg.local_steps or 1, round_timeout=cfg.round_timeout,
             aggregator=cfg.aggregator, trim=cfg.trim, balance=cfg.balance, completed_rounds=completed,
-            timed=cfg.local_steps_auto if cfg.timed_rounds is None else cfg.timed_rounds,
+            timed=cfg.times_rounds,
             cursors=cursors, limits=cfg.limits, quorum=cfg.quorum,
         )
         shard_batches = len(self.workload.data.train) // max(1, cfg.min_agents) // max(1, spec.batch_size)

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+TIMED_MAX_STEPS = 2  # a timed round's most steps, in units of K: what its fastest participant may train
+
 
 @dataclass(frozen=True)
 class Assignment:
@@ -29,9 +31,13 @@ class Assignment:
     max_steps: int = 0
 
     def steps_and_budget(self, can_stop_early: bool = True) -> tuple[int, float]:
-        """The most steps to plan and the budget to stop at (0: none) for a trainer that can or cannot stop early."""
+        """The most steps to plan and the budget to stop at (0: none) for a trainer that can or cannot stop early.
+
+        Never more than `TIMED_MAX_STEPS` x K, whatever the header says (the coordinator takes no more samples).
+        """
         if self.budget_seconds > 0 and can_stop_early:
-            return max(self.local_steps, self.max_steps), self.budget_seconds
+            most = min(self.max_steps, TIMED_MAX_STEPS * self.local_steps)
+            return max(self.local_steps, most), self.budget_seconds
         return self.local_steps, 0.0
 
 

@@ -409,6 +409,6 @@ def test_timed_rounds_give_a_loaded_agent_fewer_steps_so_neither_waits(tmp_path:
     assert first["local-0"].samples == first["local-1"].samples == 16 * 64  # unmeasured: K steps each
     samples = sorted(r["local-0"].samples / r["local-1"].samples for r in timed[1:])
     compute = sorted(r["local-0"].compute_seconds / r["local-1"].compute_seconds for r in timed[1:])
-    assert samples[len(samples) // 2] > 1.4, samples  # the free core trains more...
-    assert 0.75 < compute[len(compute) // 2] < 1.33, compute  # ...in about the time the loaded one takes
+    assert samples[len(samples) // 2] > 1.3, samples  # the free core trains more (~2x measured)...
+    assert 0.7 < compute[len(compute) // 2] < 1.43, compute  # ...in about the time the loaded one takes (~1.0)
     assert max(r[n].samples for r in timed for n in r) <= 2 * 16 * 64  # never more than 2K steps

@@ -30,6 +30,7 @@ from edgetrain.coordinator.rounds import LateUpdateError, NotParticipantError, R
 
 from edgetrain.errors import ConfigError
 from edgetrain.proto import edgetrain_pb2 as pb
+from edgetrain.records import NodeStats
 from edgetrain.spec import RunSpec
 from tests.conftest import Clock
 
@@ -224,6 +225,31 @@ def test_a_round_does_not_wait_for_a_ghost_that_never_fetches() -> None:
     assert engine.wait_for_updates() is False  # returns: nobody left to wait for
     outcome = engine.close_round()
     assert outcome.applied and outcome.missing == ["ghost"]
+
+
+def test_in_timed_rounds_a_measured_agent_is_waited_for_up_to_slack_times_the_budget() -> None:
+    clock = Clock()
+    state = {"w": torch.zeros(3)}
+    engine = RoundEngine(state, batch_size=4, local_steps=2, round_timeout=100.0, clock=clock, timed=True,
+                         limits=Limits(slack=3.0, min_wait_seconds=0.1))
+    for _ in range(2):  # each round takes 0.2 s from fetch to update (0.1 s per step), but they say 2 s of compute
+        engine.open_round([("a", 0.0, 1), ("b", 0.0, 1)])
+        engine.get_work("a", engine.completed_rounds - 1, 0)
+        engine.get_work("b", engine.completed_rounds - 1, 0)
+        clock.t += 0.2
+        for agent in ("a", "b"):
+            engine.submit(agent, engine.completed_rounds, 8, {"w": torch.ones(3)}, NodeStats(compute_seconds=2.0))
+        engine.close_round()
+    assigned = engine.open_round([("a", 0.0, 1), ("b", 0.0, 1)])
+    assert assigned["b"].budget_seconds == 2.0  # K steps x 4 samples x 0.25 s per sample
+    engine.get_work("a", 1, 0)
+    engine.get_work("b", 1, 0)
+    clock.t += 2.0
+    engine.submit("a", 2, 8, {"w": torch.ones(3)})
+    clock.t += 3.9  # past 3 x b's last 0.2 s round, inside 3 x the round's 2 s budget
+    assert engine._waived(clock.t)[0] == set()
+    clock.t += 0.2
+    assert engine._waived(clock.t)[0] == {"b"}
 
 
 def test_a_measured_agent_is_waited_for_up_to_slack_times_its_round_time() -> None:

@@ -60,6 +60,8 @@ def _run(*args: str) -> subprocess.CompletedProcess[str]:
          "--checkpoint-every must be at least 1 or auto, got 0"),
         (("coordinator", "run", "--rounds", "1", "--eval-every", "0"), 1, "--eval-every must be at least 1 or auto"),
         (("coordinator", "run", "--rounds", "1", "--eval-every", "often"), 2, "Invalid value for '--eval-every'"),
+        (("coordinator", "run", "--rounds", "1", "--timed-rounds", "--balance"), 1,
+         "--timed-rounds and --balance each size the agents' work: give one of them"),
         (("coordinator", "run", "--rounds", "1", "--tls-cert", "/nonexistent.pem", "--tls-key", "/nonexistent.key"), 1,
          "--tls-cert /nonexistent.pem, --tls-key /nonexistent.key: No such file or directory"),
     ],

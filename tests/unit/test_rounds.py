@@ -186,6 +186,29 @@ def test_timed_rounds_are_off_for_k_steps_of_one_balanced_work_or_when_not_asked
         assert {x.budget_seconds for x in eng.open_round(agents).values()} == {0.0}, kw
 
 
+def test_timed_rounds_by_default_only_with_an_auto_k_on_iid_shards_without_balance() -> None:
+    from edgetrain.coordinator.config import CoordinatorConfig
+
+    from edgetrain.spec import RunSpec
+
+    def timed(**kw: object) -> bool:
+        return CoordinatorConfig(**{"spec": RunSpec(dataset="tweets"), "local_steps_auto": True, **kw}).times_rounds  # type: ignore[arg-type]
+
+    assert timed()
+    assert not timed(local_steps_auto=False)  # an explicit --local-steps: exactly K steps
+    assert not timed(spec=RunSpec(dataset="tweets", shard_scheme="dirichlet"))  # a fast node would pull to its classes
+    assert not timed(balance=True)
+    assert timed(local_steps_auto=False, timed_rounds=True) and not timed(timed_rounds=False)
+
+
+def test_an_agent_never_plans_more_than_twice_k_steps_whatever_the_header_says() -> None:
+    a = Assignment(round=0, rank=0, world=1, local_steps=4, batch_size=8, sample_offset=0,
+                   budget_seconds=1.0, max_steps=10**9)
+    assert a.steps_and_budget() == (8, 1.0)
+    assert a.steps_and_budget(can_stop_early=False) == (4, 0.0)  # workers in lock-step: K steps
+    assert Assignment(0, 0, 1, 4, 8, 0).steps_and_budget() == (4, 0.0)  # no budget: K steps
+
+
 def test_timed_budget_ignores_what_is_not_a_time() -> None:
     assert timed_budget([]) == 0.0
     assert timed_budget([float("nan"), -1.0, 0.0]) == 0.0
