@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import threading
 import time
 from pathlib import Path
@@ -18,7 +19,7 @@ from edgetrain.coordinator.run import Coordinator, RunResult
 from torch.nn import functional as F  # noqa: N812
 
 from edgetrain import metric_names as m
-from edgetrain.cores import parse_cores, read_affinity
+from edgetrain.cores import read_affinity
 from edgetrain.datasets import encoded
 from edgetrain.spec import DataLocation, RunSpec
 from edgetrain.training import batch_plan
@@ -387,8 +388,25 @@ def test_coordinator_cores_pin_the_coordinator_and_leave_the_other_cores_to_its_
     assert coord.returncode == 0, err.decode(errors="replace")
 
 
-def test_timed_rounds_give_a_loaded_agent_fewer_steps_so_neither_waits(tmp_path: Path) -> None:
-    """One agent's core also runs a busy loop: in timed rounds it trains fewer samples in about the same time."""
+def _half_speed(pid: int, done: threading.Event) -> None:
+    """Stop and continue process `pid` every 4 ms until `done`: it runs at most half the time, whatever else runs."""
+    try:
+        while not done.is_set():
+            os.kill(pid, signal.SIGSTOP)
+            time.sleep(0.004)
+            os.kill(pid, signal.SIGCONT)
+            time.sleep(0.004)
+    except ProcessLookupError:
+        pass
+    finally:
+        try:
+            os.kill(pid, signal.SIGCONT)
+        except ProcessLookupError:
+            pass
+
+
+def test_timed_rounds_give_a_slowed_agent_fewer_steps_so_neither_waits(tmp_path: Path) -> None:
+    """One agent's worker runs half the time: in timed rounds it trains fewer samples in about the same time."""
     spec = RunSpec(dataset="tweets", model="text-ngram", limit=6000, seed=1)
     cfg = CoordinatorConfig(spec=spec, port=0, local_steps=16, rounds=10, local_agents=2, eval_every=1000,
                             run_dir=tmp_path, progress=False, round_timeout=120, timed_rounds=True)
@@ -396,19 +414,27 @@ def test_timed_rounds_give_a_loaded_agent_fewer_steps_so_neither_waits(tmp_path:
     coord.start()
     command = list(coord.local_agents[1].args)  # spawned: a coordinator in a test's process does not fork
     assert command[command.index("--name") + 1] == "local-1"
-    loaded_core = parse_cores(command[command.index("--cores") + 1])  # the agent and its worker run there
-    hog = psutil.Popen(["python3", "-c", "while True: pass"])
+    agent = psutil.Process(coord.local_agents[1].pid)
+    deadline = time.monotonic() + 120
+
+    def workers() -> list[psutil.Process]:  # not multiprocessing's resource tracker
+        return [p for p in agent.children() if "resource_tracker" not in " ".join(p.cmdline())]
+
+    while not workers() and time.monotonic() < deadline:  # its worker starts once it has joined
+        time.sleep(0.05)
+    done = threading.Event()
+    slower = threading.Thread(target=_half_speed, args=(workers()[0].pid, done))
+    slower.start()
     try:
-        os.sched_setaffinity(hog.pid, loaded_core)
         result = coord.run()
     finally:
-        hog.kill()
-        hog.wait()
+        done.set()
+        slower.join()
     assert result.completed_rounds == 10
     first, *timed = [r.nodes for r in result.history if set(r.nodes) == {"local-0", "local-1"}]
     assert first["local-0"].samples == first["local-1"].samples == 16 * 64  # unmeasured: K steps each
     samples = sorted(r["local-0"].samples / r["local-1"].samples for r in timed[1:])
     compute = sorted(r["local-0"].compute_seconds / r["local-1"].compute_seconds for r in timed[1:])
-    assert samples[len(samples) // 2] > 1.3, samples  # the free core trains more (~2x measured)...
+    assert samples[len(samples) // 2] > 1.3, samples  # the full-speed agent trains more (~2x)...
     assert 0.7 < compute[len(compute) // 2] < 1.43, compute  # ...in about the time the loaded one takes (~1.0)
     assert max(r[n].samples for r in timed for n in r) <= 2 * 16 * 64  # never more than 2K steps
