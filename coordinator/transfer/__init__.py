@@ -263,11 +263,22 @@ class Transfer:
                 self._reading.pop(id(stream), None)
 
     def _round_closed(self, round_: int) -> None:
-        """End the update streams still waiting or reading for a round that closed: they hold slots for nothing."""
+        """End the update streams still waiting or reading for a round that closed: they hold slots for nothing.
+
+        Then write the next round's weights file, before the round opens: otherwise the first local agent's fetch
+        writes it and the others' fetches wait behind that write (the second agent's fetch came 1.4 ms after the
+        round opened, median, 4.9 ms p90, on a text-ngram run).
+        """
         with self._reading_lock:
             ending = [stream for r, stream in self._reading.values() if r == round_]
         for stream in ending:
             stream.end_now(f"round {round_} closed while this update was still arriving", rounds.StaleRoundError)
+        files = self.shared_files(create=False)
+        if files is not None and not self.engine.finished:
+            try:
+                files.weights(self.engine.completed_rounds, self.engine.global_state)
+            except OSError:  # a full /dev/shm: the fetches try again, and stream if it still fails
+                pass
 
     @contextmanager
     def arena(self) -> Iterator[Arena | None]:

@@ -165,6 +165,21 @@ def test_an_agent_that_cannot_read_the_weights_file_falls_back_to_streaming() ->
         assert all(torch.equal(rnd.state[k], v) for k, v in small_state().items())
 
 
+def test_the_next_rounds_weights_file_is_written_when_a_round_closes_before_anyone_fetches() -> None:
+    with offering_client() as (setup, client, files):
+        agent_id = client.client.agent_id
+        files.weights(0, setup.engine.global_state)
+        trained = {k: v + 1 if v.is_floating_point() else v for k, v in small_state().items()}
+        setup.engine.submit(agent_id, 0, 8, trained, SENT)
+        assert setup.engine.close_round().applied
+        # round 1's file is there already: asked for with other tensors, it is not written again
+        path, layout, _ = files.weights(1, {k: torch.zeros_like(v) for k, v in trained.items()})
+        with open(path, "rb") as f:
+            held, _ = serde.decode_file(f, layout, serde.spec_of(trained))
+        assert all(torch.equal(held[k], setup.engine.global_state[k]) for k in held)
+        assert any(not torch.equal(held[k], small_state()[k]) for k in held)  # the new model, not round 0's
+
+
 Writer = Callable[[Path, dict[str, torch.Tensor]], list[pb.TensorPart]]
 
 
