@@ -182,7 +182,7 @@ def timed_budget(k_step_seconds: list[float]) -> float:
 
     Every participant then trains for about that long: one slower than the median trains fewer steps, a faster one
     more (up to `TIMED_MAX_STEPS` x K), and the round's updates all arrive about together instead of the faster
-    ones waiting for the slowest. Measured on README command 1 (2 local agents on 2 cores), that wait was 4-6% of
+    ones waiting for the slowest. Measured on README command 1 (2 local agents on 2 cores), that wait was 4-9% of
     the run, and a round's slower agent changed from round to round (noise, not one slow node), so only stopping
     on time removes it. The median: one participant that misstates its speed moves the budget less than a mean
     would (with two, to no less than half of the other's K steps). 0 (steps, not time) with no one measured.
