@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F  # noqa: N812
 
+from edgetrain.eager import defer_compiler
 from edgetrain.errors import ConfigError
 
 OPTIMIZERS = ("sgd", "adam", "adadelta")
@@ -52,7 +53,11 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     dozen. Its step is dense over the whole model, so for text-ngram's 786k-weight table, of which a batch
     touches a few thousand rows, it was half of every step: 6.8-9.0 ms a step became 4.1-4.3 ms (`tweets`, one
     thread). The CNNs' steps are the convolutions' and did not move (72-76 against 69-74 ms).
+
+    The first optimizer of a process would import torch's compiler (~1 s of a core, see edgetrain.eager):
+    it is deferred until something compiles, which nothing in edgetrain does.
     """
+    defer_compiler()
     params = list(model.parameters())
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
