@@ -625,7 +625,9 @@ class Coordinator:
         tally.overheads.append(record.sync_overhead_seconds)
         self._adapt(outcome)
         state = engine.global_state  # replaced by the next round, never changed: this round's
-        snap = engine.snapshot() if cfg.run_dir is not None and self._saves.due(engine.completed_rounds) else None
+        # (the last round's checkpoint is the run's final one, which _finish writes in any case)
+        due = cfg.run_dir is not None and not last and self._saves.due(engine.completed_rounds)
+        snap = engine.snapshot() if due else None
         if snap is not None:
             self._saves.begin()
         held = evaluated or snap is not None
