@@ -93,8 +93,10 @@ class _Training:
         self.workload = load_workload(setup.spec, setup.where)
         self.device = torch.device(setup.device)
         self.model = self.workload.new_model().to(self.device)
-        self.optimizer = make_optimizer(self.model, setup.spec.train_config())
+        # the group first: init_process_group touches torch._dynamo when it finds it imported (or deferred, as
+        # make_optimizer does: edgetrain.eager), and that would import the real compiler
         self.grad_hook = _all_reduce_hook(setup) if setup.count > 1 else None
+        self.optimizer = make_optimizer(self.model, setup.spec.train_config())
         weights = self.workload.class_weights()
         self.class_weights = weights.to(self.device) if weights is not None else None
         self.shard_key = (-1, -1)  # (rank, world) of the agent's shard held

@@ -150,11 +150,11 @@ def train_steps(
     to that many seconds from the start (at least one step). `StepResult.samples` says how many were trained.
     """
     model.train()
-    # the generator dropout draws from, on the device it runs on: torch.manual_seed seeds every backend torch
-    # knows (CUDA, MPS, XPU, ...) and took 0.2-0.7 ms, in every round's critical path
+    # the generators dropout draws from: torch.manual_seed seeds every backend torch knows (CUDA, MPS, XPU, ...)
+    # and took 0.2-0.7 ms, in every round's critical path; on CUDA it is what it was
     torch.default_generator.manual_seed(seed)
     if torch.device(device).type == "cuda":
-        torch.cuda.manual_seed(seed)  # the current CUDA device's
+        torch.cuda.manual_seed_all(seed)  # every GPU's: the worker's need not be the current device
     total_loss = 0.0
     correct = 0
     seen = 0

@@ -48,15 +48,46 @@ def test_training_with_every_optimizer_leaves_the_compiler_unimported_and_the_we
 
 def test_anything_more_than_the_optimizers_calls_gets_the_one_real_compiler() -> None:
     out = _run("""
-        import json, torch
+        import json, sys, torch
         from edgetrain.eager import compiler_loaded, defer_compiler
-        assert defer_compiler() and defer_compiler()  # idempotent
+        from edgetrain.training import TrainConfig, make_optimizer
+        model = torch.nn.Linear(4, 2)
+        opt = make_optimizer(model, TrainConfig(optimizer="adam"))  # defers, then asks the stand-in to disable
+        model(torch.ones(1, 4)).sum().backward()
+        opt.step()
+        opt.zero_grad()
+        assert defer_compiler() and not compiler_loaded()  # idempotent
         import torch._dynamo.utils as utils  # a submodule first: through the stand-in's finder
         import torch._dynamo.config as config
         from torch._dynamo import eval_frame
+        try:
+            import torch._dynamo.no_such_module
+            missing = "imported"
+        except ModuleNotFoundError:
+            missing = "refused"
+        opt.zero_grad()  # asks the real compiler to disable it now
+        raw = torch.optim.Optimizer.zero_grad.__wrapped__
         double = torch.compile(lambda t: t * 2, backend="eager")
-        print(json.dumps({"loaded": compiler_loaded(), "one_config": utils.config is config is eval_frame.config,
-                          "attribute": torch._dynamo.config is config, "compiled": double(torch.ones(2)).tolist(),
-                          "again": defer_compiler()}))
+        print(json.dumps({
+            "loaded": compiler_loaded(), "one_config": utils.config is config is eval_frame.config,
+            "attribute": torch._dynamo.config is config, "spec": config.__spec__.origin == config.__file__,
+            "finder_gone": not any(type(f).__module__ == "edgetrain.eager" for f in sys.meta_path),
+            "missing": missing, "redisabled": raw.__dict__.get("__dynamo_disable") not in (None, raw),
+            "compiled": double(torch.ones(2)).tolist(), "again": defer_compiler()}))
     """)
-    assert out == {"loaded": True, "one_config": True, "attribute": True, "compiled": [2.0, 2.0], "again": False}
+    assert out == {"loaded": True, "one_config": True, "attribute": True, "spec": True, "finder_gone": True,
+                   "missing": "refused", "redisabled": True, "compiled": [2.0, 2.0], "again": False}
+
+
+def test_an_attribute_first_loads_the_real_package_once() -> None:
+    out = _run("""
+        import json, sys, torch
+        from edgetrain.eager import compiler_loaded, defer_compiler
+        defer_compiler()
+        config = torch._dynamo.config  # an attribute: the stand-in loads the real package
+        import torch._dynamo.config as again
+        from torch._dynamo import utils
+        print(json.dumps({"loaded": compiler_loaded(), "same": config is again is utils.config
+                          is sys.modules["torch._dynamo.config"]}))
+    """)
+    assert out == {"loaded": True, "same": True}
