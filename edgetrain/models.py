@@ -138,16 +138,29 @@ class TextNgram(nn.Module):
             self.out = nn.Linear(dim, num_classes, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.scale is None:
-            logits: torch.Tensor = self.weight(x) + self.bias
-        else:
-            weight = self.weight.weight
-            if self.scale.device != weight.device:
-                self.scale = self.scale.to(weight.device)
-            logits = F.embedding_bag(x, weight * self.scale, mode="mean", padding_idx=0) + self.bias
+        table = self.weight.weight
+        if self.scale is not None:
+            if self.scale.device != table.device:
+                self.scale = self.scale.to(table.device)
+            table = table * self.scale
+        logits = _bag_mean(x, table) + self.bias
         if self.embedding is not None and self.out is not None:
-            logits = logits + self.out(self.embedding(x))
+            logits = logits + self.out(_bag_mean(x, self.embedding.weight))
         return logits
+
+
+def _bag_mean(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """The mean of `table`'s rows for each row of ids in `x`, id 0 (padding) left out.
+
+    Without gradients (evaluation), and while the padding row is zero, as training keeps it: the sum over
+    every id divided by the count of the others. EmbeddingBag's `padding_idx` path is ~15x slower on CPU (9.3
+    against 0.6 ms for 1,024 tweets of 484 ids): it made text-ngram's evaluation of test and val ~70 ms. With
+    gradients the padding path stays: there the backward pass dominates and the plain sum's is no faster.
+    """
+    if not torch.is_grad_enabled() and x.dim() == 2 and not bool(table[0].any()):
+        count = (x != 0).sum(1, keepdim=True).clamp(min=1)
+        return F.embedding_bag(x, table, mode="sum") / count
+    return F.embedding_bag(x, table, mode="mean", padding_idx=0)
 
 
 def log_count_ratios(x: torch.Tensor, y: torch.Tensor, num_classes: int, buckets: int,

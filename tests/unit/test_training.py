@@ -222,3 +222,32 @@ def test_default_learning_rates() -> None:
     wire = RunSpec(model="text-ngram").to_proto()
     assert wire.lr == 0.1 and RunSpec.from_proto(wire).lr == 0.1  # the value travels, not "the default"
     assert RunSpec(lr=0.01, lr_decay=0.5).lr_at(2) == 0.0025
+
+
+@pytest.mark.parametrize("dim", [0, 4])
+def test_text_ngram_scores_alike_with_and_without_gradients(dim: int) -> None:
+    """Evaluation's faster bag (a sum over every id, over the count of non-padding ones) is the training mean."""
+    from edgetrain.models import TextNgram
+
+    torch.manual_seed(0)
+    buckets, classes = 64, 3
+    scale = torch.rand(buckets, classes) + 0.5
+    scale[0] = 0.0  # as log_count_ratios leaves the padding id
+    model = TextNgram(classes, buckets=buckets, dim=dim, scale=scale)
+    with torch.no_grad():
+        model.weight.weight.normal_()
+        if model.embedding is not None:
+            model.embedding.weight[1:].normal_()
+    x = torch.randint(1, buckets, (6, 10))
+    x[0, 3:] = 0  # padded
+    x[1] = 0  # an empty text: the bias alone
+    trained = model(x)  # with gradients: EmbeddingBag's padding path
+    with torch.no_grad():
+        evaluated = model(x)
+    assert torch.allclose(trained, evaluated, atol=1e-6)
+    assert torch.allclose(evaluated[1], model.bias)
+    unscaled = TextNgram(classes, buckets=buckets)
+    with torch.no_grad():
+        unscaled.weight.weight.normal_()  # a padding row that is not zero: the sum would count it
+        assert unscaled.weight.weight[0].abs().sum() > 0
+        assert torch.allclose(unscaled(x), unscaled.weight(x) + unscaled.bias)  # so the padding path serves
