@@ -9,8 +9,10 @@ worker paid it before its first round, and two workers on two cores paid it at t
 `defer_compiler()` puts a stand-in for `torch._dynamo` in its place that does what those two calls do in eager
 mode and nothing else. Anything more (any other attribute, a submodule, `torch.compile`) imports the real module
 on the spot and from then on everything sees the real one: the stand-in only defers the import, it never
-replaces the compiler: the functions torch asked the stand-in to disable are handed back to the real one then.
-edgetrain compiles nothing.
+replaces the compiler: the functions torch asked the stand-in to disable lazily (`torch._disable_dynamo`, the
+optimizers' methods) are handed back to the real one then. A function a module decorates with
+`torch._dynamo.disable` when it is imported while the stand-in is in place stays undecorated: that matters only to
+`torch.compile`, and edgetrain compiles nothing.
 """
 
 from __future__ import annotations

@@ -155,7 +155,8 @@ def _bag_mean(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     Without gradients (evaluation), and while the padding row is zero, as training keeps it: the sum over
     every id divided by the count of the others. EmbeddingBag's `padding_idx` path is ~15x slower on CPU (9.3
     against 0.6 ms for 1,024 tweets of 484 ids): it made text-ngram's evaluation of test and val ~70 ms. With
-    gradients the padding path stays: there the backward pass dominates and the plain sum's is no faster.
+    gradients the padding path stays: a plain sum would train the padding row where no scale zeroes it, and a
+    whole training step measured no faster with it (3.4-3.8 against 3.6-3.8 ms; the backward pass dominates).
     """
     if not torch.is_grad_enabled() and x.dim() == 2 and not bool(table[0].any()):
         count = (x != 0).sum(1, keepdim=True).clamp(min=1)

@@ -32,7 +32,7 @@ print(json.dumps({"loaded": compiler_loaded(), "sympy": "sympy" in sys.modules,
 
 def _run(code: str) -> dict[str, object]:
     proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
-                          timeout=120, check=False)
+                          timeout=300, check=False)
     assert proc.returncode == 0, proc.stderr
     out: dict[str, object] = json.loads(proc.stdout.strip().splitlines()[-1])
     return out

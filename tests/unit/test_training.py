@@ -225,7 +225,7 @@ def test_default_learning_rates() -> None:
 
 
 @pytest.mark.parametrize("dim", [0, 4])
-def test_text_ngram_scores_alike_with_and_without_gradients(dim: int) -> None:
+def test_text_ngram_scores_alike_with_and_without_gradients(dim: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """Evaluation's faster bag (a sum over every id, over the count of non-padding ones) is the training mean."""
     from edgetrain.models import TextNgram
 
@@ -241,9 +241,20 @@ def test_text_ngram_scores_alike_with_and_without_gradients(dim: int) -> None:
     x = torch.randint(1, buckets, (6, 10))
     x[0, 3:] = 0  # padded
     x[1] = 0  # an empty text: the bias alone
+    modes: list[tuple[bool, str]] = []
+    bag = torch.nn.functional.embedding_bag
+
+    def recording(*args: object, **kwargs: object) -> torch.Tensor:
+        modes.append((torch.is_grad_enabled(), str(kwargs.get("mode"))))
+        return bag(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(torch.nn.functional, "embedding_bag", recording)
     trained = model(x)  # with gradients: EmbeddingBag's padding path
+    trained.sum().backward()
+    assert model.weight.weight.grad is not None and not model.weight.weight.grad[0].any()  # padding: never trained
     with torch.no_grad():
         evaluated = model(x)
+    assert {mode for grad, mode in modes if grad} == {"mean"} and {mode for grad, mode in modes if not grad} == {"sum"}
     assert torch.allclose(trained, evaluated, atol=1e-6)
     assert torch.allclose(evaluated[1], model.bias)
     unscaled = TextNgram(classes, buckets=buckets)
