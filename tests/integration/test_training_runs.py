@@ -98,6 +98,18 @@ def test_local_run_pins_workers_reaches_accuracy_and_cleans_up(tmp_path: Path) -
 
     runner = threading.Thread(target=target)
     coord.start()
+    # Hold the run at round 6 until the processes below were read: a fast run otherwise ended first (CI saw a
+    # worker found, then gone before its affinity was read).
+    assert coord.engine is not None
+    inspected, open_round = threading.Event(), coord.engine.open_round
+
+    def held_open_round(*args: Any, **kwargs: Any) -> Any:
+        assert coord.engine is not None
+        if coord.engine.completed_rounds == 6:
+            inspected.wait(120)
+        return open_round(*args, **kwargs)
+
+    coord.engine.open_round = held_open_round  # type: ignore[method-assign]
     agents = [psutil.Process(p.pid) for p in coord.local_agents]
     for agent in agents:  # where the coordinator found its data, so do its agents, and nowhere else
         # Popen returns once the child's execve has begun, but /proc/PID/cmdline is empty until the kernel has
@@ -139,6 +151,8 @@ def test_local_run_pins_workers_reaches_accuracy_and_cleans_up(tmp_path: Path) -
     except BaseException:
         coord.stop.set()  # never leave a run behind a failed check
         raise
+    finally:
+        inspected.set()
     runner.join(300)
     assert not errors, errors
     assert not escaped, f"threads escaped their process's cores: {escaped}"
